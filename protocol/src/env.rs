@@ -1,0 +1,123 @@
+//! Environment overrides for TOML config files: `PREFIX_<SECTION>_<KEY>=value`.
+//!
+//! Shared by both binaries so `SD_SCHEDULER_REDIS_URL` and `SD_AGENT_REDIS_URL` behave alike.
+//! Pure: the caller passes the variables, so tests need no process environment.
+
+use toml::{Table, Value};
+
+use crate::error::FieldError;
+
+/// Applies every `prefix`-ed variable to `doc`.
+///
+/// `sections` lists the config's tables (dotted for nested ones, e.g. `executor.kubernetes`);
+/// the longest section whose name matches the start of the variable wins, the rest is the key
+/// (`SD_AGENT_EXECUTOR_KUBERNETES_NAMESPACE` → `executor.kubernetes.namespace`). A value that
+/// parses as a TOML number, boolean, array or inline table takes that type; anything else is a
+/// string (quote it, `'"true"'`, to force a string).
+pub fn apply_overrides(
+    doc: &mut Table,
+    prefix: &str,
+    sections: &[&str],
+    vars: impl IntoIterator<Item = (String, String)>,
+) -> Result<Vec<String>, FieldError> {
+    let mut applied = Vec::new();
+    for (name, raw) in vars {
+        let Some(rest) = name.strip_prefix(prefix) else {
+            continue;
+        };
+        let rest = rest.to_ascii_lowercase();
+        let section = sections
+            .iter()
+            .filter(|s| {
+                let flat = s.replace('.', "_");
+                rest.len() > flat.len() + 1
+                    && rest.starts_with(&flat)
+                    && rest.as_bytes()[flat.len()] == b'_'
+            })
+            .max_by_key(|s| s.len());
+        let (path, key): (Vec<&str>, String) = match section {
+            Some(s) => (s.split('.').collect(), rest[s.len() + 1..].to_owned()),
+            None => (Vec::new(), rest.clone()),
+        };
+        let mut table = &mut *doc;
+        for part in &path {
+            let entry = table
+                .entry((*part).to_owned())
+                .or_insert_with(|| Value::Table(Table::new()));
+            table = match entry {
+                Value::Table(t) => t,
+                _ => {
+                    return Err(FieldError::new(
+                        name.clone(),
+                        format!("{part} is not a section in the config file"),
+                    ));
+                }
+            };
+        }
+        table.insert(key, parse_value(&raw));
+        applied.push(name);
+    }
+    Ok(applied)
+}
+
+fn parse_value(raw: &str) -> Value {
+    match format!("v = {raw}").parse::<Table>() {
+        Ok(mut t) => match t.remove("v") {
+            Some(v @ (Value::Integer(_) | Value::Float(_) | Value::Boolean(_))) => v,
+            Some(v @ (Value::Array(_) | Value::Table(_) | Value::String(_))) => v,
+            _ => Value::String(raw.to_owned()),
+        },
+        Err(_) => Value::String(raw.to_owned()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vars(list: &[(&str, &str)]) -> Vec<(String, String)> {
+        list.iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn keys_land_in_their_sections() {
+        let mut doc: Table = "[redis]\nurl = \"redis://a\"\n".parse().unwrap();
+        let applied = apply_overrides(
+            &mut doc,
+            "SD_X_",
+            &["redis", "auth", "executor", "executor.kubernetes"],
+            vars(&[
+                ("SD_X_REDIS_URL", "redis://b"),
+                ("SD_X_AUTH_API_PUBLIC_KEY_FILE", "/k.pem"),
+                ("SD_X_EXECUTOR_KUBERNETES_NAMESPACE", "builds"),
+                ("SD_X_EXECUTOR_MAX_IN_FLIGHT", "8"),
+                ("SD_X_LISTEN", "0.0.0.0:80"),
+                ("OTHER", "x"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(applied.len(), 5);
+        assert_eq!(doc["redis"]["url"].as_str(), Some("redis://b"));
+        assert_eq!(doc["auth"]["api_public_key_file"].as_str(), Some("/k.pem"));
+        assert_eq!(doc["executor"]["kubernetes"]["namespace"].as_str(), Some("builds"));
+        assert_eq!(doc["executor"]["max_in_flight"].as_integer(), Some(8));
+        assert_eq!(doc["listen"].as_str(), Some("0.0.0.0:80"));
+    }
+
+    #[test]
+    fn values_are_typed_when_they_look_typed() {
+        assert_eq!(parse_value("true"), Value::Boolean(true));
+        assert_eq!(parse_value("60s"), Value::String("60s".into()));
+        assert_eq!(parse_value("\"true\""), Value::String("true".into()));
+        assert_eq!(
+            parse_value("[\"a\", \"b\"]"),
+            Value::Array(vec!["a".into(), "b".into()])
+        );
+        assert_eq!(
+            parse_value("postgres://u@h/db"),
+            Value::String("postgres://u@h/db".into())
+        );
+    }
+}

@@ -1,0 +1,18 @@
+//! Wire types shared by the sd-buildcluster scheduler and agent.
+//!
+//! Everything here is pure data and validation: no I/O, no clocks, no randomness. The scheduler
+//! and the agent agree on these types, so a change here is a change of the external contract
+//! described in `DESIGN.md`.
+
+pub mod build;
+pub mod claims;
+pub mod cluster;
+pub mod env;
+pub mod error;
+pub mod queue;
+
+pub use build::{PipelineRef, StartMessage, StopRequest};
+pub use claims::{ClusterClaims, SignOptions, SigningAlgorithm};
+pub use cluster::{Cluster, ClusterPatch, ManagedBy, NewCluster};
+pub use error::{ErrorBody, FieldError};
+pub use queue::{Delivery, JobKind, QueueMessage};

@@ -1,0 +1,33 @@
+//! What travels from a master queue to a cluster's agent.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// Whether a queued message starts or stops a build.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum JobKind {
+    Start,
+    Stop,
+}
+
+/// A message on a cluster's queue: `{"job":"start"|"stop","buildConfig":{…}}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct QueueMessage {
+    pub job: JobKind,
+    /// The start payload (with the launcher's token), or `{buildId, jobId}` for a stop.
+    #[schema(value_type = Object)]
+    pub build_config: Value,
+}
+
+/// One leased delivery returned by a long-poll.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Delivery {
+    /// Opaque; acknowledges exactly this lease and no later one.
+    pub delivery_id: String,
+    /// 1 on first delivery, +1 on each redelivery after a lapsed lease.
+    pub attempt: u32,
+    pub message: QueueMessage,
+}
