@@ -1,0 +1,455 @@
+//! The HTTP API: routes, extractors and the mapping of every error to a status and a message
+//! a person can act on.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, MatchedPath, Path, Query, Request, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use sd_protocol::{Cluster, ClusterPatch, ErrorBody, FieldError, NewCluster, StartMessage, StopRequest};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use utoipa::OpenApi;
+
+use crate::AppState;
+use crate::auth::{Caller, Scope, TokenError};
+use crate::builds::BuildState;
+use crate::intake::{Accepted, IntakeError, Stopped};
+use crate::registry::RegistryError;
+use crate::routing::RouteError;
+
+/// Largest accepted request body.
+pub const MAX_BODY_BYTES: usize = 1024 * 1024;
+
+pub fn router(state: Arc<AppState>) -> Router {
+    let clusters = Router::new()
+        .route("/", get(list_clusters).post(create_cluster))
+        .route("/{name}", get(get_cluster).put(update_cluster).delete(delete_cluster));
+    Router::new()
+        .nest("/v4/buildclusters", clusters.clone())
+        // The seed's paths, kept as aliases.
+        .nest("/buildClusters", clusters)
+        .route("/v1/queue/message", axum::routing::post(start_build).delete(stop_build))
+        .route("/v1/builds/{build_id}", get(get_build))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics_text))
+        .route("/openapi.json", get(openapi))
+        .route_layer(middleware::from_fn(track))
+        .fallback(not_found)
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(tower_http::trace::TraceLayer::new_for_http())
+        .with_state(state)
+}
+
+// === errors ===
+
+/// An error response: `{"statusCode","error","message"}`.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    message: String,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            message: message.into(),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = ErrorBody {
+            status_code: self.status.as_u16(),
+            error: self.status.canonical_reason().unwrap_or("Error").to_owned(),
+            message: self.message,
+        };
+        (self.status, Json(body)).into_response()
+    }
+}
+
+impl From<FieldError> for ApiError {
+    fn from(e: FieldError) -> Self {
+        ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e.to_string())
+    }
+}
+
+impl From<TokenError> for ApiError {
+    fn from(e: TokenError) -> Self {
+        ApiError::new(StatusCode::UNAUTHORIZED, e.to_string())
+    }
+}
+
+impl From<RegistryError> for ApiError {
+    fn from(e: RegistryError) -> Self {
+        match e {
+            RegistryError::Duplicate { .. } => ApiError::new(StatusCode::CONFLICT, e.to_string()),
+            other => unavailable("database", &other),
+        }
+    }
+}
+
+impl From<IntakeError> for ApiError {
+    fn from(e: IntakeError) -> Self {
+        match e {
+            IntakeError::Invalid(f) => f.into(),
+            IntakeError::Route(r @ RouteError::OrganizationRefused { .. }) => {
+                ApiError::new(StatusCode::FORBIDDEN, r.to_string())
+            }
+            IntakeError::Route(r @ RouteError::UnknownCluster { .. }) => {
+                ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, r.to_string())
+            }
+            IntakeError::UnknownBuild(_) => ApiError::new(StatusCode::NOT_FOUND, e.to_string()),
+            IntakeError::NoTokenKey | IntakeError::Mint(_) => {
+                tracing::error!(error = %e, "cannot issue launcher token");
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+            }
+            IntakeError::Db(ref inner) => unavailable("database", inner),
+            IntakeError::Queue(ref inner) => unavailable("queue (Redis)", inner),
+        }
+    }
+}
+
+/// A dependency failed: 503, so Screwdriver's client retries.
+fn unavailable(what: &str, e: &dyn std::fmt::Display) -> ApiError {
+    tracing::error!(error = %e, "{what} unavailable");
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        format!("the scheduler's {what} is unavailable; retry shortly"),
+    )
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "no such endpoint; GET /openapi.json lists them")
+}
+
+// === extractors ===
+
+/// The request body as a JSON object; refuses oversize (413) and malformed (400) bodies.
+pub struct JsonObject(pub Map<String, Value>);
+
+impl<S: Send + Sync> FromRequest<S> for JsonObject {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let bytes = Bytes::from_request(req, state).await.map_err(|rejection| {
+            if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!("request body is larger than {MAX_BODY_BYTES} bytes"),
+                )
+            } else {
+                ApiError::new(StatusCode::BAD_REQUEST, rejection.body_text())
+            }
+        })?;
+        sd_protocol::error::parse_object(&bytes)
+            .map(JsonObject)
+            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.to_string()))
+    }
+}
+
+impl FromRequestParts<Arc<AppState>> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &Arc<AppState>) -> Result<Self, Self::Rejection> {
+        let token = bearer(&parts.headers).ok_or(TokenError::Missing)?;
+        let caller = state.verifier.verify(token).inspect_err(|e| {
+            tracing::info!(error = %e, path = %parts.uri.path(), "refused API token");
+        })?;
+        Ok(caller)
+    }
+}
+
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then_some(token.trim()).filter(|t| !t.is_empty())
+}
+
+fn require(caller: &Caller, scopes: &[Scope]) -> Result<(), ApiError> {
+    if caller.has_any(scopes) {
+        return Ok(());
+    }
+    Err(ApiError::new(
+        StatusCode::FORBIDDEN,
+        format!(
+            "this call needs a token with scope {}; the token has [{}]",
+            Caller::describe(scopes),
+            caller.scopes.join(", ")
+        ),
+    ))
+}
+
+// === cluster registry ===
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[serde(rename_all = "camelCase")]
+pub struct ClusterQuery {
+    /// Needed when the name exists in several SCM contexts.
+    scm_context: Option<String>,
+}
+
+#[utoipa::path(get, path = "/v4/buildclusters", tag = "registry",
+    responses((status = 200, body = [Cluster]), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)))]
+async fn list_clusters(State(state): State<Arc<AppState>>, caller: Caller) -> Result<Json<Vec<Cluster>>, ApiError> {
+    require(&caller, &[Scope::User, Scope::Admin])?;
+    Ok(Json(state.registry.list().await?))
+}
+
+#[utoipa::path(post, path = "/v4/buildclusters", tag = "registry", request_body = NewCluster,
+    responses((status = 201, body = Cluster), (status = 409, body = ErrorBody), (status = 413, body = ErrorBody), (status = 422, body = ErrorBody)))]
+async fn create_cluster(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    JsonObject(body): JsonObject,
+) -> Result<(StatusCode, Json<Cluster>), ApiError> {
+    require(&caller, &[Scope::Admin])?;
+    let record = NewCluster::from_json(body)?;
+    let created = state.registry.insert(&record).await?;
+    tracing::info!(cluster = %created.fields.name, scm_context = %created.fields.scm_context, by = caller.username.as_deref().unwrap_or("?"), "cluster registered");
+    state.registry_changed().await;
+    Ok((StatusCode::CREATED, Json(created)))
+}
+
+/// The one record a name (and optional scmContext) designates.
+async fn find_one(state: &AppState, name: &str, query: &ClusterQuery) -> Result<Cluster, ApiError> {
+    let mut found = state.registry.by_name(name).await?;
+    if let Some(ctx) = &query.scm_context {
+        found.retain(|c| &c.fields.scm_context == ctx);
+    }
+    match found.len() {
+        0 => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            match &query.scm_context {
+                Some(ctx) => format!("no build cluster named {name} for scmContext {ctx}"),
+                None => format!("no build cluster named {name}"),
+            },
+        )),
+        1 => Ok(found.remove(0)),
+        _ => Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "build cluster {name} exists in several SCM contexts ({}); add ?scmContext=",
+                found.iter().map(|c| c.fields.scm_context.as_str()).collect::<Vec<_>>().join(", ")
+            ),
+        )),
+    }
+}
+
+#[utoipa::path(get, path = "/v4/buildclusters/{name}", tag = "registry", params(("name" = String, Path), ClusterQuery),
+    responses((status = 200, body = Cluster), (status = 404, body = ErrorBody)))]
+async fn get_cluster(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    Path(name): Path<String>,
+    Query(query): Query<ClusterQuery>,
+) -> Result<Json<Cluster>, ApiError> {
+    require(&caller, &[Scope::User, Scope::Admin])?;
+    Ok(Json(find_one(&state, &name, &query).await?))
+}
+
+#[utoipa::path(put, path = "/v4/buildclusters/{name}", tag = "registry", params(("name" = String, Path), ClusterQuery),
+    request_body(content = Object, description = "Any subset of the record's fields, e.g. {\"isActive\":false}"),
+    responses((status = 200, body = Cluster), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)))]
+async fn update_cluster(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    Path(name): Path<String>,
+    Query(query): Query<ClusterQuery>,
+    JsonObject(body): JsonObject,
+) -> Result<Json<Cluster>, ApiError> {
+    require(&caller, &[Scope::Admin])?;
+    let patch = ClusterPatch::from_json(body)?;
+    let current = find_one(&state, &name, &query).await?;
+    let next = patch.apply(&current.fields)?;
+    let updated = state
+        .registry
+        .update(current.id, &next)
+        .await?
+        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("build cluster {name} was deleted meanwhile")))?;
+    tracing::info!(cluster = %name, active = updated.fields.is_active, "cluster updated");
+    state.registry_changed().await;
+    Ok(Json(updated))
+}
+
+#[utoipa::path(delete, path = "/v4/buildclusters/{name}", tag = "registry", params(("name" = String, Path), ClusterQuery),
+    responses((status = 204), (status = 404, body = ErrorBody)))]
+async fn delete_cluster(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    Path(name): Path<String>,
+    Query(query): Query<ClusterQuery>,
+) -> Result<StatusCode, ApiError> {
+    require(&caller, &[Scope::Admin])?;
+    let current = find_one(&state, &name, &query).await?;
+    state.registry.delete(current.id).await?;
+    tracing::info!(cluster = %name, "cluster deleted");
+    state.registry_changed().await;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+// === build intake ===
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+pub struct MessageQuery {
+    /// Absent for builds; Screwdriver's other message types are not served yet.
+    #[serde(rename = "type")]
+    kind: Option<String>,
+}
+
+fn only_builds(query: &MessageQuery) -> Result<(), ApiError> {
+    match query.kind.as_deref() {
+        None | Some("") => Ok(()),
+        Some(other) => Err(ApiError::new(
+            StatusCode::NOT_IMPLEMENTED,
+            format!("?type={other} messages are not handled by this scheduler; only builds (no type) are"),
+        )),
+    }
+}
+
+#[utoipa::path(post, path = "/v1/queue/message", tag = "builds", params(MessageQuery), request_body = StartMessage,
+    responses((status = 201, body = Accepted, description = "accepted now"), (status = 200, body = Accepted, description = "already accepted earlier"),
+        (status = 403, body = ErrorBody, description = "the named cluster refuses this organization"), (status = 422, body = ErrorBody), (status = 501, body = ErrorBody)))]
+async fn start_build(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    Query(query): Query<MessageQuery>,
+    JsonObject(body): JsonObject,
+) -> Result<(StatusCode, Json<Accepted>), ApiError> {
+    require(&caller, &[Scope::SdApi])?;
+    only_builds(&query)?;
+    let msg = StartMessage::from_json(body)?;
+    let accepted = state.intake.start(msg).await?;
+    let status = if accepted.created { StatusCode::CREATED } else { StatusCode::OK };
+    Ok((status, Json(accepted)))
+}
+
+#[utoipa::path(delete, path = "/v1/queue/message", tag = "builds", params(MessageQuery), request_body = StopRequest,
+    responses((status = 200, body = Stopped), (status = 404, body = ErrorBody)))]
+async fn stop_build(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    Query(query): Query<MessageQuery>,
+    JsonObject(body): JsonObject,
+) -> Result<Json<Stopped>, ApiError> {
+    require(&caller, &[Scope::SdApi])?;
+    only_builds(&query)?;
+    let req = StopRequest::from_json(body)?;
+    Ok(Json(state.intake.stop(req).await?))
+}
+
+/// Where a build is.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BuildView {
+    build_id: u64,
+    job_id: u64,
+    pipeline_id: u64,
+    build_cluster_name: Option<String>,
+    state: BuildState,
+    reason: Option<String>,
+    /// Epoch milliseconds.
+    created_at: i64,
+    updated_at: i64,
+}
+
+#[utoipa::path(get, path = "/v1/builds/{build_id}", tag = "builds", params(("build_id" = u64, Path)),
+    responses((status = 200, body = BuildView), (status = 404, body = ErrorBody)))]
+async fn get_build(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    Path(build_id): Path<String>,
+) -> Result<Json<BuildView>, ApiError> {
+    require(&caller, &[Scope::SdApi, Scope::User, Scope::Admin])?;
+    let build_id: u64 = build_id
+        .parse()
+        .map_err(|_| ApiError::new(StatusCode::BAD_REQUEST, "buildId must be a positive integer"))?;
+    let row = state
+        .intake
+        .builds()
+        .get(build_id)
+        .await
+        .map_err(|e| unavailable("database", &e))?
+        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("no build {build_id} is known to the scheduler")))?;
+    Ok(Json(BuildView {
+        build_id: row.build_id,
+        job_id: row.job_id,
+        pipeline_id: row.pipeline_id,
+        build_cluster_name: row.cluster,
+        state: row.state,
+        reason: row.reason,
+        created_at: row.created_at,
+        updated_at: row.updated_at,
+    }))
+}
+
+// === operations ===
+
+#[utoipa::path(get, path = "/healthz", tag = "operations", responses((status = 200, description = "the process is up")))]
+async fn healthz() -> Json<Value> {
+    Json(serde_json::json!({"status": "ok"}))
+}
+
+#[utoipa::path(get, path = "/readyz", tag = "operations",
+    responses((status = 200, description = "database and Redis reachable"), (status = 503, description = "a dependency is down; the body says which")))]
+async fn readyz(State(state): State<Arc<AppState>>) -> Response {
+    let deadline = std::time::Duration::from_secs(2);
+    let db = match tokio::time::timeout(deadline, state.db.ping()).await {
+        Ok(Ok(())) => "ok".to_owned(),
+        Ok(Err(e)) => format!("unreachable: {e}"),
+        Err(_) => "unreachable: no answer within 2s".to_owned(),
+    };
+    let redis = match tokio::time::timeout(deadline, state.queues.ping()).await {
+        Ok(Ok(())) => "ok".to_owned(),
+        Ok(Err(e)) => format!("unreachable: {e}"),
+        Err(_) => "unreachable: no answer within 2s".to_owned(),
+    };
+    let ready = db == "ok" && redis == "ok";
+    let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (status, Json(serde_json::json!({"ready": ready, "database": db, "redis": redis}))).into_response()
+}
+
+async fn metrics_text(State(state): State<Arc<AppState>>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.metrics.render(),
+    )
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "sd-scheduler", description = "Routes Screwdriver builds to build clusters and serves each cluster's queue."),
+    paths(list_clusters, create_cluster, get_cluster, update_cluster, delete_cluster, start_build, stop_build, get_build, healthz, readyz),
+    components(schemas(Cluster, NewCluster, ErrorBody, StartMessage, StopRequest, Accepted, Stopped, BuildView, BuildState))
+)]
+pub struct ApiDoc;
+
+async fn openapi() -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "application/json")], ApiDoc::openapi().to_pretty_json().unwrap_or_default())
+}
+
+/// Request count and latency per route and status.
+async fn track(req: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let method = req.method().to_string();
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+    let response = next.run(req).await;
+    let status = response.status().as_u16().to_string();
+    metrics::counter!("sd_scheduler_http_requests_total", "method" => method.clone(), "route" => route.clone(), "status" => status)
+        .increment(1);
+    metrics::histogram!("sd_scheduler_http_request_duration_seconds", "method" => method, "route" => route)
+        .record(started.elapsed().as_secs_f64());
+    response
+}

@@ -1,0 +1,312 @@
+//! Typed configuration: embedded defaults, then the TOML file, then `SD_SCHEDULER_*` variables.
+//!
+//! Everything is validated before a port is bound or a connection opened, so a bad value stops
+//! start-up with the key and the reason instead of failing later under load.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Prefix of the environment variables that override config keys.
+pub const ENV_PREFIX: &str = "SD_SCHEDULER_";
+const SECTIONS: &[&str] = &["database", "redis", "auth", "registry", "log"];
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Address the HTTP API listens on.
+    pub listen: SocketAddr,
+    pub database: DatabaseConfig,
+    pub redis: RedisConfig,
+    pub auth: AuthConfig,
+    pub registry: RegistryConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatabaseConfig {
+    /// `sqlite://FILE` (created on first start) or `postgres://…`.
+    pub url: String,
+    pub max_connections: u32,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RedisConfig {
+    pub url: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// PEM public key(s) of the Screwdriver API; verifies RS256 tokens of the API and admins.
+    pub api_public_key_file: Option<PathBuf>,
+    /// PEM RSA private key the scheduler mints launcher tokens with (trusted by the API).
+    pub private_key_file: Option<PathBuf>,
+    /// Lifetime of minted launcher tokens.
+    #[serde(with = "humantime_serde")]
+    pub launcher_token_ttl: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RegistryConfig {
+    /// Safety-net reload of the cluster cache; writes also invalidate it at once via pub/sub.
+    #[serde(with = "humantime_serde")]
+    pub reload_interval: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    /// A `tracing` filter, e.g. `info` or `sd_scheduler=debug,info`; `RUST_LOG` wins when set.
+    pub level: String,
+}
+
+// === defaults ===
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            database: DatabaseConfig::default(),
+            redis: RedisConfig::default(),
+            auth: AuthConfig::default(),
+            registry: RegistryConfig::default(),
+            log: LogConfig::default(),
+        }
+    }
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        Self {
+            url: "sqlite://sd-scheduler.db".into(),
+            max_connections: 10,
+        }
+    }
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        Self {
+            url: "redis://127.0.0.1:6379".into(),
+        }
+    }
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            api_public_key_file: None,
+            private_key_file: None,
+            launcher_token_ttl: Duration::from_secs(12 * 3600),
+        }
+    }
+}
+
+impl Default for RegistryConfig {
+    fn default() -> Self {
+        Self {
+            reload_interval: Duration::from_secs(30),
+        }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Text,
+            level: "info".into(),
+        }
+    }
+}
+
+// === loading ===
+
+/// Why the configuration was refused; always names the key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Syntax { path: PathBuf, message: String },
+    #[error("config key {key}: {reason}")]
+    Invalid { key: String, reason: String },
+}
+
+impl Config {
+    /// Loads `path` (or only the defaults when `None`) and applies `vars` as overrides.
+    pub fn load(
+        path: Option<&Path>,
+        vars: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let mut doc = match path {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.to_owned(),
+                    source,
+                })?;
+                text.parse::<toml::Table>()
+                    .map_err(|e| ConfigError::Syntax {
+                        path: path.to_owned(),
+                        message: e.to_string(),
+                    })?
+            }
+            None => toml::Table::new(),
+        };
+        sd_protocol::env::apply_overrides(&mut doc, ENV_PREFIX, SECTIONS, vars).map_err(|e| {
+            ConfigError::Invalid {
+                key: e.field,
+                reason: e.reason,
+            }
+        })?;
+        let config: Config = serde_path_to_error::deserialize(toml::Value::Table(doc))
+            .map_err(|e| ConfigError::Invalid {
+                key: e.path().to_string(),
+                reason: e.into_inner().to_string(),
+            })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key: &str, reason: &str| ConfigError::Invalid {
+            key: key.into(),
+            reason: reason.into(),
+        };
+        let url = &self.database.url;
+        if !(url.starts_with("sqlite:") || url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+            return Err(invalid(
+                "database.url",
+                "must start with sqlite:// (a file) or postgres:// (PostgreSQL)",
+            ));
+        }
+        if self.database.max_connections == 0 {
+            return Err(invalid("database.max_connections", "must be at least 1"));
+        }
+        if let Err(e) = redis::Client::open(self.redis.url.as_str()) {
+            return Err(ConfigError::Invalid {
+                key: "redis.url".into(),
+                reason: format!("not a valid Redis URL: {e}"),
+            });
+        }
+        for (key, file) in [
+            ("auth.api_public_key_file", &self.auth.api_public_key_file),
+            ("auth.private_key_file", &self.auth.private_key_file),
+        ] {
+            if let Some(file) = file {
+                if !file.is_file() {
+                    return Err(ConfigError::Invalid {
+                        key: key.into(),
+                        reason: format!("{} does not exist or is not a file", file.display()),
+                    });
+                }
+            }
+        }
+        if self.auth.launcher_token_ttl < Duration::from_secs(60) {
+            return Err(invalid("auth.launcher_token_ttl", "must be at least 60s"));
+        }
+        if self.registry.reload_interval < Duration::from_secs(1) {
+            return Err(invalid("registry.reload_interval", "must be at least 1s"));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str, vars: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let dir = tempfile_dir();
+        let path = dir.join("scheduler.toml");
+        std::fs::write(&path, text).unwrap();
+        Config::load(
+            Some(&path),
+            vars.iter().map(|(k, v)| ((*k).into(), (*v).into())),
+        )
+    }
+
+    fn tempfile_dir() -> PathBuf {
+        let dir = std::env::temp_dir().join(format!(
+            "sd-scheduler-config-{}-{}",
+            std::process::id(),
+            rand::random::<u64>()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn defaults_need_no_file() {
+        let c = Config::load(None, Vec::new()).unwrap();
+        assert_eq!(c.database.url, "sqlite://sd-scheduler.db");
+        assert_eq!(c.listen.port(), 8080);
+        assert_eq!(c.auth.launcher_token_ttl, Duration::from_secs(43200));
+    }
+
+    #[test]
+    fn example_config_is_valid() {
+        let text = include_str!("../../config/scheduler.toml");
+        // The example points at files that exist only on a real host.
+        let text = text
+            .lines()
+            .filter(|l| !l.contains("_file ="))
+            .collect::<Vec<_>>()
+            .join("\n");
+        load(&text, &[]).unwrap();
+    }
+
+    #[test]
+    fn env_overrides_file() {
+        let c = load(
+            "[redis]\nurl = \"redis://a:1\"\n",
+            &[
+                ("SD_SCHEDULER_REDIS_URL", "redis://b:2"),
+                ("SD_SCHEDULER_REGISTRY_RELOAD_INTERVAL", "5s"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.redis.url, "redis://b:2");
+        assert_eq!(c.registry.reload_interval, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let cases = [
+            ("[redis]\nurl = \"redis://a\"\nport = 1\n", "redis"),
+            ("listen = \"nope\"\n", "listen"),
+            ("[database]\nurl = \"mysql://x\"\n", "database.url"),
+            ("[auth]\nlauncher_token_ttl = \"soon\"\n", "auth.launcher_token_ttl"),
+            ("[auth]\napi_public_key_file = \"/nonexistent.pem\"\n", "auth.api_public_key_file"),
+            ("[log]\nformat = \"xml\"\n", "log.format"),
+        ];
+        for (text, key) in cases {
+            match load(text, &[]) {
+                Err(ConfigError::Invalid { key: k, reason }) => {
+                    assert!(k.starts_with(key), "{text}: key {k} ({reason})")
+                }
+                other => panic!("{text}: {other:?}"),
+            }
+        }
+        assert!(matches!(
+            load("listen = [", &[]),
+            Err(ConfigError::Syntax { .. })
+        ));
+    }
+}

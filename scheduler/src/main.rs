@@ -1,0 +1,70 @@
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use sd_scheduler::config::{Config, ENV_PREFIX};
+use sd_scheduler::{Scheduler, telemetry};
+
+/// The central scheduler of sd-buildcluster.
+///
+/// Keeps the registry of build clusters (/v4/buildclusters), accepts builds from the Screwdriver
+/// API (/v1/queue/message), routes each to a cluster and queues it there for that cluster's
+/// agent. Without --config it runs on embedded defaults: SQLite file ./sd-scheduler.db, Redis on
+/// 127.0.0.1:6379, listening on 127.0.0.1:8080. Every config key can be overridden with an
+/// environment variable SD_SCHEDULER_<SECTION>_<KEY>, e.g. SD_SCHEDULER_REDIS_URL.
+#[derive(Parser)]
+#[command(version, about, long_about)]
+struct Cli {
+    /// TOML config file (see config/scheduler.toml for every key).
+    #[arg(long, short, env = "SD_SCHEDULER_CONFIG")]
+    config: Option<PathBuf>,
+    /// Validate the configuration and exit.
+    #[arg(long)]
+    check_config: bool,
+}
+
+/// Exit code for an unusable configuration (EX_CONFIG-style, as sysexits' EX_USAGE).
+const EXIT_CONFIG: u8 = 64;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let vars = std::env::vars().filter(|(k, _)| k.starts_with(ENV_PREFIX) && k != "SD_SCHEDULER_CONFIG");
+    let config = match Config::load(cli.config.as_deref(), vars) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("sd-scheduler: invalid configuration: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    if cli.check_config {
+        println!("configuration OK");
+        return ExitCode::SUCCESS;
+    }
+    telemetry::init_logging(&config.log);
+    let scheduler = match Scheduler::start(config).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "sd-scheduler could not start");
+            eprintln!("sd-scheduler: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    scheduler.run_until(shutdown_signal()).await;
+    ExitCode::SUCCESS
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
