@@ -108,12 +108,34 @@ impl Flag {
     }
 }
 
+/// A list, or the seed's comma-separated string (`"iOS_org1, iOS_org2"`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+enum Organizations {
+    List(Vec<String>),
+    Joined(String),
+}
+
+impl Organizations {
+    fn into_list(self) -> Vec<String> {
+        match self {
+            Organizations::List(list) => list,
+            Organizations::Joined(text) => text
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned)
+                .collect(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct InputFields {
     name: Option<String>,
     scm_context: Option<String>,
-    scm_organizations: Option<Vec<String>>,
+    scm_organizations: Option<Organizations>,
     is_active: Option<Flag>,
     auth_key: Option<String>,
     sign_option: Option<String>,
@@ -187,7 +209,10 @@ impl NewCluster {
         let record = NewCluster {
             name: input.name.ok_or_else(|| required("name"))?,
             scm_context: input.scm_context.ok_or_else(|| required("scmContext"))?,
-            scm_organizations: input.scm_organizations.unwrap_or_default(),
+            scm_organizations: input
+                .scm_organizations
+                .map(Organizations::into_list)
+                .unwrap_or_default(),
             is_active: match input.is_active {
                 Some(flag) => flag.get("isActive")?,
                 None => true,
@@ -303,7 +328,7 @@ impl ClusterPatch {
             next.scm_context = v.clone();
         }
         if let Some(v) = &f.scm_organizations {
-            next.scm_organizations = v.clone();
+            next.scm_organizations = v.clone().into_list();
         }
         if let Some(flag) = f.is_active {
             next.is_active = flag.get("isActive")?;
@@ -448,6 +473,7 @@ mod tests {
             "name": "sd1",
             "scmContext": "github:github.com",
             "isActive": 0,
+            "scmOrganizations": "org1, org2",
             "managedByScrewdriver": 1,
             "maintainer": "ops@example.com",
             "authKey": "SD1_KEY",
@@ -457,6 +483,7 @@ mod tests {
         assert!(!c.is_active);
         assert_eq!(c.managed_by, ManagedBy::Screwdriver);
         assert_eq!(c.managed_by_email, "ops@example.com");
+        assert_eq!(c.scm_organizations, vec!["org1", "org2"]);
     }
 
     #[test]

@@ -1,1 +1,282 @@
-pub fn _x(){}
+//! Test harness for sd-buildcluster: real `redis-server` processes and real databases, one per
+//! test, on free ports; keys and tokens. Nothing here is a fake of a dependency we can run.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use serde_json::Value;
+
+/// A port nobody listens on right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("no free port on 127.0.0.1")
+}
+
+// === RedisServer ===
+
+/// A `redis-server` of this test's own, killed on drop.
+pub struct RedisServer {
+    port: u16,
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+    aof: bool,
+}
+
+impl RedisServer {
+    /// Starts a throwaway server (no persistence).
+    pub fn start() -> Result<Self> {
+        Self::start_with(false)
+    }
+
+    /// Starts a server that keeps an append-only file, so a restart keeps the data.
+    pub fn start_with_aof() -> Result<Self> {
+        Self::start_with(true)
+    }
+
+    fn start_with(aof: bool) -> Result<Self> {
+        let mut server = Self {
+            port: free_port(),
+            dir: tempfile::tempdir()?,
+            child: None,
+            aof,
+        };
+        server.spawn()?;
+        Ok(server)
+    }
+
+    fn spawn(&mut self) -> Result<()> {
+        let mut cmd = Command::new("redis-server");
+        cmd.arg("--port")
+            .arg(self.port.to_string())
+            .args(["--bind", "127.0.0.1", "--save", "", "--daemonize", "no"])
+            .args(["--maxmemory-policy", "noeviction"])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .args(["--appendonly", if self.aof { "yes" } else { "no" }])
+            .args(["--appendfsync", "always"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let child = cmd
+            .spawn()
+            .context("cannot start redis-server (install it: apt-get install redis-server)")?;
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(mut conn) = redis::Client::open(self.url()).and_then(|c| c.get_connection()) {
+                if redis::cmd("PING").query::<String>(&mut conn).is_ok() {
+                    return Ok(());
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        bail!("redis-server on port {} did not answer within 10s", self.port)
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Kills the server (SIGKILL), as a crash would.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it again on the same port (with its AOF, when it keeps one).
+    pub fn restart(&mut self) -> Result<()> {
+        self.kill();
+        self.spawn()
+    }
+
+    /// A synchronous connection for assertions.
+    pub fn conn(&self) -> redis::Connection {
+        redis::Client::open(self.url())
+            .and_then(|c| c.get_connection())
+            .expect("connect to test redis")
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+// === TestDb ===
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// A fresh, empty database for one test: a SQLite file in a temp dir, or a new PostgreSQL
+/// database on the server `SD_TEST_POSTGRES_URL` names (dropped afterwards).
+pub struct TestDb {
+    url: String,
+    _dir: Option<tempfile::TempDir>,
+    postgres: Option<(String, String)>,
+}
+
+/// The PostgreSQL server tests create their databases on.
+pub fn postgres_admin_url() -> String {
+    std::env::var("SD_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
+}
+
+impl TestDb {
+    pub async fn new(backend: Backend) -> Result<Self> {
+        match backend {
+            Backend::Sqlite => {
+                let dir = tempfile::tempdir()?;
+                let url = format!("sqlite://{}", dir.path().join("scheduler.db").display());
+                Ok(Self {
+                    url,
+                    _dir: Some(dir),
+                    postgres: None,
+                })
+            }
+            Backend::Postgres => {
+                use sqlx::Connection;
+                let admin = postgres_admin_url();
+                let name = format!("sdtest_{}_{}", std::process::id(), rand::random::<u32>());
+                let mut conn = sqlx::PgConnection::connect(&admin).await.with_context(|| {
+                    format!("PostgreSQL at {admin} (set SD_TEST_POSTGRES_URL, or run scripts/test which starts one)")
+                })?;
+                sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+                    .execute(&mut conn)
+                    .await?;
+                let url = match admin.rfind('/') {
+                    Some(i) => format!("{}/{name}", &admin[..i]),
+                    None => bail!("SD_TEST_POSTGRES_URL has no database part: {admin}"),
+                };
+                Ok(Self {
+                    url,
+                    _dir: None,
+                    postgres: Some((admin, name)),
+                })
+            }
+        }
+    }
+
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let Some((admin, name)) = self.postgres.take() else {
+            return;
+        };
+        // Drop runs inside the test's runtime; use a thread with its own.
+        let _ = std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
+                return;
+            };
+            rt.block_on(async move {
+                use sqlx::Connection;
+                if let Ok(mut conn) = sqlx::PgConnection::connect(&admin).await {
+                    let sql = format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)");
+                    let _ = sqlx::query(sqlx::AssertSqlSafe(sql)).execute(&mut conn).await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+// === keys and tokens ===
+
+/// An RSA key pair as PEM.
+#[derive(Clone)]
+pub struct RsaKeys {
+    pub private_pem: String,
+    pub public_pem: String,
+}
+
+impl RsaKeys {
+    pub fn generate() -> Self {
+        let pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_RSA_SHA256).expect("RSA key generation");
+        Self {
+            private_pem: pair.serialize_pem(),
+            public_pem: pair.public_key_pem(),
+        }
+    }
+
+    /// Writes both halves into `dir`, returning (private, public) paths.
+    pub fn write(&self, dir: &Path, stem: &str) -> (PathBuf, PathBuf) {
+        let private = dir.join(format!("{stem}.key.pem"));
+        let public = dir.join(format!("{stem}.pub.pem"));
+        std::fs::write(&private, &self.private_pem).expect("write private key");
+        std::fs::write(&public, &self.public_pem).expect("write public key");
+        (private, public)
+    }
+
+    /// Signs `claims` with RS256.
+    pub fn sign(&self, claims: &Value) -> String {
+        let key = jsonwebtoken::EncodingKey::from_rsa_pem(self.private_pem.as_bytes()).expect("RSA PEM");
+        jsonwebtoken::encode(&jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256), claims, &key)
+            .expect("sign token")
+    }
+
+    /// A Screwdriver-API-style token with these scopes, valid for ten minutes.
+    pub fn api_token(&self, scopes: &[&str]) -> String {
+        let now = unix_now();
+        self.sign(&serde_json::json!({
+            "username": "tester",
+            "scope": scopes,
+            "iat": now,
+            "exp": now + 600,
+        }))
+    }
+}
+
+/// Process-wide key pairs (RSA generation is slow; tests only need distinct roles).
+pub fn shared_keys(role: &str) -> RsaKeys {
+    static API: OnceLock<RsaKeys> = OnceLock::new();
+    static LAUNCHER: OnceLock<RsaKeys> = OnceLock::new();
+    static OTHER: OnceLock<RsaKeys> = OnceLock::new();
+    match role {
+        "api" => API.get_or_init(RsaKeys::generate).clone(),
+        "launcher" => LAUNCHER.get_or_init(RsaKeys::generate).clone(),
+        _ => OTHER.get_or_init(RsaKeys::generate).clone(),
+    }
+}
+
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Polls `check` until it returns `Some` or `timeout` passes. For waiting on asynchronous
+/// effects (a cache refresh, a routed build) without fixed sleeps.
+pub async fn eventually<T, F, Fut>(timeout: Duration, mut check: F) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await {
+            return Some(v);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

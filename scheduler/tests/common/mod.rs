@@ -1,0 +1,215 @@
+//! A scheduler started in-process on a free port, with its own redis-server and database.
+
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use reqwest::{Method, StatusCode};
+use sd_scheduler::Scheduler;
+use sd_scheduler::config::Config;
+use sd_testkit::{Backend, RedisServer, RsaKeys, TestDb, shared_keys};
+use serde_json::{Value, json};
+
+pub const CTX: &str = "github:github.com";
+
+pub struct Harness {
+    pub scheduler: Scheduler,
+    pub base: String,
+    pub http: reqwest::Client,
+    pub redis: RedisServer,
+    pub db: TestDb,
+    pub dir: tempfile::TempDir,
+    pub api: RsaKeys,
+    pub launcher: RsaKeys,
+    pub config: Config,
+}
+
+impl Harness {
+    pub async fn start(backend: Backend) -> Self {
+        Self::start_with(backend, |_| {}).await
+    }
+
+    pub async fn start_with(backend: Backend, tweak: impl FnOnce(&mut Config)) -> Self {
+        let redis = RedisServer::start().expect("redis-server");
+        let db = TestDb::new(backend).await.expect("test database");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let api = shared_keys("api");
+        let launcher = shared_keys("launcher");
+        let (_, api_pub) = api.write(dir.path(), "api");
+        let (launcher_key, _) = launcher.write(dir.path(), "launcher");
+        let mut config = Config::default();
+        config.listen = "127.0.0.1:0".parse().expect("addr");
+        config.database.url = db.url().to_owned();
+        config.database.max_connections = 4;
+        config.redis.url = redis.url();
+        config.auth.api_public_key_file = Some(api_pub);
+        config.auth.private_key_file = Some(launcher_key);
+        // Long, so tests prove the pub/sub invalidation rather than the periodic reload.
+        config.registry.reload_interval = Duration::from_secs(3600);
+        tweak(&mut config);
+        let scheduler = Scheduler::start(config.clone()).await.expect("scheduler starts");
+        let base = format!("http://{}", scheduler.addr());
+        Self {
+            scheduler,
+            base,
+            http: reqwest::Client::new(),
+            redis,
+            db,
+            dir,
+            api,
+            launcher,
+            config,
+        }
+    }
+
+    /// Another scheduler process sharing this one's database and Redis.
+    pub async fn replica(&self) -> (Scheduler, String) {
+        let s = Scheduler::start(self.config.clone()).await.expect("replica starts");
+        let base = format!("http://{}", s.addr());
+        (s, base)
+    }
+
+    pub fn admin(&self) -> String {
+        self.api.api_token(&["admin"])
+    }
+
+    pub fn user(&self) -> String {
+        self.api.api_token(&["user"])
+    }
+
+    pub fn sdapi(&self) -> String {
+        self.api.api_token(&["sdapi"])
+    }
+
+    pub async fn call(&self, method: Method, path: &str, token: Option<&str>, body: Option<&Value>) -> (StatusCode, Value) {
+        call_at(&self.http, &self.base, method, path, token, body).await
+    }
+
+    pub async fn register(&self, body: &Value) -> Value {
+        let (status, created) = self.call(Method::POST, "/v4/buildclusters", Some(&self.admin()), Some(body)).await;
+        assert_eq!(status, StatusCode::CREATED, "{created}");
+        created
+    }
+
+    pub async fn submit(&self, body: &Value) -> (StatusCode, Value) {
+        self.call(Method::POST, "/v1/queue/message", Some(&self.sdapi()), Some(body)).await
+    }
+
+    /// Everything the scheduler keeps: the cluster table, the build rows, and every Redis key.
+    pub async fn snapshot(&self) -> (Vec<Value>, i64, BTreeMap<String, String>) {
+        let state = self.scheduler.state();
+        let clusters = state
+            .registry
+            .list()
+            .await
+            .expect("list clusters")
+            .into_iter()
+            .map(|c| serde_json::to_value(c).expect("json"))
+            .collect();
+        let builds = state.intake.builds().count().await.expect("count builds");
+        (clusters, builds, redis_dump(&self.redis))
+    }
+
+    /// Ids on a cluster's ready queue.
+    pub async fn ready(&self, cluster: &str) -> Vec<String> {
+        self.scheduler.state().queues.ready(cluster).await.expect("ready ids")
+    }
+}
+
+pub async fn call_at(
+    http: &reqwest::Client,
+    base: &str,
+    method: Method,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&Value>,
+) -> (StatusCode, Value) {
+    let mut req = http.request(method, format!("{base}{path}"));
+    if let Some(token) = token {
+        req = req.bearer_auth(token);
+    }
+    if let Some(body) = body {
+        req = req.json(body);
+    }
+    let resp = req.send().await.expect("request");
+    let status = resp.status();
+    let text = resp.text().await.expect("body");
+    let value = if text.is_empty() { Value::Null } else { serde_json::from_str(&text).unwrap_or(Value::String(text)) };
+    (status, value)
+}
+
+/// Every key of the test's Redis with a type-aware rendering of its value.
+pub fn redis_dump(redis: &RedisServer) -> BTreeMap<String, String> {
+    let mut conn = redis.conn();
+    let keys: Vec<String> = redis::cmd("KEYS").arg("*").query(&mut conn).expect("keys");
+    keys.into_iter()
+        .map(|k| {
+            let kind: String = redis::cmd("TYPE").arg(&k).query(&mut conn).expect("type");
+            let value = match kind.as_str() {
+                "hash" => format!("{:?}", redis::cmd("HGETALL").arg(&k).query::<BTreeMap<String, String>>(&mut conn).expect("hgetall")),
+                "zset" => format!("{:?}", redis::cmd("ZRANGE").arg(&k).arg(0).arg(-1).query::<Vec<String>>(&mut conn).expect("zrange")),
+                "list" => format!("{:?}", redis::cmd("LRANGE").arg(&k).arg(0).arg(-1).query::<Vec<String>>(&mut conn).expect("lrange")),
+                _ => kind,
+            };
+            (k, value)
+        })
+        .collect()
+}
+
+pub fn cluster(name: &str, managed_by: &str, orgs: &[&str]) -> Value {
+    json!({
+        "name": name,
+        "scmContext": CTX,
+        "scmOrganizations": orgs,
+        "managedBy": managed_by,
+        "managedByEmail": "team@example.com",
+        "authKey": format!("{}_PUBLIC_KEY", name.to_uppercase().replace(['-', '.'], "_")),
+    })
+}
+
+/// A start payload as Screwdriver's API sends it (its token is in the header, not here).
+pub fn build(build_id: u64, pipeline: &str, annotations: Value) -> Value {
+    json!({
+        "buildId": build_id,
+        "jobId": 100 + build_id,
+        "eventId": 9000 + build_id,
+        "jobName": "main",
+        "jobState": "ENABLED",
+        "jobArchived": false,
+        "annotations": annotations,
+        "blockedBy": [100 + build_id],
+        "pipeline": {"id": 7, "name": pipeline, "scmContext": CTX, "configPipelineId": null},
+        "apiUri": "https://api.screwdriver.example",
+        "container": "node:22",
+        "isPR": false,
+        "prParentJobId": null,
+        "causeMessage": "Started by user alice",
+        "freezeWindows": [],
+        "build": {"id": build_id, "status": "QUEUED"},
+    })
+}
+
+pub fn backends() -> [Backend; 2] {
+    [Backend::Sqlite, Backend::Postgres]
+}
+
+/// Declares each listed `async fn name(backend: Backend)` as two tests: `sqlite::name` and
+/// `postgres::name`.
+#[macro_export]
+macro_rules! both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() { super::$name(sd_testkit::Backend::Sqlite).await }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() { super::$name(sd_testkit::Backend::Postgres).await }
+            )*
+        }
+    };
+}
