@@ -94,13 +94,13 @@ impl StartMessage {
         positive("buildId", self.build_id)?;
         positive("jobId", self.job_id)?;
         positive("pipeline.id", self.pipeline.id)?;
-        if let Some(p) = self.pipeline_id {
-            if p != self.pipeline.id {
-                return Err(FieldError::new(
-                    "pipelineId",
-                    format!("is {p} but pipeline.id is {}", self.pipeline.id),
-                ));
-            }
+        if let Some(p) = self.pipeline_id
+            && p != self.pipeline.id
+        {
+            return Err(FieldError::new(
+                "pipelineId",
+                format!("is {p} but pipeline.id is {}", self.pipeline.id),
+            ));
         }
         let Some((org, repo)) = self.pipeline.name.split_once('/') else {
             return Err(FieldError::new(
@@ -121,7 +121,10 @@ impl StartMessage {
             ));
         }
         if !(self.api_uri.starts_with("http://") || self.api_uri.starts_with("https://")) {
-            return Err(FieldError::new("apiUri", "must be an http:// or https:// URL"));
+            return Err(FieldError::new(
+                "apiUri",
+                "must be an http:// or https:// URL",
+            ));
         }
         if self.container.trim().is_empty() {
             return Err(FieldError::new("container", "must name the build's image"));
@@ -240,9 +243,15 @@ mod tests {
         v["annotations"] = json!({});
         v["pipeline"]["annotations"] = json!({"buildCluster": "shared"});
         v["buildClusterName"] = json!("explicit");
-        assert_eq!(parse(v.clone()).unwrap().requested_cluster(), Some("shared"));
+        assert_eq!(
+            parse(v.clone()).unwrap().requested_cluster(),
+            Some("shared")
+        );
         v["pipeline"]["annotations"] = json!({});
-        assert_eq!(parse(v.clone()).unwrap().requested_cluster(), Some("explicit"));
+        assert_eq!(
+            parse(v.clone()).unwrap().requested_cluster(),
+            Some("explicit")
+        );
         v["buildClusterName"] = json!("");
         assert_eq!(parse(v).unwrap().requested_cluster(), None);
     }
@@ -255,7 +264,11 @@ mod tests {
             ("apiUri", json!("ftp://x"), "apiUri"),
             ("container", json!(" "), "container"),
             ("blockedBy", json!([1, "x"]), "blockedBy[1]"),
-            ("annotations", json!({"screwdriver.cd/buildCluster": 5}), "annotations.screwdriver.cd/buildCluster"),
+            (
+                "annotations",
+                json!({"screwdriver.cd/buildCluster": 5}),
+                "annotations.screwdriver.cd/buildCluster",
+            ),
             ("pipelineId", json!(7), "pipelineId"),
         ];
         for (key, value, field) in cases {

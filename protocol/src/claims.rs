@@ -63,7 +63,10 @@ impl SignOptions {
             .map_err(|e| FieldError::new("signOption", format!("invalid JSON: {e}")))?;
         let options: Self = crate::error::from_value(value)?;
         if options.expires_in == 0 || options.expires_in > 86_400 {
-            return Err(FieldError::new("expiresIn", "must be from 1 to 86400 seconds"));
+            return Err(FieldError::new(
+                "expiresIn",
+                "must be from 1 to 86400 seconds",
+            ));
         }
         Ok(options)
     }
@@ -89,17 +92,24 @@ mod tests {
         let o = SignOptions::from_json(r#"{"algorithm":"ES256"}"#).unwrap();
         assert_eq!(o.algorithm, SigningAlgorithm::ES256);
         assert_eq!(o.expires_in, 300);
-        assert_eq!(SignOptions::from_json("{}").unwrap(), SignOptions::default());
+        assert_eq!(
+            SignOptions::from_json("{}").unwrap(),
+            SignOptions::default()
+        );
     }
 
     #[test]
     fn sign_options_refuse_symmetric_and_unknown() {
         assert_eq!(
-            SignOptions::from_json(r#"{"algorithm":"HS256"}"#).unwrap_err().field,
+            SignOptions::from_json(r#"{"algorithm":"HS256"}"#)
+                .unwrap_err()
+                .field,
             "algorithm"
         );
         assert_eq!(
-            SignOptions::from_json(r#"{"algorithm":"none"}"#).unwrap_err().field,
+            SignOptions::from_json(r#"{"algorithm":"none"}"#)
+                .unwrap_err()
+                .field,
             "algorithm"
         );
         assert!(SignOptions::from_json(r#"{"expiresIn":0}"#).is_err());

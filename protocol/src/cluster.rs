@@ -154,7 +154,10 @@ impl InputFields {
             let reason = if unknown == "id" {
                 "is assigned by the scheduler and cannot be set".to_owned()
             } else {
-                format!("unknown field; allowed fields are {}", INPUT_FIELDS.join(", "))
+                format!(
+                    "unknown field; allowed fields are {}",
+                    INPUT_FIELDS.join(", ")
+                )
             };
             return Err(FieldError::new(unknown.clone(), reason));
         }
@@ -245,12 +248,16 @@ impl NewCluster {
             ));
         }
         let mut seen = std::collections::BTreeSet::new();
-        self.scm_organizations.retain(|org| seen.insert(org.clone()));
+        self.scm_organizations
+            .retain(|org| seen.insert(org.clone()));
         for (i, org) in self.scm_organizations.iter().enumerate() {
             let field = format!("scmOrganizations[{i}]");
             check_text(&field, org, 100)?;
             if org.contains('/') || org.contains(',') || org.chars().any(char::is_whitespace) {
-                return Err(FieldError::new(field, "must not contain '/', ',' or spaces"));
+                return Err(FieldError::new(
+                    field,
+                    "must not contain '/', ',' or spaces",
+                ));
             }
         }
         if self.scm_organizations.join(",").chars().count() > 500 {
@@ -277,13 +284,19 @@ impl NewCluster {
             ));
         }
         if self.weightage > 100 {
-            return Err(FieldError::new("weightage", "must be an integer from 0 to 100"));
+            return Err(FieldError::new(
+                "weightage",
+                "must be an integer from 0 to 100",
+            ));
         }
         check_token("group", &self.group, 50)?;
-        if let Some(description) = &self.description {
-            if description.chars().count() > 100 {
-                return Err(FieldError::new("description", "must be at most 100 characters"));
-            }
+        if let Some(description) = &self.description
+            && description.chars().count() > 100
+        {
+            return Err(FieldError::new(
+                "description",
+                "must be at most 100 characters",
+            ));
         }
         Ok(self)
     }
@@ -315,13 +328,13 @@ impl ClusterPatch {
     /// The record after this update, validated as a whole.
     pub fn apply(&self, current: &NewCluster) -> Result<NewCluster, FieldError> {
         let f = &self.fields;
-        if let Some(name) = &f.name {
-            if name != &current.name {
-                return Err(FieldError::new(
-                    "name",
-                    "cannot be changed; register a new cluster and delete this one",
-                ));
-            }
+        if let Some(name) = &f.name
+            && name != &current.name
+        {
+            return Err(FieldError::new(
+                "name",
+                "cannot be changed; register a new cluster and delete this one",
+            ));
         }
         let mut next = current.clone();
         if let Some(v) = &f.scm_context {
@@ -380,7 +393,10 @@ fn check_text(field: &str, value: &str, max: usize) -> Result<(), FieldError> {
         return Err(FieldError::new(field, "must not be empty"));
     }
     if value.chars().count() > max {
-        return Err(FieldError::new(field, format!("must be at most {max} characters")));
+        return Err(FieldError::new(
+            field,
+            format!("must be at most {max} characters"),
+        ));
     }
     Ok(())
 }
@@ -501,7 +517,10 @@ mod tests {
             (json!({"isActive": 2}), "isActive"),
             (json!({"isActive": "yes"}), "isActive"),
             (json!({"managedBy": "them"}), "managedBy"),
-            (json!({"managedByScrewdriver": true}), "managedByScrewdriver"),
+            (
+                json!({"managedByScrewdriver": true}),
+                "managedByScrewdriver",
+            ),
             (json!({"authKey": "-----BEGIN PUBLIC KEY-----"}), "authKey"),
             (json!({"signOption": "1X"}), "signOption"),
             (json!({"group": "a b"}), "group"),
@@ -519,7 +538,13 @@ mod tests {
 
     #[test]
     fn required_fields_are_named() {
-        for field in ["name", "scmContext", "authKey", "managedBy", "managedByEmail"] {
+        for field in [
+            "name",
+            "scmContext",
+            "authKey",
+            "managedBy",
+            "managedByEmail",
+        ] {
             let mut v = valid();
             v.as_object_mut().unwrap().remove(field);
             let err = NewCluster::from_json(body(v)).unwrap_err();
@@ -531,7 +556,10 @@ mod tests {
     #[test]
     fn organizations_joined_length_is_capped() {
         let orgs: Vec<String> = (0..60).map(|i| format!("organization{i:02}")).collect();
-        assert_eq!(refused(json!({ "scmOrganizations": orgs })).field, "scmOrganizations");
+        assert_eq!(
+            refused(json!({ "scmOrganizations": orgs })).field,
+            "scmOrganizations"
+        );
     }
 
     #[test]
@@ -540,11 +568,16 @@ mod tests {
         let pause = ClusterPatch::from_json(body(json!({"isActive": false}))).unwrap();
         assert!(!pause.apply(&current).unwrap().is_active);
         let empty_orgs = ClusterPatch::from_json(body(json!({"scmOrganizations": []}))).unwrap();
-        assert_eq!(empty_orgs.apply(&current).unwrap_err().field, "scmOrganizations");
+        assert_eq!(
+            empty_orgs.apply(&current).unwrap_err().field,
+            "scmOrganizations"
+        );
         let rename = ClusterPatch::from_json(body(json!({"name": "other"}))).unwrap();
         assert_eq!(rename.apply(&current).unwrap_err().field, "name");
         assert_eq!(
-            ClusterPatch::from_json(body(json!({"nope": 1}))).unwrap_err().field,
+            ClusterPatch::from_json(body(json!({"nope": 1})))
+                .unwrap_err()
+                .field,
             "nope"
         );
     }

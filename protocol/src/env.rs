@@ -101,7 +101,10 @@ mod tests {
         assert_eq!(applied.len(), 5);
         assert_eq!(doc["redis"]["url"].as_str(), Some("redis://b"));
         assert_eq!(doc["auth"]["api_public_key_file"].as_str(), Some("/k.pem"));
-        assert_eq!(doc["executor"]["kubernetes"]["namespace"].as_str(), Some("builds"));
+        assert_eq!(
+            doc["executor"]["kubernetes"]["namespace"].as_str(),
+            Some("builds")
+        );
         assert_eq!(doc["executor"]["max_in_flight"].as_integer(), Some(8));
         assert_eq!(doc["listen"].as_str(), Some("0.0.0.0:80"));
     }

@@ -87,7 +87,12 @@ mod tests {
     #[test]
     fn parse_object_refuses_non_objects() {
         assert_eq!(parse_object(b"[1]").unwrap_err().field, "body");
-        assert!(parse_object(b"{").unwrap_err().reason.contains("invalid JSON"));
+        assert!(
+            parse_object(b"{")
+                .unwrap_err()
+                .reason
+                .contains("invalid JSON")
+        );
         assert!(parse_object(b"{\"a\":1}").is_ok());
     }
 }

@@ -5,14 +5,18 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, MatchedPath, Path, Query, Request, State};
+use axum::extract::{
+    DefaultBodyLimit, FromRequest, FromRequestParts, MatchedPath, Path, Query, Request, State,
+};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use sd_protocol::{Cluster, ClusterPatch, ErrorBody, FieldError, NewCluster, StartMessage, StopRequest};
+use sd_protocol::{
+    Cluster, ClusterPatch, ErrorBody, FieldError, NewCluster, StartMessage, StopRequest,
+};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use utoipa::OpenApi;
@@ -30,12 +34,18 @@ pub const MAX_BODY_BYTES: usize = 1024 * 1024;
 pub fn router(state: Arc<AppState>) -> Router {
     let clusters = Router::new()
         .route("/", get(list_clusters).post(create_cluster))
-        .route("/{name}", get(get_cluster).put(update_cluster).delete(delete_cluster));
+        .route(
+            "/{name}",
+            get(get_cluster).put(update_cluster).delete(delete_cluster),
+        );
     Router::new()
         .nest("/v4/buildclusters", clusters.clone())
         // The seed's paths, kept as aliases.
         .nest("/buildClusters", clusters)
-        .route("/v1/queue/message", axum::routing::post(start_build).delete(stop_build))
+        .route(
+            "/v1/queue/message",
+            axum::routing::post(start_build).delete(stop_build),
+        )
         .route("/v1/builds/{build_id}", get(get_build))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
@@ -129,7 +139,10 @@ fn unavailable(what: &str, e: &dyn std::fmt::Display) -> ApiError {
 }
 
 async fn not_found() -> ApiError {
-    ApiError::new(StatusCode::NOT_FOUND, "no such endpoint; GET /openapi.json lists them")
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "no such endpoint; GET /openapi.json lists them",
+    )
 }
 
 // === extractors ===
@@ -160,7 +173,10 @@ impl<S: Send + Sync> FromRequest<S> for JsonObject {
 impl FromRequestParts<Arc<AppState>> for Caller {
     type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut Parts, state: &Arc<AppState>) -> Result<Self, Self::Rejection> {
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &Arc<AppState>,
+    ) -> Result<Self, Self::Rejection> {
         let token = bearer(&parts.headers).ok_or(TokenError::Missing)?;
         let caller = state.verifier.verify(token).inspect_err(|e| {
             tracing::info!(error = %e, path = %parts.uri.path(), "refused API token");
@@ -172,7 +188,10 @@ impl FromRequestParts<Arc<AppState>> for Caller {
 fn bearer(headers: &HeaderMap) -> Option<&str> {
     let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
     let (scheme, token) = value.split_once(' ')?;
-    scheme.eq_ignore_ascii_case("bearer").then_some(token.trim()).filter(|t| !t.is_empty())
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then_some(token.trim())
+        .filter(|t| !t.is_empty())
 }
 
 fn require(caller: &Caller, scopes: &[Scope]) -> Result<(), ApiError> {
@@ -200,7 +219,10 @@ pub struct ClusterQuery {
 
 #[utoipa::path(get, path = "/v4/buildclusters", tag = "registry",
     responses((status = 200, body = [Cluster]), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)))]
-async fn list_clusters(State(state): State<Arc<AppState>>, caller: Caller) -> Result<Json<Vec<Cluster>>, ApiError> {
+async fn list_clusters(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+) -> Result<Json<Vec<Cluster>>, ApiError> {
     require(&caller, &[Scope::User, Scope::Admin])?;
     Ok(Json(state.registry.list().await?))
 }
@@ -239,7 +261,11 @@ async fn find_one(state: &AppState, name: &str, query: &ClusterQuery) -> Result<
             StatusCode::BAD_REQUEST,
             format!(
                 "build cluster {name} exists in several SCM contexts ({}); add ?scmContext=",
-                found.iter().map(|c| c.fields.scm_context.as_str()).collect::<Vec<_>>().join(", ")
+                found
+                    .iter()
+                    .map(|c| c.fields.scm_context.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ),
         )),
     }
@@ -275,7 +301,12 @@ async fn update_cluster(
         .registry
         .update(current.id, &next)
         .await?
-        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("build cluster {name} was deleted meanwhile")))?;
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                format!("build cluster {name} was deleted meanwhile"),
+            )
+        })?;
     tracing::info!(cluster = %name, active = updated.fields.is_active, "cluster updated");
     state.registry_changed().await;
     Ok(Json(updated))
@@ -311,7 +342,9 @@ fn only_builds(query: &MessageQuery) -> Result<(), ApiError> {
         None | Some("") => Ok(()),
         Some(other) => Err(ApiError::new(
             StatusCode::NOT_IMPLEMENTED,
-            format!("?type={other} messages are not handled by this scheduler; only builds (no type) are"),
+            format!(
+                "?type={other} messages are not handled by this scheduler; only builds (no type) are"
+            ),
         )),
     }
 }
@@ -329,7 +362,11 @@ async fn start_build(
     only_builds(&query)?;
     let msg = StartMessage::from_json(body)?;
     let accepted = state.intake.start(msg).await?;
-    let status = if accepted.created { StatusCode::CREATED } else { StatusCode::OK };
+    let status = if accepted.created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
     Ok((status, Json(accepted)))
 }
 
@@ -370,16 +407,24 @@ async fn get_build(
     Path(build_id): Path<String>,
 ) -> Result<Json<BuildView>, ApiError> {
     require(&caller, &[Scope::SdApi, Scope::User, Scope::Admin])?;
-    let build_id: u64 = build_id
-        .parse()
-        .map_err(|_| ApiError::new(StatusCode::BAD_REQUEST, "buildId must be a positive integer"))?;
+    let build_id: u64 = build_id.parse().map_err(|_| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "buildId must be a positive integer",
+        )
+    })?;
     let row = state
         .intake
         .builds()
         .get(build_id)
         .await
         .map_err(|e| unavailable("database", &e))?
-        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("no build {build_id} is known to the scheduler")))?;
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                format!("no build {build_id} is known to the scheduler"),
+            )
+        })?;
     Ok(Json(BuildView {
         build_id: row.build_id,
         job_id: row.job_id,
@@ -414,8 +459,16 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Response {
         Err(_) => "unreachable: no answer within 2s".to_owned(),
     };
     let ready = db == "ok" && redis == "ok";
-    let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-    (status, Json(serde_json::json!({"ready": ready, "database": db, "redis": redis}))).into_response()
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        status,
+        Json(serde_json::json!({"ready": ready, "database": db, "redis": redis})),
+    )
+        .into_response()
 }
 
 async fn metrics_text(State(state): State<Arc<AppState>>) -> impl IntoResponse {
@@ -427,14 +480,41 @@ async fn metrics_text(State(state): State<Arc<AppState>>) -> impl IntoResponse {
 
 #[derive(OpenApi)]
 #[openapi(
-    info(title = "sd-scheduler", description = "Routes Screwdriver builds to build clusters and serves each cluster's queue."),
-    paths(list_clusters, create_cluster, get_cluster, update_cluster, delete_cluster, start_build, stop_build, get_build, healthz, readyz),
-    components(schemas(Cluster, NewCluster, ErrorBody, StartMessage, StopRequest, Accepted, Stopped, BuildView, BuildState))
+    info(
+        title = "sd-scheduler",
+        description = "Routes Screwdriver builds to build clusters and serves each cluster's queue."
+    ),
+    paths(
+        list_clusters,
+        create_cluster,
+        get_cluster,
+        update_cluster,
+        delete_cluster,
+        start_build,
+        stop_build,
+        get_build,
+        healthz,
+        readyz
+    ),
+    components(schemas(
+        Cluster,
+        NewCluster,
+        ErrorBody,
+        StartMessage,
+        StopRequest,
+        Accepted,
+        Stopped,
+        BuildView,
+        BuildState
+    ))
 )]
 pub struct ApiDoc;
 
 async fn openapi() -> impl IntoResponse {
-    ([(header::CONTENT_TYPE, "application/json")], ApiDoc::openapi().to_pretty_json().unwrap_or_default())
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        ApiDoc::openapi().to_pretty_json().unwrap_or_default(),
+    )
 }
 
 /// Request count and latency per route and status.

@@ -25,7 +25,9 @@ pub enum KeyError {
 pub enum TokenError {
     #[error("missing Authorization: Bearer token")]
     Missing,
-    #[error("the scheduler has no auth.api_public_key_file configured, so it cannot verify API tokens")]
+    #[error(
+        "the scheduler has no auth.api_public_key_file configured, so it cannot verify API tokens"
+    )]
     NotConfigured,
     #[error("invalid token: {0}")]
     Invalid(String),
@@ -151,7 +153,9 @@ impl ApiVerifier {
                     use jsonwebtoken::errors::ErrorKind;
                     match e.kind() {
                         ErrorKind::InvalidSignature => {}
-                        ErrorKind::ExpiredSignature => return Err(TokenError::Invalid("expired".into())),
+                        ErrorKind::ExpiredSignature => {
+                            return Err(TokenError::Invalid("expired".into()));
+                        }
                         _ => last = e.to_string(),
                     }
                 }
@@ -247,10 +251,10 @@ pub fn pem_blocks(text: &str) -> Vec<String> {
             block.push_str(line);
             block.push('\n');
         }
-        if line.starts_with("-----END ") {
-            if let Some(block) = current.take() {
-                blocks.push(block);
-            }
+        if line.starts_with("-----END ")
+            && let Some(block) = current.take()
+        {
+            blocks.push(block);
         }
     }
     blocks

@@ -121,9 +121,8 @@ impl Builds {
 
     /// Oldest builds in `state`, at most `limit`.
     pub async fn in_state(&self, state: BuildState, limit: i64) -> Result<Vec<BuildRow>, DbError> {
-        let sql = format!(
-            "SELECT {COLUMNS} FROM builds WHERE state = $1 ORDER BY created_at LIMIT $2"
-        );
+        let sql =
+            format!("SELECT {COLUMNS} FROM builds WHERE state = $1 ORDER BY created_at LIMIT $2");
         let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
             .bind(state.as_str())
             .bind(limit)

@@ -175,10 +175,12 @@ impl Config {
                 reason: e.reason,
             }
         })?;
-        let config: Config = serde_path_to_error::deserialize(toml::Value::Table(doc))
-            .map_err(|e| ConfigError::Invalid {
-                key: e.path().to_string(),
-                reason: e.into_inner().to_string(),
+        let config: Config =
+            serde_path_to_error::deserialize(toml::Value::Table(doc)).map_err(|e| {
+                ConfigError::Invalid {
+                    key: e.path().to_string(),
+                    reason: e.into_inner().to_string(),
+                }
             })?;
         config.validate()?;
         Ok(config)
@@ -190,7 +192,10 @@ impl Config {
             reason: reason.into(),
         };
         let url = &self.database.url;
-        if !(url.starts_with("sqlite:") || url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+        if !(url.starts_with("sqlite:")
+            || url.starts_with("postgres://")
+            || url.starts_with("postgresql://"))
+        {
             return Err(invalid(
                 "database.url",
                 "must start with sqlite:// (a file) or postgres:// (PostgreSQL)",
@@ -209,13 +214,13 @@ impl Config {
             ("auth.api_public_key_file", &self.auth.api_public_key_file),
             ("auth.private_key_file", &self.auth.private_key_file),
         ] {
-            if let Some(file) = file {
-                if !file.is_file() {
-                    return Err(ConfigError::Invalid {
-                        key: key.into(),
-                        reason: format!("{} does not exist or is not a file", file.display()),
-                    });
-                }
+            if let Some(file) = file
+                && !file.is_file()
+            {
+                return Err(ConfigError::Invalid {
+                    key: key.into(),
+                    reason: format!("{} does not exist or is not a file", file.display()),
+                });
             }
         }
         if self.auth.launcher_token_ttl < Duration::from_secs(60) {
@@ -292,8 +297,14 @@ mod tests {
             ("[redis]\nurl = \"redis://a\"\nport = 1\n", "redis"),
             ("listen = \"nope\"\n", "listen"),
             ("[database]\nurl = \"mysql://x\"\n", "database.url"),
-            ("[auth]\nlauncher_token_ttl = \"soon\"\n", "auth.launcher_token_ttl"),
-            ("[auth]\napi_public_key_file = \"/nonexistent.pem\"\n", "auth.api_public_key_file"),
+            (
+                "[auth]\nlauncher_token_ttl = \"soon\"\n",
+                "auth.launcher_token_ttl",
+            ),
+            (
+                "[auth]\napi_public_key_file = \"/nonexistent.pem\"\n",
+                "auth.api_public_key_file",
+            ),
             ("[log]\nformat = \"xml\"\n", "log.format"),
         ];
         for (text, key) in cases {

@@ -131,7 +131,11 @@ impl Intake {
             }
             None => {
                 metrics::counter!("sd_scheduler_builds_held_total").increment(1);
-                tracing::warn!(build_id = msg.build_id, reason = reason.as_deref().unwrap_or(""), "build held as unroutable");
+                tracing::warn!(
+                    build_id = msg.build_id,
+                    reason = reason.as_deref().unwrap_or(""),
+                    "build held as unroutable"
+                );
             }
         }
         Ok(Accepted {
@@ -204,7 +208,13 @@ impl Intake {
                 Ok(Decision::Cluster(cluster)) => {
                     let claimed = self
                         .builds
-                        .transition(row.build_id, BuildState::Unroutable, BuildState::Queued, Some(&cluster), None)
+                        .transition(
+                            row.build_id,
+                            BuildState::Unroutable,
+                            BuildState::Queued,
+                            Some(&cluster),
+                            None,
+                        )
                         .await?;
                     if !claimed {
                         continue; // another replica routed it
@@ -212,12 +222,19 @@ impl Intake {
                     if let Err(e) = self.enqueue(&cluster, &msg).await {
                         // Give it back so the next pass retries.
                         self.builds
-                            .transition(row.build_id, BuildState::Queued, BuildState::Unroutable, None, Some(&e.to_string()))
+                            .transition(
+                                row.build_id,
+                                BuildState::Queued,
+                                BuildState::Unroutable,
+                                None,
+                                Some(&e.to_string()),
+                            )
                             .await?;
                         return Err(e);
                     }
                     tracing::info!(build_id = row.build_id, cluster = %cluster, "held build routed");
-                    metrics::counter!("sd_scheduler_builds_routed_total", "cluster" => cluster).increment(1);
+                    metrics::counter!("sd_scheduler_builds_routed_total", "cluster" => cluster)
+                        .increment(1);
                     routed += 1;
                 }
                 Ok(Decision::Hold(reason)) => {
@@ -251,22 +268,36 @@ impl Intake {
         match (row.state, row.cluster.as_deref()) {
             (BuildState::Unroutable, _) | (BuildState::Queued, None) => {
                 self.builds
-                    .transition(row.build_id, row.state, BuildState::Stopped, None, Some("stopped on request"))
+                    .transition(
+                        row.build_id,
+                        row.state,
+                        BuildState::Stopped,
+                        None,
+                        Some("stopped on request"),
+                    )
                     .await?;
                 Ok(stopped(BuildState::Stopped, "removed"))
             }
-            (BuildState::Queued, Some(cluster)) => match self.queues.cancel(cluster, row.build_id).await? {
-                Cancelled::Removed => {
-                    self.builds
-                        .transition(row.build_id, BuildState::Queued, BuildState::Stopped, Some(cluster), Some("stopped on request"))
-                        .await?;
-                    Ok(stopped(BuildState::Stopped, "removed"))
+            (BuildState::Queued, Some(cluster)) => {
+                match self.queues.cancel(cluster, row.build_id).await? {
+                    Cancelled::Removed => {
+                        self.builds
+                            .transition(
+                                row.build_id,
+                                BuildState::Queued,
+                                BuildState::Stopped,
+                                Some(cluster),
+                                Some("stopped on request"),
+                            )
+                            .await?;
+                        Ok(stopped(BuildState::Stopped, "removed"))
+                    }
+                    Cancelled::Leased | Cancelled::Absent => {
+                        self.queue_stop(cluster, &req).await?;
+                        Ok(stopped(row.state, "stop queued"))
+                    }
                 }
-                Cancelled::Leased | Cancelled::Absent => {
-                    self.queue_stop(cluster, &req).await?;
-                    Ok(stopped(row.state, "stop queued"))
-                }
-            },
+            }
             (BuildState::Dispatched | BuildState::Running, Some(cluster)) => {
                 self.queue_stop(cluster, &req).await?;
                 Ok(stopped(row.state, "stop queued"))
@@ -281,8 +312,12 @@ impl Intake {
             build_config: serde_json::to_value(req)
                 .map_err(|e| FieldError::new("body", e.to_string()))?,
         };
-        self.queues.enqueue_stop(cluster, req.build_id, &message).await?;
-        self.builds.set_reason(req.build_id, "stop requested").await?;
+        self.queues
+            .enqueue_stop(cluster, req.build_id, &message)
+            .await?;
+        self.builds
+            .set_reason(req.build_id, "stop requested")
+            .await?;
         tracing::info!(build_id = req.build_id, cluster, "stop queued");
         Ok(())
     }

@@ -90,14 +90,21 @@ impl Scheduler {
         let verifier = match &config.auth.api_public_key_file {
             Some(path) => ApiVerifier::from_file(path)?,
             None => {
-                tracing::warn!("auth.api_public_key_file is not set: every authenticated call will be refused with 401");
+                tracing::warn!(
+                    "auth.api_public_key_file is not set: every authenticated call will be refused with 401"
+                );
                 ApiVerifier::default()
             }
         };
         let tokens = match &config.auth.private_key_file {
-            Some(path) => Some(LauncherTokens::from_file(path, config.auth.launcher_token_ttl)?),
+            Some(path) => Some(LauncherTokens::from_file(
+                path,
+                config.auth.launcher_token_ttl,
+            )?),
             None => {
-                tracing::warn!("auth.private_key_file is not set: builds are accepted only when they carry their own token");
+                tracing::warn!(
+                    "auth.private_key_file is not set: builds are accepted only when they carry their own token"
+                );
                 None
             }
         };
@@ -106,7 +113,12 @@ impl Scheduler {
         let registry = Registry::new(db.clone());
         let cache = ClusterCache::default();
         cache.reload(&registry).await?;
-        let intake = Intake::new(cache.clone(), Builds::new(db.clone()), queues.clone(), tokens);
+        let intake = Intake::new(
+            cache.clone(),
+            Builds::new(db.clone()),
+            queues.clone(),
+            tokens,
+        );
         let state = Arc::new(AppState {
             db,
             registry,
@@ -118,10 +130,17 @@ impl Scheduler {
             held_builds: Notify::new(),
         });
 
-        let listener = TcpListener::bind(config.listen)
-            .await
-            .map_err(|source| StartError::Bind { addr: config.listen, source })?;
-        let addr = listener.local_addr().map_err(|source| StartError::Bind { addr: config.listen, source })?;
+        let listener =
+            TcpListener::bind(config.listen)
+                .await
+                .map_err(|source| StartError::Bind {
+                    addr: config.listen,
+                    source,
+                })?;
+        let addr = listener.local_addr().map_err(|source| StartError::Bind {
+            addr: config.listen,
+            source,
+        })?;
         let shutdown = CancellationToken::new();
         let mut tasks = JoinSet::new();
 
@@ -135,11 +154,28 @@ impl Scheduler {
                 tracing::error!(error = %e, "HTTP server stopped");
             }
         });
-        tasks.spawn(watch_invalidations(Arc::clone(&state), config.redis.url.clone(), shutdown.clone()));
-        tasks.spawn(reload_periodically(Arc::clone(&state), config.registry.reload_interval, shutdown.clone()));
-        tasks.spawn(route_held_builds(Arc::clone(&state), config.registry.reload_interval, shutdown.clone()));
+        tasks.spawn(watch_invalidations(
+            Arc::clone(&state),
+            config.redis.url.clone(),
+            shutdown.clone(),
+        ));
+        tasks.spawn(reload_periodically(
+            Arc::clone(&state),
+            config.registry.reload_interval,
+            shutdown.clone(),
+        ));
+        tasks.spawn(route_held_builds(
+            Arc::clone(&state),
+            config.registry.reload_interval,
+            shutdown.clone(),
+        ));
         tracing::info!(%addr, database = %db::redact(&config.database.url), "sd-scheduler listening");
-        Ok(Self { addr, state, shutdown, tasks })
+        Ok(Self {
+            addr,
+            state,
+            shutdown,
+            tasks,
+        })
     }
 
     pub fn addr(&self) -> SocketAddr {

@@ -29,7 +29,8 @@ const EXIT_CONFIG: u8 = 64;
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    let vars = std::env::vars().filter(|(k, _)| k.starts_with(ENV_PREFIX) && k != "SD_SCHEDULER_CONFIG");
+    let vars =
+        std::env::vars().filter(|(k, _)| k.starts_with(ENV_PREFIX) && k != "SD_SCHEDULER_CONFIG");
     let config = match Config::load(cli.config.as_deref(), vars) {
         Ok(config) => config,
         Err(e) => {
@@ -56,7 +57,10 @@ async fn main() -> ExitCode {
 
 async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
-    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
         (Ok(mut term), Ok(mut int)) => {
             tokio::select! {
                 _ = term.recv() => {}

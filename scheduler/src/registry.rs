@@ -57,9 +57,8 @@ impl Registry {
 
     /// Every record with this name (one per scmContext).
     pub async fn by_name(&self, name: &str) -> Result<Vec<Cluster>, RegistryError> {
-        let sql = format!(
-            "SELECT {COLUMNS} FROM buildClusters WHERE name = $1 ORDER BY scm_context"
-        );
+        let sql =
+            format!("SELECT {COLUMNS} FROM buildClusters WHERE name = $1 ORDER BY scm_context");
         let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
             .bind(name)
             .fetch_all(&self.db.pool)

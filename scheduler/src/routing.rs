@@ -97,7 +97,11 @@ pub fn route(
         Some(c) => Decision::Cluster(c.fields.name.clone()),
         None => Decision::Hold(format!(
             "build cluster {name} is {} and no other active {} cluster of group {} can take the build",
-            if named.fields.is_active { "unhealthy" } else { "inactive" },
+            if named.fields.is_active {
+                "unhealthy"
+            } else {
+                "inactive"
+            },
             named.fields.managed_by.as_str(),
             named.fields.group,
         )),
@@ -106,7 +110,10 @@ pub fn route(
 
 /// Weighted random choice; weightage 0 is never picked.
 fn pick<'a>(candidates: &[&'a Cluster], rng: &mut impl Rng) -> Option<&'a Cluster> {
-    let total: u32 = candidates.iter().map(|c| u32::from(c.fields.weightage)).sum();
+    let total: u32 = candidates
+        .iter()
+        .map(|c| u32::from(c.fields.weightage))
+        .sum();
     if total == 0 {
         return None;
     }
@@ -180,8 +187,16 @@ mod tests {
     fn unnamed_goes_to_a_managed_cluster_never_external_or_weight_zero() {
         let clusters = fixture();
         for seed in 0..200 {
-            let d = route(&clusters, |_| true, &facts("mobile", None), &mut StdRng::seed_from_u64(seed)).unwrap();
-            let Decision::Cluster(name) = d else { panic!("held") };
+            let d = route(
+                &clusters,
+                |_| true,
+                &facts("mobile", None),
+                &mut StdRng::seed_from_u64(seed),
+            )
+            .unwrap();
+            let Decision::Cluster(name) = d else {
+                panic!("held")
+            };
             assert!(name == "sd1" || name == "sd2", "{name}");
         }
     }
@@ -189,8 +204,14 @@ mod tests {
     #[test]
     fn named_cluster_is_used_and_weight_zero_is_reachable_by_name() {
         let clusters = fixture();
-        assert_eq!(go(&clusters, facts("web", Some("named-only"))).unwrap(), Decision::Cluster("named-only".into()));
-        assert_eq!(go(&clusters, facts("mobile", Some("iOS"))).unwrap(), Decision::Cluster("iOS".into()));
+        assert_eq!(
+            go(&clusters, facts("web", Some("named-only"))).unwrap(),
+            Decision::Cluster("named-only".into())
+        );
+        assert_eq!(
+            go(&clusters, facts("mobile", Some("iOS"))).unwrap(),
+            Decision::Cluster("iOS".into())
+        );
     }
 
     #[test]
@@ -198,7 +219,10 @@ mod tests {
         let err = go(&fixture(), facts("web", Some("iOS"))).unwrap_err();
         assert_eq!(
             err,
-            RouteError::OrganizationRefused { cluster: "iOS".into(), organization: "web".into() }
+            RouteError::OrganizationRefused {
+                cluster: "iOS".into(),
+                organization: "web".into()
+            }
         );
         assert!(err.to_string().contains("iOS") && err.to_string().contains("web"));
     }
@@ -206,19 +230,35 @@ mod tests {
     #[test]
     fn unknown_or_other_scm_context_is_refused() {
         let clusters = fixture();
-        assert!(matches!(go(&clusters, facts("x", Some("nope"))), Err(RouteError::UnknownCluster { .. })));
-        let f = BuildFacts { scm_context: "gitlab:gitlab.com", organization: "mobile", requested: Some("iOS") };
-        assert!(matches!(go(&clusters, f), Err(RouteError::UnknownCluster { .. })));
+        assert!(matches!(
+            go(&clusters, facts("x", Some("nope"))),
+            Err(RouteError::UnknownCluster { .. })
+        ));
+        let f = BuildFacts {
+            scm_context: "gitlab:gitlab.com",
+            organization: "mobile",
+            requested: Some("iOS"),
+        };
+        assert!(matches!(
+            go(&clusters, f),
+            Err(RouteError::UnknownCluster { .. })
+        ));
     }
 
     #[test]
     fn inactive_named_falls_back_within_group_and_kind() {
         let mut clusters = fixture();
         clusters[3].fields.is_active = false; // iOS
-        assert_eq!(go(&clusters, facts("mobile", Some("iOS"))).unwrap(), Decision::Cluster("iOS-backup".into()));
+        assert_eq!(
+            go(&clusters, facts("mobile", Some("iOS"))).unwrap(),
+            Decision::Cluster("iOS-backup".into())
+        );
         // Managed named cluster down: another managed one of its group, weight > 0.
         clusters[0].fields.is_active = false; // sd1
-        assert_eq!(go(&clusters, facts("web", Some("sd1"))).unwrap(), Decision::Cluster("sd2".into()));
+        assert_eq!(
+            go(&clusters, facts("web", Some("sd1"))).unwrap(),
+            Decision::Cluster("sd2".into())
+        );
     }
 
     #[test]
@@ -226,7 +266,10 @@ mod tests {
         let mut clusters = fixture();
         clusters[3].fields.is_active = false; // iOS
         clusters[4].fields.scm_organizations = vec!["other".into()]; // backup no longer lists mobile
-        assert!(matches!(go(&clusters, facts("mobile", Some("iOS"))).unwrap(), Decision::Hold(_)));
+        assert!(matches!(
+            go(&clusters, facts("mobile", Some("iOS"))).unwrap(),
+            Decision::Hold(_)
+        ));
     }
 
     #[test]
@@ -235,14 +278,25 @@ mod tests {
         clusters[3].fields.is_active = false;
         clusters[4].fields.is_active = false;
         let d = go(&clusters, facts("mobile", Some("iOS"))).unwrap();
-        let Decision::Hold(reason) = d else { panic!("{d:?}") };
-        assert!(reason.contains("inactive") && reason.contains("macos"), "{reason}");
+        let Decision::Hold(reason) = d else {
+            panic!("{d:?}")
+        };
+        assert!(
+            reason.contains("inactive") && reason.contains("macos"),
+            "{reason}"
+        );
     }
 
     #[test]
     fn unhealthy_named_cluster_falls_back() {
         let clusters = fixture();
-        let d = route(&clusters, |n| n != "iOS", &facts("mobile", Some("iOS")), &mut StdRng::seed_from_u64(1)).unwrap();
+        let d = route(
+            &clusters,
+            |n| n != "iOS",
+            &facts("mobile", Some("iOS")),
+            &mut StdRng::seed_from_u64(1),
+        )
+        .unwrap();
         assert_eq!(d, Decision::Cluster("iOS-backup".into()));
     }
 
@@ -252,8 +306,14 @@ mod tests {
         clusters[0].fields.is_active = false;
         clusters[1].fields.is_active = false;
         let d = go(&clusters, facts("web", None)).unwrap();
-        assert!(matches!(d, Decision::Hold(ref r) if r.contains(GH)), "{d:?}");
-        assert!(matches!(go(&[], facts("web", None)).unwrap(), Decision::Hold(_)));
+        assert!(
+            matches!(d, Decision::Hold(ref r) if r.contains(GH)),
+            "{d:?}"
+        );
+        assert!(matches!(
+            go(&[], facts("web", None)).unwrap(),
+            Decision::Hold(_)
+        ));
     }
 
     /// 60,000 draws over weights 10/30/60: each share within 5 standard deviations of its weight.
@@ -269,7 +329,9 @@ mod tests {
         let mut rng = StdRng::seed_from_u64(42);
         let mut counts: HashMap<String, u32> = HashMap::new();
         for _ in 0..n {
-            let Decision::Cluster(name) = route(&clusters, |_| true, &facts("o", None), &mut rng).unwrap() else {
+            let Decision::Cluster(name) =
+                route(&clusters, |_| true, &facts("o", None), &mut rng).unwrap()
+            else {
                 panic!("held")
             };
             *counts.entry(name).or_default() += 1;
@@ -279,7 +341,10 @@ mod tests {
             let expected = f64::from(n) * weight;
             let sd = (f64::from(n) * weight * (1.0 - weight)).sqrt();
             let got = f64::from(counts[name]);
-            assert!((got - expected).abs() < 5.0 * sd, "{name}: {got} vs {expected} ± {sd}");
+            assert!(
+                (got - expected).abs() < 5.0 * sd,
+                "{name}: {got} vs {expected} ± {sd}"
+            );
         }
     }
 }

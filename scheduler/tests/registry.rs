@@ -27,16 +27,25 @@ async fn crud_round_trip(backend: Backend) {
     assert_eq!(created["isActive"], true);
     assert!(created["id"].as_i64().unwrap() > 0);
 
-    let (status, list) = h.call(Method::GET, "/v4/buildclusters", Some(&h.user()), None).await;
+    let (status, list) = h
+        .call(Method::GET, "/v4/buildclusters", Some(&h.user()), None)
+        .await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(list.as_array().unwrap().len(), 1);
 
-    let (status, one) = h.call(Method::GET, "/v4/buildclusters/iOS", Some(&h.user()), None).await;
+    let (status, one) = h
+        .call(Method::GET, "/v4/buildclusters/iOS", Some(&h.user()), None)
+        .await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(one, created);
 
     let (status, paused) = h
-        .call(Method::PUT, "/v4/buildclusters/iOS", Some(&admin), Some(&json!({"isActive": false, "weightage": 20})))
+        .call(
+            Method::PUT,
+            "/v4/buildclusters/iOS",
+            Some(&admin),
+            Some(&json!({"isActive": false, "weightage": 20})),
+        )
         .await;
     assert_eq!(status, StatusCode::OK, "{paused}");
     assert_eq!(paused["isActive"], false);
@@ -46,17 +55,26 @@ async fn crud_round_trip(backend: Backend) {
     let cached = h.scheduler.state().cache.snapshot();
     assert!(!cached[0].fields.is_active);
 
-    let (status, body) = h.call(Method::DELETE, "/v4/buildclusters/iOS", Some(&admin), None).await;
+    let (status, body) = h
+        .call(Method::DELETE, "/v4/buildclusters/iOS", Some(&admin), None)
+        .await;
     assert_eq!(status, StatusCode::NO_CONTENT, "{body}");
-    let (status, body) = h.call(Method::GET, "/v4/buildclusters/iOS", Some(&h.user()), None).await;
+    let (status, body) = h
+        .call(Method::GET, "/v4/buildclusters/iOS", Some(&h.user()), None)
+        .await;
     assert_eq!(status, StatusCode::NOT_FOUND);
     assert_eq!(body["statusCode"], 404);
     assert_eq!(body["error"], "Not Found");
     assert!(body["message"].as_str().unwrap().contains("iOS"));
     assert!(h.scheduler.state().cache.snapshot().is_empty());
 
-    for (method, path) in [(Method::PUT, "/v4/buildclusters/nope"), (Method::DELETE, "/v4/buildclusters/nope")] {
-        let (status, _) = h.call(method, path, Some(&admin), Some(&json!({"isActive": true}))).await;
+    for (method, path) in [
+        (Method::PUT, "/v4/buildclusters/nope"),
+        (Method::DELETE, "/v4/buildclusters/nope"),
+    ] {
+        let (status, _) = h
+            .call(method, path, Some(&admin), Some(&json!({"isActive": true})))
+            .await;
         assert_eq!(status, StatusCode::NOT_FOUND);
     }
 }
@@ -65,10 +83,18 @@ async fn crud_round_trip(backend: Backend) {
 /// `identity` is a duplicate.
 async fn seed_fixture_and_its_inactive_duplicate(backend: Backend) {
     let h = Harness::start(backend).await;
-    let seed: Vec<Value> = serde_json::from_str(include_str!("../../tests/fixtures/seed-clusters.json")).unwrap();
+    let seed: Vec<Value> =
+        serde_json::from_str(include_str!("../../tests/fixtures/seed-clusters.json")).unwrap();
     let mut statuses = Vec::new();
     for record in &seed {
-        let (status, body) = h.call(Method::POST, "/v4/buildclusters", Some(&h.admin()), Some(record)).await;
+        let (status, body) = h
+            .call(
+                Method::POST,
+                "/v4/buildclusters",
+                Some(&h.admin()),
+                Some(record),
+            )
+            .await;
         statuses.push((status, body));
     }
     let codes: Vec<u16> = statuses.iter().map(|(s, _)| s.as_u16()).collect();
@@ -76,12 +102,27 @@ async fn seed_fixture_and_its_inactive_duplicate(backend: Backend) {
     let (_, conflict) = &statuses[3];
     assert_eq!(conflict["statusCode"], 409);
     let msg = conflict["message"].as_str().unwrap();
-    assert!(msg.contains("identity") && msg.contains("github:git.ouroath.com"), "{msg}");
+    assert!(
+        msg.contains("identity") && msg.contains("github:git.ouroath.com"),
+        "{msg}"
+    );
     // The first copy stands unchanged: pausing is isActive on the one record.
-    let (_, identity) = h.call(Method::GET, "/v4/buildclusters/identity", Some(&h.user()), None).await;
+    let (_, identity) = h
+        .call(
+            Method::GET,
+            "/v4/buildclusters/identity",
+            Some(&h.user()),
+            None,
+        )
+        .await;
     assert_eq!(identity["isActive"], true);
-    assert_eq!(identity["scmOrganizations"], json!(["identity_org1", "identity_org2"]));
-    let (_, list) = h.call(Method::GET, "/buildClusters", Some(&h.user()), None).await;
+    assert_eq!(
+        identity["scmOrganizations"],
+        json!(["identity_org1", "identity_org2"])
+    );
+    let (_, list) = h
+        .call(Method::GET, "/buildClusters", Some(&h.user()), None)
+        .await;
     assert_eq!(list.as_array().unwrap().len(), 4);
 }
 
@@ -90,12 +131,18 @@ async fn tokens_and_scopes(backend: Backend) {
     let body = cluster("sd1", "screwdriver", &[]);
     let before = h.snapshot().await;
     let now = sd_testkit::unix_now();
-    let expired = h.api.sign(&json!({"scope": ["admin"], "iat": now - 7200, "exp": now - 3600}));
+    let expired = h
+        .api
+        .sign(&json!({"scope": ["admin"], "iat": now - 7200, "exp": now - 3600}));
     let foreign = sd_testkit::shared_keys("other").api_token(&["admin"]);
     let no_exp = h.api.sign(&json!({"scope": ["admin"], "iat": now}));
     let cases: Vec<(Option<String>, StatusCode, &str)> = vec![
         (None, StatusCode::UNAUTHORIZED, "missing"),
-        (Some("not-a-jwt".into()), StatusCode::UNAUTHORIZED, "invalid token"),
+        (
+            Some("not-a-jwt".into()),
+            StatusCode::UNAUTHORIZED,
+            "invalid token",
+        ),
         (Some(expired), StatusCode::UNAUTHORIZED, "expired"),
         (Some(foreign), StatusCode::UNAUTHORIZED, "signature"),
         (Some(no_exp), StatusCode::UNAUTHORIZED, "exp"),
@@ -103,17 +150,46 @@ async fn tokens_and_scopes(backend: Backend) {
         (Some(h.sdapi()), StatusCode::FORBIDDEN, "scope admin"),
     ];
     for (token, want, words) in cases {
-        let (status, resp) = h.call(Method::POST, "/v4/buildclusters", token.as_deref(), Some(&body)).await;
+        let (status, resp) = h
+            .call(
+                Method::POST,
+                "/v4/buildclusters",
+                token.as_deref(),
+                Some(&body),
+            )
+            .await;
         assert_eq!(status, want, "{resp}");
         let msg = resp["message"].as_str().unwrap();
         assert!(msg.contains(words), "{msg} should mention {words}");
     }
-    assert_eq!(h.snapshot().await, before, "refused writes must change nothing");
+    assert_eq!(
+        h.snapshot().await,
+        before,
+        "refused writes must change nothing"
+    );
     // Reads need user or admin; the build-intake scope alone does not read the registry.
-    assert_eq!(h.call(Method::GET, "/v4/buildclusters", Some(&h.user()), None).await.0, StatusCode::OK);
-    assert_eq!(h.call(Method::GET, "/v4/buildclusters", Some(&h.admin()), None).await.0, StatusCode::OK);
-    assert_eq!(h.call(Method::GET, "/v4/buildclusters", Some(&h.sdapi()), None).await.0, StatusCode::FORBIDDEN);
-    assert_eq!(h.call(Method::GET, "/v4/buildclusters", None, None).await.0, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        h.call(Method::GET, "/v4/buildclusters", Some(&h.user()), None)
+            .await
+            .0,
+        StatusCode::OK
+    );
+    assert_eq!(
+        h.call(Method::GET, "/v4/buildclusters", Some(&h.admin()), None)
+            .await
+            .0,
+        StatusCode::OK
+    );
+    assert_eq!(
+        h.call(Method::GET, "/v4/buildclusters", Some(&h.sdapi()), None)
+            .await
+            .0,
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(
+        h.call(Method::GET, "/v4/buildclusters", None, None).await.0,
+        StatusCode::UNAUTHORIZED
+    );
 }
 
 async fn invalid_bodies_change_nothing(backend: Backend) {
@@ -130,20 +206,36 @@ async fn invalid_bodies_change_nothing(backend: Backend) {
     let cases = [
         (with(json!({"name": "bad name!"})), "name"),
         (with(json!({"name": "n".repeat(101)})), "name"),
-        (with(json!({"managedByEmail": "not-an-email"})), "managedByEmail"),
+        (
+            with(json!({"managedByEmail": "not-an-email"})),
+            "managedByEmail",
+        ),
         (with(json!({"scmOrganizations": []})), "scmOrganizations"),
         (with(json!({"weightage": 101})), "weightage"),
         (with(json!({"weightage": -5})), "weightage"),
         (with(json!({"surprise": true})), "surprise"),
-        (with(json!({"authKey": "-----BEGIN PUBLIC KEY-----"})), "authKey"),
+        (
+            with(json!({"authKey": "-----BEGIN PUBLIC KEY-----"})),
+            "authKey",
+        ),
         (with(json!({"group": "x".repeat(51)})), "group"),
         (json!({"name": "fresh"}), "scmContext"),
     ];
     for (body, field) in cases {
-        let (status, resp) = h.call(Method::POST, "/v4/buildclusters", Some(&h.admin()), Some(&body)).await;
+        let (status, resp) = h
+            .call(
+                Method::POST,
+                "/v4/buildclusters",
+                Some(&h.admin()),
+                Some(&body),
+            )
+            .await;
         assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body} → {resp}");
         let msg = resp["message"].as_str().unwrap();
-        assert!(msg.starts_with(&format!("{field}:")), "{msg} should name {field}");
+        assert!(
+            msg.starts_with(&format!("{field}:")),
+            "{msg} should name {field}"
+        );
     }
     // Updates are checked against the whole record.
     let updates = [
@@ -154,9 +246,22 @@ async fn invalid_bodies_change_nothing(backend: Backend) {
         (json!({"unknown": 1}), "unknown"),
     ];
     for (body, field) in updates {
-        let (status, resp) = h.call(Method::PUT, "/v4/buildclusters/existing", Some(&h.admin()), Some(&body)).await;
+        let (status, resp) = h
+            .call(
+                Method::PUT,
+                "/v4/buildclusters/existing",
+                Some(&h.admin()),
+                Some(&body),
+            )
+            .await;
         assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body} → {resp}");
-        assert!(resp["message"].as_str().unwrap().starts_with(&format!("{field}:")), "{resp}");
+        assert!(
+            resp["message"]
+                .as_str()
+                .unwrap()
+                .starts_with(&format!("{field}:")),
+            "{resp}"
+        );
     }
     // Malformed JSON and non-objects are 400.
     let resp = h
@@ -169,9 +274,20 @@ async fn invalid_bodies_change_nothing(backend: Backend) {
         .await
         .unwrap();
     assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
-    let (status, _) = h.call(Method::POST, "/v4/buildclusters", Some(&h.admin()), Some(&json!([1, 2]))).await;
+    let (status, _) = h
+        .call(
+            Method::POST,
+            "/v4/buildclusters",
+            Some(&h.admin()),
+            Some(&json!([1, 2])),
+        )
+        .await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
-    assert_eq!(h.snapshot().await, before, "refused bodies must change nothing");
+    assert_eq!(
+        h.snapshot().await,
+        before,
+        "refused bodies must change nothing"
+    );
 }
 
 async fn oversize_body_is_413_and_changes_nothing(backend: Backend) {
@@ -179,7 +295,14 @@ async fn oversize_body_is_413_and_changes_nothing(backend: Backend) {
     let before = h.snapshot().await;
     let mut body = cluster("big", "screwdriver", &[]);
     body["description"] = json!("x".repeat(1024 * 1024 + 10));
-    let (status, resp) = h.call(Method::POST, "/v4/buildclusters", Some(&h.admin()), Some(&body)).await;
+    let (status, resp) = h
+        .call(
+            Method::POST,
+            "/v4/buildclusters",
+            Some(&h.admin()),
+            Some(&body),
+        )
+        .await;
     assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{resp}");
     assert_eq!(resp["statusCode"], 413);
     let mut build = common::build(1, "org/repo", json!({}));
@@ -195,18 +318,27 @@ async fn ambiguous_name_needs_scm_context(backend: Backend) {
     let mut other = cluster("k8s", "screwdriver", &[]);
     other["scmContext"] = json!("gitlab:gitlab.com");
     h.register(&other).await;
-    let (status, body) = h.call(Method::GET, "/v4/buildclusters/k8s", Some(&h.user()), None).await;
+    let (status, body) = h
+        .call(Method::GET, "/v4/buildclusters/k8s", Some(&h.user()), None)
+        .await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert!(body["message"].as_str().unwrap().contains("scmContext"));
     let (status, body) = h
-        .call(Method::GET, "/v4/buildclusters/k8s?scmContext=gitlab:gitlab.com", Some(&h.user()), None)
+        .call(
+            Method::GET,
+            "/v4/buildclusters/k8s?scmContext=gitlab:gitlab.com",
+            Some(&h.user()),
+            None,
+        )
         .await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(body["scmContext"], "gitlab:gitlab.com");
     let path = format!("/v4/buildclusters/k8s?scmContext={CTX}");
     let (status, _) = h.call(Method::DELETE, &path, Some(&h.admin()), None).await;
     assert_eq!(status, StatusCode::NO_CONTENT);
-    let (status, body) = h.call(Method::GET, "/v4/buildclusters/k8s", Some(&h.user()), None).await;
+    let (status, body) = h
+        .call(Method::GET, "/v4/buildclusters/k8s", Some(&h.user()), None)
+        .await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(body["scmContext"], "gitlab:gitlab.com");
 }
@@ -214,15 +346,24 @@ async fn ambiguous_name_needs_scm_context(backend: Backend) {
 async fn aliases_serve_the_same_registry(backend: Backend) {
     let h = Harness::start(backend).await;
     let (status, _) = h
-        .call(Method::POST, "/buildClusters", Some(&h.admin()), Some(&json!({
-            "name": "bf1", "scmContext": CTX, "isActive": 1, "managedByScrewdriver": true,
-            "maintainer": "sd@example.com", "authKey": "BF1_KEY",
-        })))
+        .call(
+            Method::POST,
+            "/buildClusters",
+            Some(&h.admin()),
+            Some(&json!({
+                "name": "bf1", "scmContext": CTX, "isActive": 1, "managedByScrewdriver": true,
+                "maintainer": "sd@example.com", "authKey": "BF1_KEY",
+            })),
+        )
         .await;
     assert_eq!(status, StatusCode::CREATED);
-    let (_, body) = h.call(Method::GET, "/v4/buildclusters/bf1", Some(&h.user()), None).await;
+    let (_, body) = h
+        .call(Method::GET, "/v4/buildclusters/bf1", Some(&h.user()), None)
+        .await;
     assert_eq!(body["managedBy"], "screwdriver");
     assert_eq!(body["managedByEmail"], "sd@example.com");
-    let (status, _) = h.call(Method::DELETE, "/buildClusters/bf1", Some(&h.admin()), None).await;
+    let (status, _) = h
+        .call(Method::DELETE, "/buildClusters/bf1", Some(&h.admin()), None)
+        .await;
     assert_eq!(status, StatusCode::NO_CONTENT);
 }

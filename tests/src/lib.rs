@@ -68,14 +68,17 @@ impl RedisServer {
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
-            if let Ok(mut conn) = redis::Client::open(self.url()).and_then(|c| c.get_connection()) {
-                if redis::cmd("PING").query::<String>(&mut conn).is_ok() {
-                    return Ok(());
-                }
+            if let Ok(mut conn) = redis::Client::open(self.url()).and_then(|c| c.get_connection())
+                && redis::cmd("PING").query::<String>(&mut conn).is_ok()
+            {
+                return Ok(());
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        bail!("redis-server on port {} did not answer within 10s", self.port)
+        bail!(
+            "redis-server on port {} did not answer within 10s",
+            self.port
+        )
     }
 
     pub fn url(&self) -> String {
@@ -183,14 +186,19 @@ impl Drop for TestDb {
         };
         // Drop runs inside the test's runtime; use a thread with its own.
         let _ = std::thread::spawn(move || {
-            let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
                 return;
             };
             rt.block_on(async move {
                 use sqlx::Connection;
                 if let Ok(mut conn) = sqlx::PgConnection::connect(&admin).await {
                     let sql = format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)");
-                    let _ = sqlx::query(sqlx::AssertSqlSafe(sql)).execute(&mut conn).await;
+                    let _ = sqlx::query(sqlx::AssertSqlSafe(sql))
+                        .execute(&mut conn)
+                        .await;
                 }
             });
         })
@@ -209,7 +217,8 @@ pub struct RsaKeys {
 
 impl RsaKeys {
     pub fn generate() -> Self {
-        let pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_RSA_SHA256).expect("RSA key generation");
+        let pair =
+            rcgen::KeyPair::generate_for(&rcgen::PKCS_RSA_SHA256).expect("RSA key generation");
         Self {
             private_pem: pair.serialize_pem(),
             public_pem: pair.public_key_pem(),
@@ -227,9 +236,14 @@ impl RsaKeys {
 
     /// Signs `claims` with RS256.
     pub fn sign(&self, claims: &Value) -> String {
-        let key = jsonwebtoken::EncodingKey::from_rsa_pem(self.private_pem.as_bytes()).expect("RSA PEM");
-        jsonwebtoken::encode(&jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256), claims, &key)
-            .expect("sign token")
+        let key =
+            jsonwebtoken::EncodingKey::from_rsa_pem(self.private_pem.as_bytes()).expect("RSA PEM");
+        jsonwebtoken::encode(
+            &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256),
+            claims,
+            &key,
+        )
+        .expect("sign token")
     }
 
     /// A Screwdriver-API-style token with these scopes, valid for ten minutes.

@@ -217,7 +217,11 @@ impl Queues {
     }
 
     /// The message stored for `id` on a cluster's queue.
-    pub async fn message(&self, cluster: &str, id: &str) -> Result<Option<QueueMessage>, QueueError> {
+    pub async fn message(
+        &self,
+        cluster: &str,
+        id: &str,
+    ) -> Result<Option<QueueMessage>, QueueError> {
         let mut conn = self.conn.clone();
         let body: Option<String> = redis::cmd("HGET")
             .arg(ClusterKeys::new(cluster).jobs)

@@ -38,8 +38,10 @@ impl Harness {
         let launcher = shared_keys("launcher");
         let (_, api_pub) = api.write(dir.path(), "api");
         let (launcher_key, _) = launcher.write(dir.path(), "launcher");
-        let mut config = Config::default();
-        config.listen = "127.0.0.1:0".parse().expect("addr");
+        let mut config = Config {
+            listen: "127.0.0.1:0".parse().expect("addr"),
+            ..Config::default()
+        };
         config.database.url = db.url().to_owned();
         config.database.max_connections = 4;
         config.redis.url = redis.url();
@@ -48,7 +50,9 @@ impl Harness {
         // Long, so tests prove the pub/sub invalidation rather than the periodic reload.
         config.registry.reload_interval = Duration::from_secs(3600);
         tweak(&mut config);
-        let scheduler = Scheduler::start(config.clone()).await.expect("scheduler starts");
+        let scheduler = Scheduler::start(config.clone())
+            .await
+            .expect("scheduler starts");
         let base = format!("http://{}", scheduler.addr());
         Self {
             scheduler,
@@ -65,7 +69,9 @@ impl Harness {
 
     /// Another scheduler process sharing this one's database and Redis.
     pub async fn replica(&self) -> (Scheduler, String) {
-        let s = Scheduler::start(self.config.clone()).await.expect("replica starts");
+        let s = Scheduler::start(self.config.clone())
+            .await
+            .expect("replica starts");
         let base = format!("http://{}", s.addr());
         (s, base)
     }
@@ -82,18 +88,37 @@ impl Harness {
         self.api.api_token(&["sdapi"])
     }
 
-    pub async fn call(&self, method: Method, path: &str, token: Option<&str>, body: Option<&Value>) -> (StatusCode, Value) {
+    pub async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<&Value>,
+    ) -> (StatusCode, Value) {
         call_at(&self.http, &self.base, method, path, token, body).await
     }
 
     pub async fn register(&self, body: &Value) -> Value {
-        let (status, created) = self.call(Method::POST, "/v4/buildclusters", Some(&self.admin()), Some(body)).await;
+        let (status, created) = self
+            .call(
+                Method::POST,
+                "/v4/buildclusters",
+                Some(&self.admin()),
+                Some(body),
+            )
+            .await;
         assert_eq!(status, StatusCode::CREATED, "{created}");
         created
     }
 
     pub async fn submit(&self, body: &Value) -> (StatusCode, Value) {
-        self.call(Method::POST, "/v1/queue/message", Some(&self.sdapi()), Some(body)).await
+        self.call(
+            Method::POST,
+            "/v1/queue/message",
+            Some(&self.sdapi()),
+            Some(body),
+        )
+        .await
     }
 
     /// Everything the scheduler keeps: the cluster table, the build rows, and every Redis key.
@@ -113,7 +138,12 @@ impl Harness {
 
     /// Ids on a cluster's ready queue.
     pub async fn ready(&self, cluster: &str) -> Vec<String> {
-        self.scheduler.state().queues.ready(cluster).await.expect("ready ids")
+        self.scheduler
+            .state()
+            .queues
+            .ready(cluster)
+            .await
+            .expect("ready ids")
     }
 }
 
@@ -135,7 +165,11 @@ pub async fn call_at(
     let resp = req.send().await.expect("request");
     let status = resp.status();
     let text = resp.text().await.expect("body");
-    let value = if text.is_empty() { Value::Null } else { serde_json::from_str(&text).unwrap_or(Value::String(text)) };
+    let value = if text.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_str(&text).unwrap_or(Value::String(text))
+    };
     (status, value)
 }
 
@@ -147,9 +181,31 @@ pub fn redis_dump(redis: &RedisServer) -> BTreeMap<String, String> {
         .map(|k| {
             let kind: String = redis::cmd("TYPE").arg(&k).query(&mut conn).expect("type");
             let value = match kind.as_str() {
-                "hash" => format!("{:?}", redis::cmd("HGETALL").arg(&k).query::<BTreeMap<String, String>>(&mut conn).expect("hgetall")),
-                "zset" => format!("{:?}", redis::cmd("ZRANGE").arg(&k).arg(0).arg(-1).query::<Vec<String>>(&mut conn).expect("zrange")),
-                "list" => format!("{:?}", redis::cmd("LRANGE").arg(&k).arg(0).arg(-1).query::<Vec<String>>(&mut conn).expect("lrange")),
+                "hash" => format!(
+                    "{:?}",
+                    redis::cmd("HGETALL")
+                        .arg(&k)
+                        .query::<BTreeMap<String, String>>(&mut conn)
+                        .expect("hgetall")
+                ),
+                "zset" => format!(
+                    "{:?}",
+                    redis::cmd("ZRANGE")
+                        .arg(&k)
+                        .arg(0)
+                        .arg(-1)
+                        .query::<Vec<String>>(&mut conn)
+                        .expect("zrange")
+                ),
+                "list" => format!(
+                    "{:?}",
+                    redis::cmd("LRANGE")
+                        .arg(&k)
+                        .arg(0)
+                        .arg(-1)
+                        .query::<Vec<String>>(&mut conn)
+                        .expect("lrange")
+                ),
                 _ => kind,
             };
             (k, value)
