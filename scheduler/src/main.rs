@@ -51,8 +51,31 @@ async fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    scheduler.run_until(shutdown_signal()).await;
+    notify_systemd(&[sd_notify::NotifyState::Ready]);
+    if let Some(every) = sd_notify::watchdog_enabled() {
+        // Pings come from the runtime itself: a wedged runtime stops them and systemd restarts us.
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every / 2);
+            loop {
+                tick.tick().await;
+                notify_systemd(&[sd_notify::NotifyState::Watchdog]);
+            }
+        });
+    }
+    scheduler
+        .run_until(async {
+            shutdown_signal().await;
+            notify_systemd(&[sd_notify::NotifyState::Stopping]);
+        })
+        .await;
     ExitCode::SUCCESS
+}
+
+/// Tells systemd about our state when run as a `Type=notify` unit; a no-op elsewhere.
+fn notify_systemd(state: &[sd_notify::NotifyState<'_>]) {
+    if let Err(e) = sd_notify::notify(state) {
+        tracing::debug!(error = %e, "sd_notify failed");
+    }
 }
 
 async fn shutdown_signal() {

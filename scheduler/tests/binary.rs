@@ -14,7 +14,8 @@ fn run(args: &[&str], env: &[(&str, &str)]) -> (i32, String) {
         .env_remove("SD_SCHEDULER_CONFIG")
         .output()
         .expect("run sd-scheduler");
-    let text = String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
+    let text =
+        String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
     (out.status.code().unwrap_or(-1), text)
 }
 
@@ -32,7 +33,10 @@ fn invalid_configuration_exits_64_naming_the_key() {
     assert_eq!(code, 64);
     assert!(text.contains("urll"), "{text}");
 
-    let (code, text) = run(&["--check-config"], &[("SD_SCHEDULER_REGISTRY_RELOAD_INTERVAL", "often")]);
+    let (code, text) = run(
+        &["--check-config"],
+        &[("SD_SCHEDULER_REGISTRY_RELOAD_INTERVAL", "often")],
+    );
     assert_eq!(code, 64);
     assert!(text.contains("registry.reload_interval"), "{text}");
 
@@ -47,7 +51,11 @@ fn example_config_passes_check() {
     let dir = tempfile::tempdir().unwrap();
     // The example names key files that exist only on a real host.
     let text = std::fs::read_to_string(example).unwrap();
-    let text: String = text.lines().filter(|l| !l.contains("_file =")).map(|l| format!("{l}\n")).collect();
+    let text: String = text
+        .lines()
+        .filter(|l| !l.contains("_file ="))
+        .map(|l| format!("{l}\n"))
+        .collect();
     let file = dir.path().join("scheduler.toml");
     std::fs::write(&file, text).unwrap();
     let (code, out) = run(&["--config", file.to_str().unwrap(), "--check-config"], &[]);
@@ -92,12 +100,24 @@ async fn starts_on_defaults_serves_and_stops_on_sigterm() {
 
     let pid = child.id().unwrap().to_string();
     Command::new("kill").args(["-TERM", &pid]).status().unwrap();
-    let status = tokio::time::timeout(Duration::from_secs(10), child.wait()).await.unwrap().unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(10), child.wait())
+        .await
+        .unwrap()
+        .unwrap();
     assert!(status.success(), "{status:?}");
     let mut logs = String::new();
     use tokio::io::AsyncReadExt;
-    child.stderr.take().unwrap().read_to_string(&mut logs).await.unwrap();
-    let first = logs.lines().find(|l| l.contains("listening")).expect("a listening line");
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut logs)
+        .await
+        .unwrap();
+    let first = logs
+        .lines()
+        .find(|l| l.contains("listening"))
+        .expect("a listening line");
     let parsed: serde_json::Value = serde_json::from_str(first).expect("JSON logs");
     assert_eq!(parsed["level"], "INFO");
 }
