@@ -236,14 +236,15 @@ async fn unroutable_build_waits_then_routes_when_a_cluster_appears(backend: Back
     );
 
     h.register(&cluster("late", "screwdriver", &[])).await;
-    let routed = eventually(Duration::from_secs(10), || async {
-        let (_, view) = get_build(&h, 42).await;
-        (view["state"] == "queued").then_some(view)
+    // The row is claimed before the enqueue, so wait for the queue itself.
+    eventually(Duration::from_secs(10), || async {
+        (h.ready("late").await == ["42"]).then_some(())
     })
     .await
-    .expect("held build routed after the registry change");
+    .expect("held build queued after the registry change");
+    let (_, routed) = get_build(&h, 42).await;
+    assert_eq!(routed["state"], "queued");
     assert_eq!(routed["buildClusterName"], "late");
-    assert_eq!(h.ready("late").await, vec!["42"]);
 }
 
 async fn fallback_and_weight_zero(backend: Backend) {
