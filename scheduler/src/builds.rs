@@ -157,6 +157,93 @@ impl Builds {
         Ok(done.rows_affected() == 1)
     }
 
+    /// Moves a build from `from` to `to`, keeping its cluster; `false` when it was not in `from`.
+    pub async fn transition_keep_cluster(
+        &self,
+        build_id: u64,
+        from: BuildState,
+        to: BuildState,
+        reason: &str,
+    ) -> Result<bool, DbError> {
+        let done = sqlx::query(
+            "UPDATE builds SET state = $1, reason = $2, updated_at = $3 WHERE build_id = $4 AND state = $5",
+        )
+        .bind(to.as_str())
+        .bind(reason)
+        .bind(now_ms())
+        .bind(id(build_id))
+        .bind(from.as_str())
+        .execute(&self.db.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Points a queued build at another cluster (after its message moved there).
+    pub async fn reassign(
+        &self,
+        build_id: u64,
+        from_cluster: &str,
+        to_cluster: &str,
+        reason: &str,
+    ) -> Result<bool, DbError> {
+        let done = sqlx::query(
+            "UPDATE builds SET cluster = $1, reason = $2, updated_at = $3 \
+             WHERE build_id = $4 AND state = 'queued' AND cluster = $5",
+        )
+        .bind(to_cluster)
+        .bind(reason)
+        .bind(now_ms())
+        .bind(id(build_id))
+        .bind(from_cluster)
+        .execute(&self.db.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Clusters that have queued builds.
+    pub async fn queued_clusters(&self) -> Result<Vec<String>, DbError> {
+        let rows = sqlx::query(
+            "SELECT DISTINCT cluster FROM builds WHERE state = 'queued' AND cluster IS NOT NULL",
+        )
+        .fetch_all(&self.db.pool)
+        .await?;
+        rows.iter()
+            .map(|r| r.try_get::<String, _>(0).map_err(DbError::from))
+            .collect()
+    }
+
+    /// Queued builds of one cluster, oldest first.
+    pub async fn queued_on(&self, cluster: &str, limit: i64) -> Result<Vec<BuildRow>, DbError> {
+        let sql = format!(
+            "SELECT {COLUMNS} FROM builds WHERE state = 'queued' AND cluster = $1 ORDER BY created_at LIMIT $2"
+        );
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(cluster)
+            .bind(limit)
+            .fetch_all(&self.db.pool)
+            .await?;
+        rows.iter().map(decode).collect()
+    }
+
+    /// Builds in `state` not updated since `before_ms`, oldest first.
+    pub async fn stale(
+        &self,
+        state: BuildState,
+        before_ms: i64,
+        limit: i64,
+    ) -> Result<Vec<BuildRow>, DbError> {
+        let sql = format!(
+            "SELECT {COLUMNS} FROM builds WHERE state = $1 AND updated_at < $2 ORDER BY updated_at LIMIT $3"
+        );
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(state.as_str())
+            .bind(before_ms)
+            .bind(limit)
+            .fetch_all(&self.db.pool)
+            .await?;
+        rows.iter().map(decode).collect()
+    }
+
     /// Records why a build waits, without changing its state.
     pub async fn set_reason(&self, build_id: u64, reason: &str) -> Result<(), DbError> {
         sqlx::query("UPDATE builds SET reason = $1, updated_at = $2 WHERE build_id = $3")

@@ -11,7 +11,17 @@ use serde::Deserialize;
 
 /// Prefix of the environment variables that override config keys.
 pub const ENV_PREFIX: &str = "SD_SCHEDULER_";
-const SECTIONS: &[&str] = &["database", "redis", "auth", "registry", "log"];
+const SECTIONS: &[&str] = &[
+    "database",
+    "redis",
+    "auth",
+    "registry",
+    "queue",
+    "ha",
+    "reconciler",
+    "screwdriver",
+    "log",
+];
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -22,7 +32,65 @@ pub struct Config {
     pub redis: RedisConfig,
     pub auth: AuthConfig,
     pub registry: RegistryConfig,
+    pub queue: QueueConfig,
+    pub ha: HaConfig,
+    pub reconciler: ReconcilerConfig,
+    pub screwdriver: ScrewdriverConfig,
     pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QueueConfig {
+    /// A delivery not acknowledged within this time is delivered again.
+    #[serde(with = "humantime_serde")]
+    pub visibility_timeout: Duration,
+    /// Deliveries before a build is dead-lettered and reported FAILURE.
+    pub max_attempts: u32,
+    /// Safety-net re-check of blocked builds (they are released at once on the blocker's event).
+    #[serde(with = "humantime_serde")]
+    pub blocked_recheck: Duration,
+    /// First back-off after a nack; doubles per delivery up to `nack_backoff_max`.
+    #[serde(with = "humantime_serde")]
+    pub nack_backoff: Duration,
+    #[serde(with = "humantime_serde")]
+    pub nack_backoff_max: Duration,
+    /// Longest long-poll a worker may ask for (`?wait=`).
+    #[serde(with = "humantime_serde")]
+    pub max_wait: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HaConfig {
+    /// A cluster whose agents have not polled for this long is unhealthy; its waiting builds
+    /// are re-routed.
+    #[serde(with = "humantime_serde")]
+    pub cluster_dead_after: Duration,
+    /// How often cluster health is evaluated.
+    #[serde(with = "humantime_serde")]
+    pub check_interval: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReconcilerConfig {
+    /// A build the database holds as queued or dispatched, but that no cluster started within
+    /// this time, is queued again (covers Redis writes lost in a failover).
+    #[serde(with = "humantime_serde")]
+    pub grace: Duration,
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ScrewdriverConfig {
+    /// Attempts per status report to the Screwdriver API (`PUT /v4/builds/{id}`).
+    pub report_attempts: u32,
+    /// Timeout of one report request.
+    #[serde(with = "humantime_serde")]
+    pub report_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -84,7 +152,51 @@ impl Default for Config {
             redis: RedisConfig::default(),
             auth: AuthConfig::default(),
             registry: RegistryConfig::default(),
+            queue: QueueConfig::default(),
+            ha: HaConfig::default(),
+            reconciler: ReconcilerConfig::default(),
+            screwdriver: ScrewdriverConfig::default(),
             log: LogConfig::default(),
+        }
+    }
+}
+
+impl Default for QueueConfig {
+    fn default() -> Self {
+        Self {
+            visibility_timeout: Duration::from_secs(60),
+            max_attempts: 5,
+            blocked_recheck: Duration::from_secs(60),
+            nack_backoff: Duration::from_secs(1),
+            nack_backoff_max: Duration::from_secs(60),
+            max_wait: Duration::from_secs(60),
+        }
+    }
+}
+
+impl Default for HaConfig {
+    fn default() -> Self {
+        Self {
+            cluster_dead_after: Duration::from_secs(120),
+            check_interval: Duration::from_secs(5),
+        }
+    }
+}
+
+impl Default for ReconcilerConfig {
+    fn default() -> Self {
+        Self {
+            grace: Duration::from_secs(600),
+            interval: Duration::from_secs(30),
+        }
+    }
+}
+
+impl Default for ScrewdriverConfig {
+    fn default() -> Self {
+        Self {
+            report_attempts: 5,
+            report_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -229,6 +341,43 @@ impl Config {
         if self.registry.reload_interval < Duration::from_secs(1) {
             return Err(invalid("registry.reload_interval", "must be at least 1s"));
         }
+        let q = &self.queue;
+        if q.visibility_timeout < Duration::from_millis(100) {
+            return Err(invalid(
+                "queue.visibility_timeout",
+                "must be at least 100ms",
+            ));
+        }
+        if q.max_attempts == 0 {
+            return Err(invalid("queue.max_attempts", "must be at least 1"));
+        }
+        if q.blocked_recheck < Duration::from_millis(100) {
+            return Err(invalid("queue.blocked_recheck", "must be at least 100ms"));
+        }
+        if q.nack_backoff_max < q.nack_backoff {
+            return Err(invalid(
+                "queue.nack_backoff_max",
+                "must not be below queue.nack_backoff",
+            ));
+        }
+        if q.max_wait > Duration::from_secs(300) {
+            return Err(invalid("queue.max_wait", "must be at most 300s"));
+        }
+        if self.ha.cluster_dead_after < Duration::from_secs(1) {
+            return Err(invalid("ha.cluster_dead_after", "must be at least 1s"));
+        }
+        if self.ha.check_interval < Duration::from_millis(100) {
+            return Err(invalid("ha.check_interval", "must be at least 100ms"));
+        }
+        if self.reconciler.grace < Duration::from_secs(1) {
+            return Err(invalid("reconciler.grace", "must be at least 1s"));
+        }
+        if self.reconciler.interval < Duration::from_millis(100) {
+            return Err(invalid("reconciler.interval", "must be at least 100ms"));
+        }
+        if self.screwdriver.report_attempts == 0 {
+            return Err(invalid("screwdriver.report_attempts", "must be at least 1"));
+        }
         Ok(())
     }
 }
@@ -306,6 +455,12 @@ mod tests {
                 "auth.api_public_key_file",
             ),
             ("[log]\nformat = \"xml\"\n", "log.format"),
+            ("[queue]\nmax_attempts = 0\n", "queue.max_attempts"),
+            (
+                "[ha]\ncluster_dead_after = \"2 fortnights\"\n",
+                "ha.cluster_dead_after",
+            ),
+            ("[reconciler]\ngrace = \"0s\"\n", "reconciler.grace"),
         ];
         for (text, key) in cases {
             match load(text, &[]) {

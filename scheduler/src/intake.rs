@@ -12,7 +12,8 @@ use serde_json::Value;
 use crate::auth::LauncherTokens;
 use crate::builds::{BuildRow, BuildState, Builds};
 use crate::db::DbError;
-use crate::queue::{Cancelled, Enqueued, QueueError, Queues};
+use crate::ha::Health;
+use crate::queue::{Cancelled, Enqueued, Holds, QueueError, Queues};
 use crate::registry::ClusterCache;
 use crate::routing::{self, BuildFacts, Decision, RouteError};
 
@@ -66,6 +67,7 @@ pub struct Intake {
     cache: ClusterCache,
     builds: Builds,
     queues: Queues,
+    health: Arc<Health>,
     tokens: Option<LauncherTokens>,
 }
 
@@ -74,12 +76,14 @@ impl Intake {
         cache: ClusterCache,
         builds: Builds,
         queues: Queues,
+        health: Arc<Health>,
         tokens: Option<LauncherTokens>,
     ) -> Arc<Self> {
         Arc::new(Self {
             cache,
             builds,
             queues,
+            health,
             tokens,
         })
     }
@@ -152,7 +156,7 @@ impl Intake {
     async fn repeat(&self, row: BuildRow) -> Result<Accepted, IntakeError> {
         if let (BuildState::Queued, Some(cluster)) = (row.state, row.cluster.as_deref()) {
             let msg = stored_message(&row)?;
-            self.enqueue(cluster, &msg).await?;
+            self.enqueue_with(cluster, &msg, false).await?;
         }
         Ok(Accepted {
             build_id: row.build_id,
@@ -169,12 +173,29 @@ impl Intake {
             organization: msg.organization(),
             requested: msg.requested_cluster(),
         };
-        // Cluster health (heartbeats) is not tracked yet: every registered cluster counts as
-        // healthy until the worker protocol reports otherwise.
-        routing::route(&self.cache.snapshot(), |_| true, &facts, &mut rand::rng())
+        routing::route(
+            &self.cache.snapshot(),
+            |name| self.health.is_healthy(name),
+            &facts,
+            &mut rand::rng(),
+        )
+    }
+
+    /// Routes a stored build again (HA re-routing, held builds).
+    pub fn route_stored(&self, row: &BuildRow) -> Result<Decision, IntakeError> {
+        Ok(self.route(&stored_message(row)?)?)
     }
 
     async fn enqueue(&self, cluster: &str, msg: &StartMessage) -> Result<(), IntakeError> {
+        self.enqueue_with(cluster, msg, false).await.map(|_| ())
+    }
+
+    async fn enqueue_with(
+        &self,
+        cluster: &str,
+        msg: &StartMessage,
+        force: bool,
+    ) -> Result<Enqueued, IntakeError> {
         let mut with_token = msg.clone();
         if with_token.token.is_none() {
             let tokens = self.tokens.as_ref().ok_or(IntakeError::NoTokenKey)?;
@@ -185,18 +206,36 @@ impl Intake {
             build_config: serde_json::to_value(&with_token)
                 .map_err(|e| FieldError::new("body", e.to_string()))?,
         };
-        match self
+        let outcome = self
             .queues
-            .enqueue(cluster, msg.build_id, msg.job_id, &message)
-            .await?
-        {
-            Enqueued::Queued | Enqueued::AlreadyQueued | Enqueued::AlreadyDelivered => Ok(()),
-            Enqueued::QueuedElsewhere(other) => {
-                // The exclusivity check in the script held; record where the build really is.
-                tracing::error!(build_id = msg.build_id, wanted = cluster, queued_on = %other, "build already queued on another cluster");
-                Ok(())
-            }
+            .enqueue(
+                cluster,
+                msg.build_id,
+                msg.job_id,
+                &message,
+                &holds_for(msg),
+                force,
+            )
+            .await?;
+        if let Enqueued::QueuedElsewhere(other) = &outcome {
+            // The exclusivity check in the script held; the row will follow (see ha::rebalance).
+            tracing::warn!(build_id = msg.build_id, wanted = cluster, queued_on = %other, "build already queued on another cluster");
         }
+        Ok(outcome)
+    }
+
+    /// Queues a stored build again on its cluster (reconciler). `force` re-queues one that was
+    /// delivered before; the agent's own de-duplication by buildId keeps it from running twice.
+    pub async fn requeue(
+        &self,
+        row: &BuildRow,
+        force: bool,
+    ) -> Result<Option<Enqueued>, IntakeError> {
+        let Some(cluster) = row.cluster.as_deref() else {
+            return Ok(None);
+        };
+        let msg = stored_message(row)?;
+        Ok(Some(self.enqueue_with(cluster, &msg, force).await?))
     }
 
     /// Routes held builds that have become routable; returns how many left the holding state.
@@ -325,6 +364,57 @@ impl Intake {
     pub fn builds(&self) -> &Builds {
         &self.builds
     }
+
+    pub fn queues(&self) -> &Queues {
+        &self.queues
+    }
+
+    pub fn cache(&self) -> &ClusterCache {
+        &self.cache
+    }
+
+    pub fn health(&self) -> &Health {
+        &self.health
+    }
+}
+
+/// Annotation controlling whether builds of the same job block each other (default true).
+pub const ANNOTATION_BLOCKED_BY_SAME_JOB: &str = "screwdriver.cd/blockedBySameJob";
+/// Minutes between re-checks of a build blocked only by its own job.
+pub const ANNOTATION_SAME_JOB_WAIT: &str = "screwdriver.cd/blockedBySameJobWaitTime";
+/// Annotation controlling collapse of older waiting builds (default true).
+pub const ANNOTATION_COLLAPSE: &str = "screwdriver.cd/collapseBuilds";
+
+/// How a build waits for others, from its `blockedBy` and annotations.
+pub fn holds_for(msg: &StartMessage) -> Holds {
+    let flag = |key: &str| match msg.annotations.get(key) {
+        Some(Value::Bool(b)) => Some(*b),
+        Some(Value::String(s)) => s.parse::<bool>().ok(),
+        _ => None,
+    };
+    let mut blockers = msg.blocked_by.clone();
+    if flag(ANNOTATION_BLOCKED_BY_SAME_JOB).unwrap_or(true) {
+        blockers.push(msg.job_id);
+    } else {
+        blockers.retain(|j| *j != msg.job_id);
+    }
+    blockers.sort_unstable();
+    blockers.dedup();
+    let minutes = match msg.annotations.get(ANNOTATION_SAME_JOB_WAIT) {
+        Some(Value::Number(n)) => n.as_f64(),
+        Some(Value::String(s)) => s.parse::<f64>().ok(),
+        _ => None,
+    };
+    let same_job_wait = minutes
+        .filter(|m| m.is_finite() && *m > 0.0)
+        .map_or(std::time::Duration::ZERO, |m| {
+            std::time::Duration::from_secs_f64((m * 60.0).min(86_400.0))
+        });
+    Holds {
+        blockers,
+        collapse: flag(ANNOTATION_COLLAPSE).unwrap_or(true),
+        same_job_wait,
+    }
 }
 
 /// The stored payload of a build, with the token it arrived with (if any).
@@ -334,4 +424,39 @@ fn stored_message(row: &BuildRow) -> Result<StartMessage, IntakeError> {
     let mut msg: StartMessage = sd_protocol::error::from_value(value)?;
     msg.token.clone_from(&row.body_token);
     Ok(msg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn msg(annotations: Value, blocked_by: Value) -> StartMessage {
+        let v = json!({
+            "buildId": 1, "jobId": 10, "pipeline": {"id": 1, "name": "o/r", "scmContext": "github:github.com"},
+            "apiUri": "https://api", "container": "c", "annotations": annotations, "blockedBy": blocked_by,
+        });
+        let Value::Object(m) = v else { unreachable!() };
+        StartMessage::from_json(m).unwrap()
+    }
+
+    #[test]
+    fn builds_block_on_their_own_job_by_default() {
+        let h = holds_for(&msg(json!({}), json!([20])));
+        assert_eq!(h.blockers, vec![10, 20]);
+        assert!(h.collapse);
+        assert_eq!(h.same_job_wait, std::time::Duration::ZERO);
+    }
+
+    #[test]
+    fn annotations_turn_off_same_job_blocking_and_collapse() {
+        let h = holds_for(&msg(
+            json!({"screwdriver.cd/blockedBySameJob": false, "screwdriver.cd/collapseBuilds": "false",
+                   "screwdriver.cd/blockedBySameJobWaitTime": 2}),
+            json!([10, 20]),
+        ));
+        assert_eq!(h.blockers, vec![20]);
+        assert!(!h.collapse);
+        assert_eq!(h.same_job_wait, std::time::Duration::from_secs(120));
+    }
 }

@@ -6,13 +6,18 @@
 pub mod api;
 pub mod auth;
 pub mod builds;
+pub mod cluster_auth;
 pub mod config;
 pub mod db;
+pub mod ha;
 pub mod intake;
 pub mod queue;
+pub mod reconciler;
 pub mod registry;
+pub mod reporter;
 pub mod routing;
 pub mod telemetry;
+pub mod workers;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -26,11 +31,15 @@ use tokio_util::sync::CancellationToken;
 
 use crate::auth::{ApiVerifier, KeyError, LauncherTokens};
 use crate::builds::Builds;
+use crate::cluster_auth::{ClusterVerifier, EnvLookup};
 use crate::config::Config;
 use crate::db::{Db, DbError};
+use crate::ha::Health;
 use crate::intake::Intake;
-use crate::queue::{QueueError, Queues};
+use crate::queue::{QueueError, QueueSettings, Queues};
 use crate::registry::{ClusterCache, INVALIDATION_CHANNEL, Registry, RegistryError};
+use crate::reporter::Reporter;
+use crate::workers::Workers;
 
 /// Everything a request handler needs.
 pub struct AppState {
@@ -40,8 +49,17 @@ pub struct AppState {
     pub queues: Queues,
     pub intake: Arc<Intake>,
     pub verifier: ApiVerifier,
+    pub workers: Workers,
+    pub health: Arc<Health>,
+    pub cluster_verifier: ClusterVerifier,
+    /// Where cluster public keys and sign options are read from (named by each record).
+    pub env: EnvLookup,
     pub metrics: metrics_exporter_prometheus::PrometheusHandle,
-    /// Wakes the task that routes held builds.
+    /// Cancelled at shutdown: long-polls return early.
+    pub shutdown: CancellationToken,
+    /// Longest long-poll a worker may ask for.
+    pub max_wait: Duration,
+    /// Wakes the task that routes held builds and re-routes builds of unusable clusters.
     held_builds: Notify,
 }
 
@@ -86,7 +104,13 @@ pub struct Scheduler {
 
 impl Scheduler {
     /// Connects, migrates, loads the cluster cache, binds `config.listen` and starts serving.
+    /// Cluster keys are read from the process environment.
     pub async fn start(config: Config) -> Result<Self, StartError> {
+        Self::start_with_env(config, cluster_auth::process_env()).await
+    }
+
+    /// As [`Scheduler::start`], reading cluster keys and sign options through `env`.
+    pub async fn start_with_env(config: Config, env: EnvLookup) -> Result<Self, StartError> {
         let verifier = match &config.auth.api_public_key_file {
             Some(path) => ApiVerifier::from_file(path)?,
             None => {
@@ -113,12 +137,34 @@ impl Scheduler {
         let registry = Registry::new(db.clone());
         let cache = ClusterCache::default();
         cache.reload(&registry).await?;
+        let health = Arc::new(Health::default());
+        let builds = Builds::new(db.clone());
         let intake = Intake::new(
             cache.clone(),
-            Builds::new(db.clone()),
+            builds.clone(),
             queues.clone(),
+            Arc::clone(&health),
             tokens,
         );
+        let q = &config.queue;
+        let workers = Workers {
+            queues: queues.clone(),
+            builds,
+            cache: cache.clone(),
+            health: Arc::clone(&health),
+            reporter: Reporter::new(
+                config.screwdriver.report_timeout,
+                config.screwdriver.report_attempts,
+            ),
+            settings: QueueSettings {
+                visibility_timeout: q.visibility_timeout,
+                max_attempts: q.max_attempts,
+                blocked_recheck: q.blocked_recheck,
+                nack_backoff: q.nack_backoff,
+                nack_backoff_max: q.nack_backoff_max,
+            },
+        };
+        let shutdown = CancellationToken::new();
         let state = Arc::new(AppState {
             db,
             registry,
@@ -126,7 +172,13 @@ impl Scheduler {
             queues,
             intake,
             verifier,
+            workers,
+            health,
+            cluster_verifier: ClusterVerifier::default(),
+            env,
             metrics: telemetry::metrics_handle(),
+            shutdown: shutdown.clone(),
+            max_wait: q.max_wait,
             held_builds: Notify::new(),
         });
 
@@ -141,7 +193,6 @@ impl Scheduler {
             addr: config.listen,
             source,
         })?;
-        let shutdown = CancellationToken::new();
         let mut tasks = JoinSet::new();
 
         let app = api::router(Arc::clone(&state));
@@ -167,6 +218,16 @@ impl Scheduler {
         tasks.spawn(route_held_builds(
             Arc::clone(&state),
             config.registry.reload_interval,
+            shutdown.clone(),
+        ));
+        tasks.spawn(watch_health(
+            Arc::clone(&state),
+            config.ha.clone(),
+            shutdown.clone(),
+        ));
+        tasks.spawn(reconcile_periodically(
+            Arc::clone(&state),
+            config.reconciler.clone(),
             shutdown.clone(),
         ));
         tracing::info!(%addr, database = %db::redact(&config.database.url), "sd-scheduler listening");
@@ -257,7 +318,8 @@ async fn reload_periodically(state: Arc<AppState>, every: Duration, shutdown: Ca
     }
 }
 
-/// Routes held (unroutable) builds whenever the registry changes, and periodically.
+/// Routes held (unroutable) builds, and moves builds off clusters that cannot take them,
+/// whenever the registry or cluster health changes, and periodically.
 async fn route_held_builds(state: Arc<AppState>, every: Duration, shutdown: CancellationToken) {
     loop {
         tokio::select! {
@@ -265,10 +327,69 @@ async fn route_held_builds(state: Arc<AppState>, every: Duration, shutdown: Canc
             () = tokio::time::sleep(every) => {}
             () = shutdown.cancelled() => return,
         }
+        match ha::rebalance(&state.intake).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(moved = n, "builds re-routed"),
+            Err(e) => tracing::warn!(error = %e, "re-routing failed; will retry"),
+        }
         match state.intake.route_held().await {
             Ok(0) => {}
             Ok(n) => tracing::info!(routed = n, "held builds routed"),
             Err(e) => tracing::warn!(error = %e, "routing held builds failed; will retry"),
+        }
+    }
+}
+
+/// Evaluates cluster health from the heartbeats every replica records in Redis.
+async fn watch_health(state: Arc<AppState>, ha: config::HaConfig, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(ha.check_interval);
+    let mut was_unhealthy = Vec::new();
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = shutdown.cancelled() => return,
+        }
+        let (beats, now) = match state.queues.heartbeats().await {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read heartbeats; cluster health unchanged");
+                continue;
+            }
+        };
+        let silence = state
+            .cache
+            .snapshot()
+            .iter()
+            .map(|c| {
+                let quiet = beats
+                    .get(&c.fields.name)
+                    .map(|at| Duration::from_millis(u64::try_from(now - at).unwrap_or(0)));
+                (c.fields.name.clone(), quiet)
+            })
+            .collect();
+        state.health.evaluate(&silence, ha.cluster_dead_after);
+        let unhealthy = state.health.unhealthy();
+        if unhealthy != was_unhealthy {
+            was_unhealthy = unhealthy;
+            state.held_builds.notify_one();
+        }
+    }
+}
+
+async fn reconcile_periodically(
+    state: Arc<AppState>,
+    cfg: config::ReconcilerConfig,
+    shutdown: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(cfg.interval);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = shutdown.cancelled() => return,
+        }
+        if let Err(e) = reconciler::reconcile(&state.intake, cfg.grace).await {
+            tracing::warn!(error = %e, "reconciler pass failed; will retry");
         }
     }
 }

@@ -294,3 +294,149 @@ where
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+// === cluster keys ===
+
+/// A cluster's signing key pair for any algorithm a cluster may use.
+#[derive(Clone)]
+pub struct ClusterKeys {
+    pub algorithm: jsonwebtoken::Algorithm,
+    pub private_pem: String,
+    pub public_pem: String,
+}
+
+impl ClusterKeys {
+    pub fn generate(algorithm: jsonwebtoken::Algorithm) -> Self {
+        use jsonwebtoken::Algorithm as A;
+        let alg: &'static rcgen::SignatureAlgorithm = match algorithm {
+            A::ES256 => &rcgen::PKCS_ECDSA_P256_SHA256,
+            A::ES384 => &rcgen::PKCS_ECDSA_P384_SHA384,
+            A::EdDSA => &rcgen::PKCS_ED25519,
+            _ => &rcgen::PKCS_RSA_SHA256,
+        };
+        let pair = rcgen::KeyPair::generate_for(alg).expect("key generation");
+        Self {
+            algorithm,
+            private_pem: pair.serialize_pem(),
+            public_pem: pair.public_key_pem(),
+        }
+    }
+
+    /// Signs `claims` with this key, declaring `header_alg` in the header (normally the key's).
+    pub fn sign_as(&self, header_alg: jsonwebtoken::Algorithm, claims: &Value) -> String {
+        use jsonwebtoken::{Algorithm as A, EncodingKey};
+        let key = match self.algorithm {
+            A::ES256 | A::ES384 => EncodingKey::from_ec_pem(self.private_pem.as_bytes()),
+            A::EdDSA => EncodingKey::from_ed_pem(self.private_pem.as_bytes()),
+            _ => EncodingKey::from_rsa_pem(self.private_pem.as_bytes()),
+        }
+        .expect("private key PEM");
+        jsonwebtoken::encode(&jsonwebtoken::Header::new(header_alg), claims, &key).expect("sign")
+    }
+
+    /// A valid agent token for `cluster`, living `ttl` seconds.
+    pub fn token(&self, cluster: &str, ttl: u64) -> String {
+        let now = unix_now();
+        self.sign_as(
+            self.algorithm,
+            &serde_json::json!({"buildCluster": cluster, "iat": now, "exp": now + ttl}),
+        )
+    }
+}
+
+// === FakeScrewdriver ===
+
+/// One status update the Screwdriver-API-shaped server received.
+#[derive(Debug, Clone)]
+pub struct BuildUpdate {
+    pub build_id: u64,
+    pub authorization: String,
+    pub body: Value,
+}
+
+#[derive(Default)]
+struct FakeState {
+    updates: std::sync::Mutex<Vec<BuildUpdate>>,
+    fail_next: std::sync::atomic::AtomicU32,
+}
+
+/// An HTTP server speaking the Screwdriver API's build update call
+/// (`PUT /v4/builds/{id}` with a bearer token) that records what it receives.
+pub struct FakeScrewdriver {
+    pub url: String,
+    state: std::sync::Arc<FakeState>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl FakeScrewdriver {
+    pub async fn start() -> Self {
+        use axum::extract::{Path, State};
+        use axum::http::{HeaderMap, StatusCode};
+        use std::sync::atomic::Ordering;
+        async fn update(
+            State(state): State<std::sync::Arc<FakeState>>,
+            Path(id): Path<u64>,
+            headers: HeaderMap,
+            axum::Json(body): axum::Json<Value>,
+        ) -> (StatusCode, axum::Json<Value>) {
+            if state
+                .fail_next
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok()
+            {
+                return (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    axum::Json(serde_json::json!({"statusCode": 503})),
+                );
+            }
+            let authorization = headers
+                .get("authorization")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_owned();
+            state.updates.lock().expect("lock").push(BuildUpdate {
+                build_id: id,
+                authorization,
+                body: body.clone(),
+            });
+            (StatusCode::OK, axum::Json(body))
+        }
+        let state = std::sync::Arc::new(FakeState::default());
+        let app = axum::Router::new()
+            .route("/v4/builds/{id}", axum::routing::put(update))
+            .with_state(std::sync::Arc::clone(&state));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let url = format!("http://{}", listener.local_addr().expect("addr"));
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Self { url, state, task }
+    }
+
+    /// Answer the next `n` updates with 503.
+    pub fn fail_next(&self, n: u32) {
+        self.state
+            .fail_next
+            .store(n, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    pub fn updates(&self) -> Vec<BuildUpdate> {
+        self.state.updates.lock().expect("lock").clone()
+    }
+
+    /// Waits until an update for `build_id` arrived.
+    pub async fn wait_for(&self, build_id: u64, timeout: Duration) -> Option<BuildUpdate> {
+        eventually(timeout, || async {
+            self.updates().into_iter().find(|u| u.build_id == build_id)
+        })
+        .await
+    }
+}
+
+impl Drop for FakeScrewdriver {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}

@@ -1,12 +1,15 @@
--- Put a build on a cluster's master queue. Idempotent and exclusive:
+-- Put a message on a cluster's master queue. Idempotent and exclusive:
 --   {1, cluster}  queued now
 --   {0, cluster}  already queued on this cluster (no-op)
---   {-1, other}   queued on another cluster: refused, a build is never in two queues
---   {-2, ''}      already delivered and acknowledged: refused (tombstone)
--- KEYS: ready, jobs, meta, wake, acked, where
--- ARGV: id, message JSON, priority, jobId, cluster
+--   {-1, other}   queued on another cluster: refused, a message is never in two queues
+--   {-2, ''}      already delivered and acknowledged: refused (tombstone), unless forced
+-- KEYS: ready, jobs, meta, wake, acked, where, newest
+-- ARGV: id, message JSON, priority, jobId ('' for stops), cluster, blockers JSON array,
+--       collapse ('1'/'0'), same-job wait ms, force ('1' clears the tombstone first)
 local id = ARGV[1]
-if redis.call('ZSCORE', KEYS[5], id) then
+if ARGV[9] == '1' then
+  redis.call('ZREM', KEYS[5], id)
+elseif redis.call('ZSCORE', KEYS[5], id) then
   return {-2, ''}
 end
 local owner = redis.call('HGET', KEYS[6], id)
@@ -18,9 +21,18 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local score = tonumber(ARGV[3]) * 1e13 + now
 redis.call('HSET', KEYS[2], id, ARGV[2])
-redis.call('HSET', KEYS[3], id, cjson.encode({score = score, deliveries = 0, jobId = ARGV[4], enqueuedAt = now}))
+redis.call('HSET', KEYS[3], id, cjson.encode({
+  buildId = id, jobId = ARGV[4], score = score, deliveries = 0, enqueuedAt = now, token = '',
+  blockers = cjson.decode(ARGV[6]), collapse = ARGV[7] == '1', sameJobWaitMs = tonumber(ARGV[8]),
+  blockedReported = false,
+}))
 redis.call('ZADD', KEYS[1], score, id)
 redis.call('HSET', KEYS[6], id, ARGV[5])
+if ARGV[4] ~= '' then
+  local newest = tonumber(redis.call('HGET', KEYS[7], ARGV[4]) or '0')
+  local mine = tonumber(id)
+  if mine and mine > newest then redis.call('HSET', KEYS[7], ARGV[4], id) end
+end
 redis.call('RPUSH', KEYS[4], id)
 redis.call('LTRIM', KEYS[4], -64, -1)
 return {1, ARGV[5]}

@@ -5,6 +5,7 @@
 //! at most one cluster's queue at a time (`{sd}:where` is checked inside the enqueue script), and
 //! a build that was delivered and acknowledged is never queued again (`{sd}:acked` tombstones).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
@@ -51,6 +52,16 @@ impl ClusterKeys {
 pub const ACKED: &str = "{sd}:acked";
 /// buildId → the cluster whose queue holds it.
 pub const WHERE: &str = "{sd}:where";
+/// jobId → the buildId that runs (or was delivered and not yet finished) for it.
+pub const RUNNING: &str = "{sd}:running";
+/// jobId → the newest buildId queued for it (collapse).
+pub const NEWEST: &str = "{sd}:newest";
+/// jobId → JSON list of `cluster\tid` deferred behind that job.
+pub const BLOCKED: &str = "{sd}:blocked";
+/// Counter behind the fencing tokens of leases.
+pub const LEASE_SEQ: &str = "{sd}:lease-seq";
+/// cluster → Redis time (ms) of its last authenticated poll.
+pub const HEARTBEAT: &str = "{sd}:heartbeat";
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Enqueued {
@@ -71,12 +82,99 @@ pub enum Cancelled {
     Absent,
 }
 
+/// How a start message waits for others (Screwdriver's blockedBy and collapse).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Holds {
+    /// Job ids whose running build holds this one back.
+    pub blockers: Vec<u64>,
+    /// Drop this build (COLLAPSED) when it is blocked and a newer build of its job waits.
+    pub collapse: bool,
+    /// Re-check delay when only its own job blocks it (`blockedBySameJobWaitTime`).
+    pub same_job_wait: Duration,
+}
+
+/// Lease and retry settings of the master queues.
+#[derive(Debug, Clone, Copy)]
+pub struct QueueSettings {
+    pub visibility_timeout: Duration,
+    pub max_attempts: u32,
+    pub blocked_recheck: Duration,
+    pub nack_backoff: Duration,
+    pub nack_backoff_max: Duration,
+}
+
+/// One leased message.
+#[derive(Debug, Clone)]
+pub struct Lease {
+    /// The queue id: a build id, or `stop:<buildId>`.
+    pub id: String,
+    pub token: String,
+    pub attempt: u32,
+    pub message: String,
+}
+
+impl Lease {
+    /// The opaque id the agent acknowledges with: `<id>@<token>`.
+    pub fn delivery_id(&self) -> String {
+        format!("{}@{}", self.id, self.token)
+    }
+}
+
+/// Splits a delivery id into (queue id, token).
+pub fn parse_delivery_id(delivery_id: &str) -> Option<(&str, &str)> {
+    let (id, token) = delivery_id.rsplit_once('@')?;
+    (!id.is_empty() && !token.is_empty() && token.bytes().all(|b| b.is_ascii_digit()))
+        .then_some((id, token))
+}
+
+/// What one fetch did.
+#[derive(Debug, Default)]
+pub struct Fetched {
+    pub leases: Vec<Lease>,
+    /// (id, message) dead-lettered after too many deliveries.
+    pub dead: Vec<(String, String)>,
+    /// (id, message, blocking job) deferred for the first time.
+    pub blocked: Vec<(String, String, String)>,
+    /// (id, message) dropped because a newer build of their job waits.
+    pub collapsed: Vec<(String, String)>,
+    /// Time until the next delayed message is due or a lease lapses.
+    pub next_due_in: Option<Duration>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeaseOutcome {
+    /// The lease was current and the operation applied.
+    Done,
+    /// Not the current lease: nothing changed.
+    Stale,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Moved {
+    Moved,
+    Leased,
+    Elsewhere(String),
+    Absent,
+}
+
 /// Handle on the master queues; cheap to clone.
 #[derive(Clone)]
 pub struct Queues {
     conn: ConnectionManager,
+    client: Client,
+    scripts: Arc<Scripts>,
+}
+
+struct Scripts {
     enqueue: Script,
     cancel: Script,
+    fetch: Script,
+    ack: Script,
+    nack: Script,
+    renew: Script,
+    release: Script,
+    promote: Script,
+    moves: Script,
 }
 
 impl Queues {
@@ -88,11 +186,21 @@ impl Queues {
             .set_response_timeout(Some(Duration::from_secs(2)))
             .set_number_of_retries(2)
             .set_max_delay(Duration::from_secs(1));
-        let conn = ConnectionManager::new_lazy_with_config(client, config)?;
+        let conn = ConnectionManager::new_lazy_with_config(client.clone(), config)?;
         Ok(Self {
             conn,
-            enqueue: Script::new(include_str!("enqueue.lua")),
-            cancel: Script::new(include_str!("cancel.lua")),
+            client,
+            scripts: Arc::new(Scripts {
+                enqueue: Script::new(include_str!("enqueue.lua")),
+                cancel: Script::new(include_str!("cancel.lua")),
+                fetch: Script::new(include_str!("fetch.lua")),
+                ack: Script::new(include_str!("ack.lua")),
+                nack: Script::new(include_str!("nack.lua")),
+                renew: Script::new(include_str!("renew.lua")),
+                release: Script::new(include_str!("release.lua")),
+                promote: Script::new(include_str!("promote.lua")),
+                moves: Script::new(include_str!("move.lua")),
+            }),
         })
     }
 
@@ -113,17 +221,48 @@ impl Queues {
         Ok(())
     }
 
+    /// Queues a start message; `force` re-queues a build delivered before (reconciler).
     pub async fn enqueue(
         &self,
         cluster: &str,
         build_id: u64,
         job_id: u64,
         message: &QueueMessage,
+        holds: &Holds,
+        force: bool,
+    ) -> Result<Enqueued, QueueError> {
+        self.enqueue_id(
+            cluster,
+            &build_id.to_string(),
+            &job_id.to_string(),
+            message,
+            holds,
+            force,
+        )
+        .await
+    }
+
+    async fn enqueue_id(
+        &self,
+        cluster: &str,
+        id: &str,
+        job_id: &str,
+        message: &QueueMessage,
+        holds: &Holds,
+        force: bool,
     ) -> Result<Enqueued, QueueError> {
         let keys = ClusterKeys::new(cluster);
         let body = serde_json::to_string(message)?;
+        let blockers = serde_json::to_string(
+            &holds
+                .blockers
+                .iter()
+                .map(u64::to_string)
+                .collect::<Vec<_>>(),
+        )?;
         let mut conn = self.conn.clone();
         let (code, owner): (i64, String) = self
+            .scripts
             .enqueue
             .key(&keys.ready)
             .key(&keys.jobs)
@@ -131,11 +270,16 @@ impl Queues {
             .key(&keys.wake)
             .key(ACKED)
             .key(WHERE)
-            .arg(build_id)
+            .key(NEWEST)
+            .arg(id)
             .arg(body)
             .arg(0)
             .arg(job_id)
             .arg(cluster)
+            .arg(blockers)
+            .arg(if holds.collapse { "1" } else { "0" })
+            .arg(u64::try_from(holds.same_job_wait.as_millis()).unwrap_or(u64::MAX))
+            .arg(if force { "1" } else { "0" })
             .invoke_async(&mut conn)
             .await?;
         match code {
@@ -147,11 +291,31 @@ impl Queues {
         }
     }
 
-    /// Removes a waiting build; tells the caller when an agent already holds it.
+    /// Queues a `stop` for the cluster whose agent holds the build (id `stop:<buildId>`).
+    pub async fn enqueue_stop(
+        &self,
+        cluster: &str,
+        build_id: u64,
+        message: &QueueMessage,
+    ) -> Result<(), QueueError> {
+        let id = format!("stop:{build_id}");
+        match self
+            .enqueue_id(cluster, &id, "", message, &Holds::default(), false)
+            .await?
+        {
+            Enqueued::QueuedElsewhere(owner) => Err(QueueError::Reply(format!(
+                "stop for build {build_id} is already queued on {owner}"
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    /// Removes a waiting message; tells the caller when an agent already holds it.
     pub async fn cancel(&self, cluster: &str, build_id: u64) -> Result<Cancelled, QueueError> {
         let keys = ClusterKeys::new(cluster);
         let mut conn = self.conn.clone();
         let reply: String = self
+            .scripts
             .cancel
             .key(&keys.ready)
             .key(&keys.delayed)
@@ -170,50 +334,284 @@ impl Queues {
         }
     }
 
-    /// Queues a `stop` for the cluster whose agent holds the build (id `stop:<buildId>`).
-    pub async fn enqueue_stop(
+    /// Leases up to `max` messages of `cluster` (see `fetch.lua`).
+    pub async fn fetch(
         &self,
         cluster: &str,
-        build_id: u64,
-        message: &QueueMessage,
-    ) -> Result<(), QueueError> {
+        max: u32,
+        settings: &QueueSettings,
+    ) -> Result<Fetched, QueueError> {
         let keys = ClusterKeys::new(cluster);
-        let body = serde_json::to_string(message)?;
         let mut conn = self.conn.clone();
-        let id = format!("stop:{build_id}");
-        let (code, owner): (i64, String) = self
-            .enqueue
+        let (leases, dead, blocked, collapsed, next_due): (
+            Vec<String>,
+            Vec<String>,
+            Vec<String>,
+            Vec<String>,
+            i64,
+        ) = self
+            .scripts
+            .fetch
             .key(&keys.ready)
+            .key(&keys.leased)
+            .key(&keys.delayed)
             .key(&keys.jobs)
             .key(&keys.meta)
-            .key(&keys.wake)
-            .key(ACKED)
+            .key(&keys.dead)
+            .key(RUNNING)
             .key(WHERE)
-            .arg(&id)
-            .arg(body)
-            .arg(0)
-            .arg(0)
+            .key(NEWEST)
+            .key(LEASE_SEQ)
+            .key(BLOCKED)
+            .key(ACKED)
+            .arg(max)
+            .arg(millis(settings.visibility_timeout))
+            .arg(settings.max_attempts)
+            .arg(millis(settings.blocked_recheck))
             .arg(cluster)
             .invoke_async(&mut conn)
             .await?;
-        match code {
-            1 | 0 | -2 => Ok(()),
-            _ => Err(QueueError::Reply(format!(
-                "stop for build {build_id} is already queued on {owner}"
-            ))),
+        let mut fetched = Fetched {
+            next_due_in: u64::try_from(next_due).ok().map(Duration::from_millis),
+            ..Fetched::default()
+        };
+        for chunk in leases.chunks_exact(4) {
+            fetched.leases.push(Lease {
+                id: chunk[0].clone(),
+                token: chunk[1].clone(),
+                attempt: chunk[2]
+                    .parse()
+                    .map_err(|_| QueueError::Reply(format!("attempt {:?}", chunk[2])))?,
+                message: chunk[3].clone(),
+            });
         }
+        fetched.dead = pairs(dead);
+        fetched.collapsed = pairs(collapsed);
+        fetched.blocked = blocked
+            .chunks_exact(3)
+            .map(|c| (c[0].clone(), c[1].clone(), c[2].clone()))
+            .collect();
+        Ok(fetched)
+    }
+
+    pub async fn ack(
+        &self,
+        cluster: &str,
+        id: &str,
+        token: &str,
+    ) -> Result<LeaseOutcome, QueueError> {
+        let keys = ClusterKeys::new(cluster);
+        let mut conn = self.conn.clone();
+        let reply: String = self
+            .scripts
+            .ack
+            .key(&keys.leased)
+            .key(&keys.jobs)
+            .key(&keys.meta)
+            .key(WHERE)
+            .key(ACKED)
+            .arg(id)
+            .arg(token)
+            .invoke_async(&mut conn)
+            .await?;
+        outcome(&reply, "acked")
+    }
+
+    pub async fn nack(
+        &self,
+        cluster: &str,
+        id: &str,
+        token: &str,
+        settings: &QueueSettings,
+    ) -> Result<LeaseOutcome, QueueError> {
+        let keys = ClusterKeys::new(cluster);
+        let mut conn = self.conn.clone();
+        let reply: String = self
+            .scripts
+            .nack
+            .key(&keys.leased)
+            .key(&keys.delayed)
+            .key(&keys.meta)
+            .key(RUNNING)
+            .arg(id)
+            .arg(token)
+            .arg(millis(settings.nack_backoff))
+            .arg(millis(settings.nack_backoff_max))
+            .invoke_async(&mut conn)
+            .await?;
+        outcome(&reply, "nacked")
+    }
+
+    pub async fn renew(
+        &self,
+        cluster: &str,
+        id: &str,
+        token: &str,
+        settings: &QueueSettings,
+    ) -> Result<LeaseOutcome, QueueError> {
+        let keys = ClusterKeys::new(cluster);
+        let mut conn = self.conn.clone();
+        let reply: String = self
+            .scripts
+            .renew
+            .key(&keys.leased)
+            .key(&keys.meta)
+            .arg(id)
+            .arg(token)
+            .arg(millis(settings.visibility_timeout))
+            .invoke_async(&mut conn)
+            .await?;
+        outcome(&reply, "renewed")
+    }
+
+    /// A build of `job_id` finished: release the job and promote what waited on it. Returns
+    /// how many deferred builds were promoted.
+    pub async fn release(&self, job_id: u64, build_id: u64) -> Result<usize, QueueError> {
+        let mut conn = self.conn.clone();
+        let waiting: Vec<String> = self
+            .scripts
+            .release
+            .key(RUNNING)
+            .key(BLOCKED)
+            .arg(job_id)
+            .arg(build_id)
+            .invoke_async(&mut conn)
+            .await?;
+        let mut by_cluster: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+        for (cluster, id) in pairs(waiting) {
+            by_cluster.entry(cluster).or_default().push(id);
+        }
+        let mut promoted = 0;
+        for (cluster, ids) in by_cluster {
+            let keys = ClusterKeys::new(&cluster);
+            let mut invocation = self.scripts.promote.prepare_invoke();
+            invocation
+                .key(&keys.delayed)
+                .key(&keys.ready)
+                .key(&keys.meta)
+                .key(&keys.wake);
+            for id in &ids {
+                invocation.arg(id);
+            }
+            let moved: usize = invocation.invoke_async(&mut conn).await?;
+            promoted += moved;
+        }
+        Ok(promoted)
+    }
+
+    /// Moves a waiting message from `src` to `dst` (HA re-routing).
+    pub async fn move_waiting(&self, id: &str, src: &str, dst: &str) -> Result<Moved, QueueError> {
+        let (s, d) = (ClusterKeys::new(src), ClusterKeys::new(dst));
+        let mut conn = self.conn.clone();
+        let (what, name): (String, String) = self
+            .scripts
+            .moves
+            .key(&s.ready)
+            .key(&s.delayed)
+            .key(&s.leased)
+            .key(&s.jobs)
+            .key(&s.meta)
+            .key(&d.ready)
+            .key(&d.jobs)
+            .key(&d.meta)
+            .key(&d.wake)
+            .key(WHERE)
+            .arg(id)
+            .arg(src)
+            .arg(dst)
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(match what.as_str() {
+            "moved" => Moved::Moved,
+            "leased" => Moved::Leased,
+            "elsewhere" => Moved::Elsewhere(name),
+            _ => Moved::Absent,
+        })
+    }
+
+    /// Records an authenticated poll; returns Redis time (ms).
+    pub async fn heartbeat(&self, cluster: &str) -> Result<i64, QueueError> {
+        let mut conn = self.conn.clone();
+        let now = self.now_ms().await?;
+        let _: i64 = redis::cmd("HSET")
+            .arg(HEARTBEAT)
+            .arg(cluster)
+            .arg(now)
+            .query_async(&mut conn)
+            .await?;
+        Ok(now)
+    }
+
+    /// Last poll (Redis ms) per cluster, and Redis time now.
+    pub async fn heartbeats(
+        &self,
+    ) -> Result<(std::collections::HashMap<String, i64>, i64), QueueError> {
+        let mut conn = self.conn.clone();
+        let beats: std::collections::HashMap<String, i64> = redis::cmd("HGETALL")
+            .arg(HEARTBEAT)
+            .query_async(&mut conn)
+            .await?;
+        Ok((beats, self.now_ms().await?))
+    }
+
+    /// Redis's clock, the one every script uses.
+    pub async fn now_ms(&self) -> Result<i64, QueueError> {
+        let mut conn = self.conn.clone();
+        let (secs, micros): (i64, i64) = redis::cmd("TIME").query_async(&mut conn).await?;
+        Ok(secs * 1000 + micros / 1000)
+    }
+
+    /// Waits for the cluster's doorbell for at most `timeout` on a connection of its own (a
+    /// blocking command must not hold up the shared one). `true` when it rang.
+    pub async fn wait_doorbell(
+        &self,
+        cluster: &str,
+        timeout: Duration,
+    ) -> Result<bool, QueueError> {
+        let config = redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(2)))
+            .set_response_timeout(None);
+        let mut conn = self
+            .client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await?;
+        let secs = timeout.as_secs_f64().max(0.01);
+        let rang: Option<(String, String)> = redis::cmd("BLPOP")
+            .arg(ClusterKeys::new(cluster).wake)
+            .arg(secs)
+            .query_async(&mut conn)
+            .await?;
+        Ok(rang.is_some())
     }
 
     /// Ids waiting on a cluster's ready queue, oldest first (for inspection and tests).
     pub async fn ready(&self, cluster: &str) -> Result<Vec<String>, QueueError> {
+        self.zrange(&ClusterKeys::new(cluster).ready).await
+    }
+
+    /// Ids deferred (blocked, backing off) on a cluster's queue.
+    pub async fn delayed(&self, cluster: &str) -> Result<Vec<String>, QueueError> {
+        self.zrange(&ClusterKeys::new(cluster).delayed).await
+    }
+
+    /// Ids leased to an agent and not yet acknowledged.
+    pub async fn leased(&self, cluster: &str) -> Result<Vec<String>, QueueError> {
+        self.zrange(&ClusterKeys::new(cluster).leased).await
+    }
+
+    /// Dead-lettered ids of a cluster.
+    pub async fn dead(&self, cluster: &str) -> Result<Vec<String>, QueueError> {
+        self.zrange(&ClusterKeys::new(cluster).dead).await
+    }
+
+    async fn zrange(&self, key: &str) -> Result<Vec<String>, QueueError> {
         let mut conn = self.conn.clone();
-        let ids: Vec<String> = redis::cmd("ZRANGE")
-            .arg(ClusterKeys::new(cluster).ready)
+        Ok(redis::cmd("ZRANGE")
+            .arg(key)
             .arg(0)
             .arg(-1)
             .query_async(&mut conn)
-            .await?;
-        Ok(ids)
+            .await?)
     }
 
     /// The message stored for `id` on a cluster's queue.
@@ -232,5 +630,49 @@ impl Queues {
             Some(b) => Some(serde_json::from_str(&b)?),
             None => None,
         })
+    }
+
+    /// Which cluster's queue holds `id`, if any.
+    pub async fn owner(&self, id: &str) -> Result<Option<String>, QueueError> {
+        let mut conn = self.conn.clone();
+        Ok(redis::cmd("HGET")
+            .arg(WHERE)
+            .arg(id)
+            .query_async(&mut conn)
+            .await?)
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+fn pairs(flat: Vec<String>) -> Vec<(String, String)> {
+    flat.chunks_exact(2)
+        .map(|c| (c[0].clone(), c[1].clone()))
+        .collect()
+}
+
+fn outcome(reply: &str, done: &str) -> Result<LeaseOutcome, QueueError> {
+    if reply == done {
+        Ok(LeaseOutcome::Done)
+    } else if reply == "stale" {
+        Ok(LeaseOutcome::Stale)
+    } else {
+        Err(QueueError::Reply(reply.to_owned()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_delivery_id;
+
+    #[test]
+    fn delivery_ids_round_trip() {
+        assert_eq!(parse_delivery_id("8609@12"), Some(("8609", "12")));
+        assert_eq!(parse_delivery_id("stop:5@3"), Some(("stop:5", "3")));
+        assert_eq!(parse_delivery_id("8609"), None);
+        assert_eq!(parse_delivery_id("@1"), None);
+        assert_eq!(parse_delivery_id("1@x"), None);
     }
 }

@@ -2,13 +2,15 @@
 
 #![allow(dead_code)]
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use reqwest::{Method, StatusCode};
 use sd_scheduler::Scheduler;
+use sd_scheduler::cluster_auth::EnvLookup;
 use sd_scheduler::config::Config;
-use sd_testkit::{Backend, RedisServer, RsaKeys, TestDb, shared_keys};
+use sd_testkit::{Backend, ClusterKeys, RedisServer, RsaKeys, TestDb, shared_keys};
 use serde_json::{Value, json};
 
 pub const CTX: &str = "github:github.com";
@@ -23,6 +25,8 @@ pub struct Harness {
     pub api: RsaKeys,
     pub launcher: RsaKeys,
     pub config: Config,
+    /// The environment the scheduler reads cluster keys from.
+    pub env: Arc<Mutex<HashMap<String, String>>>,
 }
 
 impl Harness {
@@ -50,7 +54,8 @@ impl Harness {
         // Long, so tests prove the pub/sub invalidation rather than the periodic reload.
         config.registry.reload_interval = Duration::from_secs(3600);
         tweak(&mut config);
-        let scheduler = Scheduler::start(config.clone())
+        let env = Arc::new(Mutex::new(HashMap::new()));
+        let scheduler = Scheduler::start_with_env(config.clone(), lookup(&env))
             .await
             .expect("scheduler starts");
         let base = format!("http://{}", scheduler.addr());
@@ -64,12 +69,101 @@ impl Harness {
             api,
             launcher,
             config,
+            env,
         }
+    }
+
+    /// Starts with a Redis that keeps an append-only file (restartable without loss).
+    pub async fn start_with_redis(
+        backend: Backend,
+        redis: RedisServer,
+        tweak: impl FnOnce(&mut Config),
+    ) -> Self {
+        let mut h = Self::start_with(backend, |c| {
+            c.redis.url = redis.url();
+            tweak(c);
+        })
+        .await;
+        h.redis = redis;
+        h
+    }
+
+    /// Sets an environment variable as the scheduler sees it.
+    pub fn set_env(&self, name: &str, value: &str) {
+        self.env
+            .lock()
+            .unwrap()
+            .insert(name.to_owned(), value.to_owned());
+    }
+
+    /// Registers a cluster with a fresh RS256 key published under its authKey variable.
+    pub async fn cluster_with_key(&self, body: &Value) -> ClusterKeys {
+        let keys = ClusterKeys::generate(jsonwebtoken::Algorithm::RS256);
+        self.set_env(body["authKey"].as_str().unwrap(), &keys.public_pem);
+        self.register(body).await;
+        keys
+    }
+
+    /// `GET /v1/jobs/{cluster}` as the cluster's agent.
+    pub async fn poll(&self, cluster: &str, keys: &ClusterKeys, wait: u64, max: u64) -> Vec<Value> {
+        let (status, body) = self
+            .worker_poll(&self.base, cluster, &keys.token(cluster, 60), wait, max)
+            .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        body["jobs"].as_array().unwrap().clone()
+    }
+
+    pub async fn worker_poll(
+        &self,
+        base: &str,
+        cluster: &str,
+        token: &str,
+        wait: u64,
+        max: u64,
+    ) -> (StatusCode, Value) {
+        let path = format!("/v1/jobs/{cluster}?wait={wait}&max={max}");
+        call_at(&self.http, base, Method::GET, &path, Some(token), None).await
+    }
+
+    /// `POST /v1/jobs/{cluster}/{action}` with `{"deliveryIds": ids}`.
+    pub async fn lease_call(
+        &self,
+        cluster: &str,
+        keys: &ClusterKeys,
+        action: &str,
+        ids: &[&str],
+    ) -> Value {
+        let (status, body) = self
+            .call(
+                Method::POST,
+                &format!("/v1/jobs/{cluster}/{action}"),
+                Some(&keys.token(cluster, 60)),
+                Some(&json!({"deliveryIds": ids})),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        body
+    }
+
+    pub async fn event(
+        &self,
+        cluster: &str,
+        keys: &ClusterKeys,
+        build_id: u64,
+        event: &str,
+    ) -> (StatusCode, Value) {
+        self.call(
+            Method::POST,
+            &format!("/v1/jobs/{cluster}/events"),
+            Some(&keys.token(cluster, 60)),
+            Some(&json!({"buildId": build_id, "event": event})),
+        )
+        .await
     }
 
     /// Another scheduler process sharing this one's database and Redis.
     pub async fn replica(&self) -> (Scheduler, String) {
-        let s = Scheduler::start(self.config.clone())
+        let s = Scheduler::start_with_env(self.config.clone(), lookup(&self.env))
             .await
             .expect("replica starts");
         let base = format!("http://{}", s.addr());
@@ -145,6 +239,18 @@ impl Harness {
             .await
             .expect("ready ids")
     }
+}
+
+fn lookup(env: &Arc<Mutex<HashMap<String, String>>>) -> EnvLookup {
+    let env = Arc::clone(env);
+    Arc::new(move |name| env.lock().unwrap().get(name).cloned())
+}
+
+/// The build id a delivery carries.
+pub fn delivered_build(delivery: &Value) -> u64 {
+    delivery["message"]["buildConfig"]["buildId"]
+        .as_u64()
+        .unwrap()
 }
 
 pub async fn call_at(

@@ -28,6 +28,8 @@ use crate::intake::{Accepted, IntakeError, Stopped};
 use crate::registry::RegistryError;
 use crate::routing::RouteError;
 
+pub mod workers;
+
 /// Largest accepted request body.
 pub const MAX_BODY_BYTES: usize = 1024 * 1024;
 
@@ -47,6 +49,20 @@ pub fn router(state: Arc<AppState>) -> Router {
             axum::routing::post(start_build).delete(stop_build),
         )
         .route("/v1/builds/{build_id}", get(get_build))
+        .route("/v1/jobs/{cluster}", get(workers::poll))
+        .route("/v1/jobs/{cluster}/ack", axum::routing::post(workers::ack))
+        .route(
+            "/v1/jobs/{cluster}/nack",
+            axum::routing::post(workers::nack),
+        )
+        .route(
+            "/v1/jobs/{cluster}/renew",
+            axum::routing::post(workers::renew),
+        )
+        .route(
+            "/v1/jobs/{cluster}/events",
+            axum::routing::post(workers::events),
+        )
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_text))
@@ -130,7 +146,7 @@ impl From<IntakeError> for ApiError {
 }
 
 /// A dependency failed: 503, so Screwdriver's client retries.
-fn unavailable(what: &str, e: &dyn std::fmt::Display) -> ApiError {
+pub(crate) fn unavailable(what: &str, e: &dyn std::fmt::Display) -> ApiError {
     tracing::error!(error = %e, "{what} unavailable");
     ApiError::new(
         StatusCode::SERVICE_UNAVAILABLE,
@@ -185,7 +201,7 @@ impl FromRequestParts<Arc<AppState>> for Caller {
     }
 }
 
-fn bearer(headers: &HeaderMap) -> Option<&str> {
+pub(crate) fn bearer(headers: &HeaderMap) -> Option<&str> {
     let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
     let (scheme, token) = value.split_once(' ')?;
     scheme
@@ -493,6 +509,11 @@ async fn metrics_text(State(state): State<Arc<AppState>>) -> impl IntoResponse {
         start_build,
         stop_build,
         get_build,
+        workers::poll,
+        workers::ack,
+        workers::nack,
+        workers::renew,
+        workers::events,
         healthz,
         readyz
     ),
@@ -505,7 +526,13 @@ async fn metrics_text(State(state): State<Arc<AppState>>) -> impl IntoResponse {
         Accepted,
         Stopped,
         BuildView,
-        BuildState
+        BuildState,
+        sd_protocol::Delivery,
+        sd_protocol::QueueMessage,
+        workers::Jobs,
+        workers::EventBody,
+        workers::EventAnswer,
+        crate::workers::LeaseReport
     ))
 )]
 pub struct ApiDoc;

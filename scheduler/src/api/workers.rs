@@ -1,0 +1,274 @@
+//! `/v1/jobs/{buildCluster}…`: the endpoints cluster agents call, each behind the cluster's JWT.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Json;
+use axum::extract::{FromRequestParts, Path, Query, State};
+use axum::http::StatusCode;
+use axum::http::request::Parts;
+use sd_protocol::{Delivery, ErrorBody};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::{ApiError, JsonObject, bearer, unavailable};
+use crate::AppState;
+use crate::builds::BuildState;
+use crate::cluster_auth::ClusterAuthError;
+use crate::workers::{Event, LeaseReport, WorkerError};
+
+/// A request authenticated as the cluster named in its path.
+pub struct ClusterCaller(pub String);
+
+impl FromRequestParts<Arc<AppState>> for ClusterCaller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &Arc<AppState>,
+    ) -> Result<Self, Self::Rejection> {
+        let Path(params) = Path::<HashMap<String, String>>::from_request_parts(parts, state)
+            .await
+            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
+        let cluster = params.get("cluster").cloned().unwrap_or_default();
+        let result = match bearer(&parts.headers) {
+            None => Err(ClusterAuthError::Missing),
+            Some(token) => {
+                let snapshot = state.cache.snapshot();
+                let records: Vec<_> = snapshot
+                    .iter()
+                    .filter(|c| c.fields.name == cluster)
+                    .collect();
+                state
+                    .cluster_verifier
+                    .verify(&state.env, &cluster, &records, token)
+            }
+        };
+        match result {
+            Ok(_) => Ok(ClusterCaller(cluster)),
+            Err(e) => {
+                let (status, label) = match &e {
+                    ClusterAuthError::Missing | ClusterAuthError::Invalid { .. } => {
+                        (StatusCode::UNAUTHORIZED, "invalid")
+                    }
+                    ClusterAuthError::WrongCluster { .. } => {
+                        (StatusCode::FORBIDDEN, "wrong_cluster")
+                    }
+                    ClusterAuthError::UnknownCluster(_) => {
+                        (StatusCode::NOT_FOUND, "unknown_cluster")
+                    }
+                    ClusterAuthError::Misconfigured { .. } => {
+                        (StatusCode::INTERNAL_SERVER_ERROR, "misconfigured")
+                    }
+                };
+                // The reason, never the token.
+                tracing::warn!(cluster = %cluster, error = %e, "refused cluster worker");
+                metrics::counter!("sd_scheduler_worker_auth_refused_total", "reason" => label)
+                    .increment(1);
+                Err(ApiError::new(status, e.to_string()))
+            }
+        }
+    }
+}
+
+impl From<WorkerError> for ApiError {
+    fn from(e: WorkerError) -> Self {
+        match e {
+            WorkerError::UnknownBuild(_) => ApiError::new(StatusCode::NOT_FOUND, e.to_string()),
+            WorkerError::NotYours { .. } => ApiError::new(StatusCode::FORBIDDEN, e.to_string()),
+            WorkerError::Db(ref inner) => unavailable("database", inner),
+            WorkerError::Queue(ref inner) => unavailable("queue (Redis)", inner),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+pub struct PollQuery {
+    /// Seconds to wait when no job is ready (0–`queue.max_wait`, default 30).
+    wait: Option<String>,
+    /// Most jobs to return (1–100, default 10).
+    max: Option<String>,
+}
+
+/// A long-poll's answer.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct Jobs {
+    jobs: Vec<Delivery>,
+}
+
+#[utoipa::path(get, path = "/v1/jobs/{cluster}", tag = "workers", params(("cluster" = String, Path), PollQuery),
+    responses((status = 200, body = Jobs), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
+pub async fn poll(
+    State(state): State<Arc<AppState>>,
+    ClusterCaller(cluster): ClusterCaller,
+    Query(query): Query<PollQuery>,
+) -> Result<Json<Jobs>, ApiError> {
+    let wait = bounded(
+        "wait",
+        query.wait.as_deref(),
+        30,
+        0,
+        state.max_wait.as_secs(),
+    )?;
+    let max = bounded("max", query.max.as_deref(), 10, 1, 100)?;
+    let jobs = state
+        .workers
+        .poll(
+            &cluster,
+            Duration::from_secs(wait),
+            u32::try_from(max).unwrap_or(100),
+            &state.shutdown,
+        )
+        .await?;
+    Ok(Json(Jobs { jobs }))
+}
+
+fn bounded(
+    name: &str,
+    value: Option<&str>,
+    default: u64,
+    min: u64,
+    max: u64,
+) -> Result<u64, ApiError> {
+    let Some(text) = value else {
+        return Ok(default);
+    };
+    text.parse::<u64>()
+        .ok()
+        .filter(|v| (min..=max).contains(v))
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                format!("{name}: must be an integer from {min} to {max}"),
+            )
+        })
+}
+
+/// `{"deliveryIds":[…]}` (and `reason` for a nack).
+fn delivery_ids(
+    body: &serde_json::Map<String, Value>,
+    allowed: &[&str],
+) -> Result<Vec<String>, ApiError> {
+    if let Some(unknown) = body.keys().find(|k| !allowed.contains(&k.as_str())) {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!(
+                "{unknown}: unknown field; allowed fields are {}",
+                allowed.join(", ")
+            ),
+        ));
+    }
+    let invalid = || {
+        ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "deliveryIds: must be a non-empty list of at most 1000 strings",
+        )
+    };
+    let list = body
+        .get("deliveryIds")
+        .and_then(Value::as_array)
+        .ok_or_else(invalid)?;
+    if list.is_empty() || list.len() > 1000 {
+        return Err(invalid());
+    }
+    list.iter()
+        .map(|v| v.as_str().map(str::to_owned).ok_or_else(invalid))
+        .collect()
+}
+
+#[utoipa::path(post, path = "/v1/jobs/{cluster}/ack", tag = "workers", params(("cluster" = String, Path)),
+    request_body(content = Object, description = "{\"deliveryIds\":[…]}: these transfers succeeded"),
+    responses((status = 200, body = LeaseReport), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)))]
+pub async fn ack(
+    State(state): State<Arc<AppState>>,
+    ClusterCaller(cluster): ClusterCaller,
+    JsonObject(body): JsonObject,
+) -> Result<Json<LeaseReport>, ApiError> {
+    let ids = delivery_ids(&body, &["deliveryIds"])?;
+    Ok(Json(state.workers.ack(&cluster, &ids).await?))
+}
+
+#[utoipa::path(post, path = "/v1/jobs/{cluster}/nack", tag = "workers", params(("cluster" = String, Path)),
+    request_body(content = Object, description = "{\"deliveryIds\":[…],\"reason\":\"…\"}: give these back now"),
+    responses((status = 200, body = LeaseReport), (status = 401, body = ErrorBody)))]
+pub async fn nack(
+    State(state): State<Arc<AppState>>,
+    ClusterCaller(cluster): ClusterCaller,
+    JsonObject(body): JsonObject,
+) -> Result<Json<LeaseReport>, ApiError> {
+    let ids = delivery_ids(&body, &["deliveryIds", "reason"])?;
+    let reason = match body.get("reason") {
+        None => "",
+        Some(Value::String(s)) if s.chars().count() <= 1000 => s.as_str(),
+        Some(_) => {
+            return Err(ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "reason: must be a string of at most 1000 characters",
+            ));
+        }
+    };
+    Ok(Json(state.workers.nack(&cluster, &ids, reason).await?))
+}
+
+#[utoipa::path(post, path = "/v1/jobs/{cluster}/renew", tag = "workers", params(("cluster" = String, Path)),
+    request_body(content = Object, description = "{\"deliveryIds\":[…]}: extend these leases by the visibility timeout"),
+    responses((status = 200, body = LeaseReport), (status = 401, body = ErrorBody)))]
+pub async fn renew(
+    State(state): State<Arc<AppState>>,
+    ClusterCaller(cluster): ClusterCaller,
+    JsonObject(body): JsonObject,
+) -> Result<Json<LeaseReport>, ApiError> {
+    let ids = delivery_ids(&body, &["deliveryIds"])?;
+    Ok(Json(state.workers.renew(&cluster, &ids).await?))
+}
+
+/// `{"buildId","event","statusMessage"?}`.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct EventBody {
+    build_id: u64,
+    event: Event,
+    #[serde(default)]
+    status_message: Option<String>,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct EventAnswer {
+    build_id: u64,
+    state: BuildState,
+}
+
+#[utoipa::path(post, path = "/v1/jobs/{cluster}/events", tag = "workers", params(("cluster" = String, Path)), request_body = EventBody,
+    responses((status = 200, body = EventAnswer), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)))]
+pub async fn events(
+    State(state): State<Arc<AppState>>,
+    ClusterCaller(cluster): ClusterCaller,
+    JsonObject(body): JsonObject,
+) -> Result<Json<EventAnswer>, ApiError> {
+    let event: EventBody = sd_protocol::error::from_value(Value::Object(body))?;
+    if event
+        .status_message
+        .as_ref()
+        .is_some_and(|m| m.chars().count() > 1000)
+    {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "statusMessage: must be at most 1000 characters",
+        ));
+    }
+    let state_now = state
+        .workers
+        .event(
+            &cluster,
+            event.build_id,
+            event.event,
+            event.status_message.as_deref(),
+        )
+        .await?;
+    Ok(Json(EventAnswer {
+        build_id: event.build_id,
+        state: state_now,
+    }))
+}

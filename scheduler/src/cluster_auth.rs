@@ -1,0 +1,239 @@
+//! Verification of the JWTs cluster agents present on `/v1/jobs/{buildCluster}…`.
+//!
+//! Architecture invariant: the algorithm comes from the cluster's sign options, never from the
+//! token's header, and the `buildCluster` claim must equal the cluster in the path. Only after
+//! this succeeds does a handler touch that cluster's queue.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use sd_protocol::{Cluster, ClusterClaims, SignOptions, SigningAlgorithm};
+
+use crate::auth::{pem_blocks, unix_now};
+
+/// Looks up environment variables; a trait object so tests pass a map.
+pub type EnvLookup = Arc<dyn Fn(&str) -> Option<String> + Send + Sync>;
+
+/// The process environment.
+pub fn process_env() -> EnvLookup {
+    Arc::new(|name| std::env::var(name).ok())
+}
+
+/// Accepted clock skew, seconds.
+const LEEWAY: u64 = 30;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ClusterAuthError {
+    /// 401
+    #[error("missing Authorization: Bearer token")]
+    Missing,
+    /// 404
+    #[error("no build cluster named {0} is registered")]
+    UnknownCluster(String),
+    /// 401
+    #[error("invalid token for build cluster {cluster}: {reason}")]
+    Invalid { cluster: String, reason: String },
+    /// 403
+    #[error("this token belongs to build cluster {claimed}, not {cluster}")]
+    WrongCluster { cluster: String, claimed: String },
+    /// 500: the scheduler is missing what it needs to verify this cluster.
+    #[error("the scheduler cannot verify build cluster {cluster}: {reason}")]
+    Misconfigured { cluster: String, reason: String },
+}
+
+/// The keys parsed from one variable, with the value they were parsed from.
+type ParsedKeys = (String, Arc<Vec<DecodingKey>>);
+
+/// Parsed keys per environment variable, re-parsed only when the variable's value changes.
+#[derive(Default)]
+pub struct ClusterVerifier {
+    keys: Mutex<HashMap<String, ParsedKeys>>,
+}
+
+impl ClusterVerifier {
+    /// Verifies `token` for the cluster named in the path. `records` are the registry records
+    /// with that name (one per scmContext); any of them may verify it.
+    pub fn verify(
+        &self,
+        env: &EnvLookup,
+        cluster: &str,
+        records: &[&Cluster],
+        token: &str,
+    ) -> Result<ClusterClaims, ClusterAuthError> {
+        if records.is_empty() {
+            return Err(ClusterAuthError::UnknownCluster(cluster.to_owned()));
+        }
+        let mut last = None;
+        for record in records {
+            match self.verify_with(env, cluster, record, token) {
+                Ok(claims) => return Ok(claims),
+                Err(
+                    e @ (ClusterAuthError::WrongCluster { .. }
+                    | ClusterAuthError::Misconfigured { .. }),
+                ) => {
+                    return Err(e);
+                }
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| ClusterAuthError::UnknownCluster(cluster.to_owned())))
+    }
+
+    fn verify_with(
+        &self,
+        env: &EnvLookup,
+        cluster: &str,
+        record: &Cluster,
+        token: &str,
+    ) -> Result<ClusterClaims, ClusterAuthError> {
+        let misconfigured = |reason: String| ClusterAuthError::Misconfigured {
+            cluster: cluster.to_owned(),
+            reason,
+        };
+        let invalid = |reason: String| ClusterAuthError::Invalid {
+            cluster: cluster.to_owned(),
+            reason,
+        };
+        let options = match &record.fields.sign_option {
+            Some(var) => {
+                let text = env(var).ok_or_else(|| {
+                    misconfigured(format!(
+                        "environment variable {var} (signOption) is not set"
+                    ))
+                })?;
+                SignOptions::from_json(&text).map_err(|e| {
+                    misconfigured(format!("environment variable {var} (signOption): {e}"))
+                })?
+            }
+            None => SignOptions::default(),
+        };
+        let algorithm = jwt_algorithm(options.algorithm);
+        let keys = self
+            .keys(env, &record.fields.auth_key, algorithm)
+            .map_err(misconfigured)?;
+
+        let header =
+            jsonwebtoken::decode_header(token).map_err(|e| invalid(format!("malformed: {e}")))?;
+        if header.alg != algorithm {
+            return Err(invalid(format!(
+                "signed with {:?}, but this cluster signs with {:?}",
+                header.alg, options.algorithm
+            )));
+        }
+        let mut validation = Validation::new(algorithm);
+        validation.leeway = LEEWAY;
+        let mut required = vec!["exp", "iat"];
+        if options.audience.is_some() {
+            required.push("aud");
+        }
+        if options.issuer.is_some() {
+            required.push("iss");
+        }
+        validation.set_required_spec_claims(&required);
+        validation.validate_aud = options.audience.is_some();
+        if let Some(aud) = &options.audience {
+            validation.set_audience(&[aud]);
+        }
+        if let Some(iss) = &options.issuer {
+            validation.set_issuer(&[iss]);
+        }
+        let mut last = String::from("signature does not match the cluster's public key(s)");
+        for key in keys.iter() {
+            match jsonwebtoken::decode::<ClusterClaims>(token, key, &validation) {
+                Ok(data) => {
+                    let claims = data.claims;
+                    let now = unix_now();
+                    if claims.iat > now + LEEWAY {
+                        return Err(invalid(
+                            "issued in the future (iat); check the agent's clock".into(),
+                        ));
+                    }
+                    if claims.exp.saturating_sub(claims.iat) > options.expires_in + LEEWAY {
+                        return Err(invalid(format!(
+                            "lifetime {}s exceeds this cluster's expiresIn of {}s",
+                            claims.exp.saturating_sub(claims.iat),
+                            options.expires_in
+                        )));
+                    }
+                    if claims.build_cluster != cluster {
+                        return Err(ClusterAuthError::WrongCluster {
+                            cluster: cluster.to_owned(),
+                            claimed: claims.build_cluster,
+                        });
+                    }
+                    return Ok(claims);
+                }
+                Err(e) => {
+                    use jsonwebtoken::errors::ErrorKind;
+                    match e.kind() {
+                        ErrorKind::InvalidSignature => {}
+                        ErrorKind::ExpiredSignature => return Err(invalid("expired".into())),
+                        _ => last = e.to_string(),
+                    }
+                }
+            }
+        }
+        Err(invalid(last))
+    }
+
+    fn keys(
+        &self,
+        env: &EnvLookup,
+        var: &str,
+        algorithm: Algorithm,
+    ) -> Result<Arc<Vec<DecodingKey>>, String> {
+        let value =
+            env(var).ok_or_else(|| format!("environment variable {var} (authKey) is not set"))?;
+        let cache_key = format!("{var}/{algorithm:?}");
+        let mut cache = self
+            .keys
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((seen, keys)) = cache.get(&cache_key)
+            && *seen == value
+        {
+            return Ok(Arc::clone(keys));
+        }
+        let blocks = pem_blocks(&value);
+        if blocks.is_empty() {
+            return Err(format!(
+                "environment variable {var} (authKey) holds no PEM public key"
+            ));
+        }
+        let keys = blocks
+            .iter()
+            .map(|pem| decoding_key(pem, algorithm))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| format!("environment variable {var} (authKey): {e}"))?;
+        let keys = Arc::new(keys);
+        cache.insert(cache_key, (value, Arc::clone(&keys)));
+        Ok(keys)
+    }
+}
+
+fn decoding_key(
+    pem: &str,
+    algorithm: Algorithm,
+) -> Result<DecodingKey, jsonwebtoken::errors::Error> {
+    match algorithm {
+        Algorithm::ES256 | Algorithm::ES384 => DecodingKey::from_ec_pem(pem.as_bytes()),
+        Algorithm::EdDSA => DecodingKey::from_ed_pem(pem.as_bytes()),
+        _ => DecodingKey::from_rsa_pem(pem.as_bytes()),
+    }
+}
+
+/// The verifier's algorithm: one of the asymmetric ones sign options allow.
+pub fn jwt_algorithm(a: SigningAlgorithm) -> Algorithm {
+    match a {
+        SigningAlgorithm::RS256 => Algorithm::RS256,
+        SigningAlgorithm::RS384 => Algorithm::RS384,
+        SigningAlgorithm::RS512 => Algorithm::RS512,
+        SigningAlgorithm::PS256 => Algorithm::PS256,
+        SigningAlgorithm::PS384 => Algorithm::PS384,
+        SigningAlgorithm::PS512 => Algorithm::PS512,
+        SigningAlgorithm::ES256 => Algorithm::ES256,
+        SigningAlgorithm::ES384 => Algorithm::ES384,
+        SigningAlgorithm::EdDSA => Algorithm::EdDSA,
+    }
+}
