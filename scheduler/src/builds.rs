@@ -178,6 +178,27 @@ impl Builds {
         Ok(done.rows_affected() == 1)
     }
 
+    /// Marks acknowledged builds dispatched, in one transaction (one commit per ack batch).
+    pub async fn mark_dispatched(&self, build_ids: &[u64]) -> Result<(), DbError> {
+        if build_ids.is_empty() {
+            return Ok(());
+        }
+        let now = now_ms();
+        let mut tx = self.db.pool.begin().await?;
+        for build_id in build_ids {
+            sqlx::query(
+                "UPDATE builds SET state = 'dispatched', reason = 'transferred to its cluster', updated_at = $1 \
+                 WHERE build_id = $2 AND state = 'queued'",
+            )
+            .bind(now)
+            .bind(id(*build_id))
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
     /// Points a queued build at another cluster (after its message moved there).
     pub async fn reassign(
         &self,

@@ -198,6 +198,7 @@ impl Workers {
         delivery_ids: &[String],
     ) -> Result<LeaseReport, WorkerError> {
         let mut report = LeaseReport::default();
+        let mut dispatched = Vec::new();
         for delivery_id in delivery_ids {
             let Some((id, token)) = parse_delivery_id(delivery_id) else {
                 report.stale.push(delivery_id.clone());
@@ -205,20 +206,17 @@ impl Workers {
             };
             match self.queues.ack(cluster, id, token).await? {
                 LeaseOutcome::Done => {
-                    if let Ok(build_id) = id.parse::<u64>() {
-                        self.builds
-                            .transition_keep_cluster(
-                                build_id,
-                                BuildState::Queued,
-                                BuildState::Dispatched,
-                                "transferred to its cluster",
-                            )
-                            .await?;
-                    }
+                    dispatched.extend(id.parse::<u64>().ok());
                     report.done.push(delivery_id.clone());
                 }
                 LeaseOutcome::Stale => report.stale.push(delivery_id.clone()),
             }
+        }
+        // The queue is authoritative for the transfer, and the agent must learn that its acks
+        // landed: should this write fail, the reconciler finds the builds acknowledged (their
+        // tombstones) and marks them dispatched.
+        if let Err(e) = self.builds.mark_dispatched(&dispatched).await {
+            tracing::warn!(cluster, error = %e, "acknowledged builds not yet marked dispatched; the reconciler will");
         }
         metrics::counter!("sd_scheduler_acks_total", "cluster" => cluster.to_owned())
             .increment(report.done.len() as u64);

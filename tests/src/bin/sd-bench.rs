@@ -21,7 +21,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Write an API key pair (api.key.pem/api.pub.pem) and a launcher key pair into DIR.
+    /// Write the API, launcher and cluster key pairs (`*.key.pem`/`*.pub.pem`) into DIR.
     Keys { dir: PathBuf },
     /// Run the phases against URL.
     Run {
@@ -68,6 +68,7 @@ async fn main() -> Result<()> {
             std::fs::create_dir_all(&dir)?;
             RsaKeys::generate().write(&dir, "api");
             RsaKeys::generate().write(&dir, "launcher");
+            RsaKeys::generate().write(&dir, "cluster");
             Ok(())
         }
         Cmd::Run {
@@ -164,6 +165,27 @@ async fn run(url: String, keys: PathBuf, concurrency: usize, duration: Duration)
         .await,
     );
 
+    let cluster = RsaKeys {
+        private_pem: std::fs::read_to_string(keys.join("cluster.key.pem"))
+            .context("cluster.key.pem")?,
+        public_pem: String::new(),
+    };
+    let agent_token = || {
+        let now = sd_testkit::unix_now();
+        cluster.sign(&json!({"buildCluster": "bench-agent", "iat": now, "exp": now + 300}))
+    };
+    // A cluster reached only by name (weightage 0), so its queue holds exactly what the
+    // agent phases put there.
+    http.post(format!("{url}/v4/buildclusters"))
+        .bearer_auth(&admin)
+        .json(&json!({"name": "bench-agent", "scmContext": "github:github.com", "managedBy": "screwdriver",
+            "managedByEmail": "bench@example.com", "authKey": "BENCH_KEY", "weightage": 0}))
+        .send()
+        .await?;
+    let cycles =
+        fetch_ack_cycles(&http, &url, &sdapi, &agent_token, &next_build, concurrency).await?;
+    let wake = wake_latency(&http, &url, &sdapi, &agent_token, &next_build).await?;
+
     let baseline = phases[0].rps();
     println!();
     println!(
@@ -183,7 +205,24 @@ async fn run(url: String, keys: PathBuf, concurrency: usize, duration: Duration)
         );
     }
     println!(
-        "\nconcurrency {concurrency}, {}s per phase",
+        "{:<28} {:>10} {:>9.0} {:>9} {:>9} {:>8} {:>11.3}x",
+        "fetch→ack (10 per poll)",
+        cycles.0,
+        cycles.1,
+        "",
+        "",
+        0,
+        cycles.1 / baseline
+    );
+    println!(
+        "\nlong-poll wake (submit → delivery, {} samples): p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+        wake.len(),
+        pct(&wake, 0.5),
+        pct(&wake, 0.99),
+        pct(&wake, 1.0)
+    );
+    println!(
+        "concurrency {concurrency}, {}s per phase",
         duration.as_secs()
     );
     if phases.iter().any(|p| p.errors > 0) {
@@ -237,4 +276,138 @@ where
         elapsed,
         latencies,
     }
+}
+
+fn pct(sorted: &[Duration], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i].as_secs_f64() * 1e3
+}
+
+fn start_body(id: u64) -> serde_json::Value {
+    json!({
+        "buildId": id, "jobId": id, "eventId": 1, "jobName": "main",
+        "annotations": {"screwdriver.cd/buildCluster": "bench-agent"}, "blockedBy": [],
+        "pipeline": {"id": 1, "name": "bench/repo", "scmContext": "github:github.com"},
+        "apiUri": "https://api.example", "container": "node:22", "isPR": false, "token": "bench-token",
+    })
+}
+
+/// Queues builds, then drains them with four agents polling (max 10) and acking: builds/s.
+async fn fetch_ack_cycles(
+    http: &reqwest::Client,
+    url: &str,
+    sdapi: &str,
+    agent_token: &(dyn Fn() -> String + Sync),
+    next_build: &AtomicU64,
+    concurrency: usize,
+) -> Result<(u64, f64)> {
+    let total = 6_000u64;
+    eprintln!("queueing {total} builds for the fetch→ack phase …");
+    let queued = AtomicU64::new(0);
+    let submitters = (0..concurrency).map(|_| async {
+        while queued.fetch_add(1, Ordering::Relaxed) < total {
+            let id = next_build.fetch_add(1, Ordering::Relaxed);
+            let r = http
+                .post(format!("{url}/v1/queue/message"))
+                .bearer_auth(sdapi)
+                .json(&start_body(id))
+                .send()
+                .await?;
+            if !r.status().is_success() {
+                bail!("submit: {}", r.status());
+            }
+        }
+        Ok::<_, anyhow::Error>(())
+    });
+    for r in futures::future::join_all(submitters).await {
+        r?;
+    }
+    eprintln!("running fetch→ack …");
+    let token = agent_token();
+    let started = Instant::now();
+    let agents = (0..4).map(|_| async {
+        let mut acked = 0u64;
+        loop {
+            let body: serde_json::Value = http
+                .get(format!("{url}/v1/jobs/bench-agent?wait=0&max=10"))
+                .bearer_auth(&token)
+                .send()
+                .await?
+                .json()
+                .await?;
+            let ids = delivery_ids(&body);
+            if ids.is_empty() {
+                return Ok::<_, anyhow::Error>(acked);
+            }
+            let r = http
+                .post(format!("{url}/v1/jobs/bench-agent/ack"))
+                .bearer_auth(&token)
+                .json(&json!({"deliveryIds": ids}))
+                .send()
+                .await?;
+            if !r.status().is_success() {
+                bail!("ack: {}", r.status());
+            }
+            acked += ids.len() as u64;
+        }
+    });
+    let mut acked = 0;
+    for r in futures::future::join_all(agents).await {
+        acked += r?;
+    }
+    if acked != total {
+        bail!("queued {total} builds but acknowledged {acked}");
+    }
+    Ok((acked, acked as f64 / started.elapsed().as_secs_f64()))
+}
+
+fn delivery_ids(body: &serde_json::Value) -> Vec<serde_json::Value> {
+    body["jobs"]
+        .as_array()
+        .map(|jobs| jobs.iter().map(|j| j["deliveryId"].clone()).collect())
+        .unwrap_or_default()
+}
+
+/// One agent waits in a long-poll; a build is submitted; how long until the poll returns it.
+async fn wake_latency(
+    http: &reqwest::Client,
+    url: &str,
+    sdapi: &str,
+    agent_token: &(dyn Fn() -> String + Sync),
+    next_build: &AtomicU64,
+) -> Result<Vec<Duration>> {
+    eprintln!("measuring long-poll wake latency …");
+    let token = agent_token();
+    let mut samples = Vec::new();
+    for _ in 0..200 {
+        let poll = http
+            .get(format!("{url}/v1/jobs/bench-agent?wait=10&max=1"))
+            .bearer_auth(&token)
+            .send();
+        let poll = tokio::spawn(poll);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let id = next_build.fetch_add(1, Ordering::Relaxed);
+        let t0 = Instant::now();
+        http.post(format!("{url}/v1/queue/message"))
+            .bearer_auth(sdapi)
+            .json(&start_body(id))
+            .send()
+            .await?;
+        let body: serde_json::Value = poll.await??.json().await?;
+        samples.push(t0.elapsed());
+        let ids = delivery_ids(&body);
+        if ids.is_empty() {
+            bail!("the long-poll returned empty instead of the build");
+        }
+        http.post(format!("{url}/v1/jobs/bench-agent/ack"))
+            .bearer_auth(&token)
+            .json(&json!({"deliveryIds": ids}))
+            .send()
+            .await?;
+    }
+    samples.sort();
+    Ok(samples)
 }
