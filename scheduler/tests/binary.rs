@@ -121,3 +121,124 @@ async fn starts_on_defaults_serves_and_stops_on_sigterm() {
     let parsed: serde_json::Value = serde_json::from_str(first).expect("JSON logs");
     assert_eq!(parsed["level"], "INFO");
 }
+
+/// A real `sd-scheduler` process, killed on drop.
+struct Process {
+    child: std::process::Child,
+    base: String,
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn spawn_scheduler(env: &[(&str, String)]) -> Process {
+    let port = free_port();
+    let child = Command::new(BIN)
+        .env_remove("SD_SCHEDULER_CONFIG")
+        .env("SD_SCHEDULER_LISTEN", format!("127.0.0.1:{port}"))
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn sd-scheduler");
+    Process {
+        child,
+        base: format!("http://127.0.0.1:{port}"),
+    }
+}
+
+/// Two scheduler processes on one PostgreSQL database and one Redis serve long-polls for the
+/// same cluster: every build is delivered exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_scheduler_processes_deliver_each_build_once() {
+    use serde_json::json;
+    use std::collections::HashMap;
+    let redis = RedisServer::start().unwrap();
+    let db = sd_testkit::TestDb::new(sd_testkit::Backend::Postgres).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let api = sd_testkit::shared_keys("api");
+    let (_, api_pub) = api.write(dir.path(), "api");
+    let (launcher, _) = sd_testkit::shared_keys("launcher").write(dir.path(), "launcher");
+    let cluster = sd_testkit::ClusterKeys::generate(jsonwebtoken::Algorithm::RS256);
+    let env = [
+        ("SD_SCHEDULER_DATABASE_URL", db.url().to_owned()),
+        ("SD_SCHEDULER_REDIS_URL", redis.url()),
+        ("SD_SCHEDULER_AUTH_API_PUBLIC_KEY_FILE", api_pub.display().to_string()),
+        ("SD_SCHEDULER_AUTH_PRIVATE_KEY_FILE", launcher.display().to_string()),
+        ("SHARED_PUBLIC_KEY", cluster.public_pem.clone()),
+    ];
+    let a = spawn_scheduler(&env);
+    let b = spawn_scheduler(&env);
+    let http = reqwest::Client::new();
+    for p in [&a, &b] {
+        let up = eventually(Duration::from_secs(30), || async {
+            let r = http.get(format!("{}/readyz", p.base)).send().await.ok()?;
+            r.status().is_success().then_some(())
+        })
+        .await;
+        assert!(up.is_some(), "scheduler at {} ready", p.base);
+    }
+    let created = http
+        .post(format!("{}/v4/buildclusters", a.base))
+        .bearer_auth(api.api_token(&["admin"]))
+        .json(&json!({"name": "shared", "scmContext": "github:github.com", "managedBy": "screwdriver",
+            "managedByEmail": "ops@example.com", "authKey": "SHARED_PUBLIC_KEY"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), 201);
+    // B learns of the cluster through pub/sub.
+    let n = 40u64;
+    for id in 1..=n {
+        let base = if id % 2 == 0 { &a.base } else { &b.base };
+        let body = json!({
+            "buildId": id, "jobId": 1000 + id, "blockedBy": [], "annotations": {},
+            "pipeline": {"id": 1, "name": "org/repo", "scmContext": "github:github.com"},
+            "apiUri": "https://api.example", "container": "node:22",
+        });
+        let accepted = eventually(Duration::from_secs(10), || async {
+            let r = http.post(format!("{base}/v1/queue/message")).bearer_auth(api.api_token(&["sdapi"])).json(&body).send().await.ok()?;
+            let v: serde_json::Value = r.json().await.ok()?;
+            (v["buildClusterName"] == "shared").then_some(())
+        })
+        .await;
+        assert!(accepted.is_some(), "build {id} routed");
+    }
+    let pollers = [&a.base, &b.base, &a.base, &b.base].map(|base| {
+        let (http, base, token) = (http.clone(), base.clone(), cluster.token("shared", 120));
+        tokio::spawn(async move {
+            let mut got = Vec::new();
+            loop {
+                let body: serde_json::Value = http
+                    .get(format!("{base}/v1/jobs/shared?wait=1&max=3"))
+                    .bearer_auth(&token)
+                    .send()
+                    .await
+                    .unwrap()
+                    .json()
+                    .await
+                    .unwrap();
+                let jobs = body["jobs"].as_array().unwrap().clone();
+                if jobs.is_empty() {
+                    return got;
+                }
+                let ids: Vec<_> = jobs.iter().map(|j| j["deliveryId"].clone()).collect();
+                let r = http.post(format!("{base}/v1/jobs/shared/ack")).bearer_auth(&token).json(&json!({"deliveryIds": ids})).send().await.unwrap();
+                assert!(r.status().is_success());
+                got.extend(jobs.iter().map(|j| j["message"]["buildConfig"]["buildId"].as_u64().unwrap()));
+            }
+        })
+    });
+    let mut seen: HashMap<u64, u32> = HashMap::new();
+    for p in pollers {
+        for id in p.await.unwrap() {
+            *seen.entry(id).or_default() += 1;
+        }
+    }
+    assert_eq!(seen.len() as u64, n, "every build delivered: {seen:?}");
+    assert!(seen.values().all(|c| *c == 1), "none twice: {seen:?}");
+}
