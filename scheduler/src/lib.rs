@@ -368,6 +368,19 @@ async fn watch_health(state: Arc<AppState>, ha: config::HaConfig, shutdown: Canc
             })
             .collect();
         state.health.evaluate(&silence, ha.cluster_dead_after);
+        let names: std::collections::BTreeSet<String> = state
+            .cache
+            .snapshot()
+            .iter()
+            .map(|c| c.fields.name.clone())
+            .collect();
+        for name in names {
+            if let Ok(depths) = state.queues.depths(&name).await {
+                for (set, n) in ["ready", "leased", "delayed", "dead"].iter().zip(depths) {
+                    metrics::gauge!("sd_scheduler_queue_depth", "cluster" => name.clone(), "set" => *set).set(n as f64);
+                }
+            }
+        }
         let unhealthy = state.health.unhealthy();
         if unhealthy != was_unhealthy {
             was_unhealthy = unhealthy;

@@ -158,7 +158,9 @@ async fn two_scheduler_processes_deliver_each_build_once() {
     use serde_json::json;
     use std::collections::HashMap;
     let redis = RedisServer::start().unwrap();
-    let db = sd_testkit::TestDb::new(sd_testkit::Backend::Postgres).await.unwrap();
+    let db = sd_testkit::TestDb::new(sd_testkit::Backend::Postgres)
+        .await
+        .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let api = sd_testkit::shared_keys("api");
     let (_, api_pub) = api.write(dir.path(), "api");
@@ -167,8 +169,14 @@ async fn two_scheduler_processes_deliver_each_build_once() {
     let env = [
         ("SD_SCHEDULER_DATABASE_URL", db.url().to_owned()),
         ("SD_SCHEDULER_REDIS_URL", redis.url()),
-        ("SD_SCHEDULER_AUTH_API_PUBLIC_KEY_FILE", api_pub.display().to_string()),
-        ("SD_SCHEDULER_AUTH_PRIVATE_KEY_FILE", launcher.display().to_string()),
+        (
+            "SD_SCHEDULER_AUTH_API_PUBLIC_KEY_FILE",
+            api_pub.display().to_string(),
+        ),
+        (
+            "SD_SCHEDULER_AUTH_PRIVATE_KEY_FILE",
+            launcher.display().to_string(),
+        ),
         ("SHARED_PUBLIC_KEY", cluster.public_pem.clone()),
     ];
     let a = spawn_scheduler(&env);
@@ -185,8 +193,10 @@ async fn two_scheduler_processes_deliver_each_build_once() {
     let created = http
         .post(format!("{}/v4/buildclusters", a.base))
         .bearer_auth(api.api_token(&["admin"]))
-        .json(&json!({"name": "shared", "scmContext": "github:github.com", "managedBy": "screwdriver",
-            "managedByEmail": "ops@example.com", "authKey": "SHARED_PUBLIC_KEY"}))
+        .json(
+            &json!({"name": "shared", "scmContext": "github:github.com", "managedBy": "screwdriver",
+            "managedByEmail": "ops@example.com", "authKey": "SHARED_PUBLIC_KEY"}),
+        )
         .send()
         .await
         .unwrap();
@@ -201,7 +211,13 @@ async fn two_scheduler_processes_deliver_each_build_once() {
             "apiUri": "https://api.example", "container": "node:22",
         });
         let accepted = eventually(Duration::from_secs(10), || async {
-            let r = http.post(format!("{base}/v1/queue/message")).bearer_auth(api.api_token(&["sdapi"])).json(&body).send().await.ok()?;
+            let r = http
+                .post(format!("{base}/v1/queue/message"))
+                .bearer_auth(api.api_token(&["sdapi"]))
+                .json(&body)
+                .send()
+                .await
+                .ok()?;
             let v: serde_json::Value = r.json().await.ok()?;
             (v["buildClusterName"] == "shared").then_some(())
         })
@@ -227,9 +243,18 @@ async fn two_scheduler_processes_deliver_each_build_once() {
                     return got;
                 }
                 let ids: Vec<_> = jobs.iter().map(|j| j["deliveryId"].clone()).collect();
-                let r = http.post(format!("{base}/v1/jobs/shared/ack")).bearer_auth(&token).json(&json!({"deliveryIds": ids})).send().await.unwrap();
+                let r = http
+                    .post(format!("{base}/v1/jobs/shared/ack"))
+                    .bearer_auth(&token)
+                    .json(&json!({"deliveryIds": ids}))
+                    .send()
+                    .await
+                    .unwrap();
                 assert!(r.status().is_success());
-                got.extend(jobs.iter().map(|j| j["message"]["buildConfig"]["buildId"].as_u64().unwrap()));
+                got.extend(
+                    jobs.iter()
+                        .map(|j| j["message"]["buildConfig"]["buildId"].as_u64().unwrap()),
+                );
             }
         })
     });

@@ -637,6 +637,27 @@ async fn silent_or_paused_clusters_lose_their_waiting_builds_to_peers() {
     assert_eq!(view["buildClusterName"], "east");
     // The farm's build has nowhere else to go (own group, external): it waits in its queue.
     assert_eq!(h.ready("farm").await, vec!["50"]);
+    let metrics = eventually(Duration::from_secs(5), || async {
+        let text = h
+            .http
+            .get(format!("{}/metrics", h.base))
+            .send()
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        text.lines()
+            .any(|l| {
+                l.starts_with("sd_scheduler_queue_depth")
+                    && l.contains("cluster=\"farm\"")
+                    && l.contains("set=\"ready\"")
+                    && l.ends_with(" 1")
+            })
+            .then_some(text)
+    })
+    .await;
+    assert!(metrics.is_some(), "queue depth exported per cluster");
     // West polls again: healthy, and a pause moves its new builds to east at once.
     assert!(h.poll("west", &west, 0, 10).await.is_empty());
     h.call(

@@ -584,6 +584,20 @@ impl Queues {
         Ok(rang.is_some())
     }
 
+    /// Sizes of a cluster's ready, leased, delayed and dead sets (one round trip).
+    pub async fn depths(&self, cluster: &str) -> Result<[u64; 4], QueueError> {
+        let keys = ClusterKeys::new(cluster);
+        let mut conn = self.conn.clone();
+        let (ready, leased, delayed, dead): (u64, u64, u64, u64) = redis::pipe()
+            .zcard(&keys.ready)
+            .zcard(&keys.leased)
+            .zcard(&keys.delayed)
+            .zcard(&keys.dead)
+            .query_async(&mut conn)
+            .await?;
+        Ok([ready, leased, delayed, dead])
+    }
+
     /// Ids waiting on a cluster's ready queue, oldest first (for inspection and tests).
     pub async fn ready(&self, cluster: &str) -> Result<Vec<String>, QueueError> {
         self.zrange(&ClusterKeys::new(cluster).ready).await
