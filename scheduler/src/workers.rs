@@ -10,7 +10,9 @@ use tokio_util::sync::CancellationToken;
 use crate::builds::{BuildState, Builds};
 use crate::db::DbError;
 use crate::ha::Health;
-use crate::queue::{Fetched, LeaseOutcome, QueueError, QueueSettings, Queues, parse_delivery_id};
+use crate::queue::{
+    Fetched, LeaseOp, LeaseOutcome, QueueError, QueueSettings, Queues, parse_delivery_id,
+};
 use crate::registry::ClusterCache;
 use crate::reporter::{ReportTarget, Reporter};
 
@@ -76,7 +78,7 @@ impl Workers {
             if self.is_active(cluster) {
                 let fetched = self.queues.fetch(cluster, max, &self.settings).await?;
                 next_due = fetched.next_due_in;
-                let deliveries = self.settle(cluster, fetched).await?;
+                let deliveries = self.apply_fetch(cluster, fetched).await?;
                 if !deliveries.is_empty() {
                     return Ok(deliveries);
                 }
@@ -106,7 +108,11 @@ impl Workers {
 
     /// Applies what a fetch decided besides leases: dead letters and collapses end builds and
     /// are reported; first-time blocks are reported as BLOCKED.
-    async fn settle(&self, cluster: &str, fetched: Fetched) -> Result<Vec<Delivery>, WorkerError> {
+    async fn apply_fetch(
+        &self,
+        cluster: &str,
+        fetched: Fetched,
+    ) -> Result<Vec<Delivery>, WorkerError> {
         for (id, raw) in fetched.dead {
             let reason = format!(
                 "build was delivered {} times to cluster {cluster} without being acknowledged; giving up",
@@ -192,26 +198,44 @@ impl Workers {
         Ok(())
     }
 
+    /// Applies `op` to each delivery; returns the report and the queue ids it applied to.
+    async fn settle(
+        &self,
+        op: LeaseOp,
+        cluster: &str,
+        delivery_ids: &[String],
+    ) -> Result<(LeaseReport, Vec<String>), WorkerError> {
+        let mut report = LeaseReport::default();
+        let mut applied = Vec::new();
+        for delivery_id in delivery_ids {
+            let outcome = match parse_delivery_id(delivery_id) {
+                Some((id, token)) => {
+                    let outcome = self
+                        .queues
+                        .settle_lease(op, cluster, id, token, &self.settings)
+                        .await?;
+                    if outcome == LeaseOutcome::Done {
+                        applied.push(id.to_owned());
+                    }
+                    outcome
+                }
+                None => LeaseOutcome::Stale,
+            };
+            match outcome {
+                LeaseOutcome::Done => report.done.push(delivery_id.clone()),
+                LeaseOutcome::Stale => report.stale.push(delivery_id.clone()),
+            }
+        }
+        Ok((report, applied))
+    }
+
     pub async fn ack(
         &self,
         cluster: &str,
         delivery_ids: &[String],
     ) -> Result<LeaseReport, WorkerError> {
-        let mut report = LeaseReport::default();
-        let mut dispatched = Vec::new();
-        for delivery_id in delivery_ids {
-            let Some((id, token)) = parse_delivery_id(delivery_id) else {
-                report.stale.push(delivery_id.clone());
-                continue;
-            };
-            match self.queues.ack(cluster, id, token).await? {
-                LeaseOutcome::Done => {
-                    dispatched.extend(id.parse::<u64>().ok());
-                    report.done.push(delivery_id.clone());
-                }
-                LeaseOutcome::Stale => report.stale.push(delivery_id.clone()),
-            }
-        }
+        let (report, acked) = self.settle(LeaseOp::Ack, cluster, delivery_ids).await?;
+        let dispatched: Vec<u64> = acked.iter().filter_map(|id| id.parse().ok()).collect();
         // The queue is authoritative for the transfer, and the agent must learn that its acks
         // landed: should this write fail, the reconciler finds the builds acknowledged (their
         // tombstones) and marks them dispatched.
@@ -229,17 +253,7 @@ impl Workers {
         delivery_ids: &[String],
         reason: &str,
     ) -> Result<LeaseReport, WorkerError> {
-        let mut report = LeaseReport::default();
-        for delivery_id in delivery_ids {
-            let outcome = match parse_delivery_id(delivery_id) {
-                Some((id, token)) => self.queues.nack(cluster, id, token, &self.settings).await?,
-                None => LeaseOutcome::Stale,
-            };
-            match outcome {
-                LeaseOutcome::Done => report.done.push(delivery_id.clone()),
-                LeaseOutcome::Stale => report.stale.push(delivery_id.clone()),
-            }
-        }
+        let (report, _) = self.settle(LeaseOp::Nack, cluster, delivery_ids).await?;
         if !report.done.is_empty() {
             tracing::warn!(
                 cluster,
@@ -256,22 +270,7 @@ impl Workers {
         cluster: &str,
         delivery_ids: &[String],
     ) -> Result<LeaseReport, WorkerError> {
-        let mut report = LeaseReport::default();
-        for delivery_id in delivery_ids {
-            let outcome = match parse_delivery_id(delivery_id) {
-                Some((id, token)) => {
-                    self.queues
-                        .renew(cluster, id, token, &self.settings)
-                        .await?
-                }
-                None => LeaseOutcome::Stale,
-            };
-            match outcome {
-                LeaseOutcome::Done => report.done.push(delivery_id.clone()),
-                LeaseOutcome::Stale => report.stale.push(delivery_id.clone()),
-            }
-        }
-        Ok(report)
+        Ok(self.settle(LeaseOp::Renew, cluster, delivery_ids).await?.0)
     }
 
     /// A build started or ended on `cluster`; an end releases the builds its job held back.

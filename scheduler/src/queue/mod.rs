@@ -141,6 +141,17 @@ pub struct Fetched {
     pub next_due_in: Option<Duration>,
 }
 
+/// What an agent does with a lease.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeaseOp {
+    /// The transfer succeeded: remove the message, leave a tombstone.
+    Ack,
+    /// Give it back now, with back-off.
+    Nack,
+    /// Keep it longer.
+    Renew,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LeaseOutcome {
     /// The lease was current and the operation applied.
@@ -394,74 +405,58 @@ impl Queues {
         Ok(fetched)
     }
 
-    pub async fn ack(
+    /// Acknowledges, gives back or renews one lease, checked against its fencing token.
+    pub async fn settle_lease(
         &self,
-        cluster: &str,
-        id: &str,
-        token: &str,
-    ) -> Result<LeaseOutcome, QueueError> {
-        let keys = ClusterKeys::new(cluster);
-        let mut conn = self.conn.clone();
-        let reply: String = self
-            .scripts
-            .ack
-            .key(&keys.leased)
-            .key(&keys.jobs)
-            .key(&keys.meta)
-            .key(WHERE)
-            .key(ACKED)
-            .arg(id)
-            .arg(token)
-            .invoke_async(&mut conn)
-            .await?;
-        outcome(&reply, "acked")
-    }
-
-    pub async fn nack(
-        &self,
+        op: LeaseOp,
         cluster: &str,
         id: &str,
         token: &str,
         settings: &QueueSettings,
     ) -> Result<LeaseOutcome, QueueError> {
         let keys = ClusterKeys::new(cluster);
+        let mut invocation = match op {
+            LeaseOp::Ack => self.scripts.ack.prepare_invoke(),
+            LeaseOp::Nack => self.scripts.nack.prepare_invoke(),
+            LeaseOp::Renew => self.scripts.renew.prepare_invoke(),
+        };
+        invocation.key(&keys.leased);
+        match op {
+            LeaseOp::Ack => invocation
+                .key(&keys.jobs)
+                .key(&keys.meta)
+                .key(WHERE)
+                .key(ACKED)
+                .arg(id)
+                .arg(token),
+            LeaseOp::Nack => invocation
+                .key(&keys.delayed)
+                .key(&keys.meta)
+                .key(RUNNING)
+                .arg(id)
+                .arg(token)
+                .arg(millis(settings.nack_backoff))
+                .arg(millis(settings.nack_backoff_max)),
+            LeaseOp::Renew => invocation
+                .key(&keys.meta)
+                .arg(id)
+                .arg(token)
+                .arg(millis(settings.visibility_timeout)),
+        };
         let mut conn = self.conn.clone();
-        let reply: String = self
-            .scripts
-            .nack
-            .key(&keys.leased)
-            .key(&keys.delayed)
-            .key(&keys.meta)
-            .key(RUNNING)
-            .arg(id)
-            .arg(token)
-            .arg(millis(settings.nack_backoff))
-            .arg(millis(settings.nack_backoff_max))
-            .invoke_async(&mut conn)
-            .await?;
-        outcome(&reply, "nacked")
-    }
-
-    pub async fn renew(
-        &self,
-        cluster: &str,
-        id: &str,
-        token: &str,
-        settings: &QueueSettings,
-    ) -> Result<LeaseOutcome, QueueError> {
-        let keys = ClusterKeys::new(cluster);
-        let mut conn = self.conn.clone();
-        let reply: String = self
-            .scripts
-            .renew
-            .key(&keys.leased)
-            .key(&keys.meta)
-            .arg(id)
-            .arg(token)
-            .arg(millis(settings.visibility_timeout))
-            .invoke_async(&mut conn)
-            .await?;
-        outcome(&reply, "renewed")
+        let reply: String = invocation.invoke_async(&mut conn).await?;
+        let done = match op {
+            LeaseOp::Ack => "acked",
+            LeaseOp::Nack => "nacked",
+            LeaseOp::Renew => "renewed",
+        };
+        if reply == done {
+            Ok(LeaseOutcome::Done)
+        } else if reply == "stale" {
+            Ok(LeaseOutcome::Stale)
+        } else {
+            Err(QueueError::Reply(reply))
+        }
     }
 
     /// A build of `job_id` finished: release the job and promote what waited on it. Returns
@@ -665,16 +660,6 @@ fn pairs(flat: Vec<String>) -> Vec<(String, String)> {
     flat.chunks_exact(2)
         .map(|c| (c[0].clone(), c[1].clone()))
         .collect()
-}
-
-fn outcome(reply: &str, done: &str) -> Result<LeaseOutcome, QueueError> {
-    if reply == done {
-        Ok(LeaseOutcome::Done)
-    } else if reply == "stale" {
-        Ok(LeaseOutcome::Stale)
-    } else {
-        Err(QueueError::Reply(reply.to_owned()))
-    }
 }
 
 #[cfg(test)]
