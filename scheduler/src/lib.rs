@@ -11,7 +11,13 @@ pub mod config;
 pub mod db;
 pub mod ha;
 pub mod intake;
-pub mod queue;
+/// The master queues: sd-queue under the hash tag `{sd}`.
+pub mod queue {
+    pub use sd_queue::*;
+
+    /// The scheduler's hash tag.
+    pub const TAG: &str = "sd";
+}
 pub mod reconciler;
 pub mod registry;
 pub mod reporter;
@@ -133,7 +139,7 @@ impl Scheduler {
             }
         };
         let db = Db::connect(&config.database.url, config.database.max_connections).await?;
-        let queues = Queues::connect(&config.redis.url)?;
+        let queues = Queues::connect(&config.redis.url, queue::TAG)?;
         let registry = Registry::new(db.clone());
         let cache = ClusterCache::default();
         cache.reload(&registry).await?;

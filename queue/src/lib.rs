@@ -1,9 +1,11 @@
-//! The master queues in the scheduler's Redis: one set of keys per cluster, every operation one
-//! Lua script, every key under the `{sd}` hash tag so a Redis Cluster keeps a script in one slot.
+//! The build queues of sd-buildcluster in Redis: one set of keys per cluster, every operation
+//! one Lua script, every key under one hash tag so a Redis Cluster keeps a script in one slot.
+//! The scheduler's master queues use the tag `sd`; an agent's local queue uses `sd-agent` in
+//! its cluster's own Redis — the same scripts, the same guarantees.
 //!
-//! Architecture invariant: only this module knows the key layout and the scripts. A build is in
-//! at most one cluster's queue at a time (`{sd}:where` is checked inside the enqueue script), and
-//! a build that was delivered and acknowledged is never queued again (`{sd}:acked` tombstones).
+//! Architecture invariant: only this crate knows the key layout and the scripts. A build is in
+//! at most one cluster's queue at a time (`{tag}:where` is checked inside the enqueue script),
+//! and a build that was delivered and acknowledged is never queued again (`{tag}:acked`).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -33,10 +35,44 @@ pub struct ClusterKeys {
     pub wake: String,
 }
 
-impl ClusterKeys {
-    pub fn new(cluster: &str) -> Self {
-        let key = |suffix: &str| format!("{{sd}}:q:{cluster}:{suffix}");
+/// Every key name under one hash tag.
+pub struct Keys {
+    tag: String,
+    /// Tombstones of acknowledged messages.
+    pub acked: String,
+    /// id → the cluster whose queue holds it.
+    pub where_: String,
+    /// jobId → the build delivered for it and not yet finished.
+    pub running: String,
+    /// jobId → the newest buildId queued for it (collapse).
+    pub newest: String,
+    /// jobId → JSON list of `cluster\tid` deferred behind that job.
+    pub blocked: String,
+    /// Counter behind the fencing tokens of leases.
+    pub lease_seq: String,
+    /// cluster → Redis time (ms) of its last authenticated poll.
+    pub heartbeat: String,
+}
+
+impl Keys {
+    pub fn new(tag: &str) -> Self {
+        let key = |name: &str| format!("{{{tag}}}:{name}");
         Self {
+            tag: tag.to_owned(),
+            acked: key("acked"),
+            where_: key("where"),
+            running: key("running"),
+            newest: key("newest"),
+            blocked: key("blocked"),
+            lease_seq: key("lease-seq"),
+            heartbeat: key("heartbeat"),
+        }
+    }
+
+    pub fn cluster(&self, cluster: &str) -> ClusterKeys {
+        let tag = &self.tag;
+        let key = |suffix: &str| format!("{{{tag}}}:q:{cluster}:{suffix}");
+        ClusterKeys {
             ready: key("ready"),
             leased: key("leased"),
             delayed: key("delayed"),
@@ -47,21 +83,6 @@ impl ClusterKeys {
         }
     }
 }
-
-/// Tombstones of acknowledged builds.
-pub const ACKED: &str = "{sd}:acked";
-/// buildId → the cluster whose queue holds it.
-pub const WHERE: &str = "{sd}:where";
-/// jobId → the buildId that runs (or was delivered and not yet finished) for it.
-pub const RUNNING: &str = "{sd}:running";
-/// jobId → the newest buildId queued for it (collapse).
-pub const NEWEST: &str = "{sd}:newest";
-/// jobId → JSON list of `cluster\tid` deferred behind that job.
-pub const BLOCKED: &str = "{sd}:blocked";
-/// Counter behind the fencing tokens of leases.
-pub const LEASE_SEQ: &str = "{sd}:lease-seq";
-/// cluster → Redis time (ms) of its last authenticated poll.
-pub const HEARTBEAT: &str = "{sd}:heartbeat";
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Enqueued {
@@ -173,6 +194,7 @@ pub enum Moved {
 pub struct Queues {
     conn: ConnectionManager,
     client: Client,
+    keys: Arc<Keys>,
     scripts: Arc<Scripts>,
 }
 
@@ -189,8 +211,9 @@ struct Scripts {
 }
 
 impl Queues {
-    /// Connects lazily: the scheduler starts (and reports not ready) while Redis is down.
-    pub fn connect(url: &str) -> Result<Self, QueueError> {
+    /// Connects lazily (a service starts, and reports not ready, while Redis is down); every key
+    /// lives under the hash tag `{tag}`.
+    pub fn connect(url: &str, tag: &str) -> Result<Self, QueueError> {
         let client = Client::open(url)?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(2)))
@@ -201,6 +224,7 @@ impl Queues {
         Ok(Self {
             conn,
             client,
+            keys: Arc::new(Keys::new(tag)),
             scripts: Arc::new(Scripts {
                 enqueue: Script::new(include_str!("enqueue.lua")),
                 cancel: Script::new(include_str!("cancel.lua")),
@@ -213,6 +237,10 @@ impl Queues {
                 moves: Script::new(include_str!("move.lua")),
             }),
         })
+    }
+
+    pub fn keys(&self) -> &Keys {
+        &self.keys
     }
 
     pub async fn ping(&self) -> Result<(), QueueError> {
@@ -262,7 +290,7 @@ impl Queues {
         holds: &Holds,
         force: bool,
     ) -> Result<Enqueued, QueueError> {
-        let keys = ClusterKeys::new(cluster);
+        let keys = self.keys.cluster(cluster);
         let body = serde_json::to_string(message)?;
         let blockers = serde_json::to_string(
             &holds
@@ -279,9 +307,9 @@ impl Queues {
             .key(&keys.jobs)
             .key(&keys.meta)
             .key(&keys.wake)
-            .key(ACKED)
-            .key(WHERE)
-            .key(NEWEST)
+            .key(&self.keys.acked)
+            .key(&self.keys.where_)
+            .key(&self.keys.newest)
             .arg(id)
             .arg(body)
             .arg(0)
@@ -323,7 +351,7 @@ impl Queues {
 
     /// Removes a waiting message; tells the caller when an agent already holds it.
     pub async fn cancel(&self, cluster: &str, build_id: u64) -> Result<Cancelled, QueueError> {
-        let keys = ClusterKeys::new(cluster);
+        let keys = self.keys.cluster(cluster);
         let mut conn = self.conn.clone();
         let reply: String = self
             .scripts
@@ -333,7 +361,7 @@ impl Queues {
             .key(&keys.leased)
             .key(&keys.jobs)
             .key(&keys.meta)
-            .key(WHERE)
+            .key(&self.keys.where_)
             .arg(build_id)
             .invoke_async(&mut conn)
             .await?;
@@ -352,7 +380,7 @@ impl Queues {
         max: u32,
         settings: &QueueSettings,
     ) -> Result<Fetched, QueueError> {
-        let keys = ClusterKeys::new(cluster);
+        let keys = self.keys.cluster(cluster);
         let mut conn = self.conn.clone();
         let (leases, dead, blocked, collapsed, next_due): (
             Vec<String>,
@@ -369,12 +397,12 @@ impl Queues {
             .key(&keys.jobs)
             .key(&keys.meta)
             .key(&keys.dead)
-            .key(RUNNING)
-            .key(WHERE)
-            .key(NEWEST)
-            .key(LEASE_SEQ)
-            .key(BLOCKED)
-            .key(ACKED)
+            .key(&self.keys.running)
+            .key(&self.keys.where_)
+            .key(&self.keys.newest)
+            .key(&self.keys.lease_seq)
+            .key(&self.keys.blocked)
+            .key(&self.keys.acked)
             .arg(max)
             .arg(millis(settings.visibility_timeout))
             .arg(settings.max_attempts)
@@ -414,7 +442,7 @@ impl Queues {
         token: &str,
         settings: &QueueSettings,
     ) -> Result<LeaseOutcome, QueueError> {
-        let keys = ClusterKeys::new(cluster);
+        let keys = self.keys.cluster(cluster);
         let mut invocation = match op {
             LeaseOp::Ack => self.scripts.ack.prepare_invoke(),
             LeaseOp::Nack => self.scripts.nack.prepare_invoke(),
@@ -425,14 +453,14 @@ impl Queues {
             LeaseOp::Ack => invocation
                 .key(&keys.jobs)
                 .key(&keys.meta)
-                .key(WHERE)
-                .key(ACKED)
+                .key(&self.keys.where_)
+                .key(&self.keys.acked)
                 .arg(id)
                 .arg(token),
             LeaseOp::Nack => invocation
                 .key(&keys.delayed)
                 .key(&keys.meta)
-                .key(RUNNING)
+                .key(&self.keys.running)
                 .arg(id)
                 .arg(token)
                 .arg(millis(settings.nack_backoff))
@@ -466,8 +494,8 @@ impl Queues {
         let waiting: Vec<String> = self
             .scripts
             .release
-            .key(RUNNING)
-            .key(BLOCKED)
+            .key(&self.keys.running)
+            .key(&self.keys.blocked)
             .arg(job_id)
             .arg(build_id)
             .invoke_async(&mut conn)
@@ -478,7 +506,7 @@ impl Queues {
         }
         let mut promoted = 0;
         for (cluster, ids) in by_cluster {
-            let keys = ClusterKeys::new(&cluster);
+            let keys = self.keys.cluster(&cluster);
             let mut invocation = self.scripts.promote.prepare_invoke();
             invocation
                 .key(&keys.delayed)
@@ -496,7 +524,7 @@ impl Queues {
 
     /// Moves a waiting message from `src` to `dst` (HA re-routing).
     pub async fn move_waiting(&self, id: &str, src: &str, dst: &str) -> Result<Moved, QueueError> {
-        let (s, d) = (ClusterKeys::new(src), ClusterKeys::new(dst));
+        let (s, d) = (self.keys.cluster(src), self.keys.cluster(dst));
         let mut conn = self.conn.clone();
         let (what, name): (String, String) = self
             .scripts
@@ -510,7 +538,7 @@ impl Queues {
             .key(&d.jobs)
             .key(&d.meta)
             .key(&d.wake)
-            .key(WHERE)
+            .key(&self.keys.where_)
             .arg(id)
             .arg(src)
             .arg(dst)
@@ -529,7 +557,7 @@ impl Queues {
         let mut conn = self.conn.clone();
         let now = self.now_ms().await?;
         let _: i64 = redis::cmd("HSET")
-            .arg(HEARTBEAT)
+            .arg(&self.keys.heartbeat)
             .arg(cluster)
             .arg(now)
             .query_async(&mut conn)
@@ -543,7 +571,7 @@ impl Queues {
     ) -> Result<(std::collections::HashMap<String, i64>, i64), QueueError> {
         let mut conn = self.conn.clone();
         let beats: std::collections::HashMap<String, i64> = redis::cmd("HGETALL")
-            .arg(HEARTBEAT)
+            .arg(&self.keys.heartbeat)
             .query_async(&mut conn)
             .await?;
         Ok((beats, self.now_ms().await?))
@@ -572,7 +600,7 @@ impl Queues {
             .await?;
         let secs = timeout.as_secs_f64().max(0.01);
         let rang: Option<(String, String)> = redis::cmd("BLPOP")
-            .arg(ClusterKeys::new(cluster).wake)
+            .arg(self.keys.cluster(cluster).wake)
             .arg(secs)
             .query_async(&mut conn)
             .await?;
@@ -581,7 +609,7 @@ impl Queues {
 
     /// Sizes of a cluster's ready, leased, delayed and dead sets (one round trip).
     pub async fn depths(&self, cluster: &str) -> Result<[u64; 4], QueueError> {
-        let keys = ClusterKeys::new(cluster);
+        let keys = self.keys.cluster(cluster);
         let mut conn = self.conn.clone();
         let (ready, leased, delayed, dead): (u64, u64, u64, u64) = redis::pipe()
             .zcard(&keys.ready)
@@ -595,22 +623,22 @@ impl Queues {
 
     /// Ids waiting on a cluster's ready queue, oldest first (for inspection and tests).
     pub async fn ready(&self, cluster: &str) -> Result<Vec<String>, QueueError> {
-        self.zrange(&ClusterKeys::new(cluster).ready).await
+        self.zrange(&self.keys.cluster(cluster).ready).await
     }
 
     /// Ids deferred (blocked, backing off) on a cluster's queue.
     pub async fn delayed(&self, cluster: &str) -> Result<Vec<String>, QueueError> {
-        self.zrange(&ClusterKeys::new(cluster).delayed).await
+        self.zrange(&self.keys.cluster(cluster).delayed).await
     }
 
     /// Ids leased to an agent and not yet acknowledged.
     pub async fn leased(&self, cluster: &str) -> Result<Vec<String>, QueueError> {
-        self.zrange(&ClusterKeys::new(cluster).leased).await
+        self.zrange(&self.keys.cluster(cluster).leased).await
     }
 
     /// Dead-lettered ids of a cluster.
     pub async fn dead(&self, cluster: &str) -> Result<Vec<String>, QueueError> {
-        self.zrange(&ClusterKeys::new(cluster).dead).await
+        self.zrange(&self.keys.cluster(cluster).dead).await
     }
 
     async fn zrange(&self, key: &str) -> Result<Vec<String>, QueueError> {
@@ -631,7 +659,7 @@ impl Queues {
     ) -> Result<Option<QueueMessage>, QueueError> {
         let mut conn = self.conn.clone();
         let body: Option<String> = redis::cmd("HGET")
-            .arg(ClusterKeys::new(cluster).jobs)
+            .arg(self.keys.cluster(cluster).jobs)
             .arg(id)
             .query_async(&mut conn)
             .await?;
@@ -645,7 +673,7 @@ impl Queues {
     pub async fn owner(&self, id: &str) -> Result<Option<String>, QueueError> {
         let mut conn = self.conn.clone();
         Ok(redis::cmd("HGET")
-            .arg(WHERE)
+            .arg(&self.keys.where_)
             .arg(id)
             .query_async(&mut conn)
             .await?)
