@@ -33,6 +33,23 @@ pub enum SigningAlgorithm {
     EdDSA,
 }
 
+impl SigningAlgorithm {
+    /// The JOSE name (`"RS256"`, `"EdDSA"`, …).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SigningAlgorithm::RS256 => "RS256",
+            SigningAlgorithm::RS384 => "RS384",
+            SigningAlgorithm::RS512 => "RS512",
+            SigningAlgorithm::PS256 => "PS256",
+            SigningAlgorithm::PS384 => "PS384",
+            SigningAlgorithm::PS512 => "PS512",
+            SigningAlgorithm::ES256 => "ES256",
+            SigningAlgorithm::ES384 => "ES384",
+            SigningAlgorithm::EdDSA => "EdDSA",
+        }
+    }
+}
+
 /// The sign options held in the environment variable a cluster's `signOption` names:
 /// `{"algorithm":"RS256","expiresIn":300,"issuer":…,"audience":…}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -243,6 +243,11 @@ impl Queues {
         &self.keys
     }
 
+    /// The shared connection, for callers that keep records of their own next to the queue.
+    pub fn connection(&self) -> ConnectionManager {
+        self.conn.clone()
+    }
+
     pub async fn ping(&self) -> Result<(), QueueError> {
         let mut conn = self.conn.clone();
         let _: String = redis::cmd("PING").query_async(&mut conn).await?;

@@ -1,0 +1,291 @@
+//! `sd-agent run`: wires the loops together and handles signals.
+//!
+//! Shutdown order (SIGTERM/SIGINT): stop polling and launching; the fetcher finishes the
+//! transfer it is in (push + ack), everything else stays where it is — on the master queue or
+//! in the local Redis — to be picked up again; exit within `shutdown_timeout`. A second signal
+//! exits at once. SIGHUP reloads the config file and the private key (rotation).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{Notify, mpsc};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, ExecutorKind};
+use crate::executor::{self, Events, Executor};
+use crate::fetcher::Fetcher;
+use crate::health::{self, HealthState};
+use crate::launcher::Launcher;
+use crate::local::LocalQueue;
+use crate::scheduler_client::SchedulerClient;
+use crate::signer::Signer;
+use crate::status::Status;
+use crate::watcher::Watcher;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Signer(#[from] crate::signer::SignerError),
+    #[error("scheduler client: {0}")]
+    Client(String),
+    #[error(transparent)]
+    Local(#[from] crate::local::LocalError),
+    #[error("executor: {0}")]
+    Executor(#[from] executor::ExecError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+pub fn signer(config: &Config) -> Result<Signer, crate::signer::SignerError> {
+    Signer::from_file(
+        &config.cluster.name,
+        config.auth.algorithm,
+        config.auth.token_ttl,
+        config.auth.issuer.clone(),
+        config.auth.audience.clone(),
+        &config.auth.private_key_file,
+    )
+}
+
+pub fn client(config: &Config, signer: Arc<Signer>) -> Result<SchedulerClient, RunError> {
+    let ca = match &config.scheduler.ca_file {
+        Some(path) => Some(std::fs::read(path).map_err(|source| RunError::Read {
+            path: path.clone(),
+            source,
+        })?),
+        None => None,
+    };
+    SchedulerClient::new(
+        &config.scheduler.url,
+        &config.cluster.name,
+        signer,
+        ca.as_deref(),
+        config.scheduler.request_timeout,
+    )
+    .map_err(RunError::Client)
+}
+
+/// The executor `executor.kind` selects, with its watchers started.
+pub async fn executor(
+    config: &Config,
+    events: Events,
+    stop: CancellationToken,
+) -> Result<Executor, RunError> {
+    Ok(match config.executor.kind {
+        ExecutorKind::Kubernetes => Executor::Kubernetes(
+            executor::kubernetes::KubernetesExecutor::new(
+                &config.executor.kubernetes,
+                &config.screwdriver,
+                events,
+                stop,
+            )
+            .await?,
+        ),
+        ExecutorKind::Process => Executor::Process(
+            executor::process::ProcessExecutor::new(
+                &config.executor.process,
+                &config.screwdriver,
+                &config.redis.url,
+                config.executor.kubernetes.default_timeout,
+                events,
+            )
+            .await?,
+        ),
+    })
+}
+
+/// Runs the agent until SIGTERM/SIGINT.
+pub async fn run(
+    config_path: PathBuf,
+    config: Config,
+    ready: impl Fn(&str),
+) -> Result<(), RunError> {
+    // Bind first: a second agent on the same port must fail before it touches any build.
+    let listener = tokio::net::TcpListener::bind(config.health.listen)
+        .await
+        .map_err(|source| RunError::Bind {
+            addr: config.health.listen,
+            source,
+        })?;
+    let signer = Arc::new(signer(&config)?);
+    let client = client(&config, signer)?;
+    let local = LocalQueue::connect(
+        &config.redis.url,
+        &config.cluster.name,
+        config.executor.launch_lease,
+    )
+    .await?;
+    let (events_tx, events_rx) = mpsc::unbounded_channel();
+    let background = CancellationToken::new();
+    let executor = Arc::new(executor(&config, events_tx.clone(), background.clone()).await?);
+    let status = Arc::new(Status::default());
+    let capacity = Arc::new(Notify::new());
+
+    let health = HealthState::new(
+        Arc::clone(&status),
+        local.clone(),
+        Arc::clone(&executor),
+        crate::telemetry::metrics_handle(),
+    );
+    let server = tokio::spawn({
+        let stop = background.clone();
+        async move {
+            let _ = axum::serve(listener, health::router(health))
+                .with_graceful_shutdown(stop.cancelled_owned())
+                .await;
+        }
+    });
+
+    let fetching = CancellationToken::new();
+    let fetcher = tokio::spawn(
+        Fetcher {
+            client: client.clone(),
+            local: local.clone(),
+            executor: Arc::clone(&executor),
+            status: Arc::clone(&status),
+            wait: config.poll.wait,
+            max_jobs: config.poll.max_jobs,
+            max_in_flight: config.executor.max_in_flight,
+            capacity: Arc::clone(&capacity),
+        }
+        .run(fetching.clone()),
+    );
+    let launching = CancellationToken::new();
+    let launcher = tokio::spawn(
+        Launcher {
+            local: local.clone(),
+            executor: Arc::clone(&executor),
+            events: events_tx,
+            max_in_flight: config.executor.max_in_flight,
+        }
+        .run(launching.clone()),
+    );
+    let watcher = tokio::spawn(
+        Watcher {
+            client: client.clone(),
+            local: local.clone(),
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(10))
+                .build()
+                .unwrap_or_default(),
+            capacity,
+        }
+        .run(events_rx),
+    );
+    tracing::info!(cluster = %config.cluster.name, scheduler = %config.scheduler.url, health = %config.health.listen, "sd-agent running");
+    ready("READY");
+
+    let mut signals = Signals::new();
+    signals
+        .wait_for_shutdown(&config_path, &config, &client, &ready)
+        .await;
+    ready("STOPPING");
+    tracing::info!(timeout = ?config.shutdown_timeout, "draining: no new polls; finishing transfers in flight");
+    fetching.cancel();
+    launching.cancel();
+    let drain = async {
+        let _ = fetcher.await;
+        let _ = launcher.await;
+    };
+    let second_signal = signals.next_stop();
+    tokio::select! {
+        () = drain => tracing::info!("drained"),
+        () = tokio::time::sleep(config.shutdown_timeout) => tracing::warn!("shutdown_timeout reached; exiting with work in flight (it will be redelivered)"),
+        () = second_signal => tracing::warn!("second signal: exiting at once"),
+    }
+    background.cancel();
+    watcher.abort();
+    let _ = tokio::time::timeout(Duration::from_secs(1), server).await;
+    Ok(())
+}
+
+/// SIGTERM, SIGINT and SIGHUP, registered once so a second signal is seen too.
+struct Signals {
+    term: Option<tokio::signal::unix::Signal>,
+    int: Option<tokio::signal::unix::Signal>,
+    hup: Option<tokio::signal::unix::Signal>,
+}
+
+impl Signals {
+    fn new() -> Self {
+        use tokio::signal::unix::{SignalKind, signal};
+        Self {
+            term: signal(SignalKind::terminate()).ok(),
+            int: signal(SignalKind::interrupt()).ok(),
+            hup: signal(SignalKind::hangup()).ok(),
+        }
+    }
+
+    async fn recv(signal: &mut Option<tokio::signal::unix::Signal>) {
+        match signal {
+            Some(s) => {
+                s.recv().await;
+            }
+            None => std::future::pending().await,
+        }
+    }
+
+    /// The next SIGTERM or SIGINT.
+    async fn next_stop(&mut self) {
+        tokio::select! {
+            () = Self::recv(&mut self.term) => {}
+            () = Self::recv(&mut self.int) => {}
+        }
+    }
+
+    /// Waits for SIGTERM/SIGINT; reloads the config and key on each SIGHUP meanwhile.
+    async fn wait_for_shutdown(
+        &mut self,
+        path: &std::path::Path,
+        config: &Config,
+        client: &SchedulerClient,
+        notify: &impl Fn(&str),
+    ) {
+        loop {
+            tokio::select! {
+                () = Self::recv(&mut self.term) => return,
+                () = Self::recv(&mut self.int) => return,
+                () = Self::recv(&mut self.hup) => {
+                    notify("RELOADING");
+                    reload(path, config, client);
+                    notify("READY");
+                }
+            }
+        }
+    }
+}
+
+/// SIGHUP: re-read the config file and the private key; the next call uses the new key. Keys
+/// other than `auth.*` need a restart to take effect.
+fn reload(path: &std::path::Path, current: &Config, client: &SchedulerClient) {
+    let vars = std::env::vars().filter(|(k, _)| k.starts_with(crate::config::ENV_PREFIX));
+    let fresh = match Config::load(path, vars) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "reload refused: invalid config; keeping the running one");
+            return;
+        }
+    };
+    if fresh.cluster.name != current.cluster.name {
+        tracing::error!("reload refused: cluster.name changed; restart the agent for that");
+        return;
+    }
+    match signer(&fresh) {
+        Ok(s) => {
+            client.set_signer(Arc::new(s));
+            tracing::info!(key = %fresh.auth.private_key_file.display(), "reloaded: new private key in use");
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "reload refused: the private key does not load; keeping the old one")
+        }
+    }
+}

@@ -1,0 +1,153 @@
+//! `sd-agent check`: verifies the whole setup with real calls and says exactly what to fix.
+//! Nothing is taken from any queue and no build is touched.
+
+use std::time::Duration;
+
+use crate::config::{Config, ExecutorKind};
+
+/// One verified item.
+pub struct Line {
+    pub name: &'static str,
+    pub ok: bool,
+    pub detail: String,
+}
+
+impl std::fmt::Display for Line {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mark = if self.ok { "ok  " } else { "FAIL" };
+        write!(f, "{mark} {:<10} {}", self.name, self.detail)
+    }
+}
+
+fn line(name: &'static str, result: Result<String, String>) -> Line {
+    match result {
+        Ok(detail) => Line {
+            name,
+            ok: true,
+            detail,
+        },
+        Err(detail) => Line {
+            name,
+            ok: false,
+            detail,
+        },
+    }
+}
+
+/// Runs every check; the config itself was already loaded and validated.
+pub async fn run(config: &Config, config_path: &std::path::Path) -> Vec<Line> {
+    let mut lines = vec![Line {
+        name: "config",
+        ok: true,
+        detail: format!(
+            "{} is valid (cluster {})",
+            config_path.display(),
+            config.cluster.name
+        ),
+    }];
+    let signer = crate::app::signer(config);
+    lines.push(line(
+        "key",
+        match &signer {
+            Ok(_) => Ok(format!("{} loads and signs {}", config.auth.private_key_file.display(), config.auth.algorithm.as_str())),
+            Err(e) => Err(format!("{e} — fix: point auth.private_key_file at the key from `sd-agent keygen`, and auth.algorithm at its type")),
+        },
+    ));
+    lines.push(match signer {
+        Ok(signer) => line("scheduler", scheduler(config, signer).await),
+        Err(_) => Line {
+            name: "scheduler",
+            ok: false,
+            detail: "skipped: no usable key".into(),
+        },
+    });
+    lines.push(line("redis", redis(config).await));
+    lines.push(line("executor", executor(config).await));
+    lines
+}
+
+async fn scheduler(config: &Config, signer: crate::signer::Signer) -> Result<String, String> {
+    let client =
+        crate::app::client(config, std::sync::Arc::new(signer)).map_err(|e| e.to_string())?;
+    // A signed no-op: renewing a lease that does not exist proves reachability and that the
+    // scheduler accepts this cluster's token, without taking any job.
+    match tokio::time::timeout(Duration::from_secs(15), client.renew_nothing()).await {
+        Ok(Ok(())) => Ok(format!(
+            "{} accepts this agent's token for cluster {}",
+            config.scheduler.url, config.cluster.name
+        )),
+        Ok(Err(crate::scheduler_client::ClientError::Refused { status, message })) => Err(format!(
+            "{} refused the token ({status}: {message}) — fix: register the cluster with this key's public half (sd-agent keygen prints it), export it on the scheduler under the cluster's authKey variable, and check this host's clock",
+            config.scheduler.url
+        )),
+        Ok(Err(e)) => Err(format!(
+            "{e} — fix: check scheduler.url, DNS, firewalls and scheduler.ca_file"
+        )),
+        Err(_) => Err(format!(
+            "{} did not answer within 15s — fix: check scheduler.url and the network",
+            config.scheduler.url
+        )),
+    }
+}
+
+async fn redis(config: &Config) -> Result<String, String> {
+    let fix = "fix: check redis.url and that the cluster's Redis runs";
+    let client =
+        redis::Client::open(config.redis.url.as_str()).map_err(|e| format!("{e} — {fix}"))?;
+    let connect = client.get_multiplexed_async_connection();
+    let mut conn = match tokio::time::timeout(Duration::from_secs(5), connect).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => return Err(format!("{} unreachable: {e} — {fix}", config.redis.url)),
+        Err(_) => {
+            return Err(format!(
+                "{} did not answer within 5s — {fix}",
+                config.redis.url
+            ));
+        }
+    };
+    let _: String = redis::cmd("PING")
+        .query_async(&mut conn)
+        .await
+        .map_err(|e| format!("PING failed: {e} — {fix}"))?;
+    let mut warnings = Vec::new();
+    // Managed Redis may forbid CONFIG; then the settings cannot be checked from here.
+    if let Ok(policy) = redis::cmd("CONFIG")
+        .arg("GET")
+        .arg("maxmemory-policy")
+        .query_async::<Vec<String>>(&mut conn)
+        .await
+        && policy.get(1).is_some_and(|p| p != "noeviction")
+    {
+        warnings.push("maxmemory-policy is not noeviction: queued jobs could be evicted");
+    }
+    if let Ok(aof) = redis::cmd("CONFIG")
+        .arg("GET")
+        .arg("appendonly")
+        .query_async::<Vec<String>>(&mut conn)
+        .await
+        && aof.get(1).is_some_and(|v| v != "yes")
+    {
+        warnings.push("appendonly is off: acknowledged jobs would not survive a Redis restart");
+    }
+    if warnings.is_empty() {
+        Ok(format!("{} answers", config.redis.url))
+    } else {
+        Err(format!(
+            "{} answers, but {} — fix the Redis configuration",
+            config.redis.url,
+            warnings.join("; ")
+        ))
+    }
+}
+
+async fn executor(config: &Config) -> Result<String, String> {
+    match config.executor.kind {
+        ExecutorKind::Process => crate::executor::process::check_command(&config.executor.process)
+            .map_err(|e| e.to_string()),
+        ExecutorKind::Kubernetes => {
+            crate::executor::kubernetes::check_access(&config.executor.kubernetes)
+                .await
+                .map_err(|e| e.to_string())
+        }
+    }
+}

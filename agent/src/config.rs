@@ -1,0 +1,649 @@
+//! Typed configuration: one TOML file (`/etc/sd-agent/agent.toml`), every key overridable by
+//! `SD_AGENT_<SECTION>_<KEY>`. Validated as a whole before anything binds or connects; an
+//! invalid file stops start-up with exit code 64, the key and the reason.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use sd_protocol::SigningAlgorithm;
+use serde::Deserialize;
+
+pub const ENV_PREFIX: &str = "SD_AGENT_";
+pub const DEFAULT_PATH: &str = "/etc/sd-agent/agent.toml";
+const SECTIONS: &[&str] = &[
+    "cluster",
+    "scheduler",
+    "auth",
+    "poll",
+    "redis",
+    "executor",
+    "executor.kubernetes",
+    "executor.kubernetes.cpu",
+    "executor.kubernetes.ram",
+    "executor.process",
+    "screwdriver",
+    "health",
+    "log",
+];
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub cluster: ClusterConfig,
+    pub scheduler: SchedulerConfig,
+    pub auth: AuthConfig,
+    #[serde(default)]
+    pub poll: PollConfig,
+    #[serde(default)]
+    pub redis: RedisConfig,
+    pub executor: ExecutorConfig,
+    #[serde(default)]
+    pub screwdriver: ScrewdriverConfig,
+    #[serde(default)]
+    pub health: HealthConfig,
+    #[serde(default)]
+    pub log: LogConfig,
+    /// SIGTERM: stop polling, finish transfers in flight, exit within this time.
+    #[serde(default = "defaults::shutdown_timeout", with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// The cluster's name in the scheduler's registry.
+    pub name: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SchedulerConfig {
+    /// Base URL of sd-scheduler, e.g. `https://sd-scheduler.example.com`.
+    pub url: String,
+    /// Extra CA certificate (PEM) to trust for the scheduler's TLS, e.g. a private CA.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    #[serde(default = "defaults::request_timeout", with = "humantime_serde")]
+    pub request_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// The cluster's private key (PEM); its public half is registered with the scheduler.
+    pub private_key_file: PathBuf,
+    #[serde(default = "defaults::algorithm")]
+    pub algorithm: SigningAlgorithm,
+    /// Lifetime of each signed token; must not exceed the cluster's `expiresIn`.
+    #[serde(default = "defaults::token_ttl", with = "humantime_serde")]
+    pub token_ttl: Duration,
+    #[serde(default)]
+    pub issuer: Option<String>,
+    #[serde(default)]
+    pub audience: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PollConfig {
+    /// How long one long-poll may wait for jobs.
+    #[serde(with = "humantime_serde")]
+    pub wait: Duration,
+    /// Most jobs taken per poll.
+    pub max_jobs: u32,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RedisConfig {
+    /// The cluster's own Redis (the local queue). Use AOF and `noeviction`.
+    pub url: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ExecutorKind {
+    Kubernetes,
+    Process,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExecutorConfig {
+    pub kind: ExecutorKind,
+    /// Builds launched and not yet finished; at capacity the agent stops taking work.
+    #[serde(default = "defaults::max_in_flight")]
+    pub max_in_flight: u32,
+    /// The launcher's lease on a local job; another replica takes over a crashed one's after it.
+    #[serde(default = "defaults::launch_lease", with = "humantime_serde")]
+    pub launch_lease: Duration,
+    #[serde(default)]
+    pub kubernetes: KubernetesConfig,
+    #[serde(default)]
+    pub process: ProcessConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KubernetesConfig {
+    /// kubeconfig file; unset: `KUBECONFIG`, then the in-cluster service account.
+    pub kubeconfig: Option<PathBuf>,
+    pub namespace: String,
+    /// Image whose init container copies the Screwdriver launcher into the build pod.
+    pub launcher_image: String,
+    /// Pod names are `{prefix}{buildId}`.
+    pub prefix: String,
+    pub node_selector: BTreeMap<String, String>,
+    /// Kubernetes tolerations, as in a pod spec (`key`, `operator`, `value`, `effect`).
+    pub tolerations: Vec<Toleration>,
+    pub service_account: Option<String>,
+    pub image_pull_secrets: Vec<String>,
+    pub extra_labels: BTreeMap<String, String>,
+    /// `screwdriver.cd/cpu` values → CPU cores; a number in the annotation is capped at `max`.
+    #[serde(deserialize_with = "cpu_table")]
+    pub cpu: ResourceTable,
+    /// `screwdriver.cd/ram` values → GiB; a number in the annotation is capped at `max`.
+    #[serde(deserialize_with = "ram_table")]
+    pub ram: ResourceTable,
+    /// Build timeout when `screwdriver.cd/timeout` is absent, and its cap.
+    #[serde(with = "humantime_serde")]
+    pub default_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub max_timeout: Duration,
+    /// A pod pending longer than this fails the build.
+    #[serde(with = "humantime_serde")]
+    pub pending_timeout: Duration,
+    /// ImagePullBackOff is tolerated this long before the build fails.
+    #[serde(with = "humantime_serde")]
+    pub image_pull_grace: Duration,
+    /// Finished pods are deleted after this long.
+    #[serde(with = "humantime_serde")]
+    pub finished_pod_ttl: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Toleration {
+    pub key: Option<String>,
+    pub operator: Option<String>,
+    pub value: Option<String>,
+    pub effect: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ResourceTable {
+    pub micro: f64,
+    pub low: f64,
+    pub high: f64,
+    pub turbo: f64,
+    pub max: f64,
+}
+
+impl ResourceTable {
+    pub const CPU: ResourceTable = ResourceTable {
+        micro: 0.5,
+        low: 2.0,
+        high: 6.0,
+        turbo: 12.0,
+        max: 12.0,
+    };
+    pub const RAM: ResourceTable = ResourceTable {
+        micro: 1.0,
+        low: 2.0,
+        high: 12.0,
+        turbo: 16.0,
+        max: 16.0,
+    };
+}
+
+/// A table as written: any size left out keeps its default.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ResourceInput {
+    micro: Option<f64>,
+    low: Option<f64>,
+    high: Option<f64>,
+    turbo: Option<f64>,
+    max: Option<f64>,
+}
+
+impl ResourceInput {
+    fn over(self, d: &ResourceTable) -> ResourceTable {
+        ResourceTable {
+            micro: self.micro.unwrap_or(d.micro),
+            low: self.low.unwrap_or(d.low),
+            high: self.high.unwrap_or(d.high),
+            turbo: self.turbo.unwrap_or(d.turbo),
+            max: self.max.unwrap_or(d.max),
+        }
+    }
+}
+
+fn cpu_table<'de, D: serde::Deserializer<'de>>(d: D) -> Result<ResourceTable, D::Error> {
+    Ok(ResourceInput::deserialize(d)?.over(&ResourceTable::CPU))
+}
+
+fn ram_table<'de, D: serde::Deserializer<'de>>(d: D) -> Result<ResourceTable, D::Error> {
+    Ok(ResourceInput::deserialize(d)?.over(&ResourceTable::RAM))
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProcessConfig {
+    /// The launcher to run per build, as an argv list; the build's values come as `SD_*`
+    /// environment variables.
+    pub command: Vec<String>,
+    /// Where launch markers are kept besides the local Redis (one directory per agent host).
+    pub work_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ScrewdriverConfig {
+    /// Passed to the launcher; the API URL comes with each build.
+    pub store_uri: String,
+    pub ui_uri: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthConfig {
+    /// `/healthz`, `/readyz`, `/metrics`.
+    pub listen: SocketAddr,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    pub level: String,
+}
+
+mod defaults {
+    use std::time::Duration;
+
+    pub fn shutdown_timeout() -> Duration {
+        Duration::from_secs(30)
+    }
+    pub fn request_timeout() -> Duration {
+        Duration::from_secs(10)
+    }
+    pub fn algorithm() -> sd_protocol::SigningAlgorithm {
+        sd_protocol::SigningAlgorithm::RS256
+    }
+    pub fn token_ttl() -> Duration {
+        Duration::from_secs(300)
+    }
+    pub fn max_in_flight() -> u32 {
+        50
+    }
+    pub fn launch_lease() -> Duration {
+        Duration::from_secs(120)
+    }
+}
+
+impl Default for PollConfig {
+    fn default() -> Self {
+        Self {
+            wait: Duration::from_secs(30),
+            max_jobs: 10,
+        }
+    }
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        Self {
+            url: "redis://127.0.0.1:6379".into(),
+        }
+    }
+}
+
+impl Default for KubernetesConfig {
+    fn default() -> Self {
+        Self {
+            kubeconfig: None,
+            namespace: "default".into(),
+            launcher_image: "screwdrivercd/launcher:stable".into(),
+            prefix: String::new(),
+            node_selector: BTreeMap::new(),
+            tolerations: Vec::new(),
+            service_account: None,
+            image_pull_secrets: Vec::new(),
+            extra_labels: BTreeMap::new(),
+            cpu: ResourceTable::CPU,
+            ram: ResourceTable::RAM,
+            default_timeout: Duration::from_secs(90 * 60),
+            max_timeout: Duration::from_secs(120 * 60),
+            pending_timeout: Duration::from_secs(10 * 60),
+            image_pull_grace: Duration::from_secs(2 * 60),
+            finished_pod_ttl: Duration::from_secs(3600),
+        }
+    }
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8081)),
+        }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Text,
+            level: "info".into(),
+        }
+    }
+}
+
+/// Why the configuration was refused; always names the key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Syntax { path: PathBuf, message: String },
+    #[error("config key {key}: {reason}")]
+    Invalid { key: String, reason: String },
+}
+
+fn invalid(key: &str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        reason: reason.into(),
+    }
+}
+
+impl Config {
+    /// Loads `path` and applies `vars` (`SD_AGENT_*`) as overrides, then validates.
+    pub fn load(
+        path: &Path,
+        vars: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text, path, vars)
+    }
+
+    pub fn parse(
+        text: &str,
+        path: &Path,
+        vars: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let mut doc = text
+            .parse::<toml::Table>()
+            .map_err(|e| ConfigError::Syntax {
+                path: path.to_owned(),
+                message: e.to_string(),
+            })?;
+        sd_protocol::env::apply_overrides(&mut doc, ENV_PREFIX, SECTIONS, vars)
+            .map_err(|e| invalid(&e.field, e.reason))?;
+        let config: Config =
+            serde_path_to_error::deserialize(toml::Value::Table(doc)).map_err(|e| {
+                let path = e.path().to_string();
+                let reason = e.into_inner().to_string();
+                // serde reports a missing key at its section: name the key itself.
+                let missing = reason
+                    .find("missing field `")
+                    .map(|i| &reason[i + "missing field `".len()..])
+                    .and_then(|rest| rest.split('`').next());
+                match missing {
+                    Some(field) if path == "." => invalid(field, "is required"),
+                    Some(field) => invalid(&format!("{path}.{field}"), "is required"),
+                    None => invalid(&path, reason.trim()),
+                }
+            })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let name = &self.cluster.name;
+        if name.is_empty()
+            || name.len() > 100
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
+        {
+            return Err(invalid(
+                "cluster.name",
+                "must be 1–100 letters, digits, '_', '.' or '-' (the name registered with the scheduler)",
+            ));
+        }
+        let url = &self.scheduler.url;
+        if !(url.starts_with("http://") || url.starts_with("https://"))
+            || reqwest::Url::parse(url).is_err()
+        {
+            return Err(invalid(
+                "scheduler.url",
+                "must be an http:// or https:// URL",
+            ));
+        }
+        if let Some(ca) = &self.scheduler.ca_file
+            && !ca.is_file()
+        {
+            return Err(invalid(
+                "scheduler.ca_file",
+                format!("{} does not exist", ca.display()),
+            ));
+        }
+        if !self.auth.private_key_file.is_file() {
+            return Err(invalid(
+                "auth.private_key_file",
+                format!(
+                    "{} does not exist (create one with `sd-agent keygen --cluster {name}`)",
+                    self.auth.private_key_file.display()
+                ),
+            ));
+        }
+        if self.auth.token_ttl < Duration::from_secs(10)
+            || self.auth.token_ttl > Duration::from_secs(86_400)
+        {
+            return Err(invalid("auth.token_ttl", "must be from 10s to 24h"));
+        }
+        if self.poll.wait > Duration::from_secs(60) {
+            return Err(invalid(
+                "poll.wait",
+                "must be at most 60s (the scheduler caps it)",
+            ));
+        }
+        if !(1..=100).contains(&self.poll.max_jobs) {
+            return Err(invalid("poll.max_jobs", "must be from 1 to 100"));
+        }
+        if let Err(e) = redis::Client::open(self.redis.url.as_str()) {
+            return Err(invalid("redis.url", format!("not a valid Redis URL: {e}")));
+        }
+        if self.executor.max_in_flight == 0 {
+            return Err(invalid("executor.max_in_flight", "must be at least 1"));
+        }
+        if self.executor.launch_lease < Duration::from_secs(5) {
+            return Err(invalid("executor.launch_lease", "must be at least 5s"));
+        }
+        match self.executor.kind {
+            ExecutorKind::Process => {
+                if self.executor.process.command.is_empty()
+                    || self.executor.process.command[0].is_empty()
+                {
+                    return Err(invalid(
+                        "executor.process.command",
+                        "is required for executor.kind = \"process\": the launcher argv, e.g. [\"/usr/local/bin/sd-launch\"]",
+                    ));
+                }
+            }
+            ExecutorKind::Kubernetes => {
+                let k = &self.executor.kubernetes;
+                if k.namespace.is_empty() {
+                    return Err(invalid(
+                        "executor.kubernetes.namespace",
+                        "must not be empty",
+                    ));
+                }
+                if k.launcher_image.is_empty() {
+                    return Err(invalid(
+                        "executor.kubernetes.launcher_image",
+                        "must not be empty",
+                    ));
+                }
+                for (key, table) in [
+                    ("executor.kubernetes.cpu", &k.cpu),
+                    ("executor.kubernetes.ram", &k.ram),
+                ] {
+                    let values = [table.micro, table.low, table.high, table.turbo, table.max];
+                    if values.iter().any(|v| !v.is_finite() || *v <= 0.0) {
+                        return Err(invalid(key, "every size must be a positive number"));
+                    }
+                    if values[..4].iter().any(|v| *v > table.max) {
+                        return Err(invalid(key, "no size may exceed max"));
+                    }
+                }
+                if k.default_timeout > k.max_timeout {
+                    return Err(invalid(
+                        "executor.kubernetes.default_timeout",
+                        "must not exceed max_timeout",
+                    ));
+                }
+                if let Some(file) = &k.kubeconfig
+                    && !file.is_file()
+                {
+                    return Err(invalid(
+                        "executor.kubernetes.kubeconfig",
+                        format!("{} does not exist", file.display()),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key_file() -> tempfile::NamedTempFile {
+        tempfile::NamedTempFile::new().unwrap()
+    }
+
+    fn minimal(key: &Path) -> String {
+        format!(
+            "[cluster]\nname = \"ios-farm\"\n[scheduler]\nurl = \"https://sched.example\"\n[auth]\nprivate_key_file = \"{}\"\n[executor]\nkind = \"process\"\n[executor.process]\ncommand = [\"/bin/true\"]\n",
+            key.display()
+        )
+    }
+
+    fn parse(text: &str, vars: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        Config::parse(
+            text,
+            Path::new("agent.toml"),
+            vars.iter().map(|(k, v)| ((*k).into(), (*v).into())),
+        )
+    }
+
+    #[test]
+    fn minimal_config_fills_defaults() {
+        let key = key_file();
+        let c = parse(&minimal(key.path()), &[]).unwrap();
+        assert_eq!(c.poll.max_jobs, 10);
+        assert_eq!(c.auth.algorithm, SigningAlgorithm::RS256);
+        assert_eq!(c.executor.max_in_flight, 50);
+        assert_eq!(c.shutdown_timeout, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn env_overrides_reach_nested_sections() {
+        let key = key_file();
+        let c = parse(
+            &minimal(key.path()),
+            &[
+                ("SD_AGENT_POLL_MAX_JOBS", "3"),
+                ("SD_AGENT_EXECUTOR_KUBERNETES_NAMESPACE", "builds"),
+                ("SD_AGENT_EXECUTOR_KUBERNETES_CPU_MAX", "24"),
+                ("SD_AGENT_SHUTDOWN_TIMEOUT", "5s"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.poll.max_jobs, 3);
+        assert_eq!(c.executor.kubernetes.namespace, "builds");
+        assert_eq!(c.executor.kubernetes.cpu.max, 24.0);
+        assert_eq!(c.shutdown_timeout, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn every_refusal_names_its_key() {
+        let key = key_file();
+        let base = minimal(key.path());
+        let cases: Vec<(String, &str)> = vec![
+            (base.replace("ios-farm", "ios farm"), "cluster.name"),
+            (
+                base.replace("https://sched.example", "sched.example"),
+                "scheduler.url",
+            ),
+            (
+                base.replace(&key.path().display().to_string(), "/nonexistent.pem"),
+                "auth.private_key_file",
+            ),
+            (
+                base.replace("[\"/bin/true\"]", "[]"),
+                "executor.process.command",
+            ),
+            (
+                base.replace("kind = \"process\"", "kind = \"docker\""),
+                "executor.kind",
+            ),
+            (format!("{base}[poll]\nmax_jobs = 0\n"), "poll.max_jobs"),
+            (format!("{base}[poll]\nwait = \"5m\"\n"), "poll.wait"),
+            (format!("{base}[poll]\nsurprise = 1\n"), "poll"),
+            (
+                base.replace("[cluster]\nname = \"ios-farm\"\n", ""),
+                "cluster",
+            ),
+            (
+                base.replace("url = \"https://sched.example\"\n", ""),
+                "scheduler.url",
+            ),
+            (format!("{base}[auth2]\n"), "auth2"),
+        ];
+        for (text, key) in cases {
+            match parse(&text, &[]) {
+                Err(ConfigError::Invalid { key: k, reason }) => {
+                    assert!(k.contains(key), "{key}: got {k} ({reason})")
+                }
+                other => panic!("{key}: {other:?}"),
+            }
+        }
+        let mut k8s = base.replace("kind = \"process\"", "kind = \"kubernetes\"");
+        k8s.push_str(
+            "[executor.kubernetes.cpu]\nmicro = 1\nlow = 2\nhigh = 30\nturbo = 40\nmax = 8\n",
+        );
+        assert!(
+            matches!(parse(&k8s, &[]), Err(ConfigError::Invalid { key, .. }) if key == "executor.kubernetes.cpu")
+        );
+    }
+
+    #[test]
+    fn example_config_is_valid() {
+        let key = key_file();
+        let text = include_str!("../../config/agent.toml").replace(
+            "/etc/sd-agent/private.pem",
+            &key.path().display().to_string(),
+        );
+        parse(&text, &[]).unwrap();
+    }
+}

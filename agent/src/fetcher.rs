@@ -1,0 +1,173 @@
+//! Scheduler → local queue. Long-polls for this cluster's jobs, pushes each into the local
+//! Redis, and acknowledges exactly the ones that landed; the rest are given back (nack), so a
+//! failed transfer leaves the job on the master queue where HA can still move it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::executor::Executor;
+use crate::local::LocalQueue;
+use crate::scheduler_client::{ClientError, SchedulerClient};
+use crate::status::Status;
+
+pub struct Fetcher {
+    pub client: SchedulerClient,
+    pub local: LocalQueue,
+    pub executor: Arc<Executor>,
+    pub status: Arc<Status>,
+    pub wait: Duration,
+    pub max_jobs: u32,
+    pub max_in_flight: u32,
+    /// Rung when a build ends, so a full agent resumes polling at once.
+    pub capacity: Arc<Notify>,
+}
+
+impl Fetcher {
+    /// Runs until `stop` is cancelled. A transfer in progress (push + ack) is always finished
+    /// before returning, so a drain never strands a delivered job between the two Redis.
+    pub async fn run(self, stop: CancellationToken) {
+        let mut backoff = new_backoff();
+        // The first poll returns at once, so readiness is known right after start.
+        let mut wait = Duration::ZERO;
+        while !stop.is_cancelled() {
+            let room = match self.room().await {
+                Ok(0) => {
+                    self.status.set_at_capacity(true);
+                    tokio::select! {
+                        () = self.capacity.notified() => {}
+                        () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        () = stop.cancelled() => return,
+                    }
+                    continue;
+                }
+                Ok(n) => {
+                    self.status.set_at_capacity(false);
+                    n
+                }
+                Err(e) => {
+                    self.status.redis_failed(&e.to_string());
+                    tracing::warn!(error = %e, "local Redis unavailable; not polling");
+                    if pause(&mut backoff, None, &stop).await {
+                        return;
+                    }
+                    continue;
+                }
+            };
+            let polled = tokio::select! {
+                r = self.client.poll(wait, room.min(self.max_jobs)) => r,
+                () = stop.cancelled() => return,
+            };
+            match polled {
+                Ok(deliveries) => {
+                    self.status.scheduler_ok();
+                    wait = self.wait;
+                    backoff = new_backoff();
+                    if !deliveries.is_empty() {
+                        self.transfer(deliveries).await;
+                    }
+                }
+                Err(e) => {
+                    let hint = match &e {
+                        ClientError::Refused { .. } => {
+                            " — check cluster.name, the key registered with the scheduler, and this host's clock"
+                        }
+                        _ => "",
+                    };
+                    tracing::warn!(error = %e, "poll failed{hint}");
+                    self.status.scheduler_failed(&format!("{e}{hint}"));
+                    metrics::counter!("sd_agent_scheduler_errors_total").increment(1);
+                    if pause(&mut backoff, e.retry_after(), &stop).await {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// How many more jobs this agent may take now.
+    async fn room(&self) -> Result<u32, crate::local::LocalError> {
+        let pending = self.local.pending().await?;
+        let busy = pending.saturating_add(self.executor.in_flight() as u64);
+        metrics::gauge!("sd_agent_in_flight").set(self.executor.in_flight() as f64);
+        metrics::gauge!("sd_agent_local_pending").set(pending as f64);
+        Ok(u32::try_from(u64::from(self.max_in_flight).saturating_sub(busy)).unwrap_or(0))
+    }
+
+    async fn transfer(&self, deliveries: Vec<sd_protocol::Delivery>) {
+        let mut landed = Vec::new();
+        let mut failed = Vec::new();
+        for delivery in deliveries {
+            metrics::counter!("sd_agent_jobs_fetched_total").increment(1);
+            match self.local.push(&delivery.message).await {
+                Ok(()) => landed.push(delivery.delivery_id),
+                Err(e) => {
+                    tracing::warn!(delivery = %delivery.delivery_id, error = %e, "local push failed; giving the job back");
+                    self.status.redis_failed(&e.to_string());
+                    failed.push(delivery.delivery_id);
+                }
+            }
+        }
+        if !landed.is_empty() {
+            // Retried a few times: an ack lost here only means the scheduler redelivers after
+            // the lease, and the idempotent push makes that harmless.
+            let mut delay = Duration::from_millis(100);
+            for attempt in 1..=4 {
+                match self.client.ack(&landed).await {
+                    Ok(report) => {
+                        metrics::counter!("sd_agent_jobs_acked_total")
+                            .increment(report.done.len() as u64);
+                        if !report.stale.is_empty() {
+                            tracing::info!(
+                                stale = report.stale.len(),
+                                "acks for leases that were already redelivered"
+                            );
+                        }
+                        break;
+                    }
+                    Err(e) if attempt < 4 => {
+                        tracing::warn!(error = %e, attempt, "ack failed; retrying");
+                        tokio::time::sleep(delay).await;
+                        delay *= 2;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "ack failed; the scheduler will redeliver after the lease")
+                    }
+                }
+            }
+        }
+        if !failed.is_empty()
+            && let Err(e) = self
+                .client
+                .nack(&failed, "the agent could not write to its local Redis")
+                .await
+        {
+            tracing::warn!(error = %e, "nack failed; the lease will lapse instead");
+        }
+    }
+}
+
+fn new_backoff() -> impl Iterator<Item = Duration> {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(200))
+        .with_max_delay(Duration::from_secs(30))
+        .with_jitter()
+        .without_max_times()
+        .build()
+}
+
+/// Sleeps the next back-off step (or what the scheduler asked for); `true` when stopping.
+async fn pause(
+    backoff: &mut impl Iterator<Item = Duration>,
+    retry_after: Option<Duration>,
+    stop: &CancellationToken,
+) -> bool {
+    let delay = retry_after.unwrap_or_else(|| backoff.next().unwrap_or(Duration::from_secs(30)));
+    tokio::select! {
+        () = tokio::time::sleep(delay) => false,
+        () = stop.cancelled() => true,
+    }
+}

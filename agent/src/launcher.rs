@@ -1,0 +1,173 @@
+//! Local queue → executor. Takes jobs with a lease of its own (a crashed replica's work is
+//! reclaimed when the lease lapses), launches or stops builds, and settles the local job only
+//! once the executor has done its part. Launch is idempotent per buildId, so a job taken again
+//! after a crash is never launched twice.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use sd_protocol::{JobKind, QueueMessage, StartMessage};
+use sd_queue::{Cancelled, Lease};
+use tokio_util::sync::CancellationToken;
+
+use crate::executor::{BuildEvent, BuildStatus, Events, ExecError, Executor, Launched};
+use crate::local::LocalQueue;
+
+pub struct Launcher {
+    pub local: LocalQueue,
+    pub executor: Arc<Executor>,
+    pub events: Events,
+    pub max_in_flight: u32,
+}
+
+impl Launcher {
+    pub async fn run(self, stop: CancellationToken) {
+        while !stop.is_cancelled() {
+            let room = (self.max_in_flight as usize).saturating_sub(self.executor.in_flight());
+            let leases = if room == 0 {
+                Ok(Vec::new())
+            } else {
+                self.local
+                    .take(u32::try_from(room.min(20)).unwrap_or(20))
+                    .await
+            };
+            match leases {
+                Ok(leases) if !leases.is_empty() => {
+                    for lease in leases {
+                        self.handle(lease).await;
+                    }
+                }
+                Ok(_) => {
+                    // Nothing to do (or full): wait for a push, or re-check shortly.
+                    tokio::select! {
+                        _ = self.local.wait(Duration::from_secs(2)) => {}
+                        () = stop.cancelled() => return,
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "local queue unavailable");
+                    tokio::select! {
+                        () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        () = stop.cancelled() => return,
+                    }
+                }
+            }
+        }
+    }
+
+    async fn handle(&self, lease: Lease) {
+        let message: QueueMessage = match serde_json::from_str(&lease.message) {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::error!(id = %lease.id, error = %e, "undecodable local message dropped");
+                let _ = self.local.done(&lease).await;
+                return;
+            }
+        };
+        let settled = match message.job {
+            JobKind::Start => self.start(&message).await,
+            JobKind::Stop => self.stop(&message, lease.attempt).await,
+        };
+        let result = if settled {
+            self.local.done(&lease).await.map(|_| ())
+        } else {
+            self.local.retry(&lease).await
+        };
+        if let Err(e) = result {
+            tracing::warn!(id = %lease.id, error = %e, "could not settle the local job; its lease will lapse and it is retried");
+        }
+    }
+
+    /// `true` when the job is settled (launched, already running, or refused for good).
+    async fn start(&self, message: &QueueMessage) -> bool {
+        let build = match serde_json::from_value::<serde_json::Value>(message.build_config.clone())
+            .ok()
+            .and_then(|v| match v {
+                serde_json::Value::Object(map) => StartMessage::from_json(map).ok(),
+                _ => None,
+            }) {
+            Some(b) => b,
+            None => {
+                tracing::error!("start message without a valid build; dropped");
+                return true;
+            }
+        };
+        if let Err(e) = self.local.remember(&build).await {
+            tracing::warn!(build_id = build.build_id, error = %e, "cannot record the build; retrying");
+            return false;
+        }
+        match self.executor.launch(&build).await {
+            Ok(Launched::Created) => {
+                metrics::counter!("sd_agent_builds_launched_total").increment(1);
+                tracing::info!(build_id = build.build_id, "build launched");
+                true
+            }
+            Ok(Launched::AlreadyRunning) => {
+                tracing::info!(
+                    build_id = build.build_id,
+                    "build already launched; not launching again"
+                );
+                true
+            }
+            Err(ExecError::Transient(why)) => {
+                metrics::counter!("sd_agent_executor_errors_total").increment(1);
+                tracing::warn!(build_id = build.build_id, error = %why, "launch failed; will retry");
+                false
+            }
+            Err(ExecError::Rejected(why)) => {
+                metrics::counter!("sd_agent_builds_failed_total").increment(1);
+                tracing::warn!(build_id = build.build_id, error = %why, "build cannot be launched");
+                let _ = self.events.send(BuildEvent {
+                    build_id: build.build_id,
+                    status: BuildStatus::Failed {
+                        reason: format!("Build could not be started: {why}"),
+                        report: true,
+                    },
+                });
+                true
+            }
+        }
+    }
+
+    async fn stop(&self, message: &QueueMessage, attempt: u32) -> bool {
+        let Some(build_id) = message
+            .build_config
+            .get("buildId")
+            .and_then(serde_json::Value::as_u64)
+        else {
+            return true;
+        };
+        let cancelled = self.local.cancel(build_id).await;
+        match cancelled {
+            Ok(Cancelled::Removed) => {
+                tracing::info!(build_id, "stopped before launch");
+                let _ = self.events.send(BuildEvent {
+                    build_id,
+                    status: BuildStatus::Failed {
+                        reason: "stopped before it was launched".into(),
+                        report: false,
+                    },
+                });
+                return true;
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(build_id, error = %e, "local queue unavailable for a stop; retrying");
+                return false;
+            }
+        }
+        match self.executor.stop(build_id).await {
+            // Its start is being launched right now (leased here or by another replica): try
+            // again shortly so the stop lands once the build exists.
+            Ok(false) if matches!(cancelled, Ok(Cancelled::Leased)) && attempt < 10 => false,
+            Ok(found) => {
+                tracing::info!(build_id, found, "stop handled");
+                true
+            }
+            Err(e) => {
+                tracing::warn!(build_id, error = %e, "stop failed; retrying");
+                false
+            }
+        }
+    }
+}

@@ -1,0 +1,230 @@
+//! The agent's calls to sd-scheduler: long-poll, ack, nack, events. Every call carries a token
+//! from the current [`Signer`]; the signer is swapped on SIGHUP without interrupting a poll.
+
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use sd_protocol::Delivery;
+use serde_json::{Value, json};
+
+use crate::signer::Signer;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The scheduler refused our token (401/403/404): wrong key, clock, or cluster name.
+    #[error("the scheduler refused this agent ({status}): {message}")]
+    Refused { status: u16, message: String },
+    /// Worth retrying; `retry_after` when the scheduler said how long to wait.
+    #[error("scheduler unavailable: {message}")]
+    Unavailable {
+        message: String,
+        retry_after: Option<Duration>,
+    },
+    /// The request itself was wrong (a bug here, or a version mismatch).
+    #[error("the scheduler rejected the request ({status}): {message}")]
+    Rejected { status: u16, message: String },
+    #[error(transparent)]
+    Sign(#[from] crate::signer::SignerError),
+}
+
+impl ClientError {
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            ClientError::Unavailable { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
+}
+
+/// What `ack`/`nack` applied to.
+#[derive(Debug, Default, serde::Deserialize)]
+pub struct LeaseReport {
+    #[serde(default)]
+    pub done: Vec<String>,
+    #[serde(default)]
+    pub stale: Vec<String>,
+}
+
+#[derive(Clone)]
+pub struct SchedulerClient {
+    http: reqwest::Client,
+    base: String,
+    cluster: String,
+    signer: Arc<RwLock<Arc<Signer>>>,
+    timeout: Duration,
+}
+
+impl SchedulerClient {
+    pub fn new(
+        base: &str,
+        cluster: &str,
+        signer: Arc<Signer>,
+        ca_pem: Option<&[u8]>,
+        timeout: Duration,
+    ) -> Result<Self, String> {
+        let mut builder = reqwest::Client::builder()
+            .user_agent(concat!("sd-agent/", env!("CARGO_PKG_VERSION")))
+            .connect_timeout(Duration::from_secs(5));
+        if let Some(pem) = ca_pem {
+            let cert = reqwest::Certificate::from_pem(pem)
+                .map_err(|e| format!("scheduler.ca_file: {e}"))?;
+            builder = builder.add_root_certificate(cert);
+        }
+        let http = builder.build().map_err(|e| e.to_string())?;
+        Ok(Self {
+            http,
+            base: base.trim_end_matches('/').to_owned(),
+            cluster: cluster.to_owned(),
+            signer: Arc::new(RwLock::new(signer)),
+            timeout,
+        })
+    }
+
+    /// Uses `signer` from the next call on (key rotation on SIGHUP).
+    pub fn set_signer(&self, signer: Arc<Signer>) {
+        *self
+            .signer
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = signer;
+    }
+
+    fn token(&self) -> Result<String, ClientError> {
+        let signer = Arc::clone(
+            &self
+                .signer
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+        Ok(signer.token()?)
+    }
+
+    /// Long-poll for up to `max` jobs, waiting at most `wait`.
+    pub async fn poll(&self, wait: Duration, max: u32) -> Result<Vec<Delivery>, ClientError> {
+        let url = format!(
+            "{}/v1/jobs/{}?wait={}&max={max}",
+            self.base,
+            self.cluster,
+            wait.as_secs()
+        );
+        let request = self
+            .http
+            .get(url)
+            .bearer_auth(self.token()?)
+            .timeout(wait + self.timeout);
+        let body = self.send(request).await?;
+        let jobs = body
+            .get("jobs")
+            .cloned()
+            .unwrap_or(Value::Array(Vec::new()));
+        serde_json::from_value(jobs).map_err(|e| ClientError::Rejected {
+            status: 200,
+            message: format!("unexpected poll answer: {e}"),
+        })
+    }
+
+    pub async fn ack(&self, delivery_ids: &[String]) -> Result<LeaseReport, ClientError> {
+        self.lease_call("ack", json!({"deliveryIds": delivery_ids}))
+            .await
+    }
+
+    pub async fn nack(
+        &self,
+        delivery_ids: &[String],
+        reason: &str,
+    ) -> Result<LeaseReport, ClientError> {
+        self.lease_call(
+            "nack",
+            json!({"deliveryIds": delivery_ids, "reason": reason}),
+        )
+        .await
+    }
+
+    async fn lease_call(&self, action: &str, body: Value) -> Result<LeaseReport, ClientError> {
+        let url = format!("{}/v1/jobs/{}/{action}", self.base, self.cluster);
+        let request = self
+            .http
+            .post(url)
+            .bearer_auth(self.token()?)
+            .json(&body)
+            .timeout(self.timeout);
+        let answer = self.send(request).await?;
+        serde_json::from_value(answer).map_err(|e| ClientError::Rejected {
+            status: 200,
+            message: format!("unexpected {action} answer: {e}"),
+        })
+    }
+
+    /// A signed call that changes nothing (renews a lease that does not exist): proves the
+    /// scheduler is reachable and accepts this agent's token.
+    pub async fn renew_nothing(&self) -> Result<(), ClientError> {
+        self.lease_call("renew", json!({"deliveryIds": ["sd-agent-check@0"]}))
+            .await
+            .map(|_| ())
+    }
+
+    /// Reports a build's lifecycle (`running`, `finished`, `failed`).
+    pub async fn event(
+        &self,
+        build_id: u64,
+        event: &str,
+        message: Option<&str>,
+    ) -> Result<(), ClientError> {
+        let url = format!("{}/v1/jobs/{}/events", self.base, self.cluster);
+        let mut body = json!({"buildId": build_id, "event": event});
+        if let Some(m) = message {
+            body["statusMessage"] = json!(m.chars().take(1000).collect::<String>());
+        }
+        let request = self
+            .http
+            .post(url)
+            .bearer_auth(self.token()?)
+            .json(&body)
+            .timeout(self.timeout);
+        self.send(request).await.map(|_| ())
+    }
+
+    async fn send(&self, request: reqwest::RequestBuilder) -> Result<Value, ClientError> {
+        let response = request.send().await.map_err(|e| ClientError::Unavailable {
+            message: e.without_url().to_string(),
+            retry_after: None,
+        })?;
+        let status = response.status();
+        let retry_after = response
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(Duration::from_secs);
+        let body: Value = response.json().await.unwrap_or(Value::Null);
+        if status.is_success() {
+            return Ok(body);
+        }
+        let message = body
+            .get("message")
+            .and_then(Value::as_str)
+            .unwrap_or_else(|| status.canonical_reason().unwrap_or("error"))
+            .to_owned();
+        Err(match status {
+            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN | StatusCode::NOT_FOUND => {
+                ClientError::Refused {
+                    status: status.as_u16(),
+                    message,
+                }
+            }
+            s if s.is_server_error()
+                || s == StatusCode::TOO_MANY_REQUESTS
+                || s == StatusCode::REQUEST_TIMEOUT =>
+            {
+                ClientError::Unavailable {
+                    message,
+                    retry_after,
+                }
+            }
+            s => ClientError::Rejected {
+                status: s.as_u16(),
+                message,
+            },
+        })
+    }
+}

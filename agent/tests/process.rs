@@ -1,0 +1,630 @@
+//! The process executor against a real `redis-server` and real processes: shell scripts in a
+//! temp dir stand in for the launcher.
+
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use sd_agent::config::{ProcessConfig, ScrewdriverConfig};
+use sd_agent::executor::process::{self, Marker, MarkerState, Owner, ProcessExecutor};
+use sd_agent::executor::{BuildEvent, BuildStatus, ExecError, Launched};
+use sd_protocol::StartMessage;
+use sd_testkit::{RedisServer, eventually};
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+
+const WAIT: Duration = Duration::from_secs(30);
+const TOKEN: &str = "secret-token-0f9e8d";
+
+/// A `/bin/sh` script at `dir/name`; `$OUT` in `body` is `dir`.
+fn script(dir: &Path, name: &str, body: &str) -> PathBuf {
+    let path = dir.join(name);
+    let text = format!("#!/bin/sh\nOUT='{}'\n{body}\n", dir.display());
+    std::fs::write(&path, text).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    path
+}
+
+/// Writes its environment, says hello, exits with the `test/exit` annotation (default 0).
+const ENV_SCRIPT: &str = r#"env > "$OUT/env-$SD_BUILD_ID"
+echo "hello from build $SD_BUILD_ID"
+code=$(printf '%s' "$SD_BUILD_CONFIG" | sed -n 's/.*"test\/exit":"\([0-9]*\)".*/\1/p')
+exit "${code:-0}""#;
+
+/// Counts its runs.
+const COUNT_SCRIPT: &str = r#"echo run >> "$OUT/count-$SD_BUILD_ID""#;
+
+/// Leaves a grandchild in its group and waits: both pids go to files.
+const SLEEP_SCRIPT: &str = r#"sleep 300 &
+echo $! > "$OUT/grandchild-$SD_BUILD_ID.tmp" && mv "$OUT/grandchild-$SD_BUILD_ID.tmp" "$OUT/grandchild-$SD_BUILD_ID"
+echo $$ > "$OUT/leader-$SD_BUILD_ID.tmp" && mv "$OUT/leader-$SD_BUILD_ID.tmp" "$OUT/leader-$SD_BUILD_ID"
+wait"#;
+
+fn build(id: u64, annotations: Value) -> StartMessage {
+    serde_json::from_value(json!({
+        "buildId": id,
+        "jobId": 77,
+        "eventId": 55,
+        "jobName": "main",
+        "pipeline": {"id": 42, "name": "org/repo", "scmContext": "github:github.com"},
+        "apiUri": "https://api.sd.example",
+        "container": "node:20",
+        "annotations": annotations,
+        "token": TOKEN,
+        "causeMessage": "Started by test",
+    }))
+    .unwrap()
+}
+
+/// Events of one executor, kept so builds can be awaited in any order.
+struct Events {
+    rx: mpsc::UnboundedReceiver<BuildEvent>,
+    seen: Vec<BuildEvent>,
+}
+
+impl Events {
+    fn of(&self, id: u64) -> Vec<BuildStatus> {
+        self.seen
+            .iter()
+            .filter(|e| e.build_id == id)
+            .map(|e| e.status.clone())
+            .collect()
+    }
+
+    /// Drains what has been sent so far.
+    fn drain(&mut self) {
+        while let Ok(e) = self.rx.try_recv() {
+            self.seen.push(e);
+        }
+    }
+
+    /// The final status of `id` (after `Running`), waiting for it.
+    async fn end(&mut self, id: u64) -> BuildStatus {
+        loop {
+            self.drain();
+            if let Some(status) = self.of(id).into_iter().find(|s| *s != BuildStatus::Running) {
+                return status;
+            }
+            let event = tokio::time::timeout(WAIT, self.rx.recv())
+                .await
+                .unwrap_or_else(|_| panic!("no end event for build {id}"))
+                .expect("events channel open");
+            self.seen.push(event);
+        }
+    }
+}
+
+async fn executor(
+    redis: &RedisServer,
+    work: &Path,
+    command: Vec<String>,
+) -> (ProcessExecutor, Events) {
+    try_executor(redis, work, command).await.unwrap()
+}
+
+async fn try_executor(
+    redis: &RedisServer,
+    work: &Path,
+    command: Vec<String>,
+) -> Result<(ProcessExecutor, Events), ExecError> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let config = ProcessConfig {
+        command,
+        work_dir: Some(work.join("work")),
+    };
+    let screwdriver = ScrewdriverConfig {
+        store_uri: "https://store.sd.example".into(),
+        ui_uri: "https://ui.sd.example".into(),
+    };
+    let executor = ProcessExecutor::new(
+        &config,
+        &screwdriver,
+        &redis.url(),
+        Duration::from_secs(90 * 60),
+        tx,
+    )
+    .await?;
+    Ok((
+        executor,
+        Events {
+            rx,
+            seen: Vec::new(),
+        },
+    ))
+}
+
+fn argv(path: &Path) -> Vec<String> {
+    vec![path.display().to_string()]
+}
+
+fn marker(redis: &RedisServer, id: u64) -> Option<(String, Marker)> {
+    let raw: Option<String> = redis::cmd("HGET")
+        .arg(process::LAUNCHES_KEY)
+        .arg(id)
+        .query(&mut redis.conn())
+        .unwrap();
+    raw.map(|r| {
+        let m = serde_json::from_str(&r).unwrap();
+        (r, m)
+    })
+}
+
+fn is_active(redis: &RedisServer, id: u64) -> bool {
+    redis::cmd("SISMEMBER")
+        .arg(process::ACTIVE_KEY)
+        .arg(id)
+        .query(&mut redis.conn())
+        .unwrap()
+}
+
+fn stat_fields(pid: u32) -> Option<Vec<String>> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &text[text.rfind(')')? + 1..];
+    Some(rest.split_whitespace().map(str::to_owned).collect())
+}
+
+/// Alive and not a zombie (killed grandchildren may wait for a reaper that never comes).
+fn alive(pid: u32) -> bool {
+    stat_fields(pid).is_some_and(|f| !matches!(f[0].as_str(), "Z" | "X"))
+}
+
+fn start_time(pid: u32) -> u64 {
+    stat_fields(pid).unwrap()[19].parse().unwrap()
+}
+
+async fn pid_file(path: PathBuf) -> u32 {
+    eventually(WAIT, || {
+        let path = path.clone();
+        async move {
+            std::fs::read_to_string(&path)
+                .ok()
+                .and_then(|s| s.trim().parse().ok())
+        }
+    })
+    .await
+    .unwrap_or_else(|| panic!("{} never appeared", path.display()))
+}
+
+async fn all_dead(pids: &[u32]) -> bool {
+    eventually(WAIT, || async {
+        pids.iter().all(|&p| !alive(p)).then_some(())
+    })
+    .await
+    .is_some()
+}
+
+fn env_file(dir: &Path, id: u64) -> Vec<(String, String)> {
+    std::fs::read_to_string(dir.join(format!("env-{id}")))
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.split_once('=').map(|(k, v)| (k.to_owned(), v.to_owned())))
+        .collect()
+}
+
+fn var<'a>(env: &'a [(String, String)], key: &str) -> Option<&'a str> {
+    env.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn environment_and_exit_codes() {
+    let redis = RedisServer::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let cmd = script(dir.path(), "env.sh", ENV_SCRIPT);
+    let (exec, mut events) = executor(&redis, dir.path(), argv(&cmd)).await;
+
+    assert_eq!(
+        exec.launch(&build(101, json!({}))).await.unwrap(),
+        Launched::Created
+    );
+    let failing = build(102, json!({"test/exit": "3", "screwdriver.cd/timeout": 5}));
+    assert_eq!(exec.launch(&failing).await.unwrap(), Launched::Created);
+
+    assert_eq!(events.end(101).await, BuildStatus::Finished);
+    assert_eq!(events.of(101)[0], BuildStatus::Running);
+    match events.end(102).await {
+        BuildStatus::Failed {
+            reason,
+            report: true,
+        } => assert!(reason.contains("status 3"), "{reason}"),
+        other => panic!("build 102: {other:?}"),
+    }
+    assert_eq!(exec.in_flight(), 0);
+
+    let env = env_file(dir.path(), 101);
+    for (key, value) in [
+        ("SD_BUILD_ID", "101"),
+        ("SD_JOB_ID", "77"),
+        ("SD_EVENT_ID", "55"),
+        ("SD_PIPELINE_ID", "42"),
+        ("SD_JOB_NAME", "main"),
+        ("SD_TOKEN", TOKEN),
+        ("SD_API_URI", "https://api.sd.example"),
+        ("SD_STORE_URI", "https://store.sd.example"),
+        ("SD_UI_URI", "https://ui.sd.example"),
+        ("SD_TIMEOUT", "90"),
+        ("SD_IMAGE", "node:20"),
+    ] {
+        assert_eq!(var(&env, key), Some(value), "{key}");
+    }
+    assert!(var(&env, process::LAUNCH_ID_VAR).is_some_and(|v| v.starts_with("101-")));
+    let config: Value = serde_json::from_str(var(&env, "SD_BUILD_CONFIG").unwrap()).unwrap();
+    assert_eq!(config["buildId"], 101);
+    assert_eq!(config["causeMessage"], "Started by test");
+    assert!(
+        config.get("token").is_none(),
+        "the token is in SD_TOKEN only"
+    );
+    assert_eq!(var(&env_file(dir.path(), 102), "SD_TIMEOUT"), Some("5"));
+
+    // The launcher's output lands in the build's log; the token is in no file of ours.
+    let log = std::fs::read_to_string(exec.log_path(101)).unwrap();
+    assert!(log.contains("hello from build 101"), "{log}");
+    assert!(exec.log_path(101).starts_with(dir.path().join("work")));
+    let (raw, m) = marker(&redis, 101).unwrap();
+    assert!(!raw.contains(TOKEN));
+    assert_eq!(m.state, MarkerState::Ended);
+    assert_eq!(m.outcome.as_deref(), Some("finished"));
+    assert!(m.pid.is_some() && m.pgid == m.pid && m.start_time.is_some());
+    assert!(!is_active(&redis, 101));
+    let (_, m) = marker(&redis, 102).unwrap();
+    assert!(m.outcome.unwrap().contains("status 3"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_build_runs_at_most_once() {
+    let redis = RedisServer::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let cmd = script(dir.path(), "count.sh", COUNT_SCRIPT);
+    let (exec, mut events) = executor(&redis, dir.path(), argv(&cmd)).await;
+
+    let b = build(201, json!({}));
+    let (first, second) = tokio::join!(exec.launch(&b), exec.launch(&b));
+    let mut outcomes = [first.unwrap(), second.unwrap()];
+    outcomes.sort_by_key(|l| *l == Launched::AlreadyRunning);
+    assert_eq!(outcomes, [Launched::Created, Launched::AlreadyRunning]);
+    assert_eq!(events.end(201).await, BuildStatus::Finished);
+
+    // Ended, and still refused: by this executor and by another one on the same Redis.
+    assert_eq!(exec.launch(&b).await.unwrap(), Launched::AlreadyRunning);
+    let (other, mut other_events) = executor(&redis, dir.path(), argv(&cmd)).await;
+    assert_eq!(other.launch(&b).await.unwrap(), Launched::AlreadyRunning);
+
+    // Two executors racing for one build: one of them runs it.
+    let b = build(202, json!({}));
+    let (mine, theirs) = tokio::join!(exec.launch(&b), other.launch(&b));
+    let (mine, theirs) = (mine.unwrap(), theirs.unwrap());
+    assert_ne!(mine, theirs, "exactly one Created");
+    let winner = if mine == Launched::Created {
+        &mut events
+    } else {
+        &mut other_events
+    };
+    assert_eq!(winner.end(202).await, BuildStatus::Finished);
+
+    // Everything that could have run has ended by now: one run each.
+    for id in [201, 202] {
+        let count = std::fs::read_to_string(dir.path().join(format!("count-{id}"))).unwrap();
+        assert_eq!(count.lines().count(), 1, "build {id}");
+    }
+    events.drain();
+    other_events.drain();
+    assert_eq!(
+        events.of(201),
+        vec![BuildStatus::Running, BuildStatus::Finished]
+    );
+    assert!(other_events.of(201).is_empty());
+    assert_eq!(events.of(202).len() + other_events.of(202).len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_executor_refuses_a_running_build_and_can_stop_it() {
+    let redis = RedisServer::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let cmd = script(dir.path(), "sleep.sh", SLEEP_SCRIPT);
+    let (a, mut a_events) = executor(&redis, dir.path(), argv(&cmd)).await;
+    let (b, mut b_events) = executor(&redis, dir.path(), argv(&cmd)).await;
+
+    assert_eq!(
+        a.launch(&build(301, json!({}))).await.unwrap(),
+        Launched::Created
+    );
+    let leader = pid_file(dir.path().join("leader-301")).await;
+    let grandchild = pid_file(dir.path().join("grandchild-301")).await;
+    assert_eq!(
+        b.launch(&build(301, json!({}))).await.unwrap(),
+        Launched::AlreadyRunning
+    );
+    assert_eq!((a.in_flight(), b.in_flight()), (1, 0));
+    assert!(alive(leader) && alive(grandchild));
+
+    // B does not run it, but shares the host and the Redis: its stop reaches A's build.
+    assert!(b.stop(301).await.unwrap());
+    assert_eq!(
+        a_events.end(301).await,
+        BuildStatus::Failed {
+            reason: process::STOP_REASON.into(),
+            report: false
+        }
+    );
+    assert!(all_dead(&[leader, grandchild]).await);
+    assert_eq!(a.in_flight(), 0);
+    b_events.drain();
+    assert!(b_events.seen.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_kills_the_whole_process_group() {
+    let redis = RedisServer::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let cmd = script(dir.path(), "sleep.sh", SLEEP_SCRIPT);
+    let (exec, mut events) = executor(&redis, dir.path(), argv(&cmd)).await;
+
+    assert!(!exec.stop(401).await.unwrap(), "unknown build");
+    assert_eq!(
+        exec.launch(&build(401, json!({}))).await.unwrap(),
+        Launched::Created
+    );
+    let leader = pid_file(dir.path().join("leader-401")).await;
+    let grandchild = pid_file(dir.path().join("grandchild-401")).await;
+    assert_eq!(exec.in_flight(), 1);
+
+    assert!(exec.stop(401).await.unwrap());
+    assert_eq!(
+        events.end(401).await,
+        BuildStatus::Failed {
+            reason: process::STOP_REASON.into(),
+            report: false
+        }
+    );
+    assert!(
+        all_dead(&[leader, grandchild]).await,
+        "leader and grandchild are killed"
+    );
+    assert_eq!(exec.in_flight(), 0);
+    assert!(!exec.stop(401).await.unwrap(), "already ended");
+    let (_, m) = marker(&redis, 401).unwrap();
+    assert_eq!(m.state, MarkerState::Ended);
+    assert_eq!(m.outcome.as_deref(), Some(process::STOP_REASON));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timeout_kills_the_group_and_is_reported() {
+    let redis = RedisServer::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let cmd = script(dir.path(), "sleep.sh", SLEEP_SCRIPT);
+    let (exec, mut events) = executor(&redis, dir.path(), argv(&cmd)).await;
+
+    // 0.01 minutes: the launcher never ends by itself.
+    let b = build(501, json!({"screwdriver.cd/timeout": "0.01"}));
+    assert_eq!(exec.launch(&b).await.unwrap(), Launched::Created);
+    let leader = pid_file(dir.path().join("leader-501")).await;
+    let grandchild = pid_file(dir.path().join("grandchild-501")).await;
+    assert_eq!(
+        events.end(501).await,
+        BuildStatus::Failed {
+            reason: "build timed out after 0.01 minutes".into(),
+            report: true
+        }
+    );
+    assert!(all_dead(&[leader, grandchild]).await);
+    assert_eq!(exec.in_flight(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_executor_ends_the_builds_of_the_one_that_crashed() {
+    let redis = RedisServer::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let cmd = script(dir.path(), "sleep.sh", SLEEP_SCRIPT);
+    let (crashed, mut crashed_events) = executor(&redis, dir.path(), argv(&cmd)).await;
+    assert_eq!(
+        crashed.launch(&build(601, json!({}))).await.unwrap(),
+        Launched::Created
+    );
+    let leader = pid_file(dir.path().join("leader-601")).await;
+    let grandchild = pid_file(dir.path().join("grandchild-601")).await;
+
+    // Dropping it is the crash: its build keeps running, unwatched.
+    drop(crashed);
+    assert!(alive(leader) && alive(grandchild));
+    crashed_events.drain();
+    assert_eq!(crashed_events.of(601), vec![BuildStatus::Running]);
+
+    let (restarted, mut events) = executor(&redis, dir.path(), argv(&cmd)).await;
+    events.drain();
+    assert_eq!(
+        events.of(601),
+        vec![BuildStatus::Failed {
+            reason: process::RESTART_REASON.into(),
+            report: true
+        }]
+    );
+    assert!(
+        all_dead(&[leader, grandchild]).await,
+        "the orphan is killed"
+    );
+    assert_eq!(
+        restarted.launch(&build(601, json!({}))).await.unwrap(),
+        Launched::AlreadyRunning
+    );
+    let (_, m) = marker(&redis, 601).unwrap();
+    assert_eq!(m.state, MarkerState::Ended);
+    assert!(!is_active(&redis, 601));
+
+    // Reported once: the next executor has nothing left to end.
+    let (_again, mut again_events) = executor(&redis, dir.path(), argv(&cmd)).await;
+    again_events.drain();
+    assert!(again_events.seen.is_empty());
+}
+
+/// Markers as an agent process that died (kill -9) would have left them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn orphans_of_a_dead_agent_process_are_killed_but_never_a_reused_pid() {
+    let redis = RedisServer::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .unwrap()
+        .trim()
+        .to_owned();
+    let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .unwrap()
+        .trim()
+        .to_owned();
+    let mut gone = std::process::Command::new("true").spawn().unwrap();
+    gone.wait().unwrap();
+    let dead_agent = Owner {
+        pid: gone.id(),
+        start_time: Some(1),
+        instance: "crashed".into(),
+    };
+
+    let sleeper = |launch_id: &str| {
+        std::process::Command::new("sleep")
+            .arg("300")
+            .env(process::LAUNCH_ID_VAR, launch_id)
+            .process_group(0)
+            .spawn()
+            .unwrap()
+    };
+    let mut running = sleeper("701-a"); // recorded with its true start time: killed
+    let mut reused = sleeper("702-b"); // its pid, but another start time: a stranger, spared
+    let mut starting = sleeper("703-c"); // no pid recorded, found by its launch id: killed
+    let plant =
+        |id: u64, host: &str, launch_id: &str, state: MarkerState, child: Option<(u32, u64)>| {
+            let m = Marker {
+                host: host.to_owned(),
+                boot_id: boot_id.clone(),
+                agent: dead_agent.clone(),
+                launch_id: launch_id.to_owned(),
+                state,
+                pid: child.map(|c| c.0),
+                pgid: child.map(|c| c.0),
+                start_time: child.map(|c| c.1),
+                started_at: 1,
+                ended_at: None,
+                outcome: None,
+            };
+            let mut conn = redis.conn();
+            let () = redis::cmd("HSET")
+                .arg(process::LAUNCHES_KEY)
+                .arg(id)
+                .arg(serde_json::to_string(&m).unwrap())
+                .query(&mut conn)
+                .unwrap();
+            let () = redis::cmd("SADD")
+                .arg(process::ACTIVE_KEY)
+                .arg(id)
+                .query(&mut conn)
+                .unwrap();
+        };
+    plant(
+        701,
+        &host,
+        "701-a",
+        MarkerState::Running,
+        Some((running.id(), start_time(running.id()))),
+    );
+    plant(
+        702,
+        &host,
+        "702-x",
+        MarkerState::Running,
+        Some((reused.id(), start_time(reused.id()) + 12_345)),
+    );
+    plant(703, &host, "703-c", MarkerState::Starting, None);
+    plant(
+        704,
+        "some-other-host",
+        "704-d",
+        MarkerState::Running,
+        Some((reused.id(), start_time(reused.id()))),
+    );
+
+    let cmd = script(dir.path(), "env.sh", ENV_SCRIPT);
+    let (exec, mut events) = executor(&redis, dir.path(), argv(&cmd)).await;
+    events.drain();
+    let restart = BuildStatus::Failed {
+        reason: process::RESTART_REASON.into(),
+        report: true,
+    };
+    for id in [701, 702, 703] {
+        assert_eq!(events.of(id), vec![restart.clone()], "build {id}");
+        assert!(!is_active(&redis, id));
+        assert_eq!(
+            exec.launch(&build(id, json!({}))).await.unwrap(),
+            Launched::AlreadyRunning
+        );
+    }
+    assert!(
+        events.of(704).is_empty(),
+        "another host's build is its agent's business"
+    );
+    assert!(is_active(&redis, 704));
+
+    assert!(all_dead(&[running.id(), starting.id()]).await);
+    assert!(
+        alive(reused.id()),
+        "a pid whose start time differs is not the build"
+    );
+    let _ = reused.kill();
+    for child in [&mut running, &mut reused, &mut starting] {
+        let _ = child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_says_what_to_fix() {
+    let mut redis = RedisServer::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+
+    let (exec, _events) = executor(
+        &redis,
+        dir.path(),
+        vec!["sh".into(), "-c".into(), "exit 0".into()],
+    )
+    .await;
+    let ok = exec.check().await.unwrap();
+    assert!(ok.contains("/sh"), "resolved through PATH: {ok}");
+
+    let missing = dir.path().join("no-such-launcher");
+    let (exec, _events) = executor(&redis, dir.path(), argv(&missing)).await;
+    let err = exec.check().await.unwrap_err().to_string();
+    assert!(
+        err.contains("no-such-launcher") && err.contains("executor.process.command"),
+        "{err}"
+    );
+    // Nothing started, so nothing is recorded: the build can be launched once fixed.
+    assert!(matches!(
+        exec.launch(&build(801, json!({}))).await,
+        Err(ExecError::Transient(_))
+    ));
+    assert!(marker(&redis, 801).is_none());
+    assert!(!is_active(&redis, 801));
+    assert_eq!(exec.in_flight(), 0);
+
+    let plain = dir.path().join("not-executable");
+    std::fs::write(&plain, "#!/bin/sh\n").unwrap();
+    std::fs::set_permissions(&plain, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let (exec, _events) = executor(&redis, dir.path(), argv(&plain)).await;
+    let err = exec.check().await.unwrap_err().to_string();
+    assert!(err.contains("chmod +x"), "{err}");
+    let config = ProcessConfig {
+        command: argv(&plain),
+        work_dir: None,
+    };
+    assert!(process::check_command(&config).is_err());
+
+    let (exec, _events) = executor(&redis, dir.path(), vec!["sd-no-such-launcher".into()]).await;
+    let err = exec.check().await.unwrap_err().to_string();
+    assert!(err.contains("PATH"), "{err}");
+
+    assert!(matches!(
+        try_executor(&redis, dir.path(), vec![]).await,
+        Err(ExecError::Rejected(_))
+    ));
+
+    let (exec, _events) = executor(&redis, dir.path(), vec!["sh".into()]).await;
+    redis.kill();
+    let err = exec.check().await.unwrap_err().to_string();
+    assert!(err.contains("Redis"), "{err}");
+}

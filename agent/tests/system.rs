@@ -1,0 +1,493 @@
+//! End to end: the real scheduler (in-process, on a free port) with real redis-servers (master
+//! and each cluster's local one) and real `sd-agent` processes using the process executor.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use reqwest::Method;
+use sd_scheduler::Scheduler;
+use sd_scheduler::cluster_auth::EnvLookup;
+use sd_scheduler::config::Config as SchedulerConfig;
+use sd_testkit::{Backend, RedisServer, RsaKeys, TestDb, eventually, free_port, shared_keys};
+use serde_json::{Value, json};
+
+const AGENT: &str = env!("CARGO_BIN_EXE_sd-agent");
+
+struct World {
+    scheduler: Option<Scheduler>,
+    config: SchedulerConfig,
+    base: String,
+    _master: RedisServer,
+    _db: TestDb,
+    env: Arc<Mutex<HashMap<String, String>>>,
+    api: RsaKeys,
+    dir: tempfile::TempDir,
+    http: reqwest::Client,
+}
+
+impl World {
+    async fn start() -> Self {
+        let master = RedisServer::start().unwrap();
+        let db = TestDb::new(Backend::Sqlite).await.unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let api = shared_keys("api");
+        let (_, api_pub) = api.write(dir.path(), "api");
+        let (launcher, _) = shared_keys("launcher").write(dir.path(), "launcher");
+        let mut config = SchedulerConfig {
+            listen: format!("127.0.0.1:{}", free_port()).parse().unwrap(),
+            ..SchedulerConfig::default()
+        };
+        config.database.url = db.url().to_owned();
+        config.redis.url = master.url();
+        config.auth.api_public_key_file = Some(api_pub);
+        config.auth.private_key_file = Some(launcher);
+        config.queue.visibility_timeout = Duration::from_secs(3);
+        let env = Arc::new(Mutex::new(HashMap::new()));
+        let mut world = Self {
+            scheduler: None,
+            base: format!("http://{}", config.listen),
+            config,
+            _master: master,
+            _db: db,
+            env,
+            api,
+            dir,
+            http: reqwest::Client::new(),
+        };
+        world.start_scheduler().await;
+        world
+    }
+
+    async fn start_scheduler(&mut self) {
+        let env = Arc::clone(&self.env);
+        let lookup: EnvLookup = Arc::new(move |name| env.lock().unwrap().get(name).cloned());
+        self.scheduler = Some(
+            Scheduler::start_with_env(self.config.clone(), lookup)
+                .await
+                .unwrap(),
+        );
+    }
+
+    async fn stop_scheduler(&mut self) {
+        if let Some(s) = self.scheduler.take() {
+            s.shutdown().await;
+        }
+    }
+
+    async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        scope: &str,
+        body: Option<Value>,
+    ) -> (u16, Value) {
+        let mut req = self
+            .http
+            .request(method, format!("{}{path}", self.base))
+            .bearer_auth(self.api.api_token(&[scope]));
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req.send().await.unwrap();
+        let status = resp.status().as_u16();
+        (status, resp.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Registers `name` (external for `org`, or managed) and prepares an agent for it.
+    async fn cluster(&self, name: &str, org: Option<&str>) -> AgentSetup {
+        let keys = sd_testkit::ClusterKeys::generate(jsonwebtoken::Algorithm::RS256);
+        let var = format!("{}_KEY", name.to_uppercase().replace('-', "_"));
+        self.env
+            .lock()
+            .unwrap()
+            .insert(var.clone(), keys.public_pem.clone());
+        let mut body = json!({"name": name, "scmContext": "github:github.com", "managedByEmail": "t@example.com", "authKey": var});
+        match org {
+            Some(o) => {
+                body["managedBy"] = json!("external");
+                body["scmOrganizations"] = json!([o]);
+            }
+            None => body["managedBy"] = json!("screwdriver"),
+        }
+        let (status, resp) = self
+            .call(Method::POST, "/v4/buildclusters", "admin", Some(body))
+            .await;
+        assert_eq!(status, 201, "{resp}");
+        AgentSetup::new(self.dir.path(), name, &keys, &self.base)
+    }
+
+    async fn submit(&self, id: u64, pipeline: &str, cluster: Option<&str>, exit: u8) -> Value {
+        let mut annotations = json!({"screwdriver.cd/blockedBySameJob": false, "test/exit": exit});
+        if let Some(c) = cluster {
+            annotations["screwdriver.cd/buildCluster"] = json!(c);
+        }
+        let body = json!({
+            "buildId": id, "jobId": 10_000 + id, "blockedBy": [], "annotations": annotations,
+            "pipeline": {"id": 1, "name": pipeline, "scmContext": "github:github.com"},
+            "apiUri": "http://127.0.0.1:9", "container": "node:22",
+        });
+        let (status, resp) = self
+            .call(Method::POST, "/v1/queue/message", "sdapi", Some(body))
+            .await;
+        assert!(status == 201 || status == 200, "{status} {resp}");
+        resp
+    }
+
+    async fn state(&self, id: u64) -> String {
+        let (_, view) = self
+            .call(Method::GET, &format!("/v1/builds/{id}"), "sdapi", None)
+            .await;
+        view["state"].as_str().unwrap_or_default().to_owned()
+    }
+
+    async fn wait_finished(&self, ids: &[u64], timeout: Duration) {
+        let done = eventually(timeout, || async {
+            for id in ids {
+                if self.state(*id).await != "finished" {
+                    return None;
+                }
+            }
+            Some(())
+        })
+        .await;
+        if done.is_none() {
+            let mut states = Vec::new();
+            for id in ids {
+                states.push((*id, self.state(*id).await));
+            }
+            panic!("not all finished: {states:?}");
+        }
+    }
+}
+
+/// Everything one cluster's agent needs: its local Redis, key, config, run log.
+struct AgentSetup {
+    name: String,
+    local: RedisServer,
+    config: PathBuf,
+    runs: PathBuf,
+    health: u16,
+    children: Vec<Child>,
+}
+
+impl AgentSetup {
+    fn new(dir: &Path, name: &str, keys: &sd_testkit::ClusterKeys, scheduler: &str) -> Self {
+        let local = RedisServer::start_with_aof().unwrap();
+        let home = dir.join(name);
+        std::fs::create_dir_all(&home).unwrap();
+        let key = home.join("private.pem");
+        std::fs::write(&key, &keys.private_pem).unwrap();
+        let runs = home.join("runs.log");
+        let script = home.join("launch.sh");
+        // The launcher stand-in: records the run, then exits with the code the build asks for.
+        std::fs::write(
+            &script,
+            format!(
+                "#!/bin/sh\necho \"$SD_BUILD_ID\" >> {runs}\ncode=$(echo \"$SD_BUILD_CONFIG\" | sed -n 's/.*\"test\\/exit\":\\([0-9]*\\).*/\\1/p')\nsleep 0.2\nexit ${{code:-0}}\n",
+                runs = runs.display()
+            ),
+        )
+        .unwrap();
+        let health = free_port();
+        let config = home.join("agent.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "shutdown_timeout = \"10s\"\n[cluster]\nname = \"{name}\"\n[scheduler]\nurl = \"{scheduler}\"\n[auth]\nprivate_key_file = \"{key}\"\n[poll]\nwait = \"2s\"\n[redis]\nurl = \"{redis}\"\n[executor]\nkind = \"process\"\nmax_in_flight = 20\nlaunch_lease = \"5s\"\n[executor.process]\ncommand = [\"/bin/sh\", \"{script}\"]\nwork_dir = \"{work}\"\n[health]\nlisten = \"127.0.0.1:{health}\"\n[log]\nformat = \"json\"\nlevel = \"info,sd_agent=debug\"\n",
+                key = key.display(),
+                redis = local.url(),
+                script = script.display(),
+                work = home.join("work").display(),
+            ),
+        )
+        .unwrap();
+        Self {
+            name: name.to_owned(),
+            local,
+            config,
+            runs,
+            health,
+            children: Vec::new(),
+        }
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.config.with_file_name("agent.log"))
+            .unwrap();
+        // Replicas after the first get a health port of their own.
+        let health = if self.children.is_empty() {
+            self.health
+        } else {
+            free_port()
+        };
+        let child = Command::new(AGENT)
+            .env("SD_AGENT_HEALTH_LISTEN", format!("127.0.0.1:{health}"))
+            .arg("--config")
+            .arg(&self.config)
+            .arg("run")
+            .env_remove("SD_AGENT_CONFIG")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.children.push(child);
+    }
+
+    fn runs(&self) -> HashMap<u64, u32> {
+        let text = std::fs::read_to_string(&self.runs).unwrap_or_default();
+        let mut counts = HashMap::new();
+        for line in text.lines() {
+            if let Ok(id) = line.trim().parse::<u64>() {
+                *counts.entry(id).or_default() += 1;
+            }
+        }
+        counts
+    }
+
+    fn signal(&mut self, sig: &str) {
+        for child in &self.children {
+            let _ = Command::new("kill")
+                .arg(format!("-{sig}"))
+                .arg(child.id().to_string())
+                .status();
+        }
+    }
+}
+
+impl Drop for AgentSetup {
+    fn drop(&mut self) {
+        for child in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn builds_run_on_the_cluster_routing_chose_exactly_once() {
+    let world = World::start().await;
+    let mut linux = world.cluster("linux", None).await;
+    let mut ios = world.cluster("ios-farm", Some("mobile")).await;
+    linux.spawn();
+    ios.spawn();
+    for id in 1..=6 {
+        world.submit(id, "web/site", None, 0).await;
+    }
+    for id in 7..=9 {
+        world.submit(id, "mobile/app", Some("ios-farm"), 0).await;
+    }
+    world.submit(10, "web/site", None, 3).await;
+    world
+        .wait_finished(&(1..=9).collect::<Vec<_>>(), Duration::from_secs(60))
+        .await;
+    let failed = eventually(Duration::from_secs(30), || async {
+        (world.state(10).await == "failed").then_some(())
+    })
+    .await;
+    assert!(
+        failed.is_some(),
+        "a launcher exiting 3 ends the build failed"
+    );
+    let (l, i) = (linux.runs(), ios.runs());
+    assert_eq!(l.keys().copied().filter(|k| *k <= 6).count(), 6, "{l:?}");
+    assert!((7..=9).all(|id| i.get(&id) == Some(&1)), "{i:?}");
+    assert!(
+        (1..=6).all(|id| !i.contains_key(&id)),
+        "no web build on the external farm: {i:?}"
+    );
+    assert!(
+        l.values().chain(i.values()).all(|c| *c == 1),
+        "each build ran once: {l:?} {i:?}"
+    );
+    let _ = (&linux.name, &linux.local, &ios.health);
+}
+
+/// Local Redis down: pushes fail, nothing is acknowledged, the builds wait on the master; when
+/// Redis returns they run, each once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_redis_down_loses_nothing() {
+    let world = World::start().await;
+    let mut agent = world.cluster("linux", None).await;
+    agent.local.kill();
+    agent.spawn();
+    for id in 1..=5 {
+        world.submit(id, "web/site", None, 0).await;
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    for id in 1..=5 {
+        assert_eq!(
+            world.state(id).await,
+            "queued",
+            "build {id} must stay on the master while the local Redis is down"
+        );
+    }
+    assert!(agent.runs().is_empty());
+    agent.local.restart().unwrap();
+    world
+        .wait_finished(&(1..=5).collect::<Vec<_>>(), Duration::from_secs(60))
+        .await;
+    assert!(agent.runs().values().all(|c| *c == 1), "{:?}", agent.runs());
+}
+
+/// Scheduler down: the agent backs off and recovers by itself once it returns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scheduler_outage_then_recovery() {
+    let mut world = World::start().await;
+    let mut agent = world.cluster("linux", None).await;
+    agent.spawn();
+    world.submit(1, "web/site", None, 0).await;
+    world.wait_finished(&[1], Duration::from_secs(30)).await;
+    world.stop_scheduler().await;
+    let http = reqwest::Client::new();
+    let readyz = format!("http://127.0.0.1:{}/readyz", agent.health);
+    let unready = eventually(Duration::from_secs(20), || async {
+        let r = http.get(&readyz).send().await.ok()?;
+        let body: Value = r.json().await.ok()?;
+        (body["ready"] == false).then_some(body)
+    })
+    .await
+    .expect("readyz says why the agent is not ready");
+    assert!(
+        unready["scheduler"].as_str().unwrap().contains("scheduler"),
+        "{unready}"
+    );
+    world.start_scheduler().await;
+    world.submit(2, "web/site", None, 0).await;
+    world.wait_finished(&[2], Duration::from_secs(60)).await;
+}
+
+/// Two agent replicas on one cluster, and kill -9 of one of them in the middle of transfers
+/// and launches: every build runs exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_and_kill_9_never_launch_twice() {
+    let world = World::start().await;
+    let mut agent = world.cluster("linux", None).await;
+    agent.spawn();
+    agent.spawn();
+    let n = 40u64;
+    for id in 1..=n {
+        world.submit(id, "web/site", None, 0).await;
+        if id % 10 == 5 {
+            // Kill one replica hard mid-stream and start a fresh one.
+            let mut victim = agent.children.remove(0);
+            let _ = victim.kill();
+            let _ = victim.wait();
+            agent.spawn();
+            // One crash at a time: let the replacement start before the next kill.
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
+    }
+    // Every build ends: finished, or failed with a reason (a killed replica's running builds
+    // cannot be accounted for and are reported failed by the survivor, never run again).
+    let ended = eventually(Duration::from_secs(120), || async {
+        let mut views = Vec::new();
+        for id in 1..=n {
+            let (_, view) = world
+                .call(Method::GET, &format!("/v1/builds/{id}"), "sdapi", None)
+                .await;
+            if view["state"] != "finished" && view["state"] != "failed" {
+                return None;
+            }
+            views.push(view);
+        }
+        Some(views)
+    })
+    .await;
+    let views = match ended {
+        Some(v) => v,
+        None => {
+            let mut states = Vec::new();
+            for id in 1..=n {
+                states.push((id, world.state(id).await));
+            }
+            let log = std::fs::read_to_string(agent.config.with_file_name("agent.log"))
+                .unwrap_or_default();
+            let stuck: Vec<String> = states
+                .iter()
+                .filter(|(_, s)| s != "finished" && s != "failed")
+                .map(|(id, _)| format!("\"build_id\":{id},"))
+                .collect();
+            let tail: Vec<&str> = log
+                .lines()
+                .filter(|l| stuck.iter().any(|k| l.contains(k.as_str())))
+                .collect();
+            let from = tail.len().saturating_sub(80);
+            panic!(
+                "not every build ended: {states:?}\nagent log:\n{}",
+                tail[from..].join("\n")
+            );
+        }
+    };
+    let runs = agent.runs();
+    let twice: Vec<_> = runs.iter().filter(|(_, c)| **c > 1).collect();
+    assert!(twice.is_empty(), "launched more than once: {twice:?}");
+    for view in &views {
+        let id = view["buildId"].as_u64().unwrap();
+        if view["state"] == "failed" {
+            assert!(
+                view["reason"].as_str().is_some_and(|r| !r.is_empty()),
+                "failed without a reason: {view}"
+            );
+        } else {
+            assert_eq!(runs.get(&id), Some(&1), "finished build {id} ran once");
+        }
+    }
+    let failed = views.iter().filter(|v| v["state"] == "failed").count();
+    eprintln!(
+        "{n} builds, 4 kill -9: {} finished, {failed} failed with a reason, 0 launched twice",
+        views.len() - failed
+    );
+}
+
+/// SIGTERM drains and exits 0; SIGHUP swaps the key without a failed poll.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_rotates_the_key_and_sigterm_drains() {
+    let world = World::start().await;
+    let mut agent = world.cluster("linux", None).await;
+    agent.spawn();
+    world.submit(1, "web/site", None, 0).await;
+    world.wait_finished(&[1], Duration::from_secs(30)).await;
+    // Rotation: the scheduler trusts old and new keys, the agent switches, the old key goes.
+    let new = sd_testkit::ClusterKeys::generate(jsonwebtoken::Algorithm::RS256);
+    let old_pub = world.env.lock().unwrap()["LINUX_KEY"].clone();
+    world
+        .env
+        .lock()
+        .unwrap()
+        .insert("LINUX_KEY".into(), format!("{old_pub}\n{}", new.public_pem));
+    std::fs::write(agent.config.with_file_name("private.pem"), &new.private_pem).unwrap();
+    agent.signal("HUP");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    world
+        .env
+        .lock()
+        .unwrap()
+        .insert("LINUX_KEY".into(), new.public_pem.clone());
+    world.submit(2, "web/site", None, 0).await;
+    world.wait_finished(&[2], Duration::from_secs(30)).await;
+    let metrics = reqwest::get(format!("http://127.0.0.1:{}/metrics", agent.health))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        !metrics
+            .lines()
+            .any(|l| l.starts_with("sd_agent_scheduler_errors_total") && !l.ends_with(" 0")),
+        "no poll failed across the rotation:\n{metrics}"
+    );
+    agent.signal("TERM");
+    let mut child = agent.children.remove(0);
+    let status = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+}
