@@ -348,25 +348,10 @@ impl Default for LogConfig {
     }
 }
 
-/// Why the configuration was refused; always names the key.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("cannot read config file {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("config file {path}: {message}")]
-    Syntax { path: PathBuf, message: String },
-    #[error("config key {key}: {reason}")]
-    Invalid { key: String, reason: String },
-}
+pub use sd_protocol::env::ConfigError;
 
 fn invalid(key: &str, reason: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid {
-        key: key.into(),
-        reason: reason.into(),
-    }
+    ConfigError::invalid(key, reason)
 }
 
 impl Config {
@@ -387,29 +372,8 @@ impl Config {
         path: &Path,
         vars: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Self, ConfigError> {
-        let mut doc = text
-            .parse::<toml::Table>()
-            .map_err(|e| ConfigError::Syntax {
-                path: path.to_owned(),
-                message: e.to_string(),
-            })?;
-        sd_protocol::env::apply_overrides(&mut doc, ENV_PREFIX, SECTIONS, vars)
-            .map_err(|e| invalid(&e.field, e.reason))?;
         let config: Config =
-            serde_path_to_error::deserialize(toml::Value::Table(doc)).map_err(|e| {
-                let path = e.path().to_string();
-                let reason = e.into_inner().to_string();
-                // serde reports a missing key at its section: name the key itself.
-                let missing = reason
-                    .find("missing field `")
-                    .map(|i| &reason[i + "missing field `".len()..])
-                    .and_then(|rest| rest.split('`').next());
-                match missing {
-                    Some(field) if path == "." => invalid(field, "is required"),
-                    Some(field) => invalid(&format!("{path}.{field}"), "is required"),
-                    None => invalid(&path, reason.trim()),
-                }
-            })?;
+            sd_protocol::env::parse_config(text, path, ENV_PREFIX, SECTIONS, vars)?;
         config.validate()?;
         Ok(config)
     }

@@ -71,6 +71,63 @@ fn parse_value(raw: &str) -> Value {
     }
 }
 
+/// Why a configuration was refused; always names the file or the key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Syntax {
+        path: std::path::PathBuf,
+        message: String,
+    },
+    #[error("config key {key}: {reason}")]
+    Invalid { key: String, reason: String },
+}
+
+impl ConfigError {
+    pub fn invalid(key: &str, reason: impl Into<String>) -> Self {
+        ConfigError::Invalid {
+            key: key.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// Turns TOML `text` (read from `path`, named in errors) plus `prefix`-ed variables into a
+/// typed config. Every error names the key: a type error its path, a missing key the key itself
+/// (serde reports it at the enclosing section).
+pub fn parse_config<T: serde::de::DeserializeOwned>(
+    text: &str,
+    path: &std::path::Path,
+    prefix: &str,
+    sections: &[&str],
+    vars: impl IntoIterator<Item = (String, String)>,
+) -> Result<T, ConfigError> {
+    let mut doc = text.parse::<Table>().map_err(|e| ConfigError::Syntax {
+        path: path.to_owned(),
+        message: e.to_string(),
+    })?;
+    apply_overrides(&mut doc, prefix, sections, vars)
+        .map_err(|e| ConfigError::invalid(&e.field, e.reason))?;
+    serde_path_to_error::deserialize(Value::Table(doc)).map_err(|e| {
+        let at = e.path().to_string();
+        let reason = e.into_inner().to_string();
+        let missing = reason
+            .find("missing field `")
+            .map(|i| &reason[i + "missing field `".len()..])
+            .and_then(|rest| rest.split('`').next());
+        match missing {
+            Some(field) if at == "." => ConfigError::invalid(field, "is required"),
+            Some(field) => ConfigError::invalid(&format!("{at}.{field}"), "is required"),
+            None => ConfigError::invalid(&at, reason.trim()),
+        }
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -247,19 +247,7 @@ impl Default for LogConfig {
 
 // === loading ===
 
-/// Why the configuration was refused; always names the key.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("cannot read config file {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("config file {path}: {message}")]
-    Syntax { path: PathBuf, message: String },
-    #[error("config key {key}: {reason}")]
-    Invalid { key: String, reason: String },
-}
+pub use sd_protocol::env::ConfigError;
 
 impl Config {
     /// Loads `path` (or only the defaults when `None`) and applies `vars` as overrides.
@@ -267,33 +255,18 @@ impl Config {
         path: Option<&Path>,
         vars: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Self, ConfigError> {
-        let mut doc = match path {
-            Some(path) => {
-                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let (text, path) = match path {
+            Some(path) => (
+                std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
                     path: path.to_owned(),
                     source,
-                })?;
-                text.parse::<toml::Table>()
-                    .map_err(|e| ConfigError::Syntax {
-                        path: path.to_owned(),
-                        message: e.to_string(),
-                    })?
-            }
-            None => toml::Table::new(),
+                })?,
+                path,
+            ),
+            None => (String::new(), Path::new("(defaults)")),
         };
-        sd_protocol::env::apply_overrides(&mut doc, ENV_PREFIX, SECTIONS, vars).map_err(|e| {
-            ConfigError::Invalid {
-                key: e.field,
-                reason: e.reason,
-            }
-        })?;
         let config: Config =
-            serde_path_to_error::deserialize(toml::Value::Table(doc)).map_err(|e| {
-                ConfigError::Invalid {
-                    key: e.path().to_string(),
-                    reason: e.into_inner().to_string(),
-                }
-            })?;
+            sd_protocol::env::parse_config(&text, path, ENV_PREFIX, SECTIONS, vars)?;
         config.validate()?;
         Ok(config)
     }
