@@ -228,3 +228,26 @@ pub fn jwt_algorithm(a: SigningAlgorithm) -> Algorithm {
     // Every SigningAlgorithm name is a jsonwebtoken name; the fallback is unreachable.
     a.as_str().parse().unwrap_or(Algorithm::RS256)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_signing_algorithm_maps_to_itself() {
+        use SigningAlgorithm as S;
+        for a in [
+            S::RS256,
+            S::RS384,
+            S::RS512,
+            S::PS256,
+            S::PS384,
+            S::PS512,
+            S::ES256,
+            S::ES384,
+            S::EdDSA,
+        ] {
+            assert_eq!(format!("{:?}", jwt_algorithm(a)), a.as_str());
+        }
+    }
+}
