@@ -18,6 +18,7 @@ use crate::fetcher::Fetcher;
 use crate::health::{self, HealthState};
 use crate::launcher::Launcher;
 use crate::local::LocalQueue;
+use crate::outbox::Outbox;
 use crate::scheduler_client::SchedulerClient;
 use crate::signer::Signer;
 use crate::status::Status;
@@ -173,6 +174,7 @@ pub async fn run(
         Watcher {
             client: client.clone(),
             local: local.clone(),
+            outbox: Outbox::new(local.queues().connection()),
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(10))
                 .build()

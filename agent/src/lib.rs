@@ -14,6 +14,7 @@ pub mod health;
 pub mod keygen;
 pub mod launcher;
 pub mod local;
+pub mod outbox;
 pub mod scheduler_client;
 pub mod signer;
 pub mod status;

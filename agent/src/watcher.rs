@@ -1,9 +1,13 @@
 //! Executor events → the scheduler (`running` / `finished` / `failed`) and, for failures the
 //! launcher could not report itself, FAILURE to the Screwdriver API with the build's token.
-//! Each report is retried with back-off in its own task; the build's record is dropped once
-//! its end is reported.
+//!
+//! Every event goes through the [`Outbox`] first: it is reported from there, by whichever
+//! replica claims it, and stays until both reports went through — an agent killed between
+//! seeing a build end and reporting it leaves the report to the next one, and the same end
+//! seen by several replicas (or again after a restart) is reported once.
 
-use std::sync::Arc;
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use backon::{ExponentialBuilder, Retryable};
@@ -11,72 +15,203 @@ use tokio::sync::{Notify, mpsc};
 
 use crate::executor::{BuildEvent, BuildStatus};
 use crate::local::LocalQueue;
-use crate::scheduler_client::SchedulerClient;
+use crate::outbox::{Entry, Outbox, Recorded};
+use crate::scheduler_client::{ClientError, SchedulerClient};
+
+/// A claimed entry is left alone by other replicas this long; longer than one report round.
+const CLAIM_LEASE: Duration = Duration::from_secs(120);
+/// How soon an entry whose report failed is tried again.
+const RETRY_IN: Duration = Duration::from_secs(15);
+/// How often entries left by others (or by failed rounds) are looked for.
+const SWEEP_EVERY: Duration = Duration::from_secs(5);
+const CLAIM_BATCH: usize = 64;
+/// Report rounds after which the scheduler refusing an event (404/403: it does not know the
+/// build, or the build is no longer this cluster's) is taken as final.
+const REFUSALS_BEFORE_GIVING_UP: u32 = 20;
 
 pub struct Watcher {
     pub client: SchedulerClient,
     pub local: LocalQueue,
+    pub outbox: Outbox,
     pub http: reqwest::Client,
     /// Rung when a build ends: the fetcher may have room again.
     pub capacity: Arc<Notify>,
 }
 
+/// Whether one report round is over for an entry.
+enum Round {
+    Done,
+    Again,
+}
+
 fn retry_policy() -> ExponentialBuilder {
     ExponentialBuilder::default()
         .with_min_delay(Duration::from_millis(200))
-        .with_max_delay(Duration::from_secs(20))
-        .with_max_times(8)
+        .with_max_delay(Duration::from_secs(5))
+        .with_max_times(4)
         .with_jitter()
 }
 
 impl Watcher {
     pub async fn run(self, mut events: mpsc::UnboundedReceiver<BuildEvent>) {
         let this = Arc::new(self);
-        while let Some(event) = events.recv().await {
-            let this = Arc::clone(&this);
-            tokio::spawn(async move { this.handle(event).await });
+        let reporting = Arc::new(Mutex::new(HashSet::new()));
+        let mut sweep = tokio::time::interval(SWEEP_EVERY);
+        loop {
+            tokio::select! {
+                event = events.recv() => {
+                    let Some(event) = event else { return };
+                    this.accept(event).await;
+                    while let Ok(event) = events.try_recv() {
+                        this.accept(event).await;
+                    }
+                }
+                _ = sweep.tick() => {
+                    if let Ok(n) = this.outbox.pending().await {
+                        metrics::gauge!("sd_agent_events_unreported").set(n as f64);
+                    }
+                }
+            }
+            this.drain(&reporting).await;
         }
     }
 
-    async fn handle(&self, event: BuildEvent) {
+    async fn accept(self: &Arc<Self>, event: BuildEvent) {
         let build_id = event.build_id;
-        let (name, message, failure) = match &event.status {
-            BuildStatus::Running => ("running", None, None),
-            BuildStatus::Finished => ("finished", None, None),
-            BuildStatus::Failed { reason, report } => (
-                "failed",
-                Some(reason.as_str()),
-                report.then_some(reason.as_str()),
-            ),
-        };
         if event.status != BuildStatus::Running {
             self.capacity.notify_one();
-            metrics::counter!("sd_agent_builds_ended_total", "result" => name).increment(1);
+            let result = match event.status {
+                BuildStatus::Finished => "finished",
+                _ => "failed",
+            };
+            metrics::counter!("sd_agent_builds_ended_total", "result" => result).increment(1);
         }
-        let sent = (|| self.client.event(build_id, name, message))
-            .retry(retry_policy())
-            .when(|e| !matches!(e, crate::scheduler_client::ClientError::Rejected { .. }))
-            .notify(|e, after| tracing::warn!(build_id, event = name, error = %e, retry_in = ?after, "build event not accepted yet"))
-            .await;
-        match sent {
-            Ok(()) => tracing::info!(build_id, event = name, "build event reported"),
+        match self.outbox.record(&event).await {
+            Ok(Recorded::New) => {}
+            Ok(Recorded::Pending) => {
+                tracing::debug!(build_id, "build event already waiting to be reported")
+            }
+            Ok(Recorded::Reported) => {
+                tracing::debug!(build_id, "build event already reported; not again")
+            }
             Err(e) => {
-                tracing::warn!(build_id, event = name, error = %e, "could not report the build event")
+                // The local Redis is down: report straight away rather than not at all.
+                tracing::warn!(build_id, error = %e, "cannot keep the build event; reporting it directly");
+                let this = Arc::clone(self);
+                tokio::spawn(async move { this.report(Entry::of(&event), false).await });
             }
         }
-        // After the scheduler heard of it: a slow Screwdriver API must not hold back blockedBy.
-        if let Some(reason) = failure {
-            self.report_failure(build_id, reason).await;
+    }
+
+    /// Claims the entries that are due and reports each in its own task.
+    async fn drain(self: &Arc<Self>, reporting: &Arc<Mutex<HashSet<u64>>>) {
+        let entries = match self.outbox.claim(CLAIM_BATCH, CLAIM_LEASE).await {
+            Ok(entries) => entries,
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot read the build events outbox");
+                return;
+            }
+        };
+        for entry in entries {
+            let id = entry.build_id;
+            if !lock(reporting).insert(id) {
+                continue; // this agent is on it already
+            }
+            let this = Arc::clone(self);
+            let reporting = Arc::clone(reporting);
+            tokio::spawn(async move {
+                this.report(entry, true).await;
+                lock(&reporting).remove(&id);
+            });
         }
-        if event.status != BuildStatus::Running
+    }
+
+    /// Reports an entry. Kept in the outbox (`durable`), a failed round leaves it there for
+    /// later; reporting directly (the local Redis is down), rounds are repeated here.
+    async fn report(&self, mut entry: Entry, durable: bool) {
+        loop {
+            if let Round::Done = self.round(&mut entry, durable).await {
+                break;
+            }
+            entry.attempts += 1;
+            if durable {
+                if let Err(e) = self.outbox.update(&entry, Some(RETRY_IN)).await {
+                    tracing::debug!(build_id = entry.build_id, error = %e, "cannot save the report's progress; its claim will lapse instead");
+                }
+                return;
+            }
+            if entry.attempts >= REFUSALS_BEFORE_GIVING_UP {
+                tracing::error!(
+                    build_id = entry.build_id,
+                    "giving up reporting the build event"
+                );
+                return;
+            }
+            tokio::time::sleep(RETRY_IN).await;
+        }
+        let build_id = entry.build_id;
+        if durable && let Err(e) = self.outbox.reported(&entry).await {
+            tracing::warn!(build_id, error = %e, "build event reported but not marked so; it may be reported again");
+        }
+        if entry.is_end()
             && let Err(e) = self.local.forget(build_id).await
         {
             tracing::warn!(build_id, error = %e, "could not drop the build's record");
         }
     }
 
+    /// One round: the scheduler first, then Screwdriver; progress is saved so a round that
+    /// fails halfway resumes where it stopped.
+    async fn round(&self, entry: &mut Entry, durable: bool) -> Round {
+        if !entry.scheduler_done {
+            if let Round::Again = self.tell_scheduler(entry).await {
+                return Round::Again;
+            }
+            entry.scheduler_done = true;
+            if entry.report && durable {
+                let _ = self.outbox.update(entry, None).await;
+            }
+        }
+        match (entry.report, entry.reason.clone()) {
+            (true, Some(reason)) => self.report_failure(entry.build_id, &reason).await,
+            _ => Round::Done,
+        }
+    }
+
+    async fn tell_scheduler(&self, entry: &Entry) -> Round {
+        let (build_id, event) = (entry.build_id, entry.status.as_str());
+        let sent = (|| self.client.event(build_id, event, entry.reason.as_deref()))
+            .retry(retry_policy())
+            .when(|e| matches!(e, ClientError::Unavailable { .. }))
+            .notify(|e, after| tracing::warn!(build_id, event, error = %e, retry_in = ?after, "build event not accepted yet"))
+            .await;
+        match sent {
+            Ok(()) => {
+                tracing::info!(build_id, event, "build event reported");
+                Round::Done
+            }
+            Err(e @ ClientError::Rejected { .. }) => {
+                tracing::error!(build_id, event, error = %e, "the scheduler rejected the build event; dropping it");
+                Round::Done
+            }
+            Err(
+                e @ ClientError::Refused {
+                    status: 403 | 404, ..
+                },
+            ) if entry.attempts + 1 >= REFUSALS_BEFORE_GIVING_UP => {
+                tracing::error!(build_id, event, attempts = entry.attempts + 1, error = %e, "the scheduler keeps refusing the build event; dropping it");
+                Round::Done
+            }
+            Err(e) => {
+                metrics::counter!("sd_agent_scheduler_errors_total").increment(1);
+                tracing::warn!(build_id, event, error = %e, retry_in = ?RETRY_IN, "could not report the build event; will try again");
+                Round::Again
+            }
+        }
+    }
+
     /// `PUT {apiUri}/v4/builds/{id}` `{status: FAILURE, statusMessage}` with the build's token.
-    async fn report_failure(&self, build_id: u64, reason: &str) {
+    async fn report_failure(&self, build_id: u64, reason: &str) -> Round {
         let record = match self.local.recall(build_id).await {
             Ok(Some(r)) => r,
             Ok(None) => {
@@ -84,11 +219,11 @@ impl Watcher {
                     build_id,
                     "no record of where to report this build's failure"
                 );
-                return;
+                return Round::Done;
             }
             Err(e) => {
                 tracing::warn!(build_id, error = %e, "cannot read the build's record");
-                return;
+                return Round::Again;
             }
         };
         let Some(token) = record.token else {
@@ -96,7 +231,7 @@ impl Watcher {
                 build_id,
                 "the build carries no token; cannot report its failure"
             );
-            return;
+            return Round::Done;
         };
         let url = format!(
             "{}/v4/builds/{build_id}",
@@ -130,10 +265,20 @@ impl Watcher {
             Ok(()) => {
                 metrics::counter!("sd_agent_failures_reported_total").increment(1);
                 tracing::info!(build_id, "FAILURE reported to Screwdriver");
+                Round::Done
             }
-            Err((_, e)) => {
-                tracing::error!(build_id, error = %e, "could not report FAILURE to Screwdriver")
+            Err((true, e)) => {
+                tracing::warn!(build_id, error = %e, retry_in = ?RETRY_IN, "could not report FAILURE to Screwdriver yet");
+                Round::Again
+            }
+            Err((false, e)) => {
+                tracing::error!(build_id, error = %e, "Screwdriver refused the FAILURE report; dropping it");
+                Round::Done
             }
         }
     }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
 }

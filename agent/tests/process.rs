@@ -9,6 +9,7 @@ use std::time::Duration;
 use sd_agent::config::{ProcessConfig, ScrewdriverConfig};
 use sd_agent::executor::process::{self, Marker, MarkerState, Owner, ProcessExecutor};
 use sd_agent::executor::{BuildEvent, BuildStatus, ExecError, Launched};
+use sd_agent::outbox::Outbox;
 use sd_protocol::StartMessage;
 use sd_testkit::{RedisServer, eventually};
 use serde_json::{Value, json};
@@ -455,6 +456,48 @@ async fn a_restarted_executor_ends_the_builds_of_the_one_that_crashed() {
     let (_again, mut again_events) = executor(&redis, dir.path(), argv(&cmd)).await;
     again_events.drain();
     assert!(again_events.seen.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_end_kept_before_the_crash_is_reported_not_contradicted() {
+    let redis = RedisServer::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let cmd = script(dir.path(), "sleep.sh", SLEEP_SCRIPT);
+    let outbox = {
+        let client = redis::Client::open(redis.url()).unwrap();
+        Outbox::new(redis::aio::ConnectionManager::new(client).await.unwrap())
+    };
+    let (crashed, mut crashed_events) = executor(&redis, dir.path(), argv(&cmd)).await;
+    crashed.launch(&build(603, json!({}))).await.unwrap();
+    let leader = pid_file(dir.path().join("leader-603")).await;
+    // It died right after keeping the build's end, before ending the marker.
+    outbox
+        .record(&BuildEvent {
+            build_id: 603,
+            status: BuildStatus::Finished,
+        })
+        .await
+        .unwrap();
+    drop(crashed);
+    crashed_events.drain();
+
+    let (_restarted, mut events) = executor(&redis, dir.path(), argv(&cmd)).await;
+    events.drain();
+    assert_eq!(events.of(603), vec![BuildStatus::Finished]);
+    assert!(all_dead(&[leader]).await);
+    let (_, m) = marker(&redis, 603).unwrap();
+    assert_eq!(m.state, MarkerState::Ended);
+
+    // A normal end is kept in the outbox before the marker ends.
+    let quick = script(dir.path(), "count.sh", COUNT_SCRIPT);
+    let (normal, mut normal_events) = executor(&redis, dir.path(), argv(&quick)).await;
+    normal.launch(&build(604, json!({}))).await.unwrap();
+    let end = eventually(Duration::from_secs(10), || async {
+        outbox.end_of(604).await.unwrap()
+    })
+    .await;
+    assert_eq!(end, Some(BuildStatus::Finished));
+    normal_events.drain();
 }
 
 /// Markers as an agent process that died (kill -9) would have left them.

@@ -39,6 +39,7 @@ use tracing::{debug, error, info, warn};
 
 use super::{BuildEvent, BuildStatus, Events, ExecError, Launched};
 use crate::config::{ProcessConfig, ScrewdriverConfig};
+use crate::outbox::Outbox;
 
 /// buildId → [`Marker`] JSON.
 pub const LAUNCHES_KEY: &str = "{sd-agent}:launches";
@@ -196,6 +197,8 @@ struct Inner {
     default_timeout: Duration,
     events: Events,
     redis: ConnectionManager,
+    /// Where a build's end is kept before its marker ends, so the report outlives this agent.
+    outbox: Outbox,
     scripts: Scripts,
     host: String,
     boot_id: String,
@@ -289,6 +292,7 @@ impl ProcessExecutor {
             ui_uri: screwdriver.ui_uri.clone(),
             default_timeout,
             events,
+            outbox: Outbox::new(redis.clone()),
             redis,
             scripts: Scripts {
                 create: Script::new(CREATE_LUA),
@@ -676,8 +680,39 @@ impl Inner {
         let give_up = Instant::now() + FINISH_RETRY_FOR;
         let mut delay = Duration::from_millis(100);
         let mut attempts = 0;
+        let mut kept = false;
         let mut pending = Some(status);
         loop {
+            // The end goes to the outbox before the marker ends: once the marker says ended,
+            // nobody else will report this build, so its report must already be durable.
+            if !kept && let Some(status) = &pending {
+                let event = BuildEvent {
+                    build_id: id,
+                    status: status.clone(),
+                };
+                match self.outbox.record(&event).await {
+                    Ok(_) => kept = true,
+                    Err(e) => {
+                        attempts += 1;
+                        warn!(build_id = id, error = %e, attempts, "cannot keep the build's end");
+                        if attempts >= 3
+                            && let Some(status) = pending.take()
+                        {
+                            self.send(id, status);
+                        }
+                        if Instant::now() >= give_up {
+                            error!(
+                                build_id = id,
+                                "giving up recording the build's end; its marker stays running"
+                            );
+                            break;
+                        }
+                        tokio::time::sleep(delay).await;
+                        delay = (delay * 2).min(Duration::from_secs(10));
+                        continue;
+                    }
+                }
+            }
             match self
                 .update(&marker.agent.instance, id, marker, Some(now))
                 .await
@@ -857,13 +892,19 @@ impl Inner {
         if marker.boot_id.is_empty() || marker.boot_id == self.boot_id {
             kill_orphan(&marker).await;
         }
-        let status = if stop_requested {
-            stopped()
-        } else {
-            BuildStatus::Failed {
+        // Its owner may have kept the end before dying between that and ending the marker.
+        let known_end = self
+            .outbox
+            .end_of(id)
+            .await
+            .map_err(|e| ExecError::Transient(format!("local Redis: {e}")))?;
+        let status = match known_end {
+            Some(end) => end,
+            None if stop_requested => stopped(),
+            None => BuildStatus::Failed {
                 reason: RESTART_REASON.to_owned(),
                 report: true,
-            }
+            },
         };
         self.finish(id, &mut claimed, status).await;
         Ok(true)

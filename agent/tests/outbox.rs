@@ -1,0 +1,313 @@
+//! The build-event outbox on a real redis-server, and watchers reporting from it to a recording
+//! scheduler events endpoint and a fake Screwdriver API: an end kept by an agent that died is
+//! reported by the next one, and replicas seeing the same end report it once.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use jsonwebtoken::Algorithm;
+use redis::aio::ConnectionManager;
+use sd_agent::executor::{BuildEvent, BuildStatus};
+use sd_agent::local::LocalQueue;
+use sd_agent::outbox::{Outbox, Recorded};
+use sd_agent::scheduler_client::SchedulerClient;
+use sd_agent::signer::Signer;
+use sd_agent::watcher::Watcher;
+use sd_protocol::{SigningAlgorithm, StartMessage};
+use sd_testkit::{ClusterKeys, FakeScrewdriver, RedisServer, eventually};
+use serde_json::{Value, json};
+use tokio::sync::{Notify, mpsc};
+
+const CLUSTER: &str = "east";
+
+async fn outbox(redis: &RedisServer) -> Outbox {
+    let client = redis::Client::open(redis.url()).unwrap();
+    Outbox::new(ConnectionManager::new(client).await.unwrap())
+}
+
+fn ended(id: u64) -> BuildEvent {
+    BuildEvent {
+        build_id: id,
+        status: BuildStatus::Finished,
+    }
+}
+
+fn failed(id: u64, reason: &str, report: bool) -> BuildEvent {
+    BuildEvent {
+        build_id: id,
+        status: BuildStatus::Failed {
+            reason: reason.into(),
+            report,
+        },
+    }
+}
+
+#[tokio::test]
+async fn an_event_is_kept_once_claimed_once_and_never_again_after_it_was_reported() {
+    let redis = RedisServer::start().unwrap();
+    let a = outbox(&redis).await;
+    let b = outbox(&redis).await; // a replica on the same local Redis
+
+    let running = BuildEvent {
+        build_id: 1,
+        status: BuildStatus::Running,
+    };
+    assert_eq!(a.record(&running).await.unwrap(), Recorded::New);
+    assert_eq!(b.record(&running).await.unwrap(), Recorded::Pending);
+    // The end supersedes the pending `running`; the first end recorded wins.
+    assert_eq!(a.record(&ended(1)).await.unwrap(), Recorded::New);
+    assert_eq!(
+        b.record(&failed(1, "other", true)).await.unwrap(),
+        Recorded::Pending
+    );
+
+    let first = a.claim(10, Duration::from_secs(60)).await.unwrap();
+    assert_eq!(first.len(), 1);
+    assert_eq!(first[0].status, "finished");
+    assert!(
+        b.claim(10, Duration::from_secs(60))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    a.reported(&first[0]).await.unwrap();
+    assert_eq!(a.pending().await.unwrap(), 0);
+    // Seen again later (a relist after a restart, another replica's watch): silent.
+    assert_eq!(b.record(&ended(1)).await.unwrap(), Recorded::Reported);
+    assert_eq!(b.record(&running).await.unwrap(), Recorded::Reported);
+    assert_eq!(
+        b.record(&failed(1, "late", true)).await.unwrap(),
+        Recorded::Reported
+    );
+    assert_eq!(
+        a.end_of(1).await.unwrap(),
+        Some(BuildStatus::Finished),
+        "a recovering executor learns how the build ended"
+    );
+    assert_eq!(a.end_of(2).await.unwrap(), None);
+}
+
+#[tokio::test]
+async fn a_claim_that_lapses_is_claimed_again_and_a_superseded_report_changes_nothing() {
+    let redis = RedisServer::start().unwrap();
+    let a = outbox(&redis).await;
+    let b = outbox(&redis).await;
+    a.record(&BuildEvent {
+        build_id: 7,
+        status: BuildStatus::Running,
+    })
+    .await
+    .unwrap();
+    let claimed = a.claim(10, Duration::from_millis(300)).await.unwrap();
+    assert_eq!(claimed.len(), 1);
+    // The claimer dies; once its claim lapses, the replica takes over.
+    assert!(
+        b.claim(10, Duration::from_secs(60))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let taken = b.claim(10, Duration::from_secs(60)).await.unwrap();
+    assert_eq!(taken, claimed);
+
+    // The build ends meanwhile: a late "reported" of the old `running` must not drop the end.
+    b.record(&failed(7, "exit 3", false)).await.unwrap();
+    a.reported(&claimed[0]).await.unwrap();
+    assert_eq!(
+        a.end_of(7).await.unwrap(),
+        Some(BuildStatus::Failed {
+            reason: "exit 3".into(),
+            report: false
+        })
+    );
+    assert_eq!(a.pending().await.unwrap(), 1);
+}
+
+/// A scheduler `POST /v1/jobs/{cluster}/events` that records what it receives.
+#[derive(Default)]
+struct Received {
+    events: Mutex<Vec<(String, u64, String)>>,
+}
+
+async fn fake_scheduler() -> (String, Arc<Received>) {
+    async fn event(
+        State(state): State<Arc<Received>>,
+        Path(cluster): Path<String>,
+        axum::Json(body): axum::Json<Value>,
+    ) -> (StatusCode, axum::Json<Value>) {
+        state.events.lock().unwrap().push((
+            cluster,
+            body["buildId"].as_u64().unwrap_or(0),
+            body["event"].as_str().unwrap_or_default().to_owned(),
+        ));
+        (StatusCode::OK, axum::Json(json!({"state": "finished"})))
+    }
+    let state = Arc::new(Received::default());
+    let app = axum::Router::new()
+        .route("/v1/jobs/{cluster}/events", axum::routing::post(event))
+        .with_state(Arc::clone(&state));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    (url, state)
+}
+
+async fn watcher(
+    scheduler: &str,
+    redis: &RedisServer,
+) -> (
+    mpsc::UnboundedSender<BuildEvent>,
+    tokio::task::JoinHandle<()>,
+) {
+    let keys = ClusterKeys::generate(Algorithm::ES256);
+    let signer = Signer::from_pem(
+        CLUSTER,
+        SigningAlgorithm::ES256,
+        Duration::from_secs(300),
+        None,
+        None,
+        keys.private_pem.as_bytes(),
+    )
+    .unwrap();
+    let client = SchedulerClient::new(
+        scheduler,
+        CLUSTER,
+        Arc::new(signer),
+        None,
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    let local = LocalQueue::connect(&redis.url(), CLUSTER, Duration::from_secs(30))
+        .await
+        .unwrap();
+    let watcher = Watcher {
+        client,
+        outbox: Outbox::new(local.queues().connection()),
+        local,
+        http: reqwest::Client::new(),
+        capacity: Arc::new(Notify::new()),
+    };
+    let (tx, rx) = mpsc::unbounded_channel();
+    (tx, tokio::spawn(watcher.run(rx)))
+}
+
+fn build(id: u64, api: &str) -> StartMessage {
+    serde_json::from_value(json!({
+        "buildId": id,
+        "jobId": 3,
+        "eventId": 4,
+        "jobName": "main",
+        "pipeline": {"id": 5, "name": "org/repo", "scmContext": "github:github.com"},
+        "apiUri": api,
+        "container": "node:20",
+        "token": "build-token",
+    }))
+    .unwrap()
+}
+
+#[tokio::test]
+async fn an_end_kept_by_an_agent_that_died_is_reported_by_the_next_one_once() {
+    let redis = RedisServer::start().unwrap();
+    let screwdriver = FakeScrewdriver::start().await;
+    let (scheduler, received) = fake_scheduler().await;
+
+    // The dead agent's last acts: the build's record, its end in the outbox, then nothing.
+    let local = LocalQueue::connect(&redis.url(), CLUSTER, Duration::from_secs(30))
+        .await
+        .unwrap();
+    local.remember(&build(41, &screwdriver.url)).await.unwrap();
+    let dead = outbox(&redis).await;
+    dead.record(&failed(41, "image does not exist", true))
+        .await
+        .unwrap();
+
+    let (_tx, task) = watcher(&scheduler, &redis).await;
+    let update = screwdriver
+        .wait_for(41, Duration::from_secs(10))
+        .await
+        .expect("FAILURE reported to Screwdriver");
+    assert_eq!(update.body["status"], "FAILURE");
+    assert_eq!(update.body["statusMessage"], "image does not exist");
+    assert_eq!(update.authorization, "Bearer build-token");
+    let drained = eventually(Duration::from_secs(5), || async {
+        (dead.pending().await.unwrap() == 0).then_some(())
+    })
+    .await;
+    assert!(
+        drained.is_some(),
+        "the entry leaves the outbox once reported"
+    );
+    assert_eq!(
+        *received.events.lock().unwrap(),
+        vec![(CLUSTER.to_owned(), 41, "failed".to_owned())]
+    );
+    assert_eq!(local.recall(41).await.unwrap(), None, "record dropped");
+    task.abort();
+}
+
+#[tokio::test]
+async fn replicas_seeing_the_same_ends_report_each_once() {
+    let redis = RedisServer::start().unwrap();
+    let screwdriver = FakeScrewdriver::start().await;
+    let (scheduler, received) = fake_scheduler().await;
+    let local = LocalQueue::connect(&redis.url(), CLUSTER, Duration::from_secs(30))
+        .await
+        .unwrap();
+    let (a, task_a) = watcher(&scheduler, &redis).await;
+    let (b, task_b) = watcher(&scheduler, &redis).await;
+    let ids: Vec<u64> = (100..150).collect();
+    for id in &ids {
+        local.remember(&build(*id, &screwdriver.url)).await.unwrap();
+    }
+    // Both replicas watch every pod: each sees every build start and end.
+    for id in &ids {
+        for tx in [&a, &b] {
+            tx.send(BuildEvent {
+                build_id: *id,
+                status: BuildStatus::Running,
+            })
+            .unwrap();
+            let end = if id % 2 == 0 {
+                ended(*id)
+            } else {
+                failed(*id, "CrashLoopBackOff", true)
+            };
+            tx.send(end).unwrap();
+        }
+    }
+    let all_ended = eventually(Duration::from_secs(20), || async {
+        let events = received.events.lock().unwrap().clone();
+        let ends = events.iter().filter(|(_, _, e)| e != "running").count();
+        (ends >= ids.len()).then_some(())
+    })
+    .await;
+    assert!(all_ended.is_some(), "every end reported");
+    // Give a duplicate every chance to show up.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let events = received.events.lock().unwrap().clone();
+    for id in &ids {
+        let ends: Vec<_> = events
+            .iter()
+            .filter(|(_, b, e)| b == id && e != "running")
+            .collect();
+        assert_eq!(ends.len(), 1, "build {id}: {ends:?}");
+        assert!(
+            events
+                .iter()
+                .filter(|(_, b, e)| b == id && e == "running")
+                .count()
+                <= 1,
+            "build {id} reported running twice"
+        );
+    }
+    let failures = screwdriver.updates();
+    assert_eq!(failures.len(), ids.len() / 2, "{failures:?}");
+    task_a.abort();
+    task_b.abort();
+}
