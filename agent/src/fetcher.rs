@@ -102,7 +102,11 @@ impl Fetcher {
         let mut failed = Vec::new();
         for delivery in deliveries {
             metrics::counter!("sd_agent_jobs_fetched_total").increment(1);
-            match self.local.push(&delivery.message).await {
+            let message = sd_protocol::QueueMessage {
+                received_at: Some(sd_protocol::queue::unix_ms()),
+                ..delivery.message
+            };
+            match self.local.push(&message).await {
                 Ok(()) => landed.push(delivery.delivery_id),
                 Err(e) => {
                     tracing::warn!(delivery = %delivery.delivery_id, error = %e, "local push failed; giving the job back");

@@ -99,6 +99,16 @@ impl Launcher {
         match self.executor.launch(&build).await {
             Ok(Launched::Created) => {
                 metrics::counter!("sd_agent_builds_launched_total").increment(1);
+                let now = sd_protocol::queue::unix_ms();
+                if let Some(at) = message.received_at {
+                    metrics::histogram!("sd_agent_queue_wait_seconds")
+                        .record(now.saturating_sub(at) as f64 / 1000.0);
+                }
+                if let Some(at) = message.queued_at {
+                    // Across two hosts' clocks: keep them in sync (NTP) for this to mean much.
+                    metrics::histogram!("sd_agent_start_latency_seconds")
+                        .record(now.saturating_sub(at) as f64 / 1000.0);
+                }
                 tracing::info!(build_id = build.build_id, "build launched");
                 true
             }

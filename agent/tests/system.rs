@@ -305,7 +305,27 @@ async fn builds_run_on_the_cluster_routing_chose_exactly_once() {
         l.values().chain(i.values()).all(|c| *c == 1),
         "each build ran once: {l:?} {i:?}"
     );
-    let _ = (&linux.name, &linux.local, &ios.health);
+    // What operators graph: the agent's own view of the same builds.
+    let metrics = reqwest::get(format!("http://127.0.0.1:{}/metrics", linux.health))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for (name, at_least) in [
+        ("sd_agent_jobs_fetched_total", 7.0),
+        ("sd_agent_jobs_acked_total", 7.0),
+        ("sd_agent_builds_launched_total", 7.0),
+        ("sd_agent_queue_wait_seconds_count", 7.0),
+        ("sd_agent_start_latency_seconds_count", 7.0),
+    ] {
+        let value: f64 = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{name} missing from /metrics:\n{metrics}"));
+        assert!(value >= at_least, "{name} = {value}");
+    }
+    let _ = (&linux.name, &linux.local);
 }
 
 /// Local Redis down: pushes fail, nothing is acknowledged, the builds wait on the master; when

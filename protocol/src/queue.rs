@@ -19,6 +19,21 @@ pub struct QueueMessage {
     /// The start payload (with the launcher's token), or `{buildId, jobId}` for a stop.
     #[schema(value_type = Object)]
     pub build_config: Value,
+    /// When the scheduler accepted the build (ms since the epoch, its clock): agents measure
+    /// submission-to-launch latency from it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queued_at: Option<u64>,
+    /// When an agent took it from the scheduler (ms since the epoch, the agent's clock): the
+    /// time it then waited in the cluster's local queue.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub received_at: Option<u64>,
+}
+
+/// Milliseconds since the Unix epoch, by this host's clock.
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// One leased delivery returned by a long-poll.

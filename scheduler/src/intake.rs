@@ -205,6 +205,8 @@ impl Intake {
             job: JobKind::Start,
             build_config: serde_json::to_value(&with_token)
                 .map_err(|e| FieldError::new("body", e.to_string()))?,
+            queued_at: Some(sd_protocol::queue::unix_ms()),
+            received_at: None,
         };
         let outcome = self
             .queues
@@ -350,6 +352,8 @@ impl Intake {
             job: JobKind::Stop,
             build_config: serde_json::to_value(req)
                 .map_err(|e| FieldError::new("body", e.to_string()))?,
+            queued_at: Some(sd_protocol::queue::unix_ms()),
+            received_at: None,
         };
         self.queues
             .enqueue_stop(cluster, req.build_id, &message)

@@ -325,10 +325,17 @@ impl Inner {
         &self,
         request: impl Future<Output = Result<T, kube::Error>>,
     ) -> Result<T, kube::Error> {
-        match tokio::time::timeout(self.request_timeout, request).await {
+        let result = match tokio::time::timeout(self.request_timeout, request).await {
             Ok(result) => result,
             Err(_) => Err(timed_out(self.request_timeout)),
+        };
+        // 404 and 409 (AlreadyExists) are answers the executor expects, not errors.
+        if let Err(e) = &result
+            && !matches!(e, kube::Error::Api(s) if s.code == 404 || s.code == 409)
+        {
+            metrics::counter!("sd_agent_kubernetes_api_errors_total").increment(1);
         }
+        result
     }
 }
 
