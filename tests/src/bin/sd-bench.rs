@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
+use futures::StreamExt;
 use sd_testkit::RsaKeys;
 use serde_json::json;
 
@@ -36,6 +37,16 @@ enum Cmd {
         /// Seconds per phase.
         #[arg(long, default_value_t = 5)]
         seconds: u64,
+    },
+    /// Register the `bench-agent` cluster (authKey `BENCH_KEY`) and submit COUNT builds naming
+    /// it, for measuring an agent under load.
+    Submit {
+        #[arg(long)]
+        url: String,
+        #[arg(long)]
+        keys: PathBuf,
+        #[arg(long, default_value_t = 1000)]
+        count: u64,
     },
 }
 
@@ -77,7 +88,47 @@ async fn main() -> Result<()> {
             concurrency,
             seconds,
         } => run(url, keys, concurrency, Duration::from_secs(seconds)).await,
+        Cmd::Submit { url, keys, count } => submit(url, keys, count).await,
     }
+}
+
+async fn submit(url: String, keys: PathBuf, count: u64) -> Result<()> {
+    let api = RsaKeys {
+        private_pem: std::fs::read_to_string(keys.join("api.key.pem")).context("api.key.pem")?,
+        public_pem: String::new(),
+    };
+    let http = reqwest::Client::new();
+    let resp = http
+        .post(format!("{url}/v4/buildclusters"))
+        .bearer_auth(api.api_token(&["admin"]))
+        .json(&json!({"name": "bench-agent", "scmContext": "github:github.com", "managedBy": "screwdriver",
+            "managedByEmail": "bench@example.com", "authKey": "BENCH_KEY", "weightage": 0}))
+        .send()
+        .await?;
+    if !(resp.status().is_success() || resp.status() == reqwest::StatusCode::CONFLICT) {
+        bail!("registering bench-agent: {}", resp.status());
+    }
+    let sdapi = api.api_token(&["sdapi"]);
+    let first = 2_000_000 + u64::from(rand::random::<u16>()) * 10_000;
+    let results = futures::stream::iter(first..first + count)
+        .map(|id| {
+            let request = http
+                .post(format!("{url}/v1/queue/message"))
+                .bearer_auth(&sdapi)
+                .json(&start_body(id));
+            async move { request.send().await.map(|r| r.status()) }
+        })
+        .buffer_unordered(16)
+        .collect::<Vec<_>>()
+        .await;
+    let refused = results
+        .iter()
+        .filter(|r| !r.as_ref().is_ok_and(|s| s.is_success()))
+        .count();
+    if refused > 0 {
+        bail!("{refused} of {count} builds were not accepted");
+    }
+    Ok(())
 }
 
 async fn run(url: String, keys: PathBuf, concurrency: usize, duration: Duration) -> Result<()> {
