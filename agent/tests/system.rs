@@ -511,3 +511,126 @@ async fn sighup_rotates_the_key_and_sigterm_drains() {
         .unwrap();
     assert!(status.success(), "{status:?}");
 }
+
+/// A cluster admin's first minutes: `sd-agent keygen` → export what it says on the scheduler →
+/// POST its registration JSON → `sd-agent check` passes; then each thing that can be wrong
+/// (another key, the local Redis down) fails its own line with a fix, and the exit code says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keygen_register_check_and_what_check_says_when_wrong() {
+    let world = World::start().await;
+    let home = world.dir.path().join("ops");
+    std::fs::create_dir_all(&home).unwrap();
+    let key = home.join("private.pem");
+    let out = Command::new(AGENT)
+        .args([
+            "keygen",
+            "--cluster",
+            "ops-farm",
+            "--algorithm",
+            "ES256",
+            "--out",
+        ])
+        .arg(&key)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8(out.stdout).unwrap();
+
+    // The exports, as printed: VAR='value' (the PEM spans lines).
+    for var in [
+        "SD_CLUSTER_OPS_FARM_PUBLIC_KEY",
+        "SD_CLUSTER_OPS_FARM_SIGN_OPTIONS",
+    ] {
+        let start = text.find(&format!("{var}='")).unwrap() + var.len() + 2;
+        let len = text[start..].find('\'').unwrap();
+        world
+            .env
+            .lock()
+            .unwrap()
+            .insert(var.to_owned(), text[start..start + len].to_owned());
+    }
+    let json_start = text.find("-d '").unwrap() + 4;
+    let json_len = text[json_start..].find('\'').unwrap();
+    let mut registration: Value =
+        serde_json::from_str(&text[json_start..json_start + json_len]).unwrap();
+    registration["scmOrganizations"] = json!(["ops"]);
+    let (status, body) = world
+        .call(
+            Method::POST,
+            "/v4/buildclusters",
+            "admin",
+            Some(registration),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+
+    let keys = sd_testkit::ClusterKeys {
+        algorithm: jsonwebtoken::Algorithm::ES256,
+        private_pem: std::fs::read_to_string(&key).unwrap(),
+        public_pem: String::new(),
+    };
+    let mut agent = AgentSetup::new(world.dir.path(), "ops-farm", &keys, &world.base);
+    let check = |extra: &[(&str, String)]| {
+        let mut cmd = Command::new(AGENT);
+        cmd.arg("--config")
+            .arg(&agent.config)
+            .arg("check")
+            .env_remove("SD_AGENT_CONFIG")
+            .env("SD_AGENT_AUTH_ALGORITHM", "ES256");
+        for (k, v) in extra {
+            cmd.env(k, v);
+        }
+        let out = cmd.output().unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let line = |out: &str, name: &str| {
+        out.lines()
+            .find(|l| l.split_whitespace().nth(1) == Some(name))
+            .unwrap_or_else(|| panic!("no {name} line in:\n{out}"))
+            .to_owned()
+    };
+
+    let (code, out) = check(&[]);
+    assert_eq!(code, Some(0), "{out}");
+    for name in ["config", "key", "scheduler", "redis", "executor"] {
+        assert!(line(&out, name).starts_with("ok"), "{out}");
+    }
+    assert!(out.contains("all checks passed"), "{out}");
+
+    // Another key than the registered one: the scheduler line fails and says what to do.
+    let other = home.join("other.pem");
+    std::fs::write(
+        &other,
+        sd_testkit::ClusterKeys::generate(jsonwebtoken::Algorithm::ES256).private_pem,
+    )
+    .unwrap();
+    let (code, out) = check(&[(
+        "SD_AGENT_AUTH_PRIVATE_KEY_FILE",
+        other.display().to_string(),
+    )]);
+    assert_eq!(code, Some(1), "{out}");
+    let scheduler = line(&out, "scheduler");
+    assert!(
+        scheduler.starts_with("FAIL")
+            && scheduler.contains("refused")
+            && scheduler.contains("fix:"),
+        "{out}"
+    );
+    assert!(line(&out, "redis").starts_with("ok"), "{out}");
+
+    // The cluster's Redis down: only that line fails.
+    agent.local.kill();
+    let (code, out) = check(&[]);
+    assert_eq!(code, Some(1), "{out}");
+    let redis = line(&out, "redis");
+    assert!(
+        redis.starts_with("FAIL") && redis.contains("fix: check redis.url"),
+        "{out}"
+    );
+    assert!(line(&out, "scheduler").starts_with("ok"), "{out}");
+    assert!(!out.contains("all checks passed"));
+    agent.local.restart().unwrap();
+}
