@@ -80,6 +80,14 @@ async fn scheduler(config: &Config, signer: crate::signer::Signer) -> Result<Str
             "{} refused the token ({status}: {message}) — fix: register the cluster with this key's public half (sd-agent keygen prints it), export it on the scheduler under the cluster's authKey variable, and check this host's clock",
             config.scheduler.url
         )),
+        Ok(Err(crate::scheduler_client::ClientError::Unavailable {
+            message,
+            status: Some(status),
+            ..
+        })) => Err(format!(
+            "{} answered {status}: {message} — fix: the scheduler is reachable but failing; read its log (a missing authKey/signOption variable for this cluster shows there)",
+            config.scheduler.url
+        )),
         Ok(Err(e)) => Err(format!(
             "{e} — fix: check scheduler.url, DNS, firewalls and scheduler.ca_file"
         )),

@@ -67,7 +67,7 @@ impl LocalQueue {
         local.waitaof = local.detect_waitaof().await.unwrap_or(false);
         if !local.waitaof {
             tracing::warn!(
-                "local Redis has no WAITAOF (Redis < 7.2): run it with appendonly yes and appendfsync always so acknowledged jobs survive a crash"
+                "local Redis cannot confirm writes on disk (WAITAOF needs Redis ≥ 7.2 with appendonly yes): run it with appendonly yes and appendfsync always so acknowledged jobs survive a crash"
             );
         }
         Ok(local)
@@ -87,7 +87,21 @@ impl LocalQueue {
             .to_owned();
         let mut parts = version.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
         let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
-        Ok((major, minor) >= (7, 2))
+        if (major, minor) < (7, 2) {
+            return Ok(false);
+        }
+        // WAITAOF is refused outright when appendonly is off (common on managed Redis).
+        let persistence: String = redis::cmd("INFO")
+            .arg("persistence")
+            .query_async(&mut conn)
+            .await?;
+        let aof = persistence.lines().any(|l| l.trim() == "aof_enabled:1");
+        if !aof {
+            tracing::warn!(
+                "local Redis runs without appendonly: acknowledged jobs are only as durable as its snapshots; set appendonly yes"
+            );
+        }
+        Ok(aof)
     }
 
     pub async fn ping(&self) -> Result<(), LocalError> {

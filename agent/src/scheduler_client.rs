@@ -15,11 +15,13 @@ pub enum ClientError {
     /// The scheduler refused our token (401/403/404): wrong key, clock, or cluster name.
     #[error("the scheduler refused this agent ({status}): {message}")]
     Refused { status: u16, message: String },
-    /// Worth retrying; `retry_after` when the scheduler said how long to wait.
+    /// Worth retrying; `retry_after` when the scheduler said how long to wait; `status` when
+    /// it answered at all (5xx, 429, 408) rather than being unreachable.
     #[error("scheduler unavailable: {message}")]
     Unavailable {
         message: String,
         retry_after: Option<Duration>,
+        status: Option<u16>,
     },
     /// The request itself was wrong (a bug here, or a version mismatch).
     #[error("the scheduler rejected the request ({status}): {message}")]
@@ -188,6 +190,7 @@ impl SchedulerClient {
         let response = request.send().await.map_err(|e| ClientError::Unavailable {
             message: e.without_url().to_string(),
             retry_after: None,
+            status: None,
         })?;
         let status = response.status();
         let retry_after = response
@@ -219,6 +222,7 @@ impl SchedulerClient {
                 ClientError::Unavailable {
                     message,
                     retry_after,
+                    status: Some(s.as_u16()),
                 }
             }
             s => ClientError::Rejected {

@@ -160,11 +160,37 @@ fn failed(pod: &Pod) -> Verdict {
             report: false,
             at,
         },
-        None => Verdict::Failed {
-            reason: "build pod failed".into(),
-            report: false,
-            at,
-        },
+        // The build container never ended, so the launcher never ran: nobody told Screwdriver.
+        None => {
+            let init = pod
+                .status
+                .as_ref()
+                .and_then(|s| s.init_container_statuses.as_ref())
+                .into_iter()
+                .flatten()
+                .find_map(|cs| {
+                    let t = cs.state.as_ref()?.terminated.as_ref()?;
+                    (t.exit_code != 0).then_some((cs.name.as_str(), t))
+                });
+            let reason = match init {
+                Some((name, t)) => format!(
+                    "Build failed to start: init container {name} exited with code {}{}",
+                    t.exit_code,
+                    t.message
+                        .as_deref()
+                        .filter(|m| !m.is_empty())
+                        .map(|m| format!(": {m}"))
+                        .unwrap_or_default()
+                ),
+                None => "Build failed to start: its pod failed before the build container ran"
+                    .into(),
+            };
+            Verdict::Failed {
+                reason,
+                report: true,
+                at,
+            }
+        }
     }
 }
 
@@ -753,6 +779,23 @@ mod tests {
         assert!(
             s.contains("ErrImagePull (container launcher, image \"launcher:v6\")"),
             "{s}"
+        );
+    }
+
+    #[test]
+    fn a_failed_init_container_is_reported_for_the_launcher_that_never_ran() {
+        let p = pod(json!({"phase": "Failed", "initContainerStatuses": [{
+            "name": "launcher", "image": "launcher:v6", "imageID": "", "ready": false,
+            "restartCount": 0,
+            "state": {"terminated": {"exitCode": 2, "message": "cp: no space left on device"}},
+        }]}));
+        let Verdict::Failed { reason, report, .. } = assess(&p, Duration::ZERO, &config()) else {
+            panic!()
+        };
+        assert!(report, "the launcher never ran, so the agent reports it");
+        assert_eq!(
+            reason,
+            "Build failed to start: init container launcher exited with code 2: cp: no space left on device"
         );
     }
 
