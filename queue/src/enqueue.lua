@@ -6,6 +6,8 @@
 -- KEYS: ready, jobs, meta, wake, acked, where, newest
 -- ARGV: id, message JSON, priority, jobId ('' for stops), cluster, blockers JSON array,
 --       collapse ('1'/'0'), same-job wait ms, force ('1' clears the tombstone first)
+-- A forced enqueue puts back a build this cluster's agent acknowledged before: the agent may
+-- still hold it in its own queue, so the message is pinned to this cluster (`move` leaves it).
 local id = ARGV[1]
 if ARGV[9] == '1' then
   redis.call('ZREM', KEYS[5], id)
@@ -24,7 +26,7 @@ redis.call('HSET', KEYS[2], id, ARGV[2])
 redis.call('HSET', KEYS[3], id, cjson.encode({
   buildId = id, jobId = ARGV[4], score = score, deliveries = 0, enqueuedAt = now, token = '',
   blockers = cjson.decode(ARGV[6]), collapse = ARGV[7] == '1', sameJobWaitMs = tonumber(ARGV[8]),
-  blockedReported = false,
+  blockedReported = false, pinned = ARGV[9] == '1',
 }))
 redis.call('ZADD', KEYS[1], score, id)
 redis.call('HSET', KEYS[6], id, ARGV[5])

@@ -184,7 +184,11 @@ pub enum LeaseOutcome {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Moved {
     Moved,
+    /// An agent holds a lease on it: it stays.
     Leased,
+    /// Re-queued (forced) after its cluster acknowledged it: that cluster's agent may still hold
+    /// or run it, so it stays on that cluster.
+    Pinned,
     Elsewhere(String),
     Absent,
 }
@@ -552,6 +556,7 @@ impl Queues {
         Ok(match what.as_str() {
             "moved" => Moved::Moved,
             "leased" => Moved::Leased,
+            "pinned" => Moved::Pinned,
             "elsewhere" => Moved::Elsewhere(name),
             _ => Moved::Absent,
         })

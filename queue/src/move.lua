@@ -1,6 +1,7 @@
 -- Move a waiting message from one cluster's queue to another's (HA re-routing), atomically so
--- it is never in both and never in neither. Leased messages stay: an agent holds them.
---   {'moved', dst} | {'leased', src} | {'elsewhere', owner} | {'absent', ''}
+-- it is never in both and never in neither. Leased messages stay: an agent holds them. So do
+-- pinned ones (re-queued after their cluster acknowledged them: its agent may still run them).
+--   {'moved', dst} | {'leased', src} | {'pinned', src} | {'elsewhere', owner} | {'absent', ''}
 -- KEYS: src ready, src delayed, src leased, src jobs, src meta, dst ready, dst jobs, dst meta,
 --       dst wake, where
 -- ARGV: id, src, dst
@@ -12,6 +13,7 @@ local score = redis.call('ZSCORE', KEYS[1], id) or redis.call('ZSCORE', KEYS[2],
 local message = redis.call('HGET', KEYS[4], id)
 local meta = redis.call('HGET', KEYS[5], id)
 if not score or not message or not meta then return {'absent', ''} end
+if cjson.decode(meta).pinned then return {'pinned', ARGV[2]} end
 redis.call('ZREM', KEYS[1], id)
 redis.call('ZREM', KEYS[2], id)
 redis.call('HDEL', KEYS[4], id)

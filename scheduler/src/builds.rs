@@ -178,8 +178,10 @@ impl Builds {
         Ok(done.rows_affected() == 1)
     }
 
-    /// Marks acknowledged builds dispatched, in one transaction (one commit per ack batch).
-    pub async fn mark_dispatched(&self, build_ids: &[u64]) -> Result<(), DbError> {
+    /// Marks builds `cluster` acknowledged dispatched to it, in one transaction (one commit per
+    /// ack batch). The acknowledged lease is proof of where the build went, so the row takes that
+    /// cluster: an HA move may have put it there an instant before its own row update landed.
+    pub async fn mark_dispatched(&self, cluster: &str, build_ids: &[u64]) -> Result<(), DbError> {
         if build_ids.is_empty() {
             return Ok(());
         }
@@ -187,9 +189,10 @@ impl Builds {
         let mut tx = self.db.pool.begin().await?;
         for build_id in build_ids {
             sqlx::query(
-                "UPDATE builds SET state = 'dispatched', reason = 'transferred to its cluster', updated_at = $1 \
-                 WHERE build_id = $2 AND state = 'queued'",
+                "UPDATE builds SET state = 'dispatched', cluster = $1, reason = 'transferred to its cluster', \
+                 updated_at = $2 WHERE build_id = $3 AND state = 'queued'",
             )
+            .bind(cluster)
             .bind(now)
             .bind(id(*build_id))
             .execute(&mut *tx)

@@ -126,7 +126,9 @@ pub async fn rebalance(intake: &Intake) -> Result<usize, IntakeError> {
                                 .reassign(row.build_id, &cluster, &owner, "re-routed")
                                 .await?;
                         }
-                        Moved::Leased | Moved::Elsewhere(_) | Moved::Absent => {}
+                        // Pinned: the reconciler put back a build this cluster acknowledged;
+                        // its agent may still launch it, so another cluster must not.
+                        Moved::Leased | Moved::Pinned | Moved::Elsewhere(_) | Moved::Absent => {}
                     }
                 }
                 _ if !registered

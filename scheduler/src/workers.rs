@@ -39,6 +39,8 @@ pub enum Event {
     Running,
     Finished,
     Failed,
+    /// Ended on request (a stop reached the agent).
+    Stopped,
 }
 
 /// The result of acknowledging (or nacking, renewing) a batch.
@@ -239,7 +241,7 @@ impl Workers {
         // The queue is authoritative for the transfer, and the agent must learn that its acks
         // landed: should this write fail, the reconciler finds the builds acknowledged (their
         // tombstones) and marks them dispatched.
-        if let Err(e) = self.builds.mark_dispatched(&dispatched).await {
+        if let Err(e) = self.builds.mark_dispatched(cluster, &dispatched).await {
             tracing::warn!(cluster, error = %e, "acknowledged builds not yet marked dispatched; the reconciler will");
         }
         metrics::counter!("sd_scheduler_acks_total", "cluster" => cluster.to_owned())
@@ -313,11 +315,20 @@ impl Workers {
                     BuildState::Running,
                 ],
             ),
+            Event::Stopped => (
+                BuildState::Stopped,
+                &[
+                    BuildState::Queued,
+                    BuildState::Dispatched,
+                    BuildState::Running,
+                ],
+            ),
         };
         let reason = message.unwrap_or(match event {
             Event::Running => "running",
             Event::Finished => "finished",
             Event::Failed => "failed",
+            Event::Stopped => "stopped on request",
         });
         let mut state = row.state;
         for from in from {

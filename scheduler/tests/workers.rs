@@ -861,3 +861,110 @@ async fn reconciler_requeues_what_redis_lost() {
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert!(h.poll("sd1", &keys, 0, 10).await.is_empty());
 }
+
+/// A build its cluster acknowledged but never reported started is queued again by the
+/// reconciler on that cluster only — even when the cluster has gone silent and a healthy peer
+/// could take it: its agent may still hold it in its own queue and launch it when it returns.
+/// (Found by the fault suite: moved to the peer, the build ran on two clusters.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconciled_dispatched_build_never_moves_to_another_cluster() {
+    let h = Harness::start_with(Backend::Sqlite, |c| {
+        c.reconciler.grace = Duration::from_secs(1);
+        c.reconciler.interval = Duration::from_millis(200);
+        c.ha.cluster_dead_after = Duration::from_secs(1);
+        c.ha.check_interval = Duration::from_millis(100);
+        // Re-routing passes run this often too.
+        c.registry.reload_interval = Duration::from_millis(200);
+    })
+    .await;
+    let west = h
+        .cluster_with_key(&cluster("west", "screwdriver", &[]))
+        .await;
+    let mut b = build(11, "org/repo", json!({}));
+    b["blockedBy"] = json!([]);
+    assert_eq!(h.submit(&b).await.1["buildClusterName"], "west");
+    let jobs = h.poll("west", &west, 1, 10).await;
+    assert_eq!(jobs.len(), 1);
+    h.lease_call(
+        "west",
+        &west,
+        "ack",
+        &[jobs[0]["deliveryId"].as_str().unwrap()],
+    )
+    .await;
+    // West's agent now holds the build, then goes silent without reporting it started.
+    let east = h
+        .cluster_with_key(&cluster("east", "screwdriver", &[]))
+        .await;
+    let requeued = eventually(Duration::from_secs(15), || async {
+        assert!(
+            h.poll("east", &east, 0, 10).await.is_empty(),
+            "the build west acknowledged must not reach east"
+        );
+        (h.ready("west").await == vec!["11".to_owned()]).then_some(())
+    })
+    .await;
+    assert!(requeued.is_some(), "reconciler re-queued it on west");
+    // West unhealthy, east healthy, rebalance running: it stays on west.
+    for _ in 0..10 {
+        assert!(h.poll("east", &east, 0, 10).await.is_empty());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(h.ready("west").await, vec!["11".to_owned()]);
+    // West's agent comes back and gets it again (its launch de-duplicates by buildId).
+    let again = h.poll("west", &west, 1, 10).await;
+    assert_eq!(
+        again.iter().map(delivered_build).collect::<Vec<_>>(),
+        vec![11]
+    );
+}
+
+/// An HA move puts a build on another cluster's queue, and that cluster's agent can fetch and
+/// acknowledge it before the move's row update lands: the acknowledgement itself records where
+/// the build went, so the agent's events are accepted and the reconciler never re-queues it on
+/// the cluster it left. (Found by the fault suite: re-queued there, it ran on two clusters.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ack_records_the_cluster_that_took_the_build() {
+    let h = Harness::start(Backend::Sqlite).await;
+    h.cluster_with_key(&cluster("west", "screwdriver", &[]))
+        .await;
+    let mut b = build(12, "org/repo", json!({}));
+    b["blockedBy"] = json!([]);
+    assert_eq!(h.submit(&b).await.1["buildClusterName"], "west");
+    let east = h
+        .cluster_with_key(&cluster("east", "screwdriver", &[]))
+        .await;
+    // The first half of ha::rebalance: the queue moves it; the row has not followed yet.
+    let moved = h
+        .scheduler
+        .state()
+        .queues
+        .move_waiting("12", "west", "east")
+        .await
+        .unwrap();
+    assert_eq!(moved, sd_scheduler::queue::Moved::Moved);
+    let jobs = h.poll("east", &east, 1, 10).await;
+    assert_eq!(
+        jobs.iter().map(delivered_build).collect::<Vec<_>>(),
+        vec![12]
+    );
+    h.lease_call(
+        "east",
+        &east,
+        "ack",
+        &[jobs[0]["deliveryId"].as_str().unwrap()],
+    )
+    .await;
+    let (_, view) = h
+        .call(Method::GET, "/v1/builds/12", Some(&h.sdapi()), None)
+        .await;
+    assert_eq!(
+        (&view["state"], &view["buildClusterName"]),
+        (&json!("dispatched"), &json!("east")),
+        "{view}"
+    );
+    assert_eq!(
+        h.event("east", &east, 12, "running").await.1["state"],
+        "running"
+    );
+}

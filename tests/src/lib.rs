@@ -10,7 +10,10 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
 
+pub mod chaos;
 pub mod kube_api;
+
+pub use chaos::ChaosProxy;
 
 /// A port nobody listens on right now.
 pub fn free_port() -> u16 {
