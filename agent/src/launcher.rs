@@ -153,10 +153,7 @@ impl Launcher {
                 tracing::info!(build_id, "stopped before launch");
                 let _ = self.events.send(BuildEvent {
                     build_id,
-                    status: BuildStatus::Failed {
-                        reason: "stopped before it was launched".into(),
-                        report: false,
-                    },
+                    status: BuildStatus::Stopped,
                 });
                 return true;
             }

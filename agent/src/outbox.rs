@@ -32,6 +32,7 @@ local id, status = ARGV[1], ARGV[2]
 redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now - tonumber(ARGV[4]))
 if redis.call('ZSCORE', KEYS[3], id .. ':' .. status) then return 0 end
 local ended = redis.call('ZSCORE', KEYS[3], id .. ':finished') or redis.call('ZSCORE', KEYS[3], id .. ':failed')
+  or redis.call('ZSCORE', KEYS[3], id .. ':stopped')
 if ended then return 0 end
 local current = redis.call('HGET', KEYS[1], id)
 if current then
@@ -86,7 +87,7 @@ return 1
 #[serde(rename_all = "camelCase")]
 pub struct Entry {
     pub build_id: u64,
-    /// `running`, `finished` or `failed` (the scheduler's event names).
+    /// `running`, `finished`, `failed` or `stopped` (the scheduler's event names).
     pub status: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
@@ -107,6 +108,7 @@ impl Entry {
             BuildStatus::Running => ("running", None, false),
             BuildStatus::Finished => ("finished", None, false),
             BuildStatus::Failed { reason, report } => ("failed", Some(reason.clone()), *report),
+            BuildStatus::Stopped => ("stopped", None, false),
         };
         Self {
             build_id: event.build_id,
@@ -127,6 +129,7 @@ impl Entry {
         match self.status.as_str() {
             "running" => BuildStatus::Running,
             "finished" => BuildStatus::Finished,
+            "stopped" => BuildStatus::Stopped,
             _ => BuildStatus::Failed {
                 reason: self.reason.clone().unwrap_or_else(|| "failed".to_owned()),
                 report: self.report,
@@ -236,10 +239,12 @@ impl Outbox {
     /// executor must not contradict it.
     pub async fn end_of(&self, build_id: u64) -> Result<Option<BuildStatus>> {
         let mut conn = self.conn.clone();
-        let (pending, finished, failed): (Option<String>, Option<f64>, Option<f64>) = redis::pipe()
+        type Ends = (Option<String>, Option<f64>, Option<f64>, Option<f64>);
+        let (pending, finished, failed, stopped): Ends = redis::pipe()
             .hget(EVENTS_KEY, build_id)
             .zscore(DONE_KEY, format!("{build_id}:finished"))
             .zscore(DONE_KEY, format!("{build_id}:failed"))
+            .zscore(DONE_KEY, format!("{build_id}:stopped"))
             .query_async(&mut conn)
             .await?;
         if let Some(entry) = pending.and_then(|p| serde_json::from_str::<Entry>(&p).ok())
@@ -249,6 +254,8 @@ impl Outbox {
         }
         Ok(if finished.is_some() {
             Some(BuildStatus::Finished)
+        } else if stopped.is_some() {
+            Some(BuildStatus::Stopped)
         } else if failed.is_some() {
             Some(BuildStatus::Failed {
                 reason: "failed".to_owned(),

@@ -82,6 +82,7 @@ impl Watcher {
             self.capacity.notify_one();
             let result = match event.status {
                 BuildStatus::Finished => "finished",
+                BuildStatus::Stopped => "stopped",
                 _ => "failed",
             };
             metrics::counter!("sd_agent_builds_ended_total", "result" => result).increment(1);

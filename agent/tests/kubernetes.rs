@@ -607,7 +607,7 @@ async fn pending_too_long_fails_but_running_pods_do_not() {
 }
 
 #[tokio::test]
-async fn stop_deletes_the_pod_quietly() {
+async fn stop_deletes_the_pod_and_reports_it_stopped() {
     let h = Harness::start(config()).await;
     h.launch(51).await;
     h.kube.set_phase("sd-51", "Running");
@@ -620,8 +620,8 @@ async fn stop_deletes_the_pod_quietly() {
     h.sync(52).await;
     assert_eq!(
         h.statuses(51),
-        vec![BuildStatus::Running],
-        "a stop is not a failure"
+        vec![BuildStatus::Running, BuildStatus::Stopped],
+        "a stop is reported as such, not as a failure"
     );
     assert_eq!(h.executor.in_flight(), 1);
 }

@@ -341,13 +341,7 @@ async fn a_second_executor_refuses_a_running_build_and_can_stop_it() {
 
     // B does not run it, but shares the host and the Redis: its stop reaches A's build.
     assert!(b.stop(301).await.unwrap());
-    assert_eq!(
-        a_events.end(301).await,
-        BuildStatus::Failed {
-            reason: process::STOP_REASON.into(),
-            report: false
-        }
-    );
+    assert_eq!(a_events.end(301).await, BuildStatus::Stopped);
     assert!(all_dead(&[leader, grandchild]).await);
     assert_eq!(a.in_flight(), 0);
     b_events.drain();
@@ -371,13 +365,7 @@ async fn stop_kills_the_whole_process_group() {
     assert_eq!(exec.in_flight(), 1);
 
     assert!(exec.stop(401).await.unwrap());
-    assert_eq!(
-        events.end(401).await,
-        BuildStatus::Failed {
-            reason: process::STOP_REASON.into(),
-            report: false
-        }
-    );
+    assert_eq!(events.end(401).await, BuildStatus::Stopped);
     assert!(
         all_dead(&[leader, grandchild]).await,
         "leader and grandchild are killed"

@@ -186,7 +186,7 @@ impl AgentSetup {
         std::fs::write(
             &script,
             format!(
-                "#!/bin/sh\necho \"$SD_BUILD_ID\" >> {runs}\ncode=$(echo \"$SD_BUILD_CONFIG\" | sed -n 's/.*\"test\\/exit\":\\([0-9]*\\).*/\\1/p')\nsleep 0.2\nexit ${{code:-0}}\n",
+                "#!/bin/sh\necho \"$SD_BUILD_ID\" >> {runs}\ncode=$(echo \"$SD_BUILD_CONFIG\" | sed -n 's/.*\"test\\/exit\":\\([0-9]*\\).*/\\1/p')\npause=$(echo \"$SD_BUILD_CONFIG\" | sed -n 's/.*\"test\\/sleep\":\\([0-9]*\\).*/\\1/p')\nsleep ${{pause:-0.2}}\nexit ${{code:-0}}\n",
                 runs = runs.display()
             ),
         )
@@ -633,4 +633,68 @@ async fn keygen_register_check_and_what_check_says_when_wrong() {
     assert!(line(&out, "scheduler").starts_with("ok"), "{out}");
     assert!(!out.contains("all checks passed"));
     agent.local.restart().unwrap();
+}
+
+/// A stop reaching a running build ends it `stopped` (not failed), and releases the build of the
+/// same job that waited behind it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_build_ends_stopped_and_releases_its_job() {
+    let world = World::start().await;
+    let mut linux = world.cluster("linux", None).await;
+    linux.spawn();
+    let start = |id: u64, sleep: u64, blocked_by: Vec<u64>| {
+        json!({
+            "buildId": id, "jobId": 777, "blockedBy": blocked_by,
+            "annotations": {"test/sleep": sleep},
+            "pipeline": {"id": 1, "name": "web/site", "scmContext": "github:github.com"},
+            "apiUri": "http://127.0.0.1:9", "container": "node:22",
+        })
+    };
+    let (status, body) = world
+        .call(
+            Method::POST,
+            "/v1/queue/message",
+            "sdapi",
+            Some(start(300, 60, vec![])),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let running = eventually(Duration::from_secs(30), || async {
+        (world.state(300).await == "running").then_some(())
+    })
+    .await;
+    assert!(running.is_some(), "build 300 running");
+    // The next build of the same job waits behind the running one.
+    let (status, body) = world
+        .call(
+            Method::POST,
+            "/v1/queue/message",
+            "sdapi",
+            Some(start(301, 0, vec![777])),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(!linux.runs().contains_key(&301), "301 waits while 300 runs");
+
+    let (status, body) = world
+        .call(
+            Method::DELETE,
+            "/v1/queue/message",
+            "sdapi",
+            Some(json!({"buildId": 300, "jobId": 777})),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let stopped = eventually(Duration::from_secs(30), || async {
+        (world.state(300).await == "stopped").then_some(())
+    })
+    .await;
+    assert!(
+        stopped.is_some(),
+        "300 ends stopped, not {}",
+        world.state(300).await
+    );
+    world.wait_finished(&[301], Duration::from_secs(30)).await;
+    assert_eq!(linux.runs().get(&301), Some(&1));
 }

@@ -32,6 +32,8 @@ pub enum BuildStatus {
     /// (`PUT /v4/builds/{id}` FAILURE with `reason`): the launcher never ran or could not report
     /// (bad image, pending too long, a run the agent cannot account for).
     Failed { reason: String, report: bool },
+    /// It was stopped on request (Screwdriver asked for it, so only the scheduler is told).
+    Stopped,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

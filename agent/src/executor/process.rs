@@ -670,6 +670,7 @@ impl Inner {
         marker.ended_at = Some(now);
         marker.outcome = Some(match &status {
             BuildStatus::Failed { reason, .. } => reason.clone(),
+            BuildStatus::Stopped => STOP_REASON.to_owned(),
             _ => "finished".to_owned(),
         });
         info!(
@@ -928,10 +929,7 @@ impl Inner {
 }
 
 fn stopped() -> BuildStatus {
-    BuildStatus::Failed {
-        reason: STOP_REASON.to_owned(),
-        report: false,
-    }
+    BuildStatus::Stopped
 }
 
 /// Kills an orphan's processes: the recorded group when its leader is still the same process,

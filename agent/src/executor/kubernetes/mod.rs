@@ -208,6 +208,8 @@ impl KubernetesExecutor {
         {
             Ok(_) => {
                 info!(build_id, pod = %name, "deleted build pod on stop");
+                // Reported once even if the build ended meanwhile: the outbox keeps the first end.
+                inner.emit(build_id, crate::executor::BuildStatus::Stopped);
                 Ok(true)
             }
             Err(kube::Error::Api(status)) if status.code == 404 => Ok(false),

@@ -696,7 +696,7 @@ impl Inner {
         }
     }
 
-    fn emit(&self, build_id: u64, status: BuildStatus) {
+    pub(super) fn emit(&self, build_id: u64, status: BuildStatus) {
         if self.events.send(BuildEvent { build_id, status }).is_err() {
             debug!(build_id, "build event dropped: nobody listens any more");
         }
