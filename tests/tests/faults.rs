@@ -178,6 +178,14 @@ impl Proc {
     /// `kill -9`, and reap it.
     fn kill9(&mut self) {
         if let Some(mut child) = self.child.take() {
+            if let Ok(Some(status)) = child.try_wait() {
+                SELF_EXITS.fetch_add(1, Ordering::Relaxed);
+                eprintln!(
+                    "faults: {} had exited by itself ({status}); see {}",
+                    self.program.display(),
+                    self.log.display()
+                );
+            }
             let _ = child.kill();
             let _ = child.wait();
         }
@@ -189,7 +197,11 @@ impl Proc {
             None => true,
             Some(child) => match child.try_wait() {
                 Ok(Some(status)) => {
-                    eprintln!("faults: {what} had exited by itself ({status}); starting it again");
+                    SELF_EXITS.fetch_add(1, Ordering::Relaxed);
+                    eprintln!(
+                        "faults: {what} had exited by itself ({status}); see {}; starting it again",
+                        self.log.display()
+                    );
                     true
                 }
                 _ => false,
@@ -917,6 +929,8 @@ fn target_name(world: &World, fault: &Fault) -> String {
 }
 
 static START_MS: AtomicU64 = AtomicU64::new(0);
+/// Processes of ours found dead without having been killed (a crash under faults).
+static SELF_EXITS: AtomicU64 = AtomicU64::new(0);
 
 fn now_ms() -> u64 {
     SystemTime::now()
@@ -1166,6 +1180,10 @@ async fn every_build_launched_once_or_failed_with_a_reason_under_faults() {
     figures.push_str(&format!(
         "  proxied connections {} · reset by cuts {} · refused while cut {} · blackholed {}\n",
         proxies.accepted, proxies.reset, proxies.refused, proxies.blackholed
+    ));
+    figures.push_str(&format!(
+        "  processes that exited by themselves {}\n",
+        SELF_EXITS.load(Ordering::Relaxed)
     ));
     figures.push_str(&format!(
         "launched exactly once   {} (of which then failed: {})\n",
