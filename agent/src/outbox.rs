@@ -82,6 +82,20 @@ redis.call('ZADD', KEYS[3], now, ARGV[1] .. ':' .. ARGV[2])
 return 1
 ";
 
+/// KEYS: events, due. ARGV: lease ms, then id, status pairs. Pushes back the due time of entries
+/// still pending with that status (a reporter at work keeps its claim).
+const EXTEND: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+for i = 2, #ARGV, 2 do
+  local current = redis.call('HGET', KEYS[1], ARGV[i])
+  if current and cjson.decode(current).status == ARGV[i + 1] then
+    redis.call('ZADD', KEYS[2], now + tonumber(ARGV[1]), ARGV[i])
+  end
+end
+return 1
+";
+
 /// One build's unreported event.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -164,6 +178,7 @@ pub struct Outbox {
     record: Script,
     claim: Script,
     settle: Script,
+    extend: Script,
 }
 
 impl Outbox {
@@ -173,6 +188,7 @@ impl Outbox {
             record: Script::new(RECORD),
             claim: Script::new(CLAIM),
             settle: Script::new(SETTLE),
+            extend: Script::new(EXTEND),
         }
     }
 
@@ -221,6 +237,21 @@ impl Outbox {
             }
         }
         Ok(entries)
+    }
+
+    /// Keeps the claims of entries still being reported, `(build id, status)`, for `lease`.
+    pub async fn extend(&self, claims: &[(u64, String)], lease: Duration) -> Result<()> {
+        if claims.is_empty() {
+            return Ok(());
+        }
+        let mut invocation = self.extend.prepare_invoke();
+        invocation.key(EVENTS_KEY).key(DUE_KEY).arg(millis(lease));
+        for (id, status) in claims {
+            invocation.arg(*id).arg(status);
+        }
+        let mut conn = self.conn.clone();
+        let _: i64 = invocation.invoke_async(&mut conn).await?;
+        Ok(())
     }
 
     /// The event was reported (or cannot ever be): drop it and remember it as done.

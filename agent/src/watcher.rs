@@ -6,7 +6,7 @@
 //! seeing a build end and reporting it leaves the report to the next one, and the same end
 //! seen by several replicas (or again after a restart) is reported once.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -18,8 +18,10 @@ use crate::local::LocalQueue;
 use crate::outbox::{Entry, Outbox, Recorded};
 use crate::scheduler_client::{ClientError, SchedulerClient};
 
-/// A claimed entry is left alone by other replicas this long; longer than one report round.
-const CLAIM_LEASE: Duration = Duration::from_secs(120);
+/// A claimed entry is left alone by other replicas this long; its reporter extends the claim
+/// every sweep while at work, so after a crash the next agent takes over within this.
+const CLAIM_LEASE: Duration = Duration::from_secs(30);
+
 /// How soon an entry whose report failed is tried again.
 const RETRY_IN: Duration = Duration::from_secs(15);
 /// How often entries left by others (or by failed rounds) are looked for.
@@ -28,6 +30,9 @@ const CLAIM_BATCH: usize = 64;
 /// Report rounds after which the scheduler refusing an event (404/403: it does not know the
 /// build, or the build is no longer this cluster's) is taken as final.
 const REFUSALS_BEFORE_GIVING_UP: u32 = 20;
+
+/// Build id → the status this agent is reporting for it right now.
+type Reporting = Arc<Mutex<HashMap<u64, String>>>;
 
 pub struct Watcher {
     pub client: SchedulerClient,
@@ -55,10 +60,13 @@ fn retry_policy() -> ExponentialBuilder {
 impl Watcher {
     pub async fn run(self, mut events: mpsc::UnboundedReceiver<BuildEvent>) {
         let this = Arc::new(self);
-        let reporting = Arc::new(Mutex::new(HashSet::new()));
+        let reporting: Reporting = Arc::new(Mutex::new(HashMap::new()));
         let mut sweep = tokio::time::interval(SWEEP_EVERY);
+        // Rung when a report ends: a newer event of that build may be waiting behind it.
+        let finished_one = Arc::new(Notify::new());
         loop {
             tokio::select! {
+                () = finished_one.notified() => {}
                 event = events.recv() => {
                     let Some(event) = event else { return };
                     this.accept(event).await;
@@ -67,12 +75,17 @@ impl Watcher {
                     }
                 }
                 _ = sweep.tick() => {
+                    let claims: Vec<(u64, String)> =
+                        lock(&reporting).iter().map(|(id, s)| (*id, s.clone())).collect();
+                    if let Err(e) = this.outbox.extend(&claims, CLAIM_LEASE).await {
+                        tracing::debug!(error = %e, "cannot extend the claims of reports at work");
+                    }
                     if let Ok(n) = this.outbox.pending().await {
                         metrics::gauge!("sd_agent_events_unreported").set(n as f64);
                     }
                 }
             }
-            this.drain(&reporting).await;
+            this.drain(&reporting, &finished_one).await;
         }
     }
 
@@ -105,7 +118,7 @@ impl Watcher {
     }
 
     /// Claims the entries that are due and reports each in its own task.
-    async fn drain(self: &Arc<Self>, reporting: &Arc<Mutex<HashSet<u64>>>) {
+    async fn drain(self: &Arc<Self>, reporting: &Reporting, finished_one: &Arc<Notify>) {
         let entries = match self.outbox.claim(CLAIM_BATCH, CLAIM_LEASE).await {
             Ok(entries) => entries,
             Err(e) => {
@@ -115,14 +128,31 @@ impl Watcher {
         };
         for entry in entries {
             let id = entry.build_id;
-            if !lock(reporting).insert(id) {
-                continue; // this agent is on it already
+            let busy = {
+                let mut at_work = lock(reporting);
+                match at_work.get(&id) {
+                    Some(status) => Some(status.clone()),
+                    None => {
+                        at_work.insert(id, entry.status.clone());
+                        None
+                    }
+                }
+            };
+            if let Some(status) = busy {
+                // Still reporting this build's previous event (an end superseded `running`):
+                // hand the claim back; the drain after that report ends takes it.
+                if status != entry.status {
+                    let _ = self.outbox.update(&entry, Some(Duration::ZERO)).await;
+                }
+                continue;
             }
             let this = Arc::clone(self);
             let reporting = Arc::clone(reporting);
+            let finished_one = Arc::clone(finished_one);
             tokio::spawn(async move {
                 this.report(entry, true).await;
                 lock(&reporting).remove(&id);
+                finished_one.notify_one();
             });
         }
     }

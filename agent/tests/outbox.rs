@@ -131,6 +131,8 @@ async fn a_claim_that_lapses_is_claimed_again_and_a_superseded_report_changes_no
 #[derive(Default)]
 struct Received {
     events: Mutex<Vec<(String, u64, String)>>,
+    /// How long `running` events take to be answered.
+    slow_running: Mutex<Duration>,
 }
 
 async fn fake_scheduler() -> (String, Arc<Received>) {
@@ -139,6 +141,10 @@ async fn fake_scheduler() -> (String, Arc<Received>) {
         Path(cluster): Path<String>,
         axum::Json(body): axum::Json<Value>,
     ) -> (StatusCode, axum::Json<Value>) {
+        if body["event"] == "running" {
+            let pause = *state.slow_running.lock().unwrap();
+            tokio::time::sleep(pause).await;
+        }
         state.events.lock().unwrap().push((
             cluster,
             body["buildId"].as_u64().unwrap_or(0),
@@ -310,4 +316,29 @@ async fn replicas_seeing_the_same_ends_report_each_once() {
     assert_eq!(failures.len(), ids.len() / 2, "{failures:?}");
     task_a.abort();
     task_b.abort();
+}
+
+#[tokio::test]
+async fn an_end_arriving_while_running_is_being_reported_follows_right_after_it() {
+    let redis = RedisServer::start().unwrap();
+    let (scheduler, received) = fake_scheduler().await;
+    *received.slow_running.lock().unwrap() = Duration::from_secs(2);
+    let (tx, task) = watcher(&scheduler, &redis).await;
+    tx.send(BuildEvent {
+        build_id: 9,
+        status: BuildStatus::Running,
+    })
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await; // `running` is on its way
+    tx.send(ended(9)).unwrap();
+    // Not when a claim lapses (30 s): as soon as the `running` report is done.
+    let both = eventually(Duration::from_secs(8), || async {
+        let events = received.events.lock().unwrap().clone();
+        (events.len() == 2).then_some(events)
+    })
+    .await
+    .expect("running, then finished, well before a claim lapses");
+    assert_eq!(both[0].2, "running");
+    assert_eq!(both[1].2, "finished");
+    task.abort();
 }
