@@ -13,8 +13,9 @@
 //! reported failed with a reason; none may run on two clusters, and the external cluster may only
 //! ever run builds of the organization it lists. The figures are printed at the end.
 //!
-//! Also counted, not failed on: launched builds whose end the scheduler never heard ("state not
-//! final": an agent event lost to a fault), within a bounded wait.
+//! And the scheduler must hear the end of every launched build ("state not final" otherwise):
+//! agents keep build events in an outbox in their local Redis until reported, so no fault loses
+//! one.
 //!
 //! The fault schedule comes from a seeded RNG: the seed is printed, and `SD_FAULT_SEED=<seed>`
 //! replays the same schedule (timing still varies from run to run). On a violation the logs of
@@ -49,8 +50,9 @@ const SUBMIT_EVERY: Duration = Duration::from_millis(180);
 const FAULTS_AFTER_SUBMISSIONS: Duration = Duration::from_secs(5);
 /// Once every fault is healed, how long builds get to end.
 const SETTLE_TIMEOUT: Duration = Duration::from_secs(90);
-/// Once every build launched or failed: how long the scheduler gets to hear their ends.
-const STATE_TIMEOUT: Duration = Duration::from_secs(20);
+/// Once every build launched or failed: how long the scheduler gets to hear their ends (an
+/// agent killed mid-report leaves it to the next one once its 30 s claim lapses).
+const STATE_TIMEOUT: Duration = Duration::from_secs(60);
 /// After everything settled: time for a late duplicate to show up.
 const QUIET_PERIOD: Duration = Duration::from_secs(4);
 
@@ -969,6 +971,7 @@ impl Verdict {
             .chain(self.two_clusters.iter().map(|(id, _)| *id))
             .chain(self.wrong_cluster.iter().map(|(id, _)| *id))
             .chain(self.refused_but_ran.iter().copied())
+            .chain(self.state_not_final.iter().map(|(id, _)| *id))
             .collect()
     }
 }
@@ -1104,7 +1107,6 @@ async fn every_build_launched_once_or_failed_with_a_reason_under_faults() {
     );
     world.heal();
 
-    // Every build ends: launched, or failed with a reason.
     // Every build ends: launched, or failed with a reason; then the scheduler hears the end of
     // those that were launched (bounded: a lost end event is reported, not waited for).
     let settle_deadline = Instant::now() + SETTLE_TIMEOUT;
