@@ -161,6 +161,7 @@ impl Scheduler {
             reporter: Reporter::new(
                 config.screwdriver.report_timeout,
                 config.screwdriver.report_attempts,
+                queues.connection(),
             ),
             settings: QueueSettings {
                 visibility_timeout: q.visibility_timeout,
@@ -226,6 +227,7 @@ impl Scheduler {
             config.registry.reload_interval,
             shutdown.clone(),
         ));
+        tasks.spawn(state.workers.reporter.clone().run(shutdown.clone()));
         tasks.spawn(watch_health(
             Arc::clone(&state),
             config.ha.clone(),

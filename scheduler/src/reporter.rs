@@ -1,13 +1,22 @@
 //! Status reports to the Screwdriver API: `PUT {apiUri}/v4/builds/{id}` with the build's own
 //! token, for builds the scheduler ends or holds itself (dead-lettered, collapsed, blocked).
-//! Each report runs in its own task with jittered exponential back-off, so a slow API never
-//! delays a long-poll.
-
+//!
+//! A report is kept in Redis before it is sent (`{sd}:reports`, HASH `<buildId>:<STATUS>` →
+//! [`Pending`]; `{sd}:reports:due`, ZSET → when it may be sent), so a replica that dies with
+//! reports unsent leaves them to the others. Any replica's sender claims due reports with a
+//! lease, sends each once per round, and reschedules failures with a doubling back-off until
+//! `screwdriver.report_attempts` rounds failed. A slow API never delays a long-poll.
 use std::time::Duration;
 
-use backon::{ExponentialBuilder, Retryable};
+use std::sync::Arc;
+
+use redis::Script;
+use redis::aio::ConnectionManager;
 use sd_protocol::QueueMessage;
 use serde_json::{Value, json};
+use tokio::sync::Notify;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
 
 /// Where and as whom to report about one build.
 #[derive(Debug, Clone)]
@@ -34,53 +43,229 @@ impl ReportTarget {
     }
 }
 
+const REPORTS_KEY: &str = "{sd}:reports";
+const DUE_KEY: &str = "{sd}:reports:due";
+const CLAIM_BATCH: usize = 50;
+
+/// KEYS: reports, due. ARGV: field, report JSON, delay ms. Keeps (or reschedules) a report.
+const KEEP: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('ZADD', KEYS[2], now + tonumber(ARGV[3]), ARGV[1])
+return 1
+";
+
+/// KEYS: reports, due. ARGV: max, lease ms. Returns field, report, field, report…
+const CLAIM: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local out = {}
+for _, field in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, tonumber(ARGV[1]))) do
+  local report = redis.call('HGET', KEYS[1], field)
+  if report then
+    redis.call('ZADD', KEYS[2], now + tonumber(ARGV[2]), field)
+    out[#out + 1] = field
+    out[#out + 1] = report
+  else
+    redis.call('ZREM', KEYS[2], field)
+  end
+end
+return out
+";
+
+/// A report waiting to be sent.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Pending {
+    build_id: u64,
+    api_uri: String,
+    token: String,
+    status: String,
+    message: String,
+    #[serde(default)]
+    attempts: u32,
+}
+
+impl Pending {
+    fn field(&self) -> String {
+        format!("{}:{}", self.build_id, self.status)
+    }
+
+    fn target(&self) -> ReportTarget {
+        ReportTarget {
+            build_id: self.build_id,
+            api_uri: self.api_uri.clone(),
+            token: self.token.clone(),
+        }
+    }
+}
+
 #[derive(Clone)]
 pub struct Reporter {
     http: reqwest::Client,
     attempts: u32,
+    timeout: Duration,
+    redis: ConnectionManager,
+    keep: Script,
+    claim: Script,
+    /// Rung when a report is kept, so it goes out at once.
+    kick: Arc<Notify>,
 }
 
 impl Reporter {
-    pub fn new(timeout: Duration, attempts: u32) -> Self {
+    pub fn new(timeout: Duration, attempts: u32, redis: ConnectionManager) -> Self {
         let http = reqwest::Client::builder()
             .timeout(timeout)
             .user_agent(concat!("sd-scheduler/", env!("CARGO_PKG_VERSION")))
             .build()
             .unwrap_or_default();
-        Self { http, attempts }
+        Self {
+            http,
+            attempts,
+            timeout,
+            redis,
+            keep: Script::new(KEEP),
+            claim: Script::new(CLAIM),
+            kick: Arc::new(Notify::new()),
+        }
     }
 
-    /// Sends `{status, statusMessage}` in the background, retrying failures.
-    pub fn report(&self, target: ReportTarget, status: &'static str, message: String) {
-        let this = self.clone();
-        tokio::spawn(async move {
-            let body = json!({"status": status, "statusMessage": message});
-            let send = || this.send(&target, &body);
-            let result = send
-                .retry(
-                    ExponentialBuilder::default()
-                        .with_min_delay(Duration::from_millis(200))
-                        .with_max_delay(Duration::from_secs(10))
-                        .with_max_times(this.attempts.saturating_sub(1) as usize)
-                        .with_jitter(),
-                )
-                .when(|e: &ReportError| e.retryable)
-                .await;
-            match result {
-                Ok(()) => {
-                    metrics::counter!("sd_scheduler_status_reports_total", "status" => status, "result" => "ok").increment(1);
-                    tracing::info!(
-                        build_id = target.build_id,
-                        status,
-                        "status reported to Screwdriver"
-                    );
+    /// Keeps `{status, statusMessage}` for the build in Redis; the sender delivers it. When
+    /// Redis cannot take it, it is sent from here, once, rather than not at all.
+    pub async fn report(&self, target: ReportTarget, status: &'static str, message: String) {
+        let pending = Pending {
+            build_id: target.build_id,
+            api_uri: target.api_uri,
+            token: target.token,
+            status: status.to_owned(),
+            message,
+            attempts: 0,
+        };
+        match self.store(&pending, Duration::ZERO).await {
+            Ok(()) => self.kick.notify_one(),
+            Err(e) => {
+                tracing::warn!(build_id = pending.build_id, status, error = %e, "cannot keep the status report; sending it directly");
+                let this = self.clone();
+                tokio::spawn(async move { this.deliver(pending).await });
+            }
+        }
+    }
+
+    /// Sends due reports until `shutdown`; reports in flight then are finished first.
+    pub async fn run(self, shutdown: CancellationToken) {
+        // Longer than one send, so a report is never sent twice at once.
+        let lease = self.timeout + Duration::from_secs(5);
+        let mut sending = JoinSet::new();
+        loop {
+            tokio::select! {
+                () = self.kick.notified() => {}
+                () = tokio::time::sleep(Duration::from_secs(2)) => {}
+                () = shutdown.cancelled() => break,
+            }
+            while sending.try_join_next().is_some() {}
+            match self.claim_due(lease).await {
+                Ok(due) => {
+                    for pending in due {
+                        let this = self.clone();
+                        sending.spawn(async move { this.deliver(pending).await });
+                    }
                 }
+                Err(e) => tracing::debug!(error = %e, "cannot read pending status reports"),
+            }
+        }
+        while sending.join_next().await.is_some() {}
+    }
+
+    /// One round for one report: sent (dropped from Redis), rescheduled, or given up.
+    async fn deliver(&self, mut pending: Pending) {
+        let body = json!({"status": pending.status, "statusMessage": pending.message});
+        let status = pending.status.clone();
+        let result = self.send(&pending.target(), &body).await;
+        pending.attempts += 1;
+        let outcome = match &result {
+            Ok(()) => "ok",
+            Err(e) if e.retryable && pending.attempts < self.attempts => {
+                let delay = Duration::from_secs(1u64 << pending.attempts.min(6));
+                tracing::warn!(build_id = pending.build_id, status, error = %e.message, attempt = pending.attempts, retry_in = ?delay, "status report not accepted yet");
+                if let Err(e) = self.store(&pending, delay).await {
+                    tracing::warn!(build_id = pending.build_id, error = %e, "cannot reschedule the status report; its claim will lapse instead");
+                }
+                return;
+            }
+            Err(_) => "failed",
+        };
+        metrics::counter!("sd_scheduler_status_reports_total", "status" => status.clone(), "result" => outcome).increment(1);
+        match result {
+            Ok(()) => tracing::info!(
+                build_id = pending.build_id,
+                status,
+                "status reported to Screwdriver"
+            ),
+            Err(e) => {
+                tracing::error!(build_id = pending.build_id, status, attempts = pending.attempts, error = %e.message, "could not report status to Screwdriver; giving up")
+            }
+        }
+        if let Err(e) = self.forget(&pending).await {
+            tracing::warn!(build_id = pending.build_id, error = %e, "status report done but still kept; it may be sent again");
+        }
+    }
+
+    async fn store(&self, pending: &Pending, delay: Duration) -> Result<(), StoreError> {
+        let body = serde_json::to_string(pending)?;
+        let mut conn = self.redis.clone();
+        let _: i64 = self
+            .keep
+            .key(REPORTS_KEY)
+            .key(DUE_KEY)
+            .arg(pending.field())
+            .arg(body)
+            .arg(u64::try_from(delay.as_millis()).unwrap_or(u64::MAX))
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(())
+    }
+
+    async fn claim_due(&self, lease: Duration) -> Result<Vec<Pending>, StoreError> {
+        let mut conn = self.redis.clone();
+        let flat: Vec<String> = self
+            .claim
+            .key(REPORTS_KEY)
+            .key(DUE_KEY)
+            .arg(CLAIM_BATCH)
+            .arg(u64::try_from(lease.as_millis()).unwrap_or(u64::MAX))
+            .invoke_async(&mut conn)
+            .await?;
+        let mut due = Vec::with_capacity(flat.len() / 2);
+        for pair in flat.chunks_exact(2) {
+            match serde_json::from_str::<Pending>(&pair[1]) {
+                Ok(p) => due.push(p),
                 Err(e) => {
-                    metrics::counter!("sd_scheduler_status_reports_total", "status" => status, "result" => "failed").increment(1);
-                    tracing::error!(build_id = target.build_id, status, error = %e.message, "could not report status to Screwdriver");
+                    tracing::error!(report = %pair[0], error = %e, "unreadable status report dropped");
+                    let _: () = redis::pipe()
+                        .hdel(REPORTS_KEY, &pair[0])
+                        .ignore()
+                        .zrem(DUE_KEY, &pair[0])
+                        .ignore()
+                        .query_async(&mut conn)
+                        .await?;
                 }
             }
-        });
+        }
+        Ok(due)
+    }
+
+    async fn forget(&self, pending: &Pending) -> Result<(), StoreError> {
+        let mut conn = self.redis.clone();
+        let field = pending.field();
+        let _: () = redis::pipe()
+            .hdel(REPORTS_KEY, &field)
+            .ignore()
+            .zrem(DUE_KEY, &field)
+            .ignore()
+            .query_async(&mut conn)
+            .await?;
+        Ok(())
     }
 
     async fn send(&self, target: &ReportTarget, body: &Value) -> Result<(), ReportError> {
@@ -112,4 +297,12 @@ impl Reporter {
 struct ReportError {
     retryable: bool,
     message: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum StoreError {
+    #[error("Redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("encoding: {0}")]
+    Json(#[from] serde_json::Error),
 }

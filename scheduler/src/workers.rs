@@ -140,11 +140,13 @@ impl Workers {
         }
         for (id, raw, job) in fetched.blocked {
             if let Some(target) = ReportTarget::from_message(&raw) {
-                self.reporter.report(
-                    target,
-                    "BLOCKED",
-                    format!("Blocked by a running build of job {job}"),
-                );
+                self.reporter
+                    .report(
+                        target,
+                        "BLOCKED",
+                        format!("Blocked by a running build of job {job}"),
+                    )
+                    .await;
             }
             if let Ok(build_id) = id.parse() {
                 self.builds
@@ -195,7 +197,7 @@ impl Workers {
             }
         }
         if let Some(target) = ReportTarget::from_message(raw) {
-            self.reporter.report(target, status, reason);
+            self.reporter.report(target, status, reason).await;
         }
         Ok(())
     }

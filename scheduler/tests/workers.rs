@@ -353,6 +353,61 @@ async fn dead_letter_after_max_attempts_is_reported_failure() {
     assert_eq!(view["state"], "failed");
 }
 
+/// A FAILURE the API could not take yet outlives the replica that dead-lettered the build: it is
+/// kept in Redis, and another replica delivers it once the API is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_status_report_outlives_the_replica_that_made_it() {
+    let api = FakeScrewdriver::start().await;
+    let mut h = Harness::start_with(Backend::Sqlite, |c| {
+        c.queue.visibility_timeout = Duration::from_millis(300);
+        c.queue.max_attempts = 1;
+        c.screwdriver.report_timeout = Duration::from_secs(1);
+        c.screwdriver.report_attempts = 20;
+    })
+    .await;
+    let keys = h
+        .cluster_with_key(&cluster("sd1", "screwdriver", &[]))
+        .await;
+    h.submit(&with_api(build(31, "org/repo", json!({})), &api))
+        .await;
+    api.fail_next(u32::MAX); // the Screwdriver API is down
+    assert_eq!(h.poll("sd1", &keys, 5, 10).await.len(), 1);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(h.poll("sd1", &keys, 0, 10).await.is_empty()); // dead-lettered now
+    let kept = eventually(Duration::from_secs(10), || async {
+        let fields: Vec<String> = redis::cmd("HKEYS")
+            .arg("{sd}:reports")
+            .query(&mut h.redis.conn())
+            .unwrap();
+        (fields == ["31:FAILURE"]).then_some(())
+    })
+    .await;
+    assert!(kept.is_some(), "the FAILURE report is kept in Redis");
+
+    // The replica that made it goes away; another one is running.
+    let (replica, base) = h.replica().await;
+    let gone = std::mem::replace(&mut h.scheduler, replica);
+    gone.shutdown().await;
+    h.base = base;
+    assert!(api.updates().is_empty());
+    api.fail_next(0);
+    let update = api
+        .wait_for(31, Duration::from_secs(20))
+        .await
+        .expect("FAILURE delivered by the other replica");
+    assert_eq!(update.body["status"], "FAILURE");
+    let drained = eventually(Duration::from_secs(5), || async {
+        let n: u64 = redis::cmd("HLEN")
+            .arg("{sd}:reports")
+            .query(&mut h.redis.conn())
+            .unwrap();
+        (n == 0).then_some(())
+    })
+    .await;
+    assert!(drained.is_some(), "a delivered report is dropped");
+    assert_eq!(api.updates().len(), 1, "delivered once");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nack_gives_back_and_renew_keeps() {
     let h = Harness::start_with(Backend::Sqlite, |c| {
