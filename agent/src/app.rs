@@ -164,6 +164,7 @@ pub async fn run(
     let launcher = tokio::spawn(
         Launcher {
             local: local.clone(),
+            outbox: Outbox::new(local.queues().connection()),
             executor: Arc::clone(&executor),
             events: events_tx,
             max_in_flight: config.executor.max_in_flight,

@@ -12,9 +12,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::executor::{BuildEvent, BuildStatus, Events, ExecError, Executor, Launched};
 use crate::local::LocalQueue;
+use crate::outbox::Outbox;
 
 pub struct Launcher {
     pub local: LocalQueue,
+    pub outbox: Outbox,
     pub executor: Arc<Executor>,
     pub events: Events,
     pub max_in_flight: u32,
@@ -127,16 +129,31 @@ impl Launcher {
             Err(ExecError::Rejected(why)) => {
                 metrics::counter!("sd_agent_builds_failed_total").increment(1);
                 tracing::warn!(build_id = build.build_id, error = %why, "build cannot be launched");
-                let _ = self.events.send(BuildEvent {
+                let event = BuildEvent {
                     build_id: build.build_id,
                     status: BuildStatus::Failed {
                         reason: format!("Build could not be started: {why}"),
                         report: true,
                     },
-                });
-                true
+                };
+                // Settled only once the failure is kept for reporting; else tried again.
+                self.keep_and_send(event).await
             }
         }
+    }
+
+    /// Keeps an event the launcher itself produced in the outbox (its job is about to be
+    /// settled, so nothing else would bring it back), then hands it to the watcher.
+    async fn keep_and_send(&self, event: BuildEvent) -> bool {
+        let kept = match self.outbox.record(&event).await {
+            Ok(_) => true,
+            Err(e) => {
+                tracing::warn!(build_id = event.build_id, error = %e, "cannot keep the build event");
+                false
+            }
+        };
+        let _ = self.events.send(event);
+        kept
     }
 
     async fn stop(&self, message: &QueueMessage, attempt: u32) -> bool {
@@ -151,10 +168,11 @@ impl Launcher {
         match cancelled {
             Ok(Cancelled::Removed) => {
                 tracing::info!(build_id, "stopped before launch");
-                let _ = self.events.send(BuildEvent {
+                self.keep_and_send(BuildEvent {
                     build_id,
                     status: BuildStatus::Stopped,
-                });
+                })
+                .await;
                 return true;
             }
             Ok(_) => {}

@@ -488,6 +488,34 @@ async fn an_end_kept_before_the_crash_is_reported_not_contradicted() {
     normal_events.drain();
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_end_seen_while_redis_is_down_is_kept_before_the_marker_ends() {
+    let mut redis = RedisServer::start_with_aof().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let cmd = script(dir.path(), "short.sh", "sleep 1");
+    let (exec, mut events) = executor(&redis, dir.path(), argv(&cmd)).await;
+    exec.launch(&build(605, json!({}))).await.unwrap();
+    redis.kill(); // the build ends while the local Redis is away
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    redis.restart().unwrap();
+    // Reported directly meanwhile (nothing durable to lean on)...
+    assert_eq!(events.end(605).await, BuildStatus::Finished);
+    // ...and kept in the outbox before the marker ended, so a crash now loses nothing.
+    let outbox = {
+        let client = redis::Client::open(redis.url()).unwrap();
+        Outbox::new(redis::aio::ConnectionManager::new(client).await.unwrap())
+    };
+    let ended = eventually(Duration::from_secs(20), || async {
+        marker(&redis, 605).filter(|(_, m)| m.state == MarkerState::Ended)
+    })
+    .await;
+    assert!(ended.is_some(), "the marker ends once Redis is back");
+    assert_eq!(
+        outbox.end_of(605).await.unwrap(),
+        Some(BuildStatus::Finished)
+    );
+}
+
 /// Markers as an agent process that died (kill -9) would have left them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn orphans_of_a_dead_agent_process_are_killed_but_never_a_reused_pid() {

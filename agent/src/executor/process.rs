@@ -682,16 +682,18 @@ impl Inner {
         let mut delay = Duration::from_millis(100);
         let mut attempts = 0;
         let mut kept = false;
+        let end = BuildEvent {
+            build_id: id,
+            status: status.clone(),
+        };
         let mut pending = Some(status);
         loop {
             // The end goes to the outbox before the marker ends: once the marker says ended,
-            // nobody else will report this build, so its report must already be durable.
-            if !kept && let Some(status) = &pending {
-                let event = BuildEvent {
-                    build_id: id,
-                    status: status.clone(),
-                };
-                match self.outbox.record(&event).await {
+            // nobody else will report this build, so its report must already be durable. Sent
+            // directly meanwhile (Redis down), it is still kept once Redis is back: the direct
+            // report may not outlive this agent.
+            if !kept {
+                match self.outbox.record(&end).await {
                     Ok(_) => kept = true,
                     Err(e) => {
                         attempts += 1;
