@@ -276,13 +276,27 @@ async fn builds_run_on_the_cluster_routing_chose_exactly_once() {
     let mut ios = world.cluster("ios-farm", Some("mobile")).await;
     linux.spawn();
     ios.spawn();
+    // Routing's choice for each build, as the intake answered it.
+    let mut chosen: HashMap<u64, String> = HashMap::new();
     for id in 1..=6 {
-        world.submit(id, "web/site", None, 0).await;
+        let resp = world.submit(id, "web/site", None, 0).await;
+        chosen.insert(id, resp["buildClusterName"].as_str().unwrap().to_owned());
     }
     for id in 7..=9 {
-        world.submit(id, "mobile/app", Some("ios-farm"), 0).await;
+        let resp = world.submit(id, "mobile/app", Some("ios-farm"), 0).await;
+        chosen.insert(id, resp["buildClusterName"].as_str().unwrap().to_owned());
     }
-    world.submit(10, "web/site", None, 3).await;
+    let resp = world.submit(10, "web/site", None, 3).await;
+    chosen.insert(10, resp["buildClusterName"].as_str().unwrap().to_owned());
+    // web/site is not the external farm's organization; the named builds go where named.
+    for id in 1..=10 {
+        let expected = if (7..=9).contains(&id) {
+            "ios-farm"
+        } else {
+            "linux"
+        };
+        assert_eq!(chosen[&id], expected, "routing of build {id}");
+    }
     world
         .wait_finished(&(1..=9).collect::<Vec<_>>(), Duration::from_secs(60))
         .await;
@@ -295,15 +309,22 @@ async fn builds_run_on_the_cluster_routing_chose_exactly_once() {
         "a launcher exiting 3 ends the build failed"
     );
     let (l, i) = (linux.runs(), ios.runs());
-    assert_eq!(l.keys().copied().filter(|k| *k <= 6).count(), 6, "{l:?}");
-    assert!((7..=9).all(|id| i.get(&id) == Some(&1)), "{i:?}");
+    // Each build ran exactly once, on the cluster routing chose, and on no other cluster.
+    for id in 1..=10 {
+        let on: Vec<(&str, u32)> = [("linux", &l), ("ios-farm", &i)]
+            .into_iter()
+            .filter_map(|(name, runs)| runs.get(&id).map(|c| (name, *c)))
+            .collect();
+        assert_eq!(
+            on,
+            vec![(chosen[&id].as_str(), 1)],
+            "build {id} must run once, on {} only: linux {l:?}, ios-farm {i:?}",
+            chosen[&id]
+        );
+    }
     assert!(
-        (1..=6).all(|id| !i.contains_key(&id)),
-        "no web build on the external farm: {i:?}"
-    );
-    assert!(
-        l.values().chain(i.values()).all(|c| *c == 1),
-        "each build ran once: {l:?} {i:?}"
+        l.keys().chain(i.keys()).all(|id| (1..=10).contains(id)),
+        "nothing but the submitted builds ran: {l:?} {i:?}"
     );
     // What operators graph: the agent's own view of the same builds.
     let metrics = reqwest::get(format!("http://127.0.0.1:{}/metrics", linux.health))
