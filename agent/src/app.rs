@@ -12,7 +12,7 @@ use std::time::Duration;
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Config, ExecutorKind};
+use crate::config::{Config, ConfigError, ExecutorKind};
 use crate::executor::{self, Events, Executor};
 use crate::fetcher::Fetcher;
 use crate::health::{self, HealthState};
@@ -75,6 +75,25 @@ pub fn client(config: &Config, signer: Arc<Signer>) -> Result<SchedulerClient, R
     .map_err(RunError::Client)
 }
 
+/// The scheduler client `run` needs, built before anything binds: a private key that does not
+/// load, a CA file or kubeconfig that does not parse is a configuration error (exit 64), named by its key.
+pub fn preflight(config: &Config) -> Result<SchedulerClient, ConfigError> {
+    if let (ExecutorKind::Kubernetes, Some(path)) =
+        (config.executor.kind, &config.executor.kubernetes.kubeconfig)
+    {
+        kube::config::Kubeconfig::read_from(path).map_err(|e| {
+            ConfigError::invalid(
+                "executor.kubernetes.kubeconfig",
+                format!("{}: {e}", path.display()),
+            )
+        })?;
+    }
+    let signer =
+        signer(config).map_err(|e| ConfigError::invalid("auth.private_key_file", e.to_string()))?;
+    client(config, Arc::new(signer))
+        .map_err(|e| ConfigError::invalid("scheduler.ca_file", e.to_string()))
+}
+
 /// The executor `executor.kind` selects, with its watchers started.
 pub async fn executor(
     config: &Config,
@@ -96,7 +115,6 @@ pub async fn executor(
                 &config.executor.process,
                 &config.screwdriver,
                 &config.redis.url,
-                config.executor.kubernetes.default_timeout,
                 events,
             )
             .await?,
@@ -108,6 +126,7 @@ pub async fn executor(
 pub async fn run(
     config_path: PathBuf,
     config: Config,
+    client: SchedulerClient,
     ready: impl Fn(&str),
 ) -> Result<(), RunError> {
     // Bind first: a second agent on the same port must fail before it touches any build.
@@ -117,8 +136,6 @@ pub async fn run(
             addr: config.health.listen,
             source,
         })?;
-    let signer = Arc::new(signer(&config)?);
-    let client = client(&config, signer)?;
     let local = LocalQueue::connect(
         &config.redis.url,
         &config.cluster.name,
@@ -270,8 +287,7 @@ impl Signals {
 /// SIGHUP: re-read the config file and the private key; the next call uses the new key. Keys
 /// other than `auth.*` need a restart to take effect.
 fn reload(path: &std::path::Path, current: &Config, client: &SchedulerClient) {
-    let vars = std::env::vars().filter(|(k, _)| k.starts_with(crate::config::ENV_PREFIX));
-    let fresh = match Config::load(path, vars) {
+    let fresh = match Config::load(path, crate::config::env_overrides()) {
         Ok(c) => c,
         Err(e) => {
             tracing::error!(error = %e, "reload refused: invalid config; keeping the running one");

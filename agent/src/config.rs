@@ -11,6 +11,8 @@ use sd_protocol::SigningAlgorithm;
 use serde::Deserialize;
 
 pub const ENV_PREFIX: &str = "SD_AGENT_";
+/// Names the config file itself, so it is not one of the `SD_AGENT_*` overrides.
+pub const CONFIG_ENV: &str = "SD_AGENT_CONFIG";
 pub const DEFAULT_PATH: &str = "/etc/sd-agent/agent.toml";
 const SECTIONS: &[&str] = &[
     "cluster",
@@ -229,7 +231,7 @@ fn ram_table<'de, D: serde::Deserializer<'de>>(d: D) -> Result<ResourceTable, D:
     Ok(ResourceInput::deserialize(d)?.over(&ResourceTable::RAM))
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ProcessConfig {
     /// The launcher to run per build, as an argv list; the build's values come as `SD_*`
@@ -237,6 +239,11 @@ pub struct ProcessConfig {
     pub command: Vec<String>,
     /// Where launch markers are kept besides the local Redis (one directory per agent host).
     pub work_dir: Option<PathBuf>,
+    /// Build timeout when `screwdriver.cd/timeout` is absent, and its cap.
+    #[serde(with = "humantime_serde")]
+    pub default_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub max_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -300,6 +307,17 @@ impl Default for PollConfig {
     }
 }
 
+impl Default for ProcessConfig {
+    fn default() -> Self {
+        Self {
+            command: Vec::new(),
+            work_dir: None,
+            default_timeout: Duration::from_secs(90 * 60),
+            max_timeout: Duration::from_secs(120 * 60),
+        }
+    }
+}
+
 impl Default for RedisConfig {
     fn default() -> Self {
         Self {
@@ -352,6 +370,31 @@ pub use sd_protocol::env::ConfigError;
 
 fn invalid(key: &str, reason: impl Into<String>) -> ConfigError {
     ConfigError::invalid(key, reason)
+}
+
+/// The `SD_AGENT_*` overrides in this process's environment.
+pub fn env_overrides() -> impl Iterator<Item = (String, String)> {
+    std::env::vars().filter(|(k, _)| k.starts_with(ENV_PREFIX) && k != CONFIG_ENV)
+}
+
+/// `log.level` as `tracing` directives: a level, or `target=level`, comma-separated. Checked
+/// here because the filter parser takes a misspelt level for a target name and logs nothing.
+fn check_log_level(text: &str) -> Result<(), String> {
+    use std::str::FromStr;
+    use tracing_subscriber::filter::LevelFilter;
+    for directive in text.split(',').map(str::trim) {
+        let level = match directive.rsplit_once('=') {
+            Some((target, level)) if !target.is_empty() => level,
+            Some(_) => return Err(format!("{directive:?} has no target before '='")),
+            None => directive,
+        };
+        if LevelFilter::from_str(level).is_err() {
+            return Err(format!(
+                "{level:?} is not a level (use trace, debug, info, warn, error or off, optionally as target=level)"
+            ));
+        }
+    }
+    Ok(())
 }
 
 impl Config {
@@ -422,10 +465,10 @@ impl Config {
         {
             return Err(invalid("auth.token_ttl", "must be from 10s to 24h"));
         }
-        if self.poll.wait > Duration::from_secs(60) {
+        if self.poll.wait < Duration::from_secs(1) || self.poll.wait > Duration::from_secs(60) {
             return Err(invalid(
                 "poll.wait",
-                "must be at most 60s (the scheduler caps it)",
+                "must be from 1s to 60s (shorter turns the long-poll into a busy loop; the scheduler caps it at 60s)",
             ));
         }
         if !(1..=100).contains(&self.poll.max_jobs) {
@@ -440,6 +483,9 @@ impl Config {
         if self.executor.launch_lease < Duration::from_secs(5) {
             return Err(invalid("executor.launch_lease", "must be at least 5s"));
         }
+        if let Err(reason) = check_log_level(&self.log.level) {
+            return Err(invalid("log.level", reason));
+        }
         match self.executor.kind {
             ExecutorKind::Process => {
                 if self.executor.process.command.is_empty()
@@ -450,6 +496,13 @@ impl Config {
                         "is required for executor.kind = \"process\": the launcher argv, e.g. [\"/usr/local/bin/sd-launch\"]",
                     ));
                 }
+                let p = &self.executor.process;
+                if p.default_timeout.is_zero() || p.default_timeout > p.max_timeout {
+                    return Err(invalid(
+                        "executor.process.default_timeout",
+                        "must be more than 0s and not exceed max_timeout",
+                    ));
+                }
             }
             ExecutorKind::Kubernetes => {
                 let k = &self.executor.kubernetes;
@@ -457,6 +510,15 @@ impl Config {
                     return Err(invalid(
                         "executor.kubernetes.namespace",
                         "must not be empty",
+                    ));
+                }
+                // The longest build id (20 digits) must still make a valid pod name.
+                if !crate::executor::kubernetes::pod::is_label_value(&format!("{}1", k.prefix))
+                    || k.prefix.len() > 63 - 20
+                {
+                    return Err(invalid(
+                        "executor.kubernetes.prefix",
+                        "must be at most 43 lowercase letters, digits and '-', starting with a letter or digit (pod names are {prefix}{buildId})",
                     ));
                 }
                 if k.launcher_image.is_empty() {
@@ -573,6 +635,19 @@ mod tests {
             ),
             (format!("{base}[poll]\nmax_jobs = 0\n"), "poll.max_jobs"),
             (format!("{base}[poll]\nwait = \"5m\"\n"), "poll.wait"),
+            (format!("{base}[poll]\nwait = \"0s\"\n"), "poll.wait"),
+            (format!("{base}[log]\nlevel = \"inf\"\n"), "log.level"),
+            (
+                format!("{base}[log]\nlevel = \"info,hyper=loud\"\n"),
+                "log.level",
+            ),
+            (
+                base.replace(
+                    "[\"/bin/true\"]",
+                    "[\"/bin/true\"]\ndefault_timeout = \"3h\"",
+                ),
+                "executor.process.default_timeout",
+            ),
             (format!("{base}[poll]\nsurprise = 1\n"), "poll"),
             (
                 base.replace("[cluster]\nname = \"ios-farm\"\n", ""),
@@ -599,6 +674,29 @@ mod tests {
         assert!(
             matches!(parse(&k8s, &[]), Err(ConfigError::Invalid { key, .. }) if key == "executor.kubernetes.cpu")
         );
+        let k8s = base.replace("kind = \"process\"", "kind = \"kubernetes\"");
+        for prefix in ["Build-", "-b", "b_", &"b".repeat(44)] {
+            let text = format!("{k8s}[executor.kubernetes]\nprefix = \"{prefix}\"\n");
+            assert!(
+                matches!(parse(&text, &[]), Err(ConfigError::Invalid { ref key, .. }) if key == "executor.kubernetes.prefix"),
+                "{prefix}"
+            );
+        }
+        for prefix in ["", "sd-build-", "1", &"b".repeat(43)] {
+            let text = format!("{k8s}[executor.kubernetes]\nprefix = \"{prefix}\"\n");
+            assert!(parse(&text, &[]).is_ok(), "{prefix}");
+        }
+        for level in [
+            "warn",
+            "info,sd_agent=debug",
+            "off",
+            "sd_agent::fetcher=trace",
+        ] {
+            assert!(
+                parse(&format!("{base}[log]\nlevel = \"{level}\"\n"), &[]).is_ok(),
+                "{level}"
+            );
+        }
     }
 
     #[test]

@@ -2,7 +2,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use sd_agent::config::{Config, DEFAULT_PATH, ENV_PREFIX};
+use sd_agent::config::{CONFIG_ENV, Config, DEFAULT_PATH};
 use sd_protocol::SigningAlgorithm;
 
 /// The sd-buildcluster agent, one per build cluster.
@@ -16,7 +16,7 @@ use sd_protocol::SigningAlgorithm;
 #[command(version, about, long_about)]
 struct Cli {
     /// Config file.
-    #[arg(long, short, env = "SD_AGENT_CONFIG", default_value = DEFAULT_PATH, global = true)]
+    #[arg(long, short, env = CONFIG_ENV, default_value = DEFAULT_PATH, global = true)]
     config: PathBuf,
     #[command(subcommand)]
     command: Option<Command>,
@@ -56,9 +56,7 @@ fn parse_algorithm(text: &str) -> Result<SigningAlgorithm, String> {
 const EXIT_CONFIG: u8 = 64;
 
 fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
-    let vars =
-        std::env::vars().filter(|(k, _)| k.starts_with(ENV_PREFIX) && k != "SD_AGENT_CONFIG");
-    Config::load(path, vars).map_err(|e| {
+    Config::load(path, sd_agent::config::env_overrides()).map_err(|e| {
         eprintln!("sd-agent: invalid configuration: {e}");
         ExitCode::from(EXIT_CONFIG)
     })
@@ -118,6 +116,13 @@ async fn main() -> ExitCode {
                 Ok(c) => c,
                 Err(code) => return code,
             };
+            let client = match sd_agent::app::preflight(&config) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("sd-agent: invalid configuration: {e}");
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            };
             sd_agent::telemetry::init_logging(&config.log);
             let notify = |state: &str| {
                 let s = match state {
@@ -136,7 +141,7 @@ async fn main() -> ExitCode {
                     }
                 });
             }
-            match sd_agent::app::run(cli.config, config, notify).await {
+            match sd_agent::app::run(cli.config, config, client, notify).await {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!(error = %e, "sd-agent stopped");

@@ -113,19 +113,13 @@ async fn try_executor(
     let config = ProcessConfig {
         command,
         work_dir: Some(work.join("work")),
+        ..ProcessConfig::default()
     };
     let screwdriver = ScrewdriverConfig {
         store_uri: "https://store.sd.example".into(),
         ui_uri: "https://ui.sd.example".into(),
     };
-    let executor = ProcessExecutor::new(
-        &config,
-        &screwdriver,
-        &redis.url(),
-        Duration::from_secs(90 * 60),
-        tx,
-    )
-    .await?;
+    let executor = ProcessExecutor::new(&config, &screwdriver, &redis.url(), tx).await?;
     Ok((
         executor,
         Events {
@@ -669,7 +663,7 @@ async fn check_says_what_to_fix() {
     assert!(err.contains("chmod +x"), "{err}");
     let config = ProcessConfig {
         command: argv(&plain),
-        work_dir: None,
+        ..ProcessConfig::default()
     };
     assert!(process::check_command(&config).is_err());
 

@@ -52,8 +52,6 @@ pub const STOP_KEY: &str = "{sd-agent}:launches:stop";
 /// Environment variable carrying the launch's id, inherited by everything the build spawns: it
 /// finds a build's processes after a crash even when no pid was recorded.
 pub const LAUNCH_ID_VAR: &str = "SD_AGENT_LAUNCH_ID";
-/// Cap on `screwdriver.cd/timeout`.
-pub const MAX_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 /// Ended markers are kept this long, so a late redelivery of the build is still refused.
 pub const MARKER_RETENTION: Duration = Duration::from_secs(30 * 24 * 3600);
 /// Reported for a build whose owning agent went away while it ran.
@@ -195,6 +193,7 @@ struct Inner {
     store_uri: String,
     ui_uri: String,
     default_timeout: Duration,
+    max_timeout: Duration,
     events: Events,
     redis: ConnectionManager,
     /// Where a build's end is kept before its marker ends, so the report outlives this agent.
@@ -234,7 +233,6 @@ impl ProcessExecutor {
         config: &ProcessConfig,
         screwdriver: &ScrewdriverConfig,
         redis_url: &str,
-        default_timeout: Duration,
         events: Events,
     ) -> Result<Self, ExecError> {
         let Some((program, args)) = config.command.split_first().filter(|(p, _)| !p.is_empty())
@@ -290,7 +288,8 @@ impl ProcessExecutor {
             work_dir,
             store_uri: screwdriver.store_uri.clone(),
             ui_uri: screwdriver.ui_uri.clone(),
-            default_timeout,
+            default_timeout: config.default_timeout,
+            max_timeout: config.max_timeout,
             events,
             outbox: Outbox::new(redis.clone()),
             redis,
@@ -433,7 +432,7 @@ impl Inner {
         cancel: &CancellationToken,
     ) -> Result<Option<(Child, Marker, Duration)>, ExecError> {
         let id = build.build_id;
-        let timeout = super::build_timeout(build, self.default_timeout, MAX_TIMEOUT);
+        let timeout = super::build_timeout(build, self.default_timeout, self.max_timeout);
         let mut marker = Marker {
             host: self.host.clone(),
             boot_id: self.boot_id.clone(),

@@ -253,7 +253,7 @@ fn memory_quantity(gib: f64) -> String {
 }
 
 /// A valid label value and pod name at once: ≤ 63 of `[a-z0-9-]`, alphanumeric at both ends.
-fn is_label_value(s: &str) -> bool {
+pub(crate) fn is_label_value(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 63
         && s.bytes()
