@@ -163,15 +163,62 @@ fn new_backoff() -> impl Iterator<Item = Duration> {
         .build()
 }
 
+/// The longest `Retry-After` obeyed: a misconfigured proxy must not park the agent for a day.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
+
+/// How long to wait: the scheduler's `Retry-After` (capped, and spread by up to a quarter so
+/// agents told the same value do not come back together), else the next back-off step, which
+/// always advances so failures keep escalating. `spread` is in `0.0..1.0`.
+fn delay(step: Option<Duration>, retry_after: Option<Duration>, spread: f64) -> Duration {
+    let step = step.unwrap_or(Duration::from_secs(30));
+    match retry_after {
+        Some(asked) => asked.min(MAX_RETRY_AFTER).mul_f64(1.0 + spread / 4.0),
+        None => step,
+    }
+}
+
 /// Sleeps the next back-off step (or what the scheduler asked for); `true` when stopping.
 async fn pause(
     backoff: &mut impl Iterator<Item = Duration>,
     retry_after: Option<Duration>,
     stop: &CancellationToken,
 ) -> bool {
-    let delay = retry_after.unwrap_or_else(|| backoff.next().unwrap_or(Duration::from_secs(30)));
+    let delay = delay(backoff.next(), retry_after, rand::random::<f64>());
     tokio::select! {
         () = tokio::time::sleep(delay) => false,
         () = stop.cancelled() => true,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_is_capped_and_spread() {
+        let step = Some(Duration::from_millis(200));
+        assert_eq!(
+            delay(step, Some(Duration::from_secs(10)), 0.0),
+            Duration::from_secs(10)
+        );
+        assert_eq!(
+            delay(step, Some(Duration::from_secs(10)), 0.999).as_millis(),
+            12_497
+        );
+        assert_eq!(
+            delay(step, Some(Duration::from_secs(86_400)), 0.0),
+            MAX_RETRY_AFTER
+        );
+        assert_eq!(delay(step, None, 0.5), Duration::from_millis(200));
+        assert_eq!(delay(None, None, 0.5), Duration::from_secs(30));
+    }
+
+    #[test]
+    fn backoff_grows_with_jitter_to_its_cap_and_never_ends() {
+        let steps: Vec<Duration> = new_backoff().take(40).collect();
+        assert_eq!(steps.len(), 40);
+        assert!(steps[0] >= Duration::from_millis(200) && steps[0] < Duration::from_millis(400));
+        assert!(steps.iter().all(|d| *d <= Duration::from_secs(60)));
+        assert!(steps[20..].iter().all(|d| *d >= Duration::from_secs(30)));
     }
 }

@@ -82,17 +82,16 @@ impl Launcher {
 
     /// `true` when the job is settled (launched, already running, or refused for good).
     async fn start(&self, message: &QueueMessage) -> bool {
-        let build = match serde_json::from_value::<serde_json::Value>(message.build_config.clone())
-            .ok()
-            .and_then(|v| match v {
-                serde_json::Value::Object(map) => StartMessage::from_json(map).ok(),
-                _ => None,
-            }) {
-            Some(b) => b,
-            None => {
-                tracing::error!("start message without a valid build; dropped");
-                return true;
-            }
+        let build = match &message.build_config {
+            serde_json::Value::Object(map) => StartMessage::from_json(map.clone()),
+            _ => Err(sd_protocol::FieldError::new(
+                "buildConfig",
+                "must be a JSON object",
+            )),
+        };
+        let build = match build {
+            Ok(b) => b,
+            Err(e) => return self.refuse(message, &e.to_string()).await,
         };
         if let Err(e) = self.local.remember(&build).await {
             tracing::warn!(build_id = build.build_id, error = %e, "cannot record the build; retrying");
@@ -140,6 +139,42 @@ impl Launcher {
                 self.keep_and_send(event).await
             }
         }
+    }
+
+    /// A start message that cannot be used (the scheduler validated it, so the local Redis or
+    /// a mismatched scheduler version changed it): the build fails with the reason, reported
+    /// where its own fields say, rather than vanishing. Without a build id nothing can be said.
+    async fn refuse(&self, message: &QueueMessage, why: &str) -> bool {
+        let config = &message.build_config;
+        let Some(build_id) = config.get("buildId").and_then(serde_json::Value::as_u64) else {
+            tracing::error!(error = %why, "start message without a build id; dropped");
+            return true;
+        };
+        tracing::error!(build_id, error = %why, "start message is not usable");
+        metrics::counter!("sd_agent_builds_failed_total").increment(1);
+        let text = |key: &str| config.get(key).and_then(serde_json::Value::as_str);
+        if let Some(api_uri) = text("apiUri") {
+            let record = crate::local::BuildRecord {
+                job_id: config
+                    .get("jobId")
+                    .and_then(serde_json::Value::as_u64)
+                    .unwrap_or(0),
+                api_uri: api_uri.to_owned(),
+                token: text("token").map(str::to_owned),
+            };
+            if let Err(e) = self.local.remember_record(build_id, &record).await {
+                tracing::warn!(build_id, error = %e, "cannot record the build; retrying");
+                return false;
+            }
+        }
+        self.keep_and_send(BuildEvent {
+            build_id,
+            status: BuildStatus::Failed {
+                reason: format!("Build could not be started: its queue message is invalid: {why}"),
+                report: true,
+            },
+        })
+        .await
     }
 
     /// Keeps an event the launcher itself produced in the outbox (its job is about to be

@@ -5,9 +5,12 @@
 //! `push` returned Ok — the message is then in the local Redis (and, where the server offers
 //! WAITAOF, on its disk).
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Duration;
 
 use redis::AsyncCommands;
+use redis::aio::ConnectionManager;
 use sd_protocol::{JobKind, QueueMessage, StartMessage};
 use sd_queue::{
     Cancelled, Enqueued, Holds, Lease, LeaseOp, LeaseOutcome, QueueError, QueueSettings, Queues,
@@ -41,12 +44,93 @@ pub struct LocalQueue {
     queues: Queues,
     cluster: String,
     settings: QueueSettings,
-    waitaof: bool,
+    durability: Durability,
     records: String,
 }
 
+/// Whether the local Redis can confirm a write on disk (WAITAOF: Redis ≥ 7.2 with appendonly
+/// on). Found out on first use and again after any error, not once at start-up: the agent may
+/// start while Redis is down, and the server behind the URL may be replaced by another.
+#[derive(Clone, Default)]
+pub struct Durability(Arc<AtomicU8>);
+
+const UNKNOWN: u8 = 0;
+const WAITAOF: u8 = 1;
+const NO_WAITAOF: u8 = 2;
+
+impl Durability {
+    /// Returns once what was written on `conn` is on the server's disk, where the server can
+    /// say so; an error means it may not be, and nothing may be acknowledged on its strength.
+    pub async fn confirm(&self, conn: &mut ConnectionManager) -> Result<(), LocalError> {
+        let result = self.wait(conn).await;
+        if result.is_err() {
+            self.forget();
+        }
+        result
+    }
+
+    /// After a failed write: the next confirmation looks at the server again.
+    pub fn forget(&self) {
+        self.0.store(UNKNOWN, Ordering::Relaxed);
+    }
+
+    async fn wait(&self, conn: &mut ConnectionManager) -> Result<(), LocalError> {
+        let mode = match self.0.load(Ordering::Relaxed) {
+            UNKNOWN => {
+                let mode = if detect_waitaof(conn).await? {
+                    WAITAOF
+                } else {
+                    NO_WAITAOF
+                };
+                if self.0.swap(mode, Ordering::Relaxed) != mode && mode == NO_WAITAOF {
+                    tracing::warn!(
+                        "local Redis cannot confirm writes on disk (WAITAOF needs Redis ≥ 7.2 with appendonly yes): run it with appendonly yes and appendfsync always so acknowledged jobs survive a crash"
+                    );
+                }
+                mode
+            }
+            mode => mode,
+        };
+        if mode == NO_WAITAOF {
+            return Ok(());
+        }
+        // Below the connection's 2 s response timeout, so a slow disk is an answer, not an error.
+        let (local, _replicas): (i64, i64) = redis::cmd("WAITAOF")
+            .arg(1)
+            .arg(0)
+            .arg(1500)
+            .query_async(conn)
+            .await?;
+        if local < 1 {
+            return Err(LocalError::NotDurable);
+        }
+        Ok(())
+    }
+}
+
+async fn detect_waitaof(conn: &mut ConnectionManager) -> Result<bool, LocalError> {
+    let info: String = redis::cmd("INFO").arg("server").query_async(conn).await?;
+    let version = info
+        .lines()
+        .find_map(|l| l.strip_prefix("redis_version:"))
+        .unwrap_or("0")
+        .trim()
+        .to_owned();
+    let mut parts = version.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
+    let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    if (major, minor) < (7, 2) {
+        return Ok(false);
+    }
+    // WAITAOF is refused outright when appendonly is off (common on managed Redis).
+    let persistence: String = redis::cmd("INFO")
+        .arg("persistence")
+        .query_async(conn)
+        .await?;
+    Ok(persistence.lines().any(|l| l.trim() == "aof_enabled:1"))
+}
+
 impl LocalQueue {
-    /// Connects and finds out whether the server can confirm durability (WAITAOF, Redis ≥ 7.2).
+    /// Connects (lazily: a Redis that is down now is retried on each use).
     pub async fn connect(url: &str, cluster: &str, lease: Duration) -> Result<Self, LocalError> {
         let queues = Queues::connect(url, TAG)?;
         let settings = QueueSettings {
@@ -57,51 +141,19 @@ impl LocalQueue {
             nack_backoff_max: Duration::from_secs(30),
         };
         let records = format!("{{{TAG}}}:builds");
-        let mut local = Self {
+        let local = Self {
             queues,
             cluster: cluster.to_owned(),
             settings,
-            waitaof: false,
+            durability: Durability::default(),
             records,
         };
-        local.waitaof = local.detect_waitaof().await.unwrap_or(false);
-        if !local.waitaof {
-            tracing::warn!(
-                "local Redis cannot confirm writes on disk (WAITAOF needs Redis ≥ 7.2 with appendonly yes): run it with appendonly yes and appendfsync always so acknowledged jobs survive a crash"
-            );
-        }
+        // Finds out about durability now when Redis is up, so the warning comes at start-up.
+        let _ = local
+            .durability
+            .confirm(&mut local.queues.connection())
+            .await;
         Ok(local)
-    }
-
-    async fn detect_waitaof(&self) -> Result<bool, LocalError> {
-        let mut conn = self.queues.connection();
-        let info: String = redis::cmd("INFO")
-            .arg("server")
-            .query_async(&mut conn)
-            .await?;
-        let version = info
-            .lines()
-            .find_map(|l| l.strip_prefix("redis_version:"))
-            .unwrap_or("0")
-            .trim()
-            .to_owned();
-        let mut parts = version.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
-        let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
-        if (major, minor) < (7, 2) {
-            return Ok(false);
-        }
-        // WAITAOF is refused outright when appendonly is off (common on managed Redis).
-        let persistence: String = redis::cmd("INFO")
-            .arg("persistence")
-            .query_async(&mut conn)
-            .await?;
-        let aof = persistence.lines().any(|l| l.trim() == "aof_enabled:1");
-        if !aof {
-            tracing::warn!(
-                "local Redis runs without appendonly: acknowledged jobs are only as durable as its snapshots; set appendonly yes"
-            );
-        }
-        Ok(aof)
     }
 
     pub async fn ping(&self) -> Result<(), LocalError> {
@@ -109,8 +161,20 @@ impl LocalQueue {
     }
 
     /// Puts a delivered message on the local queue, idempotently: already queued or already
-    /// taken by the launcher counts as done.
+    /// taken by the launcher counts as done. Ok means it is on the server's disk where the
+    /// server can confirm that.
     pub async fn push(&self, message: &QueueMessage) -> Result<(), LocalError> {
+        let result = self.enqueue(message).await;
+        match result {
+            Ok(()) => self.durability.confirm(&mut self.queues.connection()).await,
+            Err(e) => {
+                self.durability.forget();
+                Err(e)
+            }
+        }
+    }
+
+    async fn enqueue(&self, message: &QueueMessage) -> Result<(), LocalError> {
         let build_id = message
             .build_config
             .get("buildId")
@@ -145,23 +209,6 @@ impl LocalQueue {
                     .enqueue_stop(&self.cluster, build_id, message)
                     .await?
             }
-        }
-        self.durable().await
-    }
-
-    async fn durable(&self) -> Result<(), LocalError> {
-        if !self.waitaof {
-            return Ok(());
-        }
-        let mut conn = self.queues.connection();
-        let (local, _replicas): (i64, i64) = redis::cmd("WAITAOF")
-            .arg(1)
-            .arg(0)
-            .arg(2000)
-            .query_async(&mut conn)
-            .await?;
-        if local < 1 {
-            return Err(LocalError::NotDurable);
         }
         Ok(())
     }
@@ -228,10 +275,17 @@ impl LocalQueue {
             api_uri: build.api_uri.clone(),
             token: build.token.clone(),
         };
-        let body =
-            serde_json::to_string(&record).map_err(|e| LocalError::Message(e.to_string()))?;
+        self.remember_record(build.build_id, &record).await
+    }
+
+    pub async fn remember_record(
+        &self,
+        build_id: u64,
+        record: &BuildRecord,
+    ) -> Result<(), LocalError> {
+        let body = serde_json::to_string(record).map_err(|e| LocalError::Message(e.to_string()))?;
         let mut conn = self.queues.connection();
-        let _: () = conn.hset(&self.records, build.build_id, body).await?;
+        let _: () = conn.hset(&self.records, build_id, body).await?;
         Ok(())
     }
 

@@ -342,3 +342,83 @@ async fn an_end_arriving_while_running_is_being_reported_follows_right_after_it(
     assert_eq!(both[1].2, "finished");
     task.abort();
 }
+
+#[tokio::test]
+async fn a_start_message_the_agent_cannot_use_is_reported_failed_with_the_reason() {
+    let redis = RedisServer::start().unwrap();
+    let screwdriver = FakeScrewdriver::start().await;
+    let (scheduler, received) = fake_scheduler().await;
+    let (events, task) = watcher(&scheduler, &redis).await;
+    let local = LocalQueue::connect(&redis.url(), CLUSTER, Duration::from_secs(30))
+        .await
+        .unwrap();
+    // What a damaged local Redis or a mismatched scheduler could leave: no pipeline.
+    let message: sd_protocol::QueueMessage = serde_json::from_value(json!({
+        "job": "start",
+        "buildConfig": {"buildId": 55, "jobId": 3, "apiUri": screwdriver.url, "token": "build-token"},
+    }))
+    .unwrap();
+    local.push(&message).await.unwrap();
+
+    let work = tempfile::tempdir().unwrap();
+    let ran = work.path().join("ran");
+    let executor = sd_agent::executor::process::ProcessExecutor::new(
+        &sd_agent::config::ProcessConfig {
+            command: vec![
+                "/bin/sh".into(),
+                "-c".into(),
+                format!("touch {}", ran.display()),
+            ],
+            work_dir: Some(work.path().join("work")),
+            ..Default::default()
+        },
+        &Default::default(),
+        &redis.url(),
+        events.clone(),
+    )
+    .await
+    .unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let launcher = tokio::spawn(
+        sd_agent::launcher::Launcher {
+            outbox: Outbox::new(local.queues().connection()),
+            local: local.clone(),
+            executor: Arc::new(sd_agent::executor::Executor::Process(executor)),
+            events,
+            max_in_flight: 5,
+        }
+        .run(stop.clone()),
+    );
+
+    let update = screwdriver
+        .wait_for(55, Duration::from_secs(10))
+        .await
+        .expect("FAILURE reported to Screwdriver");
+    assert_eq!(update.body["status"], "FAILURE");
+    let text = update.body["statusMessage"].as_str().unwrap();
+    assert!(
+        text.contains("invalid") && text.contains("pipeline"),
+        "names the field: {text}"
+    );
+    assert_eq!(update.authorization, "Bearer build-token");
+    let settled = eventually(Duration::from_secs(5), || async {
+        (local.pending().await.unwrap() == 0).then_some(())
+    })
+    .await;
+    assert!(
+        settled.is_some(),
+        "the local job is settled, not retried forever"
+    );
+    assert!(
+        received
+            .events
+            .lock()
+            .unwrap()
+            .contains(&(CLUSTER.to_owned(), 55, "failed".to_owned())),
+        "the scheduler hears it failed"
+    );
+    assert!(!ran.exists(), "nothing was launched for it");
+    stop.cancel();
+    let _ = launcher.await;
+    task.abort();
+}

@@ -39,6 +39,7 @@ use tracing::{debug, error, info, warn};
 
 use super::{BuildEvent, BuildStatus, Events, ExecError, Launched};
 use crate::config::{ProcessConfig, ScrewdriverConfig};
+use crate::local::Durability;
 use crate::outbox::Outbox;
 
 /// buildId → [`Marker`] JSON.
@@ -196,6 +197,8 @@ struct Inner {
     max_timeout: Duration,
     events: Events,
     redis: ConnectionManager,
+    /// The marker must be on disk before the process starts, or a Redis crash could forget it.
+    durability: Durability,
     /// Where a build's end is kept before its marker ends, so the report outlives this agent.
     outbox: Outbox,
     scripts: Scripts,
@@ -293,6 +296,7 @@ impl ProcessExecutor {
             events,
             outbox: Outbox::new(redis.clone()),
             redis,
+            durability: Durability::default(),
             scripts: Scripts {
                 create: Script::new(CREATE_LUA),
                 update: Script::new(UPDATE_LUA),
@@ -480,6 +484,13 @@ impl Inner {
                 }
             }
         }
+        // Not on disk: start nothing. The marker stays ours and `Starting`, so the retry of this
+        // launch resumes it.
+        self.durability.confirm(&mut conn).await.map_err(|e| {
+            ExecError::Transient(format!(
+                "launch marker of build {id} is not confirmed on disk yet: {e}"
+            ))
+        })?;
         let child = match self.spawn(build, timeout, &marker.launch_id) {
             Ok(child) => child,
             Err(e) => {
