@@ -20,7 +20,7 @@ struct World {
     scheduler: Option<Scheduler>,
     config: SchedulerConfig,
     base: String,
-    _master: RedisServer,
+    master: RedisServer,
     _db: TestDb,
     env: Arc<Mutex<HashMap<String, String>>>,
     api: RsaKeys,
@@ -50,7 +50,7 @@ impl World {
             scheduler: None,
             base: format!("http://{}", config.listen),
             config,
-            _master: master,
+            master,
             _db: db,
             env,
             api,
@@ -120,7 +120,21 @@ impl World {
     }
 
     async fn submit(&self, id: u64, pipeline: &str, cluster: Option<&str>, exit: u8) -> Value {
-        let mut annotations = json!({"screwdriver.cd/blockedBySameJob": false, "test/exit": exit});
+        self.submit_annotated(id, pipeline, cluster, json!({"test/exit": exit}))
+            .await
+    }
+
+    async fn submit_annotated(
+        &self,
+        id: u64,
+        pipeline: &str,
+        cluster: Option<&str>,
+        extra: Value,
+    ) -> Value {
+        let mut annotations = json!({"screwdriver.cd/blockedBySameJob": false});
+        for (k, v) in extra.as_object().unwrap() {
+            annotations[k] = v.clone();
+        }
         if let Some(c) = cluster {
             annotations["screwdriver.cd/buildCluster"] = json!(c);
         }
@@ -215,6 +229,12 @@ impl AgentSetup {
     }
 
     fn spawn(&mut self) {
+        self.spawn_with(&[], false);
+    }
+
+    /// Starts a replica with extra `SD_AGENT_*` overrides; with `config_in_env` the config file
+    /// is named by `SD_AGENT_CONFIG` instead of `--config`.
+    fn spawn_with(&mut self, env: &[(&str, &str)], config_in_env: bool) {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -226,17 +246,38 @@ impl AgentSetup {
         } else {
             free_port()
         };
-        let child = Command::new(AGENT)
-            .env("SD_AGENT_HEALTH_LISTEN", format!("127.0.0.1:{health}"))
-            .arg("--config")
-            .arg(&self.config)
+        let mut cmd = Command::new(AGENT);
+        cmd.env("SD_AGENT_HEALTH_LISTEN", format!("127.0.0.1:{health}"));
+        if config_in_env {
+            cmd.env("SD_AGENT_CONFIG", &self.config);
+        } else {
+            cmd.arg("--config")
+                .arg(&self.config)
+                .env_remove("SD_AGENT_CONFIG");
+        }
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd
             .arg("run")
-            .env_remove("SD_AGENT_CONFIG")
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
             .unwrap();
         self.children.push(child);
+    }
+
+    /// Everything the agents of this cluster logged so far.
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.config.with_file_name("agent.log")).unwrap_or_default()
+    }
+
+    async fn readyz(&self) -> (u16, Value) {
+        let r = reqwest::get(format!("http://127.0.0.1:{}/readyz", self.health))
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
     }
 
     fn runs(&self) -> HashMap<u64, u32> {
@@ -349,7 +390,7 @@ async fn builds_run_on_the_cluster_routing_chose_exactly_once() {
     let _ = (&linux.name, &linux.local);
 }
 
-/// Local Redis down: pushes fail, nothing is acknowledged, the builds wait on the master; when
+/// Local Redis down when the agent starts: it takes nothing, the builds wait on the master; when
 /// Redis returns they run, each once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn local_redis_down_loses_nothing() {
@@ -374,6 +415,122 @@ async fn local_redis_down_loses_nothing() {
         .wait_finished(&(1..=5).collect::<Vec<_>>(), Duration::from_secs(60))
         .await;
     assert!(agent.runs().values().all(|c| *c == 1), "{:?}", agent.runs());
+}
+
+/// The local Redis dies under a running agent that is waiting in a long poll: the jobs that poll
+/// brings meet a failed push and are given back (nack), never acknowledged; nothing more is taken
+/// while Redis is down and `/readyz` says why; once it returns every build runs exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_redis_lost_while_running_acks_nothing_until_it_returns() {
+    let world = World::start().await;
+    let mut agent = world.cluster("linux", None).await;
+    // A long poll, so the agent is inside one when its Redis goes.
+    agent.spawn_with(&[("SD_AGENT_POLL_WAIT", "20s")], false);
+    world.submit(1, "web/site", None, 0).await;
+    world.wait_finished(&[1], Duration::from_secs(30)).await;
+    let (code, ready) = agent.readyz().await;
+    assert_eq!(code, 200, "ready before the fault: {ready}");
+
+    agent.local.kill();
+    let ids: Vec<u64> = (2..=6).collect();
+    for id in &ids {
+        world.submit(*id, "web/site", None, 0).await;
+    }
+    let mut master = world.master.conn();
+    let key = |k: &str| format!("{{sd}}:q:linux:{k}");
+    // The poll in progress returns jobs; their push fails and they are handed back: delivered
+    // once, no longer leased, on the master queue again.
+    let given_back = eventually(Duration::from_secs(20), || {
+        let given_back: Vec<u64> = ids
+            .iter()
+            .copied()
+            .filter(|id| {
+                let meta: Option<String> = redis::cmd("HGET")
+                    .arg(key("meta"))
+                    .arg(id)
+                    .query(&mut master)
+                    .unwrap();
+                let deliveries = meta
+                    .and_then(|m| serde_json::from_str::<Value>(&m).ok())
+                    .and_then(|m| m["deliveries"].as_u64())
+                    .unwrap_or(0);
+                let leased: Option<f64> = redis::cmd("ZSCORE")
+                    .arg(key("leased"))
+                    .arg(id)
+                    .query(&mut master)
+                    .unwrap();
+                deliveries >= 1 && leased.is_none()
+            })
+            .collect();
+        let nacked = agent
+            .log()
+            .contains("local push failed; giving the job back");
+        std::future::ready((nacked && !given_back.is_empty()).then_some(given_back))
+    })
+    .await
+    .unwrap_or_else(|| {
+        panic!(
+            "the jobs of the poll in progress were not given back; agent log:\n{}",
+            agent.log()
+        )
+    });
+    for id in &given_back {
+        let waiting: Option<f64> = redis::cmd("ZSCORE")
+            .arg(key("delayed"))
+            .arg(id)
+            .query(&mut master)
+            .unwrap();
+        let ready: Option<f64> = redis::cmd("ZSCORE")
+            .arg(key("ready"))
+            .arg(id)
+            .query(&mut master)
+            .unwrap();
+        assert!(
+            waiting.is_some() || ready.is_some(),
+            "build {id} is back on the master queue"
+        );
+    }
+
+    // Not ready, naming the local Redis.
+    let (code, ready) = eventually(Duration::from_secs(10), || async {
+        let (code, body) = agent.readyz().await;
+        (body["ready"] == false).then_some((code, body))
+    })
+    .await
+    .expect("/readyz turns not ready");
+    assert_eq!(code, 503, "{ready}");
+    assert!(
+        ready["redis"].as_str().unwrap().starts_with("unreachable"),
+        "{ready}"
+    );
+
+    // While it is down nothing is acknowledged, dispatched or run.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    for id in &ids {
+        assert_eq!(
+            world.state(*id).await,
+            "queued",
+            "build {id} must stay on the master while the local Redis is down"
+        );
+        let acked: Option<f64> = redis::cmd("ZSCORE")
+            .arg("{sd}:acked")
+            .arg(id)
+            .query(&mut master)
+            .unwrap();
+        assert!(acked.is_none(), "build {id} was acknowledged");
+    }
+    assert_eq!(agent.runs().keys().copied().collect::<Vec<_>>(), vec![1]);
+
+    agent.local.restart().unwrap();
+    world.wait_finished(&ids, Duration::from_secs(60)).await;
+    let runs = agent.runs();
+    assert_eq!(runs.len(), 6, "{runs:?}");
+    assert!(
+        runs.values().all(|c| *c == 1),
+        "each build ran once: {runs:?}"
+    );
+    let (code, ready) = agent.readyz().await;
+    assert_eq!(code, 200, "ready again: {ready}");
 }
 
 /// Scheduler down: the agent backs off and recovers by itself once it returns.
