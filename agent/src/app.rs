@@ -39,6 +39,11 @@ pub enum RunError {
         addr: std::net::SocketAddr,
         source: std::io::Error,
     },
+    #[error("the {task} {how}")]
+    LoopEnded {
+        task: &'static str,
+        how: &'static str,
+    },
     #[error("cannot read {path}: {source}")]
     Read {
         path: PathBuf,
@@ -164,7 +169,7 @@ pub async fn run(
     });
 
     let fetching = CancellationToken::new();
-    let fetcher = tokio::spawn(
+    let mut fetcher = tokio::spawn(
         Fetcher {
             client: client.clone(),
             local: local.clone(),
@@ -178,7 +183,7 @@ pub async fn run(
         .run(fetching.clone()),
     );
     let launching = CancellationToken::new();
-    let launcher = tokio::spawn(
+    let mut launcher = tokio::spawn(
         Launcher {
             local: local.clone(),
             outbox: Outbox::new(local.queues().connection()),
@@ -188,7 +193,7 @@ pub async fn run(
         }
         .run(launching.clone()),
     );
-    let watcher = tokio::spawn(
+    let mut watcher = tokio::spawn(
         Watcher {
             client: client.clone(),
             local: local.clone(),
@@ -205,10 +210,33 @@ pub async fn run(
     ready("READY");
 
     let mut signals = Signals::new();
-    signals
-        .wait_for_shutdown(&config_path, &config, &client, &ready)
-        .await;
+    // A loop that ends on its own (a panic) would leave an agent that answers /healthz but
+    // moves no builds: exit instead, and let systemd or the DaemonSet restart it.
+    let died = tokio::select! {
+        () = signals.wait_for_shutdown(&config_path, &config, &client, &ready) => None,
+        (result, index, _) = futures::future::select_all([&mut fetcher, &mut launcher, &mut watcher]) => {
+            Some((["fetcher", "launcher", "watcher"][index], result))
+        }
+    };
     ready("STOPPING");
+    if let Some((task, result)) = died {
+        let how = match result {
+            Err(e) if e.is_panic() => "panicked",
+            _ => "stopped on its own",
+        };
+        tracing::error!(
+            task,
+            how,
+            "a loop of the agent ended; exiting so it is restarted"
+        );
+        fetching.cancel();
+        launching.cancel();
+        background.cancel();
+        for handle in [&fetcher, &launcher, &watcher] {
+            handle.abort();
+        }
+        return Err(RunError::LoopEnded { task, how });
+    }
     tracing::info!(timeout = ?config.shutdown_timeout, "draining: no new polls; finishing transfers in flight");
     fetching.cancel();
     launching.cancel();

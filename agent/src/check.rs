@@ -100,18 +100,14 @@ async fn scheduler(config: &Config, signer: crate::signer::Signer) -> Result<Str
 
 async fn redis(config: &Config) -> Result<String, String> {
     let fix = "fix: check redis.url and that the cluster's Redis runs";
+    let url = crate::config::redacted(&config.redis.url);
     let client =
         redis::Client::open(config.redis.url.as_str()).map_err(|e| format!("{e} — {fix}"))?;
     let connect = client.get_multiplexed_async_connection();
     let mut conn = match tokio::time::timeout(Duration::from_secs(5), connect).await {
         Ok(Ok(c)) => c,
-        Ok(Err(e)) => return Err(format!("{} unreachable: {e} — {fix}", config.redis.url)),
-        Err(_) => {
-            return Err(format!(
-                "{} did not answer within 5s — {fix}",
-                config.redis.url
-            ));
-        }
+        Ok(Err(e)) => return Err(format!("{url} unreachable: {e} — {fix}")),
+        Err(_) => return Err(format!("{url} did not answer within 5s — {fix}")),
     };
     let _: String = redis::cmd("PING")
         .query_async(&mut conn)
@@ -138,11 +134,10 @@ async fn redis(config: &Config) -> Result<String, String> {
         warnings.push("appendonly is off: acknowledged jobs would not survive a Redis restart");
     }
     if warnings.is_empty() {
-        Ok(format!("{} answers", config.redis.url))
+        Ok(format!("{url} answers"))
     } else {
         Err(format!(
-            "{} answers, but {} — fix the Redis configuration",
-            config.redis.url,
+            "{url} answers, but {} — fix the Redis configuration",
             warnings.join("; ")
         ))
     }

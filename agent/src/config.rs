@@ -372,6 +372,18 @@ fn invalid(key: &str, reason: impl Into<String>) -> ConfigError {
     ConfigError::invalid(key, reason)
 }
 
+/// `url` with its password replaced, for messages a person or a log will read.
+pub fn redacted(url: &str) -> String {
+    match reqwest::Url::parse(url) {
+        Ok(mut parsed) if parsed.password().is_some() => {
+            let _ = parsed.set_password(Some("***"));
+            parsed.to_string()
+        }
+        Ok(_) => url.to_owned(),
+        Err(_) => "(unparsable URL)".to_owned(),
+    }
+}
+
 /// The `SD_AGENT_*` overrides in this process's environment.
 pub fn env_overrides() -> impl Iterator<Item = (String, String)> {
     std::env::vars().filter(|(k, _)| k.starts_with(ENV_PREFIX) && k != CONFIG_ENV)
@@ -609,6 +621,17 @@ mod tests {
         assert_eq!(c.executor.kubernetes.namespace, "builds");
         assert_eq!(c.executor.kubernetes.cpu.max, 24.0);
         assert_eq!(c.shutdown_timeout, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn passwords_stay_out_of_printed_urls() {
+        assert_eq!(
+            redacted("redis://agent:s3cret@redis.local:6379/0"),
+            "redis://agent:***@redis.local:6379/0"
+        );
+        assert_eq!(redacted("rediss://:s3cret@h:6380"), "rediss://:***@h:6380");
+        assert_eq!(redacted("redis://127.0.0.1:6379"), "redis://127.0.0.1:6379");
+        assert!(!redacted("redis://:s3cret@[bad").contains("s3cret"));
     }
 
     #[test]

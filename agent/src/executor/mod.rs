@@ -95,6 +95,32 @@ impl Executor {
 /// Sender for build events; executors spawn their watch tasks with a clone.
 pub type Events = mpsc::UnboundedSender<BuildEvent>;
 
+/// `text` with every JWT in it (`eyJ…` in three dot-separated base64url parts) replaced by
+/// `***`. Failure reasons quote what Kubernetes said, and its events can echo a container's
+/// command line, which carries the build's token; reasons are logged and sent to Screwdriver.
+pub fn scrub_tokens(text: &str) -> String {
+    let is_token_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find("eyJ") {
+        let (before, from) = rest.split_at(at);
+        out.push_str(before);
+        let run = from.find(|c: char| !is_token_char(c)).unwrap_or(from.len());
+        // A sentence's full stop after a token is not part of it.
+        let candidate = from[..run].trim_end_matches('.');
+        let len = candidate.len();
+        let parts: Vec<&str> = candidate.split('.').collect();
+        if parts.len() == 3 && parts.iter().all(|p| !p.is_empty()) {
+            out.push_str("***");
+        } else {
+            out.push_str(candidate);
+        }
+        rest = &from[len..];
+    }
+    out.push_str(rest);
+    out
+}
+
 /// The build timeout from `screwdriver.cd/timeout` (minutes), capped; `default` when absent.
 pub fn build_timeout(build: &StartMessage, default: Duration, max: Duration) -> Duration {
     let minutes = match build.annotations.get("screwdriver.cd/timeout") {
@@ -106,4 +132,26 @@ pub fn build_timeout(build: &StartMessage, default: Duration, max: Duration) -> 
         .filter(|m| m.is_finite() && *m > 0.0)
         .map_or(default, |m| Duration::from_secs_f64(m * 60.0))
         .min(max)
+}
+
+#[cfg(test)]
+mod scrub_tests {
+    use super::scrub_tokens;
+
+    #[test]
+    fn tokens_are_scrubbed_and_other_text_kept() {
+        let jwt = "eyJhbGciOiJSUzI1NiJ9.eyJidWlsZElkIjo4fQ.c2lnbmF0dXJl-_x";
+        assert_eq!(
+            scrub_tokens(&format!("exec run.sh \"{jwt}\" \"https://api\" failed")),
+            "exec run.sh \"***\" \"https://api\" failed"
+        );
+        assert_eq!(scrub_tokens(&format!("{jwt}. Next")), "***. Next");
+        assert_eq!(
+            scrub_tokens("image eyJunk not found"),
+            "image eyJunk not found"
+        );
+        assert_eq!(scrub_tokens("v1.2.3 eyJa.b"), "v1.2.3 eyJa.b");
+        assert_eq!(scrub_tokens("no tokens here"), "no tokens here");
+        assert_eq!(scrub_tokens("é eyJa.b.c ü"), "é *** ü");
+    }
 }
