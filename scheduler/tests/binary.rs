@@ -98,8 +98,9 @@ async fn starts_on_defaults_serves_and_stops_on_sigterm() {
     // The default database is a SQLite file created in the working directory.
     assert!(dir.path().join("sd-scheduler.db").exists());
 
-    let pid = child.id().unwrap().to_string();
-    Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    let pid = libc::pid_t::try_from(child.id().unwrap()).unwrap();
+    // SAFETY: kill(2) only sends a signal; the pid is our own child, not yet reaped.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0, "SIGTERM sent");
     let status = tokio::time::timeout(Duration::from_secs(10), child.wait())
         .await
         .unwrap()
