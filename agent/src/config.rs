@@ -731,4 +731,32 @@ mod tests {
         );
         parse(&text, &[]).unwrap();
     }
+
+    #[test]
+    fn the_daemonset_config_is_valid_with_the_variables_it_sets() {
+        let manifest = include_str!("../../deploy/kubernetes/agent.yaml");
+        let (_, after) = manifest.split_once("  agent.toml: |\n").unwrap();
+        let text: String = after
+            .lines()
+            .take_while(|l| l.starts_with("    ") || l.is_empty())
+            .map(|l| format!("{}\n", l.strip_prefix("    ").unwrap_or(l)))
+            .collect();
+        assert!(text.contains("[cluster]"), "{text}");
+        let key = key_file();
+        let key_path = key.path().display().to_string();
+        let c = parse(
+            &text,
+            &[
+                ("SD_AGENT_AUTH_PRIVATE_KEY_FILE", key_path.as_str()),
+                (
+                    "SD_AGENT_REDIS_URL",
+                    "redis://:0123abcd@sd-agent-redis.sd-agent.svc:6379",
+                ),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.executor.kind, ExecutorKind::Kubernetes);
+        assert_eq!(c.health.listen.port(), 8081);
+        assert!(manifest.contains("value: \"redis://:$(REDIS_PASSWORD)@sd-agent-redis"));
+    }
 }
