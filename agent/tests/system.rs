@@ -533,20 +533,57 @@ async fn local_redis_lost_while_running_acks_nothing_until_it_returns() {
     assert_eq!(code, 200, "ready again: {ready}");
 }
 
-/// Scheduler down: the agent backs off and recovers by itself once it returns.
+/// The agent's poll back-off (agent/src/fetcher.rs `new_backoff`): 200 ms doubling up to 30 s,
+/// with jitter that only ever adds to a step.
+const BACKOFF_FIRST: Duration = Duration::from_millis(200);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+/// The most connection attempts that back-off allows within `window`: a first attempt, then one
+/// after each step whose shortest possible delays still fit into the window.
+fn attempts_allowed(window: Duration) -> u64 {
+    let (mut attempts, mut elapsed, mut step) = (1, Duration::ZERO, BACKOFF_FIRST);
+    loop {
+        elapsed += step;
+        if elapsed > window {
+            return attempts;
+        }
+        attempts += 1;
+        step = (step * 2).min(BACKOFF_MAX);
+    }
+}
+
+#[test]
+fn the_backoff_bound_follows_the_steps() {
+    // 0.2 + 0.4 + 0.8 + 1.6 + 3.2 = 6.2 s ≤ 8 s < 12.6 s.
+    assert_eq!(attempts_allowed(Duration::from_secs(8)), 6);
+    assert_eq!(attempts_allowed(Duration::from_millis(100)), 1);
+    // Capped at 30 s a step: eight steps 0.2 … 25.6 make 51 s, then 30 s each (81, 111).
+    assert_eq!(attempts_allowed(Duration::from_secs(111)), 11);
+}
+
+/// Scheduler down: the agent backs off — the connection attempts reaching a proxy in front of
+/// the scheduler during the outage stay within what its jittered exponential back-off allows, far
+/// from a reconnect storm — says why it is not ready, and recovers by itself once it returns.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scheduler_outage_then_recovery() {
     let mut world = World::start().await;
     let mut agent = world.cluster("linux", None).await;
-    agent.spawn();
+    let proxy = sd_testkit::ChaosProxy::start(world.config.listen)
+        .await
+        .unwrap();
+    agent.spawn_with(&[("SD_AGENT_SCHEDULER_URL", &proxy.http_url())], false);
     world.submit(1, "web/site", None, 0).await;
     world.wait_finished(&[1], Duration::from_secs(30)).await;
+    assert!(
+        proxy.stats().forwarded >= 1,
+        "the agent goes through the proxy"
+    );
+
     world.stop_scheduler().await;
-    let http = reqwest::Client::new();
-    let readyz = format!("http://127.0.0.1:{}/readyz", agent.health);
+    let outage = std::time::Instant::now();
+    let before = proxy.stats().accepted;
     let unready = eventually(Duration::from_secs(20), || async {
-        let r = http.get(&readyz).send().await.ok()?;
-        let body: Value = r.json().await.ok()?;
+        let (_, body) = agent.readyz().await;
         (body["ready"] == false).then_some(body)
     })
     .await
@@ -555,9 +592,36 @@ async fn scheduler_outage_then_recovery() {
         unready["scheduler"].as_str().unwrap().contains("scheduler"),
         "{unready}"
     );
+    let outage_for = Duration::from_secs(8);
+    tokio::time::sleep(outage_for.saturating_sub(outage.elapsed())).await;
+    let attempts = proxy.stats().accepted - before;
+    let window = outage.elapsed();
     world.start_scheduler().await;
+
+    // One more than the back-off allows: an HTTP client may retry a request once on a fresh
+    // connection when the pooled one it picked was closed by the scheduler's shutdown.
+    let bound = attempts_allowed(window) + 1;
+    let naive = (window.as_secs_f64() / BACKOFF_FIRST.as_secs_f64()) as u64;
+    assert!(
+        attempts <= bound && attempts <= naive,
+        "{attempts} connection attempts in {window:?} of outage; the back-off allows at most {bound}"
+    );
+    assert!(
+        attempts >= 3,
+        "the agent keeps trying during the outage: {attempts} attempts in {window:?}"
+    );
+    let stats = proxy.stats();
+    assert!(stats.unreachable >= 3, "{stats:?}");
+    eprintln!("{attempts} connection attempts in {window:?} of scheduler outage (bound {bound})");
+
     world.submit(2, "web/site", None, 0).await;
     world.wait_finished(&[2], Duration::from_secs(60)).await;
+    let ready = eventually(Duration::from_secs(10), || async {
+        let (code, body) = agent.readyz().await;
+        (code == 200).then_some(body)
+    })
+    .await;
+    assert!(ready.is_some(), "ready again after the outage");
 }
 
 /// Two agent replicas on one cluster, and kill -9 of one of them in the middle of transfers
