@@ -707,12 +707,14 @@ async fn replicas_and_kill_9_never_launch_twice() {
     );
 }
 
-/// SIGTERM drains and exits 0; SIGHUP swaps the key without a failed poll.
+/// SIGTERM drains and exits 0; SIGHUP swaps the key without a failed poll — with the config file
+/// named by `SD_AGENT_CONFIG`, as the systemd unit and the container image do (a reload once read
+/// that variable as an unknown config key and kept the old key).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_rotates_the_key_and_sigterm_drains() {
     let world = World::start().await;
     let mut agent = world.cluster("linux", None).await;
-    agent.spawn();
+    agent.spawn_with(&[], true);
     world.submit(1, "web/site", None, 0).await;
     world.wait_finished(&[1], Duration::from_secs(30)).await;
     // Rotation: the scheduler trusts old and new keys, the agent switches, the old key goes.
@@ -725,7 +727,20 @@ async fn sighup_rotates_the_key_and_sigterm_drains() {
         .insert("LINUX_KEY".into(), format!("{old_pub}\n{}", new.public_pem));
     std::fs::write(agent.config.with_file_name("private.pem"), &new.private_pem).unwrap();
     agent.signal("HUP");
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    let reloaded = eventually(Duration::from_secs(10), || {
+        std::future::ready(
+            agent
+                .log()
+                .contains("reloaded: new private key in use")
+                .then_some(()),
+        )
+    })
+    .await;
+    assert!(
+        reloaded.is_some() && !agent.log().contains("reload refused"),
+        "SIGHUP must load the new key; agent log:\n{}",
+        agent.log()
+    );
     world
         .env
         .lock()
