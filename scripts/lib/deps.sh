@@ -25,6 +25,12 @@ ensure_redis_server() {
     command -v redis-server >/dev/null 2>&1 || die "redis-server still not found after install"
 }
 
+# ps, kill, pkill (procps): minimal Debian images lack them; some tests and scripts use them.
+ensure_procps() {
+    command -v ps >/dev/null 2>&1 || apt_install procps
+    command -v ps >/dev/null 2>&1 || die "ps still not found after installing procps"
+}
+
 # A PostgreSQL server tests may create databases on; exports SD_TEST_POSTGRES_URL.
 ensure_postgres() {
     if [ -n "${SD_TEST_POSTGRES_URL:-}" ]; then
