@@ -32,42 +32,76 @@ ensure_procps() {
 }
 
 # A PostgreSQL server tests may create databases on; exports SD_TEST_POSTGRES_URL.
+# A URL already in SD_TEST_POSTGRES_URL is used as it is (its user must be allowed to CREATE
+# DATABASE). Otherwise: the local Debian cluster (pg_lsclusters; installed with apt and started
+# when needed, as root), its port from pg_lsclusters, and a dedicated role sd_test (LOGIN
+# CREATEDB, no superuser) with the password below, created when missing — each test creates and
+# drops a database of its own, which CREATEDB allows.
+SD_TEST_POSTGRES_ROLE=sd_test
+SD_TEST_POSTGRES_PASSWORD=sd-test
 ensure_postgres() {
     if [ -n "${SD_TEST_POSTGRES_URL:-}" ]; then
+        say "PostgreSQL: SD_TEST_POSTGRES_URL is set; using it as it is"
         return
     fi
-    local trust_url="postgres://postgres@127.0.0.1:5432/postgres"
-    if command -v psql >/dev/null 2>&1 && psql "$trust_url" -Atqc 'select 1' >/dev/null 2>&1; then
-        export SD_TEST_POSTGRES_URL="$trust_url"
-        return
-    fi
-    if ! ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1; then
+    if ! command -v pg_lsclusters >/dev/null 2>&1 || ! ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1; then
+        [ "$(id -u)" = 0 ] || die "PostgreSQL is not installed here and installing it needs root: run as root, install it yourself (sudo apt-get install -y postgresql postgresql-client), or set SD_TEST_POSTGRES_URL to a server whose user may CREATE DATABASE"
         apt_install postgresql postgresql-client
     fi
-    local version
-    version=$(ls /etc/postgresql 2>/dev/null | sort -V | tail -n1)
-    [ -n "$version" ] || die "PostgreSQL is installed but has no cluster under /etc/postgresql"
-    if ! pg_isready -h 127.0.0.1 -p 5432 -q 2>/dev/null; then
-        say "starting PostgreSQL $version"
-        pg_ctlcluster --skip-systemctl-redirect "$version" main start 2>/dev/null \
-            || pg_ctlcluster "$version" main start \
-            || die "could not start PostgreSQL $version (pg_ctlcluster $version main start)"
-        for _ in $(seq 1 50); do
-            pg_isready -h 127.0.0.1 -p 5432 -q && break
-            sleep 0.2
-        done
+    command -v psql >/dev/null 2>&1 || apt_install postgresql-client
+
+    # The cluster: the first one online, else the newest one (pg_lsclusters sorts by version).
+    local clusters line version name port status
+    clusters=$(pg_lsclusters --no-header 2>/dev/null || true)
+    [ -n "$clusters" ] || die "PostgreSQL is installed but has no cluster (pg_lsclusters lists none); create one: pg_createcluster --start <version> main"
+    line=$(awk '$4 == "online" { print; exit }' <<<"$clusters")
+    [ -n "$line" ] || line=$(tail -n1 <<<"$clusters")
+    read -r version name port status _ <<<"$line"
+    if [ "$status" != online ]; then
+        [ "$(id -u)" = 0 ] || die "PostgreSQL $version/$name is $status and starting it needs root: sudo pg_ctlcluster $version $name start"
+        say "starting PostgreSQL $version/$name (port $port)"
+        pg_ctlcluster --skip-systemctl-redirect "$version" "$name" start 2>/dev/null \
+            || pg_ctlcluster "$version" "$name" start \
+            || die "could not start PostgreSQL $version/$name (pg_ctlcluster $version $name start)"
     fi
-    if psql "$trust_url" -Atqc 'select 1' >/dev/null 2>&1; then
-        export SD_TEST_POSTGRES_URL="$trust_url"
+    for _ in $(seq 1 50); do
+        pg_isready -h 127.0.0.1 -p "$port" -q 2>/dev/null && break
+        sleep 0.2
+    done
+    pg_isready -h 127.0.0.1 -p "$port" -q 2>/dev/null \
+        || die "PostgreSQL $version/$name does not accept connections on 127.0.0.1:$port (see pg_lsclusters and its log)"
+
+    local role=$SD_TEST_POSTGRES_ROLE password=$SD_TEST_POSTGRES_PASSWORD
+    local url="postgres://$role:$password@127.0.0.1:$port/postgres"
+    if [ "$(psql "$url" -Atqc "SELECT rolcreatedb FROM pg_roles WHERE rolname = current_user" 2>/dev/null)" = t ]; then
+        say "PostgreSQL $version/$name on 127.0.0.1:$port: tests use the existing role $role (LOGIN CREATEDB)"
+        export SD_TEST_POSTGRES_URL="$url"
         return
     fi
-    # Debian's default: password auth over TCP. Give the postgres role a test password.
-    [ "$(id -u)" = 0 ] || die "PostgreSQL refuses postgres@127.0.0.1; set SD_TEST_POSTGRES_URL to a URL whose user may CREATE DATABASE"
-    runuser -u postgres -- psql -Atqc "ALTER USER postgres PASSWORD 'sd-test'" >/dev/null \
-        || die "could not set a password for the postgres role"
-    export SD_TEST_POSTGRES_URL="postgres://postgres:sd-test@127.0.0.1:5432/postgres"
-    psql "$SD_TEST_POSTGRES_URL" -Atqc 'select 1' >/dev/null 2>&1 \
-        || die "PostgreSQL still refuses $SD_TEST_POSTGRES_URL"
+    # Create (or repair) the role, as the postgres superuser: over the local socket as root
+    # (Debian's peer authentication), else over TCP when the server trusts local connections.
+    local admin_psql
+    if [ "$(id -u)" = 0 ]; then
+        admin_psql=(runuser -u postgres -- psql -p "$port" -v ON_ERROR_STOP=1 -Atq)
+    else
+        admin_psql=(psql -h 127.0.0.1 -p "$port" -U postgres -d postgres -w -v ON_ERROR_STOP=1 -Atq)
+    fi
+    local exists
+    if ! exists=$("${admin_psql[@]}" -c "SELECT count(*) FROM pg_roles WHERE rolname = '$role'" 2>/dev/null); then
+        die "cannot reach PostgreSQL $version/$name as its superuser to create the test role. Create it yourself: sudo -u postgres psql -p $port -c \"CREATE ROLE $role LOGIN CREATEDB PASSWORD '$password'\" — or set SD_TEST_POSTGRES_URL to a URL whose user may CREATE DATABASE"
+    fi
+    if [ "$exists" = 0 ]; then
+        "${admin_psql[@]}" -c "CREATE ROLE $role LOGIN CREATEDB PASSWORD '$password'" >/dev/null \
+            || die "could not create the PostgreSQL role $role"
+        say "PostgreSQL $version/$name on 127.0.0.1:$port: created role $role (LOGIN CREATEDB, not a superuser) for the tests"
+    else
+        "${admin_psql[@]}" -c "ALTER ROLE $role LOGIN CREATEDB PASSWORD '$password'" >/dev/null \
+            || die "could not update the PostgreSQL role $role"
+        say "PostgreSQL $version/$name on 127.0.0.1:$port: role $role existed but could not log in or create databases; reset it to LOGIN CREATEDB with the test password"
+    fi
+    psql "$url" -Atqc 'SELECT 1' >/dev/null 2>&1 \
+        || die "PostgreSQL refuses $role on 127.0.0.1:$port even with its password: check pg_hba.conf for host connections from 127.0.0.1 (md5 or scram-sha-256)"
+    export SD_TEST_POSTGRES_URL="$url"
 }
 
 # A free TCP port on 127.0.0.1.
