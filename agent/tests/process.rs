@@ -441,6 +441,77 @@ async fn a_restarted_executor_ends_the_builds_of_the_one_that_crashed() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_builds_of_a_host_that_is_gone_are_ended_from_another_host_but_a_live_one_is_left() {
+    let redis = RedisServer::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let cmd = script(dir.path(), "sleep.sh", SLEEP_SCRIPT);
+    let (elsewhere, _events) = executor(&redis, dir.path(), argv(&cmd)).await;
+    for id in [701, 702] {
+        assert_eq!(
+            elsewhere.launch(&build(id, json!({}))).await.unwrap(),
+            Launched::Created
+        );
+    }
+    let leaders = [
+        pid_file(dir.path().join("leader-701")).await,
+        pid_file(dir.path().join("leader-702")).await,
+    ];
+    drop(elsewhere);
+    // Make the two runs another machine's: one host silent past the limit, one seen just now.
+    let now_ms: u64 = {
+        let (secs, micros): (u64, u64) = redis::cmd("TIME").query(&mut redis.conn()).unwrap();
+        secs * 1000 + micros / 1000
+    };
+    for (id, host, seen) in [
+        (
+            701,
+            "gone-host",
+            now_ms - process::HOST_GONE_AFTER.as_millis() as u64 - 60_000,
+        ),
+        (702, "busy-host", now_ms - 30_000),
+    ] {
+        let (_, mut m) = marker(&redis, id).unwrap();
+        m.host = host.into();
+        m.boot_id = format!("boot-of-{host}");
+        let _: () = redis::cmd("HSET")
+            .arg(process::LAUNCHES_KEY)
+            .arg(id)
+            .arg(serde_json::to_string(&m).unwrap())
+            .query(&mut redis.conn())
+            .unwrap();
+        let _: () = redis::cmd("HSET")
+            .arg(process::HOSTS_KEY)
+            .arg(host)
+            .arg(seen)
+            .query(&mut redis.conn())
+            .unwrap();
+    }
+
+    let (_here, mut events) = executor(&redis, dir.path(), argv(&cmd)).await;
+    events.drain();
+    assert_eq!(
+        events.of(701),
+        vec![BuildStatus::Failed {
+            reason: process::host_gone_reason("gone-host"),
+            report: true
+        }]
+    );
+    assert!(
+        events.of(702).is_empty(),
+        "a host seen recently keeps its build"
+    );
+    assert_eq!(marker(&redis, 701).unwrap().1.state, MarkerState::Ended);
+    assert_eq!(marker(&redis, 702).unwrap().1.state, MarkerState::Running);
+    assert!(
+        leaders.iter().all(|pid| alive(*pid)),
+        "processes of another host are never signalled from here"
+    );
+    for pid in leaders {
+        unsafe { libc::killpg(pid as i32, libc::SIGKILL) };
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_end_kept_before_the_crash_is_reported_not_contradicted() {
     let redis = RedisServer::start().unwrap();
     let dir = tempfile::tempdir().unwrap();

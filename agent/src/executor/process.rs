@@ -50,6 +50,11 @@ pub const ACTIVE_KEY: &str = "{sd-agent}:launches:active";
 pub const ENDED_KEY: &str = "{sd-agent}:launches:ended";
 /// buildIds stopped by an executor that does not own the run.
 pub const STOP_KEY: &str = "{sd-agent}:launches:stop";
+/// host → when its executor last looked at the markers (Redis clock, ms).
+pub const HOSTS_KEY: &str = "{sd-agent}:launches:hosts";
+/// Runs on a host silent for this long are ended by an executor elsewhere on the same Redis:
+/// the host is gone (or cut off), and its builds can no longer be reported by it.
+pub const HOST_GONE_AFTER: Duration = Duration::from_secs(15 * 60);
 /// Environment variable carrying the launch's id, inherited by everything the build spawns: it
 /// finds a build's processes after a crash even when no pid was recorded.
 pub const LAUNCH_ID_VAR: &str = "SD_AGENT_LAUNCH_ID";
@@ -69,6 +74,14 @@ const FINISH_RETRY_FOR: Duration = Duration::from_secs(600);
 
 /// Creates a marker unless one exists. KEYS: launches, active. ARGV: id, marker.
 /// Returns nil when created, else the existing marker.
+/// Records that this host is alive; returns the Redis clock (ms), which every host shares.
+const BEAT_LUA: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('HSET', KEYS[1], ARGV[1], now)
+return now
+";
+
 const CREATE_LUA: &str = r"
 if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 1 then
   redis.call('SADD', KEYS[2], ARGV[1])
@@ -210,6 +223,7 @@ struct Inner {
 }
 
 struct Scripts {
+    beat: Script,
     create: Script,
     update: Script,
     abandon: Script,
@@ -298,6 +312,7 @@ impl ProcessExecutor {
             redis,
             durability: Durability::default(),
             scripts: Scripts {
+                beat: Script::new(BEAT_LUA),
                 create: Script::new(CREATE_LUA),
                 update: Script::new(UPDATE_LUA),
                 abandon: Script::new(ABANDON_LUA),
@@ -842,9 +857,23 @@ impl Inner {
         Ok(true)
     }
 
-    /// Ends the builds of executors on this host that are gone; returns how many.
+    /// Ends the builds of executors on this host that are gone, and of hosts that are gone;
+    /// returns how many. Also tells the other hosts that this one is alive.
     async fn recover(&self) -> Result<usize, ExecError> {
         let mut conn = self.redis.clone();
+        let now: u64 = self
+            .scripts
+            .beat
+            .key(HOSTS_KEY)
+            .arg(&self.host)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(redis_err)?;
+        let beats: HashMap<String, u64> = redis::cmd("HGETALL")
+            .arg(HOSTS_KEY)
+            .query_async(&mut conn)
+            .await
+            .map_err(redis_err)?;
         let ids: Vec<String> = redis::cmd("SMEMBERS")
             .arg(ACTIVE_KEY)
             .query_async(&mut conn)
@@ -872,13 +901,26 @@ impl Inner {
                     continue;
                 }
             };
-            if marker.state == MarkerState::Ended
-                || marker.host != self.host
-                || self.owner_alive(&marker)
-            {
+            if marker.state == MarkerState::Ended {
                 continue;
             }
-            if self.recover_one(id, marker).await? {
+            let reason = if marker.host == self.host {
+                if self.owner_alive(&marker) {
+                    continue;
+                }
+                RESTART_REASON.to_owned()
+            } else {
+                // A host that never beat ran an older agent: leave its markers to it.
+                match beats.get(&marker.host) {
+                    Some(seen)
+                        if now.saturating_sub(*seen) > HOST_GONE_AFTER.as_millis() as u64 =>
+                    {
+                        host_gone_reason(&marker.host)
+                    }
+                    _ => continue,
+                }
+            };
+            if self.recover_one(id, marker, reason).await? {
                 ended += 1;
             }
         }
@@ -887,7 +929,12 @@ impl Inner {
 
     /// Takes an orphaned marker over (so a crash of ours now leaves it to the next executor),
     /// kills what is left of the build and reports it once.
-    async fn recover_one(&self, id: u64, marker: Marker) -> Result<bool, ExecError> {
+    async fn recover_one(
+        &self,
+        id: u64,
+        marker: Marker,
+        reason: String,
+    ) -> Result<bool, ExecError> {
         let mut claimed = marker.clone();
         claimed.agent = self.me.clone();
         let Some(stop_requested) = self
@@ -899,10 +946,13 @@ impl Inner {
         warn!(
             build_id = id,
             pid = marker.pid,
-            "build left by an agent that is gone; killing what is left of it"
+            host = %marker.host,
+            "build left by an agent that is gone; ending it"
         );
-        // Nothing of an earlier boot runs any more; its pids mean other processes now.
-        if marker.boot_id.is_empty() || marker.boot_id == self.boot_id {
+        // Only this host's processes can be reached; nothing of an earlier boot runs any more,
+        // and its pids mean other processes now.
+        if marker.host == self.host && (marker.boot_id.is_empty() || marker.boot_id == self.boot_id)
+        {
             kill_orphan(&marker).await;
         }
         // Its owner may have kept the end before dying between that and ending the marker.
@@ -915,7 +965,7 @@ impl Inner {
             Some(end) => end,
             None if stop_requested => stopped(),
             None => BuildStatus::Failed {
-                reason: RESTART_REASON.to_owned(),
+                reason,
                 report: true,
             },
         };
@@ -938,6 +988,14 @@ impl Inner {
         }
         identity_matches(owner.pid, owner.start_time)
     }
+}
+
+/// Reported for a build whose host stopped answering while it ran.
+pub fn host_gone_reason(host: &str) -> String {
+    format!(
+        "the agent on host {host} has not been heard from for over {} minutes while the build ran; its result is unknown",
+        HOST_GONE_AFTER.as_secs() / 60
+    )
 }
 
 fn stopped() -> BuildStatus {
