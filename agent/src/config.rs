@@ -435,15 +435,10 @@ impl Config {
 
     fn validate(&self) -> Result<(), ConfigError> {
         let name = &self.cluster.name;
-        if name.is_empty()
-            || name.len() > 100
-            || !name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
-        {
+        if let Err(e) = sd_protocol::check_cluster_name(name) {
             return Err(invalid(
                 "cluster.name",
-                "must be 1–100 letters, digits, '_', '.' or '-' (the name registered with the scheduler)",
+                format!("{} (the name registered with the scheduler)", e.reason),
             ));
         }
         let url = &self.scheduler.url;

@@ -31,7 +31,7 @@ enum Command {
     /// Create the cluster's key pair and print what to register with the scheduler.
     Keygen {
         /// The cluster's name in the scheduler's registry.
-        #[arg(long)]
+        #[arg(long, value_parser = parse_cluster_name)]
         cluster: String,
         #[arg(long, default_value = "RS256", value_parser = parse_algorithm)]
         algorithm: SigningAlgorithm,
@@ -42,6 +42,12 @@ enum Command {
         #[arg(long, default_value_t = 300)]
         expires_in: u64,
     },
+}
+
+fn parse_cluster_name(text: &str) -> Result<String, String> {
+    sd_protocol::check_cluster_name(text)
+        .map(|()| text.to_owned())
+        .map_err(|e| e.reason)
 }
 
 fn parse_algorithm(text: &str) -> Result<SigningAlgorithm, String> {

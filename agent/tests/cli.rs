@@ -118,3 +118,21 @@ fn help_explains_the_subcommands_and_overrides() {
         assert!(text.contains(word), "--help lacks {word}: {text}");
     }
 }
+
+#[test]
+fn keygen_refuses_a_name_the_registry_would_refuse_and_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let out_file = dir.path().join("private.pem");
+    let out = Command::new(env!("CARGO_BIN_EXE_sd-agent"))
+        .args(["keygen", "--cluster", "ios farm", "--out"])
+        .arg(&out_file)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("--cluster") && stderr.contains("letters, digits"),
+        "{stderr}"
+    );
+    assert!(!out_file.exists());
+}

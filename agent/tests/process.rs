@@ -737,6 +737,20 @@ async fn check_says_what_to_fix() {
         ..ProcessConfig::default()
     };
     assert!(process::check_command(&config).is_err());
+    let good = ProcessConfig {
+        command: vec!["sh".into()],
+        work_dir: Some(dir.path().join("fresh-work")),
+        ..ProcessConfig::default()
+    };
+    let ok = process::check_command(&good).unwrap();
+    assert!(ok.contains("fresh-work is writable"), "{ok}");
+    // A work dir the agent cannot make (a file is in the way; root ignores permissions).
+    let in_the_way = ProcessConfig {
+        work_dir: Some(plain.clone()),
+        ..good
+    };
+    let err = process::check_command(&in_the_way).unwrap_err().to_string();
+    assert!(err.contains("executor.process.work_dir"), "{err}");
 
     let (exec, _events) = executor(&redis, dir.path(), vec!["sd-no-such-launcher".into()]).await;
     let err = exec.check().await.unwrap_err().to_string();

@@ -401,6 +401,12 @@ fn check_text(field: &str, value: &str, max: usize) -> Result<(), FieldError> {
     Ok(())
 }
 
+/// The registry's rule for a cluster name (1–100 of `[A-Za-z0-9_.-]`), for tools that take a
+/// name before it is registered.
+pub fn check_cluster_name(name: &str) -> Result<(), FieldError> {
+    check_token("name", name, 100)
+}
+
 /// Names that end up in Redis keys and URLs: `^[A-Za-z0-9_.-]+$`.
 fn check_token(field: &str, value: &str, max: usize) -> Result<(), FieldError> {
     check_text(field, value, max)?;

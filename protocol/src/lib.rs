@@ -13,6 +13,6 @@ pub mod queue;
 
 pub use build::{PipelineRef, StartMessage, StopRequest};
 pub use claims::{ClusterClaims, SignOptions, SigningAlgorithm};
-pub use cluster::{Cluster, ClusterPatch, ManagedBy, NewCluster};
+pub use cluster::{Cluster, ClusterPatch, ManagedBy, NewCluster, check_cluster_name};
 pub use error::{ErrorBody, FieldError};
 pub use queue::{Delivery, JobKind, QueueMessage};

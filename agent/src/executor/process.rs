@@ -269,20 +269,7 @@ impl ProcessExecutor {
             })?;
             program = cwd.join(program);
         }
-        let work_dir = config
-            .work_dir
-            .clone()
-            .unwrap_or_else(|| std::env::temp_dir().join("sd-agent-process"));
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&work_dir)
-            .map_err(|e| {
-                ExecError::Rejected(format!(
-                    "cannot create work dir {} (executor.process.work_dir): {e}",
-                    work_dir.display()
-                ))
-            })?;
+        let work_dir = prepare_work_dir(config)?;
         let client = redis::Client::open(redis_url)
             .map_err(|e| ExecError::Rejected(format!("redis.url is not a valid Redis URL: {e}")))?;
         let redis_config = ConnectionManagerConfig::new()
@@ -1102,7 +1089,46 @@ pub fn check_command(config: &ProcessConfig) -> Result<String, ExecError> {
         ));
     };
     let program = resolve_program(Path::new(program))?;
-    Ok(format!("launcher {} is executable", program.display()))
+    let work_dir = prepare_work_dir(config)?;
+    // Build logs and the launcher's files go there: find out now whether the agent may write.
+    let probe = work_dir.join(format!(".sd-agent-check-{}", std::process::id()));
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&probe)
+        .and_then(|_| std::fs::remove_file(&probe))
+        .map_err(|e| {
+            ExecError::Rejected(format!(
+                "work dir {} is not writable by this user ({e}): fix its owner or set executor.process.work_dir",
+                work_dir.display()
+            ))
+        })?;
+    Ok(format!(
+        "launcher {} is executable; work dir {} is writable",
+        program.display(),
+        work_dir.display()
+    ))
+}
+
+/// `executor.process.work_dir` (default: a folder under the system temp dir), created private
+/// to the agent's user when missing.
+fn prepare_work_dir(config: &ProcessConfig) -> Result<PathBuf, ExecError> {
+    let work_dir = config
+        .work_dir
+        .clone()
+        .unwrap_or_else(|| std::env::temp_dir().join("sd-agent-process"));
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&work_dir)
+        .map_err(|e| {
+            ExecError::Rejected(format!(
+                "cannot create work dir {} (executor.process.work_dir): {e}",
+                work_dir.display()
+            ))
+        })?;
+    Ok(work_dir)
 }
 
 /// The program to run: `program` itself when it names a path, else the first executable match
