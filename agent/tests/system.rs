@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -121,6 +122,12 @@ impl World {
 
     async fn submit(&self, id: u64, pipeline: &str, cluster: Option<&str>, exit: u8) -> Value {
         self.submit_annotated(id, pipeline, cluster, json!({"test/exit": exit}))
+            .await
+    }
+
+    /// A build whose launcher stand-in runs `secs` seconds (then exits 0).
+    async fn submit_sleeping(&self, id: u64, secs: u64) -> Value {
+        self.submit_annotated(id, "web/site", None, json!({"test/sleep": secs}))
             .await
     }
 
@@ -272,6 +279,21 @@ impl AgentSetup {
         std::fs::read_to_string(self.config.with_file_name("agent.log")).unwrap_or_default()
     }
 
+    /// Waits up to `timeout` for the first replica to exit; `None` if it still runs.
+    async fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let child = &mut self.children[0];
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return Some(status);
+            }
+            if std::time::Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     async fn readyz(&self) -> (u16, Value) {
         let r = reqwest::get(format!("http://127.0.0.1:{}/readyz", self.health))
             .await
@@ -298,6 +320,104 @@ impl AgentSetup {
                 .arg(child.id().to_string())
                 .status();
         }
+    }
+}
+
+/// An HTTP forwarder between an agent and the scheduler that can hold the agent's acks: a held
+/// ack is never forwarded — as if lost on the way — and is answered 503 only when the gate goes.
+struct Gate {
+    url: String,
+    state: Arc<GateState>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+struct GateState {
+    target: String,
+    http: reqwest::Client,
+    hold_acks: AtomicBool,
+    held: AtomicU64,
+    closed: tokio_util::sync::CancellationToken,
+}
+
+impl Gate {
+    async fn start(target: &str) -> Self {
+        use axum::http::{StatusCode, header};
+        use axum::response::IntoResponse;
+        async fn forward(
+            axum::extract::State(state): axum::extract::State<Arc<GateState>>,
+            request: axum::extract::Request,
+        ) -> axum::response::Response {
+            let (parts, body) = request.into_parts();
+            if state.hold_acks.load(Ordering::SeqCst) && parts.uri.path().ends_with("/ack") {
+                state.held.fetch_add(1, Ordering::SeqCst);
+                state.closed.cancelled().await;
+                return StatusCode::SERVICE_UNAVAILABLE.into_response();
+            }
+            let body = axum::body::to_bytes(body, 16 << 20)
+                .await
+                .unwrap_or_default();
+            let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+            let mut out = state
+                .http
+                .request(parts.method.clone(), format!("{}{path}", state.target))
+                .body(body);
+            for (name, value) in &parts.headers {
+                if ![header::HOST, header::CONTENT_LENGTH, header::CONNECTION].contains(name) {
+                    out = out.header(name, value);
+                }
+            }
+            let Ok(answer) = out.send().await else {
+                return StatusCode::BAD_GATEWAY.into_response();
+            };
+            let status = answer.status();
+            let headers = answer.headers().clone();
+            let bytes = answer.bytes().await.unwrap_or_default();
+            let mut response = (status, bytes).into_response();
+            for name in [header::CONTENT_TYPE, header::RETRY_AFTER] {
+                if let Some(v) = headers.get(&name) {
+                    response.headers_mut().insert(name, v.clone());
+                }
+            }
+            response
+        }
+        let state = Arc::new(GateState {
+            target: target.trim_end_matches('/').to_owned(),
+            http: reqwest::Client::new(),
+            hold_acks: AtomicBool::new(false),
+            held: AtomicU64::new(0),
+            closed: tokio_util::sync::CancellationToken::new(),
+        });
+        let app = axum::Router::new()
+            .fallback(forward)
+            .with_state(Arc::clone(&state));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Self { url, state, task }
+    }
+
+    /// Acks from now on are held, never forwarded.
+    fn hold_acks(&self) {
+        self.state.hold_acks.store(true, Ordering::SeqCst);
+    }
+
+    /// Acks from now on are forwarded again (held ones stay lost).
+    fn release(&self) {
+        self.state.hold_acks.store(false, Ordering::SeqCst);
+    }
+
+    /// Acks held so far.
+    fn held(&self) -> u64 {
+        self.state.held.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for Gate {
+    fn drop(&mut self) {
+        self.state.closed.cancel();
+        self.task.abort();
     }
 }
 
@@ -767,6 +887,187 @@ async fn sighup_rotates_the_key_and_sigterm_drains() {
         .unwrap()
         .unwrap();
     assert!(status.success(), "{status:?}");
+}
+
+/// Every build in `ids` ends: finished, or failed with a reason. Returns their views.
+async fn wait_ended(world: &World, ids: &[u64], timeout: Duration) -> Vec<Value> {
+    let ended = eventually(timeout, || async {
+        let mut views = Vec::new();
+        for id in ids {
+            let (_, view) = world
+                .call(Method::GET, &format!("/v1/builds/{id}"), "sdapi", None)
+                .await;
+            if view["state"] != "finished" && view["state"] != "failed" {
+                return None;
+            }
+            views.push(view);
+        }
+        Some(views)
+    })
+    .await;
+    match ended {
+        Some(views) => views,
+        None => {
+            let mut states = Vec::new();
+            for id in ids {
+                states.push((*id, world.state(*id).await));
+            }
+            panic!("not every build ended: {states:?}");
+        }
+    }
+}
+
+/// SIGTERM with builds running, a transfer in flight (its ack held on the way, so the drain
+/// cannot finish) and builds still waiting on the master: the agent exits 0 within
+/// `shutdown_timeout`; after a restart nothing is lost — every build ran exactly once, those
+/// not started before the stop finish, and a build whose run the stop cut short fails with a reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_with_work_in_flight_exits_within_shutdown_timeout_and_loses_nothing() {
+    let world = World::start().await;
+    let mut agent = world.cluster("linux", None).await;
+    let gate = Gate::start(&world.base).await;
+    let env = [
+        ("SD_AGENT_SCHEDULER_URL", gate.url.as_str()),
+        ("SD_AGENT_SHUTDOWN_TIMEOUT", "3s"),
+        ("SD_AGENT_EXECUTOR_MAX_IN_FLIGHT", "5"),
+    ];
+    agent.spawn_with(&env, false);
+    for id in 1..=4 {
+        world.submit_sleeping(id, 5).await;
+    }
+    let running = eventually(Duration::from_secs(30), || async {
+        for id in 1..=4 {
+            if world.state(id).await != "running" {
+                return None;
+            }
+        }
+        Some(())
+    })
+    .await;
+    assert!(running.is_some(), "builds 1–4 run");
+    // Room for one more: build 5 is taken, pushed and launched, and its ack never arrives;
+    // 6–8 wait on the master.
+    gate.hold_acks();
+    for id in 5..=8 {
+        world.submit(id, "web/site", None, 0).await;
+    }
+    let held = eventually(Duration::from_secs(20), || {
+        std::future::ready((gate.held() >= 1).then_some(()))
+    })
+    .await;
+    assert!(held.is_some(), "a transfer is waiting for its ack");
+
+    agent.signal("TERM");
+    let status = agent
+        .wait_exit(Duration::from_secs(3 + 5))
+        .await
+        .expect("the agent exits within shutdown_timeout");
+    assert!(status.success(), "{status:?}");
+    assert!(
+        agent.log().contains("shutdown_timeout reached"),
+        "the drain was cut short by shutdown_timeout:\n{}",
+        agent.log()
+    );
+    let started_before = agent.runs();
+    agent.children.remove(0).wait().unwrap(); // exited already: reaps it
+
+    gate.release();
+    agent.spawn_with(&env, false);
+    let ids: Vec<u64> = (1..=8).collect();
+    let views = wait_ended(&world, &ids, Duration::from_secs(90)).await;
+    let runs = agent.runs();
+    for view in &views {
+        let id = view["buildId"].as_u64().unwrap();
+        assert_eq!(
+            runs.get(&id),
+            Some(&1),
+            "build {id} ran exactly once: {runs:?}"
+        );
+        if !started_before.contains_key(&id) {
+            assert_eq!(
+                view["state"], "finished",
+                "build {id} started after the stop: {view}"
+            );
+        }
+        if view["state"] == "failed" {
+            assert!(
+                view["reason"].as_str().is_some_and(|r| !r.is_empty()),
+                "failed without a reason: {view}"
+            );
+        }
+    }
+    assert!(
+        (6..=8).all(|id| !started_before.contains_key(&id)),
+        "6–8 waited on the master during the stop: {started_before:?}"
+    );
+    let summary: Vec<(u64, String)> = views
+        .iter()
+        .map(|v| {
+            (
+                v["buildId"].as_u64().unwrap(),
+                v["state"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    eprintln!("after SIGTERM with work in flight and a restart: {summary:?}");
+}
+
+/// A second SIGTERM while the drain waits for a transfer (its ack held on the way) exits at once,
+/// long before `shutdown_timeout` (30 s); the build of that transfer still runs exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_sigterm_while_draining_exits_at_once() {
+    let world = World::start().await;
+    let mut agent = world.cluster("linux", None).await;
+    let gate = Gate::start(&world.base).await;
+    let env = [
+        ("SD_AGENT_SCHEDULER_URL", gate.url.as_str()),
+        ("SD_AGENT_SHUTDOWN_TIMEOUT", "30s"),
+    ];
+    agent.spawn_with(&env, false);
+    world.submit(1, "web/site", None, 0).await;
+    world.wait_finished(&[1], Duration::from_secs(30)).await;
+    gate.hold_acks();
+    world.submit(2, "web/site", None, 0).await;
+    let held = eventually(Duration::from_secs(20), || {
+        std::future::ready((gate.held() >= 1).then_some(()))
+    })
+    .await;
+    assert!(held.is_some(), "a transfer is waiting for its ack");
+
+    agent.signal("TERM");
+    let draining = eventually(Duration::from_secs(10), || {
+        std::future::ready(agent.log().contains("draining").then_some(()))
+    })
+    .await;
+    assert!(draining.is_some(), "SIGTERM starts the drain");
+    assert!(
+        agent.wait_exit(Duration::from_secs(3)).await.is_none(),
+        "the drain waits for the transfer in flight"
+    );
+    agent.signal("TERM");
+    let status = agent
+        .wait_exit(Duration::from_secs(5))
+        .await
+        .expect("a second SIGTERM exits at once, not at shutdown_timeout");
+    assert!(status.success(), "{status:?}");
+    assert!(
+        agent.log().contains("second signal: exiting at once"),
+        "{}",
+        agent.log()
+    );
+    agent.children.remove(0).wait().unwrap(); // exited already: reaps it
+
+    gate.release();
+    agent.spawn_with(&env, false);
+    let views = wait_ended(&world, &[2], Duration::from_secs(60)).await;
+    assert_eq!(
+        agent.runs().get(&2),
+        Some(&1),
+        "{:?} {views:?}",
+        agent.runs()
+    );
+    world.submit(3, "web/site", None, 0).await;
+    world.wait_finished(&[3], Duration::from_secs(30)).await;
 }
 
 /// A cluster admin's first minutes: `sd-agent keygen` → export what it says on the scheduler →
