@@ -467,6 +467,7 @@ impl Inner {
                     }
                     Ok(watcher::Event::Delete(pod)) => self.deleted(pod),
                     Err(e) => {
+                        metrics::counter!("sd_agent_kubernetes_api_errors_total").increment(1);
                         warn!(namespace = %self.config.namespace, error = %e, "watching build pods failed; retrying")
                     }
                 }
