@@ -330,6 +330,13 @@ fn reload(path: &std::path::Path, current: &Config, client: &SchedulerClient) {
         Ok(s) => {
             client.set_signer(Arc::new(s));
             tracing::info!(key = %fresh.auth.private_key_file.display(), "reloaded: new private key in use");
+            let pending = current.changed_sections(&fresh);
+            if !pending.is_empty() {
+                tracing::warn!(
+                    sections = ?pending,
+                    "the file also changes settings a reload does not apply; restart the agent for them"
+                );
+            }
         }
         Err(e) => {
             tracing::error!(error = %e, "reload refused: the private key does not load; keeping the old one")

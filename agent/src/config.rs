@@ -30,7 +30,7 @@ const SECTIONS: &[&str] = &[
     "log",
 ];
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     pub cluster: ClusterConfig,
@@ -52,14 +52,14 @@ pub struct Config {
     pub shutdown_timeout: Duration,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClusterConfig {
     /// The cluster's name in the scheduler's registry.
     pub name: String,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SchedulerConfig {
     /// Base URL of sd-scheduler, e.g. `https://sd-scheduler.example.com`.
@@ -71,7 +71,7 @@ pub struct SchedulerConfig {
     pub request_timeout: Duration,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuthConfig {
     /// The cluster's private key (PEM); its public half is registered with the scheduler.
@@ -87,7 +87,7 @@ pub struct AuthConfig {
     pub audience: Option<String>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PollConfig {
     /// How long one long-poll may wait for jobs.
@@ -97,7 +97,7 @@ pub struct PollConfig {
     pub max_jobs: u32,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RedisConfig {
     /// The cluster's own Redis (the local queue). Use AOF and `noeviction`.
@@ -111,7 +111,7 @@ pub enum ExecutorKind {
     Process,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ExecutorConfig {
     pub kind: ExecutorKind,
@@ -127,7 +127,7 @@ pub struct ExecutorConfig {
     pub process: ProcessConfig,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct KubernetesConfig {
     /// kubeconfig file; unset: `KUBECONFIG`, then the in-cluster service account.
@@ -231,7 +231,7 @@ fn ram_table<'de, D: serde::Deserializer<'de>>(d: D) -> Result<ResourceTable, D:
     Ok(ResourceInput::deserialize(d)?.over(&ResourceTable::RAM))
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ProcessConfig {
     /// The launcher to run per build, as an argv list; the build's values come as `SD_*`
@@ -246,7 +246,7 @@ pub struct ProcessConfig {
     pub max_timeout: Duration,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ScrewdriverConfig {
     /// Passed to the launcher; the API URL comes with each build.
@@ -254,7 +254,7 @@ pub struct ScrewdriverConfig {
     pub ui_uri: String,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HealthConfig {
     /// `/healthz`, `/readyz`, `/metrics`.
@@ -268,7 +268,7 @@ pub enum LogFormat {
     Json,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LogConfig {
     pub format: LogFormat,
@@ -370,6 +370,28 @@ pub use sd_protocol::env::ConfigError;
 
 fn invalid(key: &str, reason: impl Into<String>) -> ConfigError {
     ConfigError::invalid(key, reason)
+}
+
+impl Config {
+    /// Sections of `other` that differ from this config's: what a reload cannot apply.
+    pub fn changed_sections(&self, other: &Config) -> Vec<&'static str> {
+        [
+            ("scheduler", self.scheduler != other.scheduler),
+            ("poll", self.poll != other.poll),
+            ("redis", self.redis != other.redis),
+            ("executor", self.executor != other.executor),
+            ("screwdriver", self.screwdriver != other.screwdriver),
+            ("health", self.health != other.health),
+            ("log", self.log != other.log),
+            (
+                "shutdown_timeout",
+                self.shutdown_timeout != other.shutdown_timeout,
+            ),
+        ]
+        .into_iter()
+        .filter_map(|(name, changed)| changed.then_some(name))
+        .collect()
+    }
 }
 
 /// `url` with its password replaced, for messages a person or a log will read.
@@ -616,6 +638,26 @@ mod tests {
         assert_eq!(c.executor.kubernetes.namespace, "builds");
         assert_eq!(c.executor.kubernetes.cpu.max, 24.0);
         assert_eq!(c.shutdown_timeout, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn a_reload_names_the_sections_it_cannot_apply() {
+        let key = key_file();
+        let base = parse(&minimal(key.path()), &[]).unwrap();
+        let key_only = parse(&minimal(key.path()), &[("SD_AGENT_AUTH_TOKEN_TTL", "60s")]).unwrap();
+        assert!(
+            base.changed_sections(&key_only).is_empty(),
+            "auth is applied"
+        );
+        let more = parse(
+            &minimal(key.path()),
+            &[
+                ("SD_AGENT_POLL_MAX_JOBS", "3"),
+                ("SD_AGENT_EXECUTOR_MAX_IN_FLIGHT", "7"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(base.changed_sections(&more), ["poll", "executor"]);
     }
 
     #[test]
