@@ -9,9 +9,14 @@
 //! - scheduler replicas and agents are killed with SIGKILL and started again;
 //! - the master Redis and the clusters' local Redis are killed and restarted from their AOF.
 //!
-//! Afterwards, with every fault healed, each build must have been launched exactly once or
-//! reported failed with a reason; none may run on two clusters, and the external cluster may only
-//! ever run builds of the organization it lists. The figures are printed at the end.
+//! Afterwards, with every fault healed, each build must have been launched exactly once or,
+//! never launched, reported to the Screwdriver API as FAILURE with a message (a reason only in
+//! the scheduler's database is not enough: nobody would learn of it); none may run on two
+//! clusters, and the external cluster may only ever run builds of the organization it lists.
+//! The verdict is taken after a quiet period longer than the longest redelivery path the suite
+//! configures, so a late duplicate is caught. No scheduler or agent may exit by itself: each
+//! such exit is a violation, shown with the end of its log. The figures are printed at the end
+//! (`scripts/test` runs this suite with `--nocapture`, so they show when it passes too).
 //!
 //! And the scheduler must hear the end of every launched build ("state not final" otherwise):
 //! agents keep build events in an outbox in their local Redis until reported, so no fault loses
@@ -53,8 +58,52 @@ const SETTLE_TIMEOUT: Duration = Duration::from_secs(90);
 /// Once every build launched or failed: how long the scheduler gets to hear their ends (an
 /// agent killed mid-report leaves it to the next one once its 30 s claim lapses).
 const STATE_TIMEOUT: Duration = Duration::from_secs(60);
-/// After everything settled: time for a late duplicate to show up.
-const QUIET_PERIOD: Duration = Duration::from_secs(4);
+
+// Timings the suite configures (production values scaled down to seconds), and the one it
+// cannot configure: together they bound how late a redelivery can still launch a build.
+/// `queue.visibility_timeout`: an unacknowledged delivery is redelivered after this.
+const VISIBILITY_TIMEOUT: Duration = Duration::from_secs(3);
+/// `queue.nack_backoff_max`: a nacked delivery waits at most this before it is ready again.
+const NACK_BACKOFF_MAX: Duration = Duration::from_secs(3);
+/// `reconciler.grace` and `reconciler.interval`: a build dispatched but never heard to start
+/// is queued again after the grace, found on the next round.
+const RECONCILER_GRACE: Duration = Duration::from_secs(10);
+const RECONCILER_INTERVAL: Duration = Duration::from_secs(2);
+/// The agents' `executor.launch_lease`: a local job whose launcher died is handed out again
+/// after this.
+const LAUNCH_LEASE: Duration = Duration::from_secs(5);
+/// The agents' `poll.wait`.
+const POLL_WAIT: Duration = Duration::from_secs(2);
+/// The agents' outbox claim lease and sweep (`CLAIM_LEASE`, `SWEEP_EVERY` in
+/// agent/src/watcher.rs, not configurable): events a killed agent was reporting are taken over
+/// by the next one within their sum.
+const OUTBOX_CLAIM_LEASE: Duration = Duration::from_secs(30);
+const OUTBOX_SWEEP: Duration = Duration::from_secs(5);
+/// The longest way a build can still reach a launcher late: queued again by the reconciler,
+/// its lease lapsing on the master queue, a nack back-off, a poll, its lease lapsing on the
+/// local queue.
+const REDELIVERY_PATH: Duration = RECONCILER_GRACE
+    .saturating_add(RECONCILER_INTERVAL)
+    .saturating_add(VISIBILITY_TIMEOUT)
+    .saturating_add(NACK_BACKOFF_MAX)
+    .saturating_add(POLL_WAIT)
+    .saturating_add(LAUNCH_LEASE);
+/// After everything settled: time for a late duplicate, or a late event undoing a final state,
+/// to show up — longer than the redelivery path and than a report's takeover.
+const QUIET_PERIOD: Duration = max_duration(
+    REDELIVERY_PATH,
+    OUTBOX_CLAIM_LEASE.saturating_add(OUTBOX_SWEEP),
+)
+.saturating_add(Duration::from_secs(2));
+
+const fn max_duration(a: Duration, b: Duration) -> Duration {
+    if a.as_nanos() > b.as_nanos() { a } else { b }
+}
+
+/// A duration as the binaries' config reads it.
+fn config_duration(d: Duration) -> String {
+    format!("{}ms", d.as_millis())
+}
 
 const SCM: &str = "github:github.com";
 /// The external cluster and the one organization it lists.
@@ -136,6 +185,8 @@ fn files_under(dir: &Path) -> Vec<PathBuf> {
 
 /// A real process of ours that can be killed with SIGKILL and started again the same way.
 struct Proc {
+    /// What it is, for messages ("scheduler 0", "agent of linux-a").
+    what: String,
     program: PathBuf,
     args: Vec<String>,
     env: Vec<(String, String)>,
@@ -143,9 +194,38 @@ struct Proc {
     child: Option<Child>,
 }
 
+/// A process of ours that exited without being killed. Neither binary exits by itself under
+/// these faults: the scheduler only at start-up when its database or port is unusable (not
+/// faulted here), the agent only at start-up for an unusable config, port or work dir — both
+/// connect to Redis lazily and ride out cuts and restarts. So each one is a violation.
+struct SelfExit {
+    what: String,
+    status: String,
+    at: f64,
+    log: PathBuf,
+    /// The last lines of its log when the exit was noticed.
+    tail: String,
+}
+
+static SELF_EXITS: Mutex<Vec<SelfExit>> = Mutex::new(Vec::new());
+
+/// The last `n` lines of a log file.
+fn tail(path: &Path, n: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
 impl Proc {
-    fn new(program: &Path, args: &[&str], env: Vec<(String, String)>, log: PathBuf) -> Self {
+    fn new(
+        what: &str,
+        program: &Path,
+        args: &[&str],
+        env: Vec<(String, String)>,
+        log: PathBuf,
+    ) -> Self {
         Self {
+            what: what.to_owned(),
             program: program.to_path_buf(),
             args: args.iter().map(|a| (*a).to_owned()).collect(),
             env,
@@ -177,40 +257,45 @@ impl Proc {
         }));
     }
 
+    /// Whether it exited without being killed; such an exit is recorded (a violation) and the
+    /// child forgotten.
+    fn exited_by_itself(&mut self) -> bool {
+        let Some(child) = self.child.as_mut() else {
+            return false;
+        };
+        let Ok(Some(status)) = child.try_wait() else {
+            return false;
+        };
+        self.child = None;
+        eprintln!(
+            "faults: t+{:>5.1}s {} had exited by itself ({status}); see {}",
+            elapsed_since_start(),
+            self.what,
+            self.log.display()
+        );
+        lock(&SELF_EXITS).push(SelfExit {
+            what: self.what.clone(),
+            status: status.to_string(),
+            at: elapsed_since_start(),
+            log: self.log.clone(),
+            tail: tail(&self.log, 15),
+        });
+        true
+    }
+
     /// `kill -9`, and reap it.
     fn kill9(&mut self) {
+        self.exited_by_itself();
         if let Some(mut child) = self.child.take() {
-            if let Ok(Some(status)) = child.try_wait() {
-                SELF_EXITS.fetch_add(1, Ordering::Relaxed);
-                eprintln!(
-                    "faults: {} had exited by itself ({status}); see {}",
-                    self.program.display(),
-                    self.log.display()
-                );
-            }
             let _ = child.kill();
             let _ = child.wait();
         }
     }
 
-    /// Running now; a process that exited by itself is reported (and its exit kept in the log).
-    fn ensure_running(&mut self, what: &str) {
-        let exited = match self.child.as_mut() {
-            None => true,
-            Some(child) => match child.try_wait() {
-                Ok(Some(status)) => {
-                    SELF_EXITS.fetch_add(1, Ordering::Relaxed);
-                    eprintln!(
-                        "faults: {what} had exited by itself ({status}); see {}; starting it again",
-                        self.log.display()
-                    );
-                    true
-                }
-                _ => false,
-            },
-        };
-        if exited {
-            self.child = None;
+    /// Running now: started again when it is not (an exit by itself is recorded).
+    fn ensure_running(&mut self) {
+        self.exited_by_itself();
+        if self.child.is_none() {
             self.start();
         }
     }
@@ -324,14 +409,26 @@ impl World {
                     launcher_key.display().to_string(),
                 ),
                 // Production timings scaled down to seconds.
-                ("SD_SCHEDULER_QUEUE_VISIBILITY_TIMEOUT".into(), "3s".into()),
+                (
+                    "SD_SCHEDULER_QUEUE_VISIBILITY_TIMEOUT".into(),
+                    config_duration(VISIBILITY_TIMEOUT),
+                ),
                 ("SD_SCHEDULER_QUEUE_MAX_ATTEMPTS".into(), "10".into()),
                 ("SD_SCHEDULER_QUEUE_NACK_BACKOFF".into(), "500ms".into()),
-                ("SD_SCHEDULER_QUEUE_NACK_BACKOFF_MAX".into(), "3s".into()),
+                (
+                    "SD_SCHEDULER_QUEUE_NACK_BACKOFF_MAX".into(),
+                    config_duration(NACK_BACKOFF_MAX),
+                ),
                 ("SD_SCHEDULER_HA_CLUSTER_DEAD_AFTER".into(), "6s".into()),
                 ("SD_SCHEDULER_HA_CHECK_INTERVAL".into(), "1s".into()),
-                ("SD_SCHEDULER_RECONCILER_GRACE".into(), "10s".into()),
-                ("SD_SCHEDULER_RECONCILER_INTERVAL".into(), "2s".into()),
+                (
+                    "SD_SCHEDULER_RECONCILER_GRACE".into(),
+                    config_duration(RECONCILER_GRACE),
+                ),
+                (
+                    "SD_SCHEDULER_RECONCILER_INTERVAL".into(),
+                    config_duration(RECONCILER_INTERVAL),
+                ),
                 ("SD_SCHEDULER_REGISTRY_RELOAD_INTERVAL".into(), "2s".into()),
                 (
                     "SD_SCHEDULER_SCREWDRIVER_REPORT_TIMEOUT".into(),
@@ -344,6 +441,7 @@ impl World {
                 env.push((key_var(name), key.public_pem.clone()));
             }
             let mut proc = Proc::new(
+                &format!("scheduler {i}"),
                 &scheduler_bin,
                 &[],
                 env,
@@ -505,8 +603,8 @@ impl World {
             {
                 master.restart().expect("restart master redis");
             }
-            for (i, s) in self.schedulers.iter().enumerate() {
-                lock(s).ensure_running(&format!("scheduler {i}"));
+            for s in &self.schedulers {
+                lock(s).ensure_running();
             }
             for c in &self.clusters {
                 c.redis_proxy.restore();
@@ -519,7 +617,7 @@ impl World {
                     local.restart().expect("restart local redis");
                 }
                 drop(local);
-                lock(&c.agent).ensure_running(&format!("agent of {}", c.name));
+                lock(&c.agent).ensure_running();
             }
         });
     }
@@ -612,9 +710,9 @@ impl Cluster {
                  [cluster]\nname = \"{name}\"\n\
                  [scheduler]\nurl = \"{scheduler}\"\nrequest_timeout = \"3s\"\n\
                  [auth]\nprivate_key_file = \"{key}\"\n\
-                 [poll]\nwait = \"2s\"\nmax_jobs = 10\n\
+                 [poll]\nwait = \"{poll_wait}\"\nmax_jobs = 10\n\
                  [redis]\nurl = \"{redis}\"\n\
-                 [executor]\nkind = \"process\"\nmax_in_flight = 20\nlaunch_lease = \"5s\"\n\
+                 [executor]\nkind = \"process\"\nmax_in_flight = 20\nlaunch_lease = \"{launch_lease}\"\n\
                  [executor.process]\ncommand = [\"/bin/sh\", \"{script}\"]\nwork_dir = \"{work}\"\n\
                  [health]\nlisten = \"127.0.0.1:{health}\"\n\
                  [log]\nformat = \"json\"\nlevel = \"info\"\n",
@@ -624,11 +722,14 @@ impl Cluster {
                 script = script.display(),
                 work = home.join("work").display(),
                 health = free_port(),
+                poll_wait = config_duration(POLL_WAIT),
+                launch_lease = config_duration(LAUNCH_LEASE),
             ),
         )
         .expect("write agent config");
         let config_arg = config.display().to_string();
         let agent = Proc::new(
+            &format!("agent of {name}"),
             agent_bin,
             &["--config", &config_arg, "run"],
             Vec::new(),
@@ -931,8 +1032,6 @@ fn target_name(world: &World, fault: &Fault) -> String {
 }
 
 static START_MS: AtomicU64 = AtomicU64::new(0);
-/// Processes of ours found dead without having been killed (a crash under faults).
-static SELF_EXITS: AtomicU64 = AtomicU64::new(0);
 
 fn now_ms() -> u64 {
     SystemTime::now()
@@ -948,10 +1047,17 @@ fn elapsed_since_start() -> f64 {
 
 #[derive(Default, Debug)]
 struct Verdict {
+    /// Launches the clusters' launchers recorded, over all accepted builds.
+    launches: u32,
     launched_once: Vec<u64>,
     /// Launched once, then ended as a failure (its exit code, or its agent died under it).
     launched_then_failed: Vec<u64>,
+    /// Never launched, and the Screwdriver API received FAILURE with a message for it.
     failed_with_reason: Vec<u64>,
+    /// Never launched and the scheduler gave it up with a reason (state `failed`), but the
+    /// Screwdriver API never received FAILURE for it: the user would never learn.
+    failed_unreported: Vec<(u64, String)>,
+    /// Never launched, and no reason anywhere.
     lost: Vec<u64>,
     duplicated: Vec<(u64, u32)>,
     two_clusters: Vec<(u64, Vec<&'static str>)>,
@@ -967,6 +1073,7 @@ impl Verdict {
         self.lost
             .iter()
             .copied()
+            .chain(self.failed_unreported.iter().map(|(id, _)| *id))
             .chain(self.duplicated.iter().map(|(id, _)| *id))
             .chain(self.two_clusters.iter().map(|(id, _)| *id))
             .chain(self.wrong_cluster.iter().map(|(id, _)| *id))
@@ -982,7 +1089,8 @@ async fn judge(world: &World, accepted: &[BuildSpec], refused: &[BuildSpec]) -> 
     let lists: HashMap<&'static str, Option<&'static str>> =
         world.clusters.iter().map(|c| (c.name, c.org)).collect();
     let rows = world.rows().await;
-    let failures = world.failures();
+    // What the Screwdriver API was told: only this makes a failure visible to the user.
+    let reported = world.failures();
     let mut v = Verdict::default();
     for spec in accepted {
         let on: Vec<(&'static str, u32)> = runs
@@ -990,12 +1098,13 @@ async fn judge(world: &World, accepted: &[BuildSpec], refused: &[BuildSpec]) -> 
             .filter_map(|(name, r)| r.get(&spec.id).map(|n| (*name, *n)))
             .collect();
         let total: u32 = on.iter().map(|(_, n)| n).sum();
+        v.launches += total;
         let row = rows.get(&spec.id);
         let state = row.map_or("absent", |r| r.0.as_str());
         let db_reason = row
             .and_then(|r| r.1.clone())
             .filter(|r| !r.is_empty() && state == "failed");
-        let reason = failures.get(&spec.id).cloned().or(db_reason);
+        let reported = reported.get(&spec.id);
         if total > 1 {
             v.duplicated.push((spec.id, total));
         }
@@ -1017,19 +1126,19 @@ async fn judge(world: &World, accepted: &[BuildSpec], refused: &[BuildSpec]) -> 
         }
         if total == 1 {
             v.launched_once.push(spec.id);
-            if state == "failed" || reason.is_some() {
+            if state == "failed" || reported.is_some() {
                 v.launched_then_failed.push(spec.id);
             }
         } else if total == 0 {
-            if reason.is_some() {
-                v.failed_with_reason.push(spec.id);
-            } else {
-                v.lost.push(spec.id);
+            match (reported, db_reason) {
+                (Some(_), _) => v.failed_with_reason.push(spec.id),
+                (None, Some(reason)) => v.failed_unreported.push((spec.id, reason)),
+                (None, None) => v.lost.push(spec.id),
             }
         }
         if total >= 1
             && !matches!(state, "finished" | "failed" | "stopped" | "collapsed")
-            && reason.is_none()
+            && reported.is_none()
         {
             v.state_not_final.push((spec.id, state.to_owned()));
         }
@@ -1040,6 +1149,133 @@ async fn judge(world: &World, accepted: &[BuildSpec], refused: &[BuildSpec]) -> 
         }
     }
     v
+}
+
+/// The figures, as a short table: `n` alone when all is well, `n  [ids…]` otherwise.
+struct Figures {
+    seed: u64,
+    accepted: usize,
+    refused: usize,
+    faults: BTreeMap<Kind, u32>,
+    proxies: ProxyStats,
+    verdict: Verdict,
+    misrouted_at_intake: Vec<(u64, String)>,
+    self_exits: Vec<String>,
+    elapsed: Duration,
+}
+
+impl std::fmt::Display for Figures {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        fn row(
+            f: &mut std::fmt::Formatter<'_>,
+            label: &str,
+            n: usize,
+            ids: String,
+        ) -> std::fmt::Result {
+            if n == 0 {
+                writeln!(f, "  {label:<40}{n}")
+            } else {
+                writeln!(f, "  {label:<40}{n}  {ids}")
+            }
+        }
+        let v = &self.verdict;
+        let p = &self.proxies;
+        writeln!(f, "\n=== fault suite figures ===")?;
+        writeln!(
+            f,
+            "  {:<40}{} (SD_FAULT_SEED={} replays the schedule)",
+            "seed", self.seed, self.seed
+        )?;
+        writeln!(
+            f,
+            "  {:<40}{:.1} s (of which quiet period {} s)",
+            "elapsed",
+            self.elapsed.as_secs_f64(),
+            QUIET_PERIOD.as_secs()
+        )?;
+        writeln!(f, "  {:<40}{}", "builds accepted", self.accepted)?;
+        writeln!(
+            f,
+            "  {:<40}{} (403 at intake)",
+            "builds refused", self.refused
+        )?;
+        let total: u32 = self.faults.values().sum();
+        writeln!(f, "  {:<40}{total}", "faults injected")?;
+        for kind in Kind::ALL {
+            writeln!(
+                f,
+                "    {:<38}{}",
+                kind.label(),
+                self.faults.get(&kind).copied().unwrap_or(0)
+            )?;
+        }
+        writeln!(
+            f,
+            "    {:<38}{} ({} reset, {} refused while cut, {} blackholed)",
+            "proxied connections", p.accepted, p.reset, p.refused, p.blackholed
+        )?;
+        writeln!(
+            f,
+            "  {:<40}{} ({} builds launched once, {} of them then failed)",
+            "launches",
+            v.launches,
+            v.launched_once.len(),
+            v.launched_then_failed.len()
+        )?;
+        row(
+            f,
+            "never launched, FAILURE reported",
+            v.failed_with_reason.len(),
+            format!("{:?}", v.failed_with_reason),
+        )?;
+        row(
+            f,
+            "never launched, FAILURE not sent",
+            v.failed_unreported.len(),
+            format!("{:?}", v.failed_unreported),
+        )?;
+        row(f, "lost", v.lost.len(), format!("{:?}", v.lost))?;
+        row(
+            f,
+            "duplicated",
+            v.duplicated.len(),
+            format!("{:?}", v.duplicated),
+        )?;
+        row(
+            f,
+            "on two clusters",
+            v.two_clusters.len(),
+            format!("{:?}", v.two_clusters),
+        )?;
+        row(
+            f,
+            "wrong cluster / organization",
+            v.wrong_cluster.len() + self.misrouted_at_intake.len(),
+            format!(
+                "ran: {:?}; routed at intake: {:?}",
+                v.wrong_cluster, self.misrouted_at_intake
+            ),
+        )?;
+        row(
+            f,
+            "refused, yet recorded or run",
+            v.refused_but_ran.len(),
+            format!("{:?}", v.refused_but_ran),
+        )?;
+        row(
+            f,
+            "launched, end not heard",
+            v.state_not_final.len(),
+            format!("{:?}", v.state_not_final),
+        )?;
+        row(
+            f,
+            "processes exited by themselves",
+            self.self_exits.len(),
+            format!("{:?}", self.self_exits),
+        )?;
+        Ok(())
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -1107,8 +1343,9 @@ async fn every_build_launched_once_or_failed_with_a_reason_under_faults() {
     );
     world.heal();
 
-    // Every build ends: launched, or failed with a reason; then the scheduler hears the end of
-    // those that were launched (bounded: a lost end event is reported, not waited for).
+    // Every build ends: launched, or failed with a reason Screwdriver was told; then the
+    // scheduler hears the end of those that were launched (bounded: a lost end event is
+    // reported, not waited for).
     let settle_deadline = Instant::now() + SETTLE_TIMEOUT;
     let mut final_deadline = None;
     let mut next_report = Instant::now() + Duration::from_secs(10);
@@ -1118,7 +1355,9 @@ async fn every_build_launched_once_or_failed_with_a_reason_under_faults() {
         if verdict.lost.is_empty() && final_deadline.is_none() {
             final_deadline = Some(now + STATE_TIMEOUT);
         }
-        let done = verdict.lost.is_empty() && verdict.state_not_final.is_empty();
+        let done = verdict.lost.is_empty()
+            && verdict.failed_unreported.is_empty()
+            && verdict.state_not_final.is_empty();
         let out_of_time = now >= settle_deadline || final_deadline.is_some_and(|d| now >= d);
         if done || out_of_time {
             eprintln!(
@@ -1135,16 +1374,30 @@ async fn every_build_launched_once_or_failed_with_a_reason_under_faults() {
         if now >= next_report {
             next_report += Duration::from_secs(10);
             eprintln!(
-                "faults: t+{:.1}s still waiting: not launched {:?}; launched, state not final {:?}",
+                "faults: t+{:.1}s still waiting: not launched {:?}; failed, FAILURE not sent yet {:?}; launched, state not final {:?}",
                 started.elapsed().as_secs_f64(),
                 verdict.lost,
+                verdict.failed_unreported,
                 verdict.state_not_final
             );
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
         world.heal();
     }
-    tokio::time::sleep(QUIET_PERIOD).await;
+    // Quiet: no faults; anything still travelling (a redelivery, a report taken over from a
+    // dead agent) arrives now. Processes are watched meanwhile: none may exit by itself.
+    eprintln!(
+        "faults: t+{:.1}s quiet for {} s (longer than the longest redelivery path, {} s, and a report's takeover, {} s)",
+        started.elapsed().as_secs_f64(),
+        QUIET_PERIOD.as_secs(),
+        REDELIVERY_PATH.as_secs(),
+        (OUTBOX_CLAIM_LEASE + OUTBOX_SWEEP).as_secs()
+    );
+    let quiet_until = Instant::now() + QUIET_PERIOD;
+    while Instant::now() < quiet_until {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        world.heal();
+    }
     let verdict = judge(&world, &accepted, &refused).await;
     let elapsed = started.elapsed();
 
@@ -1162,102 +1415,55 @@ async fn every_build_launched_once_or_failed_with_a_reason_under_faults() {
         proxies.refused += s.refused;
         proxies.blackholed += s.blackholed;
     }
-    let total_faults: u32 = counts.values().sum();
-    let ids = |v: &[u64]| format!("{v:?}");
-    let mut figures = String::new();
-    figures.push_str(&format!("\n=== fault suite figures (seed {seed}) ===\n"));
-    figures.push_str(&format!(
-        "builds submitted        {SUBMISSIONS} ({} accepted, {} refused at intake with 403)\n",
-        accepted.len(),
-        refused.len()
-    ));
-    figures.push_str(&format!("faults injected         {total_faults}\n"));
-    for kind in Kind::ALL {
-        figures.push_str(&format!(
-            "  {:<38}{}\n",
-            kind.label(),
-            counts.get(&kind).copied().unwrap_or(0)
-        ));
-    }
-    figures.push_str(&format!(
-        "  proxied connections {} · reset by cuts {} · refused while cut {} · blackholed {}\n",
-        proxies.accepted, proxies.reset, proxies.refused, proxies.blackholed
-    ));
-    figures.push_str(&format!(
-        "  processes that exited by themselves {}\n",
-        SELF_EXITS.load(Ordering::Relaxed)
-    ));
-    figures.push_str(&format!(
-        "launched exactly once   {} (of which then failed: {})\n",
-        verdict.launched_once.len(),
-        verdict.launched_then_failed.len()
-    ));
-    figures.push_str(&format!(
-        "failed with a reason    {} (never launched) {}\n",
-        verdict.failed_with_reason.len(),
-        if verdict.failed_with_reason.is_empty() {
-            String::new()
-        } else {
-            ids(&verdict.failed_with_reason)
-        }
-    ));
-    figures.push_str(&format!(
-        "lost                    {} {}\n",
-        verdict.lost.len(),
-        ids(&verdict.lost)
-    ));
-    figures.push_str(&format!(
-        "duplicated              {} {:?}\n",
-        verdict.duplicated.len(),
-        verdict.duplicated
-    ));
-    figures.push_str(&format!(
-        "on two clusters         {} {:?}\n",
-        verdict.two_clusters.len(),
-        verdict.two_clusters
-    ));
-    figures.push_str(&format!(
-        "wrong cluster           {} {:?} (routed at intake: {:?})\n",
-        verdict.wrong_cluster.len(),
-        verdict.wrong_cluster,
-        misrouted_at_intake
-    ));
-    figures.push_str(&format!(
-        "refused yet recorded    {} {}\n",
-        verdict.refused_but_ran.len(),
-        ids(&verdict.refused_but_ran)
-    ));
-    figures.push_str(&format!(
-        "state not final         {} {:?} (launched; the scheduler did not hear the end)\n",
-        verdict.state_not_final.len(),
-        verdict.state_not_final
-    ));
-    figures.push_str(&format!(
-        "elapsed                 {:.1} s\n",
-        elapsed.as_secs_f64()
-    ));
+    let mut exits = String::new();
+    let self_exits: Vec<String> = lock(&SELF_EXITS)
+        .iter()
+        .map(|e| {
+            exits.push_str(&format!(
+                "=== {} exited by itself at t+{:.1}s ({}); last lines of {}:\n{}\n",
+                e.what,
+                e.at,
+                e.status,
+                e.log.display(),
+                e.tail
+            ));
+            format!("{} at t+{:.1}s", e.what, e.at)
+        })
+        .collect();
+    let mut offending = verdict.offending();
+    offending.extend(misrouted_at_intake.iter().map(|(id, _)| *id));
+    let figures = Figures {
+        seed,
+        accepted: accepted.len(),
+        refused: refused.len(),
+        faults: counts,
+        proxies,
+        verdict,
+        misrouted_at_intake,
+        self_exits,
+        elapsed,
+    };
     eprintln!("{figures}");
 
     if std::env::var_os("SD_FAULT_KEEP_LOGS").is_some() {
         eprintln!("faults: logs kept in {}", world.keep_logs(seed).display());
     }
-    let mut offending = verdict.offending();
-    offending.extend(misrouted_at_intake.iter().map(|(id, _)| *id));
-    if !offending.is_empty() {
+    if !offending.is_empty() || !figures.self_exits.is_empty() {
         let mut trails = String::new();
         for id in offending.iter().take(5) {
             trails.push_str(&format!("=== build {id}\n{}", world.trail(*id)));
         }
         let kept = world.keep_logs(seed);
         panic!(
-            "fault suite: {} build(s) break an invariant: {offending:?} (seed {seed}; logs kept in {}):{figures}\n{trails}",
+            "fault suite: {} build(s) break an invariant: {offending:?}; {} process(es) exited by themselves (seed {seed}; logs kept in {}):{figures}\n{exits}{trails}",
             offending.len(),
+            figures.self_exits.len(),
             kept.display()
         );
     }
     assert!(
-        accepted.len() >= 200,
+        figures.accepted >= 200,
         "at least 200 builds must be accepted, got {}",
-        accepted.len()
+        figures.accepted
     );
 }
