@@ -1,0 +1,482 @@
+//! The agent's real pieces end to end, without the scheduler: jobs on the local queue (a real
+//! redis-server) → `Launcher` → `KubernetesExecutor` (the real `kube` client against the fake
+//! pods API) → `Watcher` → `Outbox` → a recording scheduler events endpoint and
+//! `FakeScrewdriver`. For every reason a build cannot start, exactly one FAILURE reaches
+//! Screwdriver, naming the reason (and the pod's events); a healthy build sends none.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use jsonwebtoken::Algorithm;
+use sd_agent::config::{KubernetesConfig, ScrewdriverConfig};
+use sd_agent::executor::Executor;
+use sd_agent::executor::kubernetes::{KubernetesExecutor, WatchOptions};
+use sd_agent::launcher::Launcher;
+use sd_agent::local::LocalQueue;
+use sd_agent::outbox::Outbox;
+use sd_agent::scheduler_client::SchedulerClient;
+use sd_agent::signer::Signer;
+use sd_agent::watcher::Watcher;
+use sd_protocol::{JobKind, QueueMessage, SigningAlgorithm};
+use sd_testkit::kube_api::FakeKube;
+use sd_testkit::{BuildUpdate, ClusterKeys, FakeScrewdriver, RedisServer, eventually};
+use serde_json::{Value, json};
+use tokio::sync::{Notify, mpsc};
+use tokio_util::sync::CancellationToken;
+
+const CLUSTER: &str = "k8s-east";
+const TOKEN: &str = "eyJhbGciOiJSUzI1NiJ9.launcher.signature";
+const HOUR: Duration = Duration::from_secs(3600);
+const WAIT: Duration = Duration::from_secs(20);
+
+/// One build event the scheduler stub received.
+#[derive(Debug, Clone)]
+struct SchedulerEvent {
+    cluster: String,
+    build_id: u64,
+    event: String,
+    message: Option<String>,
+}
+
+/// `POST /v1/jobs/{cluster}/events`, recorded.
+async fn scheduler_stub() -> (String, Arc<Mutex<Vec<SchedulerEvent>>>) {
+    async fn event(
+        State(seen): State<Arc<Mutex<Vec<SchedulerEvent>>>>,
+        Path(cluster): Path<String>,
+        axum::Json(body): axum::Json<Value>,
+    ) -> (StatusCode, axum::Json<Value>) {
+        seen.lock().unwrap().push(SchedulerEvent {
+            cluster,
+            build_id: body["buildId"].as_u64().unwrap_or(0),
+            event: body["event"].as_str().unwrap_or_default().to_owned(),
+            message: body["statusMessage"].as_str().map(str::to_owned),
+        });
+        (StatusCode::OK, axum::Json(json!({})))
+    }
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let app = axum::Router::new()
+        .route("/v1/jobs/{cluster}/events", axum::routing::post(event))
+        .with_state(Arc::clone(&seen));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    (url, seen)
+}
+
+/// The agent's launch-and-report half, wired as `app::run` wires it.
+struct Agent {
+    kube: FakeKube,
+    screwdriver: FakeScrewdriver,
+    scheduler: Arc<Mutex<Vec<SchedulerEvent>>>,
+    local: LocalQueue,
+    outbox: Outbox,
+    stop: CancellationToken,
+    _redis: RedisServer,
+}
+
+impl Agent {
+    async fn start(config: KubernetesConfig) -> Self {
+        let redis = RedisServer::start().unwrap();
+        let kube = FakeKube::start().await;
+        let screwdriver = FakeScrewdriver::start().await;
+        let (scheduler_url, scheduler) = scheduler_stub().await;
+        let local = LocalQueue::connect(&redis.url(), CLUSTER, Duration::from_secs(30))
+            .await
+            .unwrap();
+        let keys = ClusterKeys::generate(Algorithm::ES256);
+        let signer = Signer::from_pem(
+            CLUSTER,
+            SigningAlgorithm::ES256,
+            Duration::from_secs(300),
+            None,
+            None,
+            keys.private_pem.as_bytes(),
+        )
+        .unwrap();
+        let client = SchedulerClient::new(
+            &scheduler_url,
+            CLUSTER,
+            Arc::new(signer),
+            None,
+            Duration::from_secs(5),
+        )
+        .unwrap();
+
+        let stop = CancellationToken::new();
+        let (events_tx, events_rx) = mpsc::unbounded_channel();
+        let kube_client =
+            kube::Client::try_from(kube::Config::new(kube.url.parse().unwrap())).unwrap();
+        let executor = KubernetesExecutor::with_client_options(
+            kube_client,
+            &config,
+            &ScrewdriverConfig {
+                store_uri: "https://store.sd.example".into(),
+                ui_uri: "https://cd.sd.example".into(),
+            },
+            events_tx.clone(),
+            WatchOptions {
+                check_interval: Duration::from_millis(20),
+                request_timeout: Duration::from_secs(5),
+                cancel: stop.clone(),
+            },
+        );
+        let executor = Arc::new(Executor::Kubernetes(executor));
+        let capacity = Arc::new(Notify::new());
+        tokio::spawn(
+            Launcher {
+                local: local.clone(),
+                outbox: Outbox::new(local.queues().connection()),
+                executor: Arc::clone(&executor),
+                events: events_tx,
+                max_in_flight: 50,
+            }
+            .run(stop.clone()),
+        );
+        // The watcher ends with its events channel: once launcher and executor are gone.
+        tokio::spawn(
+            Watcher {
+                client,
+                local: local.clone(),
+                outbox: Outbox::new(local.queues().connection()),
+                http: reqwest::Client::new(),
+                capacity,
+            }
+            .run(events_rx),
+        );
+        eventually(WAIT, || async {
+            kube.requests().iter().any(|r| r.is_watch()).then_some(())
+        })
+        .await
+        .expect("the executor opens a watch on build pods");
+        Self {
+            outbox: Outbox::new(local.queues().connection()),
+            kube,
+            screwdriver,
+            scheduler,
+            local,
+            stop,
+            _redis: redis,
+        }
+    }
+
+    /// Puts a start message on the local queue, as the fetcher does after a poll.
+    async fn submit(&self, id: u64) {
+        let message = QueueMessage {
+            job: JobKind::Start,
+            build_config: json!({
+                "buildId": id, "jobId": 1000 + id, "eventId": 775, "jobName": "main",
+                "pipeline": {"id": 42, "name": "mobile/app", "scmContext": "github:github.com"},
+                "apiUri": self.screwdriver.url, "container": "node:20",
+                "annotations": {}, "token": TOKEN,
+            }),
+            queued_at: None,
+            received_at: None,
+        };
+        self.local.push(&message).await.unwrap();
+    }
+
+    async fn wait_pod(&self, id: u64) -> String {
+        let name = format!("sd-{id}");
+        eventually(WAIT, || async { self.kube.pod(&name).map(|_| ()) })
+            .await
+            .unwrap_or_else(|| panic!("the launcher created no pod for build {id}"));
+        name
+    }
+
+    fn failures(&self, id: u64) -> Vec<BuildUpdate> {
+        self.screwdriver
+            .updates()
+            .into_iter()
+            .filter(|u| u.build_id == id)
+            .collect()
+    }
+
+    /// The FAILURE Screwdriver received for `id` (waits for one).
+    async fn wait_failure(&self, id: u64) -> String {
+        let update = self
+            .screwdriver
+            .wait_for(id, WAIT)
+            .await
+            .unwrap_or_else(|| {
+                panic!(
+                    "no FAILURE reached Screwdriver for build {id}; scheduler saw {:?}",
+                    self.events_of(id)
+                )
+            });
+        assert_eq!(update.body["status"], "FAILURE", "{:?}", update.body);
+        assert_eq!(update.authorization, format!("Bearer {TOKEN}"));
+        update.body["statusMessage"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    }
+
+    fn events_of(&self, id: u64) -> Vec<SchedulerEvent> {
+        self.scheduler
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|e| e.build_id == id)
+            .cloned()
+            .collect()
+    }
+
+    /// A healthy build through the whole path: launched, running, finished, both reported.
+    /// Everything the watch saw before it has been handled by then.
+    async fn healthy(&self, id: u64) {
+        self.submit(id).await;
+        let pod = self.wait_pod(id).await;
+        self.kube.set_phase(&pod, "Running");
+        self.wait_event(id, "running").await;
+        self.kube.terminate(&pod, 0);
+        self.wait_event(id, "finished").await;
+    }
+
+    async fn wait_event(&self, id: u64, event: &str) {
+        eventually(WAIT, || async {
+            self.events_of(id)
+                .iter()
+                .any(|e| e.event == event)
+                .then_some(())
+        })
+        .await
+        .unwrap_or_else(|| {
+            panic!(
+                "the scheduler never heard {event} for build {id}: {:?}",
+                self.events_of(id)
+            )
+        });
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+fn config() -> KubernetesConfig {
+    KubernetesConfig {
+        namespace: "builds".into(),
+        prefix: "sd-".into(),
+        launcher_image: "screwdrivercd/launcher:v6".into(),
+        // Age-based rules fire by backdating pods, never by waiting.
+        pending_timeout: HOUR,
+        image_pull_grace: HOUR,
+        finished_pod_ttl: HOUR,
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_reason_a_build_cannot_start_reaches_screwdriver_once_and_a_healthy_build_never() {
+    let agent = Agent::start(config()).await;
+    // Reasons reported: (build, what the test did, what the FAILURE must say).
+    let mut expected: Vec<(u64, &str, Vec<String>)> = Vec::new();
+
+    // The pod spec is rejected on create (422 Invalid, 400 BadRequest): no pod, one FAILURE.
+    for (id, code, message) in [
+        (
+            80,
+            422,
+            "Pod \"sd-80\" is invalid: spec.containers[0].image: Invalid value: \"NOPE::\"",
+        ),
+        (
+            81,
+            400,
+            "the body of the request was not valid: spec.volumes[0] is malformed",
+        ),
+    ] {
+        agent.kube.fail_next("POST", "/pods", code, message);
+        agent.submit(id).await;
+        agent.wait_failure(id).await;
+        assert!(agent.kube.pod(&format!("sd-{id}")).is_none());
+        expected.push((
+            id,
+            "rejected on create",
+            vec![
+                "Build could not be started".into(),
+                format!("Kubernetes rejected pod sd-{id}"),
+                message.into(),
+            ],
+        ));
+    }
+
+    // Containers that cannot start: fatal at once, with the pod's events.
+    let fatal = [
+        (
+            21,
+            "build",
+            "ErrImagePull",
+            "rpc error: pull access denied for nope",
+        ),
+        (
+            22,
+            "build",
+            "InvalidImageName",
+            "couldn't parse image reference \"NOPE::\"",
+        ),
+        (
+            23,
+            "build",
+            "CrashLoopBackOff",
+            "back-off 10s restarting failed container",
+        ),
+        (
+            24,
+            "build",
+            "CreateContainerConfigError",
+            "secret \"missing\" not found",
+        ),
+        (25, "launcher", "ErrImagePull", "launcher image not found"),
+    ];
+    for (id, container, reason, message) in fatal {
+        agent.submit(id).await;
+        let pod = agent.wait_pod(id).await;
+        agent
+            .kube
+            .add_event(&pod, "Failed", &format!("Error: {reason} for {pod}"));
+        agent.kube.set_waiting(&pod, container, reason, message);
+        expected.push((
+            id,
+            reason,
+            vec![
+                format!("Build failed to start: {reason} ("),
+                message.into(),
+                format!("Pod events: Failed: Error: {reason} for {pod}"),
+            ],
+        ));
+    }
+
+    // ImagePullBackOff is tolerated for the grace (1 h), then reported.
+    agent.submit(31).await;
+    let backoff = agent.wait_pod(31).await;
+    agent.kube.add_event(
+        &backoff,
+        "Failed",
+        "Failed to pull image \"node:20\": not found",
+    );
+    agent.kube.set_waiting(
+        &backoff,
+        "build",
+        "ImagePullBackOff",
+        "Back-off pulling image \"node:20\"",
+    );
+    // Left Pending with no news: fails when pending_timeout (1 h) has passed.
+    agent.submit(41).await;
+    let pending = agent.wait_pod(41).await;
+    agent.kube.add_event(
+        &pending,
+        "FailedScheduling",
+        "0/3 nodes are available: 3 Insufficient cpu.",
+    );
+    // A healthy build end to end; once it is through, everything before it was seen.
+    agent.healthy(1).await;
+    for id in [31, 41] {
+        assert!(
+            agent.failures(id).is_empty(),
+            "build {id} failed before its time: {:?}",
+            agent.failures(id)
+        );
+        assert!(agent.kube.pod(&format!("sd-{id}")).is_some());
+    }
+    agent.kube.backdate(&backoff, 2 * HOUR);
+    agent.kube.backdate(&pending, 2 * HOUR);
+    expected.push((
+        31,
+        "ImagePullBackOff past the grace",
+        vec![
+            "Build failed to start: ImagePullBackOff (image \"node:20\"): Back-off pulling image \"node:20\"".into(),
+            "Pod events: Failed: Failed to pull image \"node:20\": not found".into(),
+        ],
+    ));
+    expected.push((
+        41,
+        "pending timeout",
+        vec![
+            "Build failed to start: pod sd-41 still Pending after 3600s (pending_timeout)".into(),
+            "Pod events: FailedScheduling: 0/3 nodes are available: 3 Insufficient cpu.".into(),
+        ],
+    ));
+
+    for (id, case, needles) in &expected {
+        let text = agent.wait_failure(*id).await;
+        for needle in needles {
+            assert!(
+                text.contains(needle.as_str()),
+                "build {id} ({case}): FAILURE {text:?} lacks {needle:?}"
+            );
+        }
+        assert!(
+            !text.contains(TOKEN),
+            "build {id}: the token leaked: {text}"
+        );
+    }
+
+    // Give a duplicate every chance: the outbox drains, the executor relists every pod (the
+    // history is compacted), another healthy build goes through after that.
+    let drained = eventually(WAIT, || async {
+        (agent.outbox.pending().await.unwrap() == 0).then_some(())
+    })
+    .await;
+    assert!(drained.is_some(), "every report leaves the outbox");
+    let lists = || {
+        agent
+            .kube
+            .requests()
+            .iter()
+            .filter(|r| r.method == "GET" && r.path.ends_with("/pods") && !r.is_watch())
+            .count()
+    };
+    let before = lists();
+    // (An event moves the resourceVersion past the one the watch holds, so resuming is refused.)
+    agent.kube.add_event(
+        "sd-1",
+        "Pulled",
+        "Container image \"node:20\" already present",
+    );
+    agent.kube.compact();
+    eventually(WAIT, || async { (lists() > before).then_some(()) })
+        .await
+        .expect("the executor lists the pods again after a 410");
+    agent.healthy(2).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    for (id, case, _) in &expected {
+        let failures = agent.failures(*id);
+        assert_eq!(
+            failures.len(),
+            1,
+            "build {id} ({case}): exactly one FAILURE: {failures:?}"
+        );
+        let events = agent.events_of(*id);
+        let ends: Vec<_> = events.iter().filter(|e| e.event != "running").collect();
+        assert_eq!(ends.len(), 1, "build {id} ({case}): {events:?}");
+        assert_eq!(ends[0].event, "failed", "build {id} ({case})");
+        assert_eq!(ends[0].cluster, CLUSTER);
+        assert_eq!(
+            ends[0].message.as_deref(),
+            failures[0].body["statusMessage"].as_str(),
+            "build {id} ({case}): the scheduler hears the same reason"
+        );
+        assert!(
+            agent.kube.pod(&format!("sd-{id}")).is_none(),
+            "build {id} ({case}): its pod is deleted"
+        );
+    }
+    for id in [1, 2] {
+        assert!(
+            agent.failures(id).is_empty(),
+            "healthy build {id} sent a FAILURE: {:?}",
+            agent.failures(id)
+        );
+        let events: Vec<String> = agent.events_of(id).into_iter().map(|e| e.event).collect();
+        assert_eq!(events, ["running", "finished"], "healthy build {id}");
+    }
+    let total = agent.screwdriver.updates().len();
+    assert_eq!(total, expected.len(), "{:?}", agent.screwdriver.updates());
+}
