@@ -196,8 +196,9 @@ struct Proc {
 
 /// A process of ours that exited without being killed. Neither binary exits by itself under
 /// these faults: the scheduler only at start-up when its database or port is unusable (not
-/// faulted here), the agent only at start-up for an unusable config, port or work dir — both
-/// connect to Redis lazily and ride out cuts and restarts. So each one is a violation.
+/// faulted here), the agent at start-up for an unusable config, port or work dir, or when one of
+/// its loops ends on its own (a panic: `app::run` supervises them) — both connect to Redis
+/// lazily and ride out cuts and restarts. So each one is a violation.
 struct SelfExit {
     what: String,
     status: String,
