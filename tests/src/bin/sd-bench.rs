@@ -48,6 +48,12 @@ enum Cmd {
         #[arg(long, default_value_t = 1000)]
         count: u64,
     },
+    /// Serve the fake Kubernetes pods API (sd_testkit::kube_api) until killed, writing its URL
+    /// to URL_FILE, and play the kubelet: every pod created starts running.
+    Kube {
+        #[arg(long)]
+        url_file: PathBuf,
+    },
 }
 
 struct Phase {
@@ -89,6 +95,27 @@ async fn main() -> Result<()> {
             seconds,
         } => run(url, keys, concurrency, Duration::from_secs(seconds)).await,
         Cmd::Submit { url, keys, count } => submit(url, keys, count).await,
+        Cmd::Kube { url_file } => kube(url_file).await,
+    }
+}
+
+async fn kube(url_file: PathBuf) -> Result<()> {
+    let api = sd_testkit::kube_api::FakeKube::start().await;
+    // Written whole, then renamed: the script waiting for it never reads half a URL.
+    let partial = url_file.with_extension("partial");
+    std::fs::write(&partial, &api.url)?;
+    std::fs::rename(&partial, &url_file)?;
+    let mut tick = tokio::time::interval(Duration::from_millis(200));
+    loop {
+        tick.tick().await;
+        for pod in api.pods() {
+            let phase = pod["status"]["phase"].as_str().unwrap_or("Pending");
+            if phase == "Pending"
+                && let Some(name) = pod["metadata"]["name"].as_str()
+            {
+                api.set_phase(name, "Running");
+            }
+        }
     }
 }
 
