@@ -246,9 +246,11 @@ impl Watcher {
         let record = match self.local.recall(build_id).await {
             Ok(Some(r)) => r,
             Ok(None) => {
-                tracing::warn!(
+                // The scheduler still hears the failure (`failed` event); Screwdriver cannot.
+                tracing::error!(
                     build_id,
-                    "no record of where to report this build's failure"
+                    %reason,
+                    "no record of where to report this build's failure to Screwdriver"
                 );
                 return Round::Done;
             }
@@ -258,9 +260,10 @@ impl Watcher {
             }
         };
         let Some(token) = record.token else {
-            tracing::warn!(
+            tracing::error!(
                 build_id,
-                "the build carries no token; cannot report its failure"
+                %reason,
+                "the build carries no token; cannot report its failure to Screwdriver"
             );
             return Round::Done;
         };

@@ -196,8 +196,15 @@ impl Workers {
                 break;
             }
         }
-        if let Some(target) = ReportTarget::from_message(raw) {
-            self.reporter.report(target, status, reason).await;
+        match ReportTarget::from_message(raw) {
+            Some(target) => self.reporter.report(target, status, reason).await,
+            // Intake gives every message a token and an apiUri: only a damaged one lacks them.
+            None => tracing::error!(
+                build_id,
+                status,
+                %reason,
+                "cannot tell Screwdriver: the queue message has no apiUri or token"
+            ),
         }
         Ok(())
     }
