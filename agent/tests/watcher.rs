@@ -1,8 +1,9 @@
 //! The agent's real pieces end to end, without the scheduler: jobs on the local queue (a real
 //! redis-server) → `Launcher` → `KubernetesExecutor` (the real `kube` client against the fake
 //! pods API) → `Watcher` → `Outbox` → a recording scheduler events endpoint and
-//! `FakeScrewdriver`. For every reason a build cannot start, exactly one FAILURE reaches
-//! Screwdriver, naming the reason (and the pod's events); a healthy build sends none.
+//! `FakeScrewdriver`, with two replicas watching the same pods and one started late. For every
+//! reason a build cannot start, exactly one FAILURE reaches Screwdriver, naming the reason (and
+//! the pod's events); a healthy build sends none.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -72,14 +73,19 @@ struct Agent {
     kube: FakeKube,
     screwdriver: FakeScrewdriver,
     scheduler: Arc<Mutex<Vec<SchedulerEvent>>>,
+    scheduler_url: String,
+    keys: ClusterKeys,
+    config: KubernetesConfig,
     local: LocalQueue,
     outbox: Outbox,
     stop: CancellationToken,
-    _redis: RedisServer,
+    redis: RedisServer,
 }
 
 impl Agent {
-    async fn start(config: KubernetesConfig) -> Self {
+    /// The shared pieces (local Redis, pods API, Screwdriver, scheduler stub) and `replicas`
+    /// agents on them, each watching every build pod.
+    async fn start(config: KubernetesConfig, replicas: usize) -> Self {
         let redis = RedisServer::start().unwrap();
         let kube = FakeKube::start().await;
         let screwdriver = FakeScrewdriver::start().await;
@@ -87,32 +93,56 @@ impl Agent {
         let local = LocalQueue::connect(&redis.url(), CLUSTER, Duration::from_secs(30))
             .await
             .unwrap();
-        let keys = ClusterKeys::generate(Algorithm::ES256);
+        let agent = Self {
+            outbox: Outbox::new(local.queues().connection()),
+            kube,
+            screwdriver,
+            scheduler,
+            scheduler_url,
+            keys: ClusterKeys::generate(Algorithm::ES256),
+            config,
+            local,
+            stop: CancellationToken::new(),
+            redis,
+        };
+        for _ in 0..replicas {
+            agent.replica().await;
+        }
+        agent
+    }
+
+    /// Starts one more agent replica on the same local Redis: executor, launcher and watcher,
+    /// wired as `app::run` wires them; returns once its executor watches the pods.
+    async fn replica(&self) {
         let signer = Signer::from_pem(
             CLUSTER,
             SigningAlgorithm::ES256,
             Duration::from_secs(300),
             None,
             None,
-            keys.private_pem.as_bytes(),
+            self.keys.private_pem.as_bytes(),
         )
         .unwrap();
         let client = SchedulerClient::new(
-            &scheduler_url,
+            &self.scheduler_url,
             CLUSTER,
             Arc::new(signer),
             None,
             Duration::from_secs(5),
         )
         .unwrap();
+        let local = LocalQueue::connect(&self.redis.url(), CLUSTER, Duration::from_secs(30))
+            .await
+            .unwrap();
+        let watches = || self.kube.requests().iter().filter(|r| r.is_watch()).count();
+        let watching = watches();
 
-        let stop = CancellationToken::new();
         let (events_tx, events_rx) = mpsc::unbounded_channel();
         let kube_client =
-            kube::Client::try_from(kube::Config::new(kube.url.parse().unwrap())).unwrap();
+            kube::Client::try_from(kube::Config::new(self.kube.url.parse().unwrap())).unwrap();
         let executor = KubernetesExecutor::with_client_options(
             kube_client,
-            &config,
+            &self.config,
             &ScrewdriverConfig {
                 store_uri: "https://store.sd.example".into(),
                 ui_uri: "https://cd.sd.example".into(),
@@ -121,11 +151,10 @@ impl Agent {
             WatchOptions {
                 check_interval: Duration::from_millis(20),
                 request_timeout: Duration::from_secs(5),
-                cancel: stop.clone(),
+                cancel: self.stop.clone(),
             },
         );
         let executor = Arc::new(Executor::Kubernetes(executor));
-        let capacity = Arc::new(Notify::new());
         tokio::spawn(
             Launcher {
                 local: local.clone(),
@@ -134,33 +163,22 @@ impl Agent {
                 events: events_tx,
                 max_in_flight: 50,
             }
-            .run(stop.clone()),
+            .run(self.stop.clone()),
         );
         // The watcher ends with its events channel: once launcher and executor are gone.
         tokio::spawn(
             Watcher {
                 client,
-                local: local.clone(),
                 outbox: Outbox::new(local.queues().connection()),
+                local,
                 http: reqwest::Client::new(),
-                capacity,
+                capacity: Arc::new(Notify::new()),
             }
             .run(events_rx),
         );
-        eventually(WAIT, || async {
-            kube.requests().iter().any(|r| r.is_watch()).then_some(())
-        })
-        .await
-        .expect("the executor opens a watch on build pods");
-        Self {
-            outbox: Outbox::new(local.queues().connection()),
-            kube,
-            screwdriver,
-            scheduler,
-            local,
-            stop,
-            _redis: redis,
-        }
+        eventually(WAIT, || async { (watches() > watching).then_some(()) })
+            .await
+            .expect("the executor opens a watch on build pods");
     }
 
     /// Puts a start message on the local queue, as the fetcher does after a poll.
@@ -274,7 +292,8 @@ fn config() -> KubernetesConfig {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_reason_a_build_cannot_start_reaches_screwdriver_once_and_a_healthy_build_never() {
-    let agent = Agent::start(config()).await;
+    // Two replicas, both watching every pod: each failure is seen twice, reported once.
+    let agent = Agent::start(config(), 2).await;
     // Reasons reported: (build, what the test did, what the FAILURE must say).
     let mut expected: Vec<(u64, &str, Vec<String>)> = Vec::new();
 
@@ -417,32 +436,14 @@ async fn each_reason_a_build_cannot_start_reaches_screwdriver_once_and_a_healthy
         );
     }
 
-    // Give a duplicate every chance: the outbox drains, the executor relists every pod (the
-    // history is compacted), another healthy build goes through after that.
+    // Give a duplicate every chance: the outbox drains, then an agent restarted now lists every
+    // pod left (the healthy build's) and reports what it sees, and another build goes through.
     let drained = eventually(WAIT, || async {
         (agent.outbox.pending().await.unwrap() == 0).then_some(())
     })
     .await;
     assert!(drained.is_some(), "every report leaves the outbox");
-    let lists = || {
-        agent
-            .kube
-            .requests()
-            .iter()
-            .filter(|r| r.method == "GET" && r.path.ends_with("/pods") && !r.is_watch())
-            .count()
-    };
-    let before = lists();
-    // (An event moves the resourceVersion past the one the watch holds, so resuming is refused.)
-    agent.kube.add_event(
-        "sd-1",
-        "Pulled",
-        "Container image \"node:20\" already present",
-    );
-    agent.kube.compact();
-    eventually(WAIT, || async { (lists() > before).then_some(()) })
-        .await
-        .expect("the executor lists the pods again after a 410");
+    agent.replica().await;
     agent.healthy(2).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
 
