@@ -81,6 +81,8 @@ struct Store {
     floor: u64,
     requests: Vec<KubeRequest>,
     failures: VecDeque<Failure>,
+    /// `verb resource[/subresource]` that access reviews answer "not allowed".
+    denied: std::collections::HashSet<String>,
 }
 
 struct Shared {
@@ -151,6 +153,10 @@ impl FakeKube {
                 get(get_pod).delete(delete_pod),
             )
             .route("/api/v1/namespaces/{ns}/events", get(list_events))
+            .route(
+                "/apis/authorization.k8s.io/v1/selfsubjectaccessreviews",
+                axum::routing::post(review_access),
+            )
             .fallback(|| async {
                 status(
                     404,
@@ -212,6 +218,15 @@ impl FakeKube {
             code,
             message: message.to_owned(),
         });
+    }
+
+    /// Access reviews (SelfSubjectAccessReview) of `verb` on `resource` (e.g. `pods/log`) answer
+    /// "not allowed" from now on, as for a Role that lacks the rule; everything else is allowed.
+    pub fn deny(&self, verb: &str, resource: &str) {
+        self.shared
+            .lock()
+            .denied
+            .insert(format!("{verb} {resource}"));
     }
 
     /// Ends every open watch stream; clients resume from their last resourceVersion.
@@ -535,6 +550,30 @@ fn remove_pod(shared: &Shared, ns: &str, name: &str) -> Option<Value> {
     pod["metadata"]["deletionTimestamp"] = json!(now());
     shared.publish(&mut store, "DELETED", ns, &pod);
     Some(pod)
+}
+
+/// `POST …/selfsubjectaccessreviews`: the review with `status.allowed` filled in.
+async fn review_access(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
+    let Ok(mut review) = serde_json::from_slice::<Value>(&body) else {
+        return status(
+            400,
+            "BadRequest",
+            "the body of the request was not valid JSON",
+            None,
+        );
+    };
+    let attributes = &review["spec"]["resourceAttributes"];
+    let mut what = attributes["resource"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    if let Some(sub) = attributes["subresource"].as_str().filter(|s| !s.is_empty()) {
+        what = format!("{what}/{sub}");
+    }
+    let key = format!("{} {what}", attributes["verb"].as_str().unwrap_or_default());
+    let allowed = !shared.lock().denied.contains(&key);
+    review["status"] = json!({"allowed": allowed});
+    (axum::http::StatusCode::CREATED, axum::Json(review)).into_response()
 }
 
 async fn create_pod(

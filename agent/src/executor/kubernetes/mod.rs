@@ -242,14 +242,81 @@ impl KubernetesExecutor {
 /// [`KubernetesExecutor::check`], without starting a watcher.
 pub async fn check_access(config: &KubernetesConfig) -> Result<String, ExecError> {
     let (client, url) = connect_client(config).await?;
-    let pods: Api<Pod> = Api::namespaced(client, &config.namespace);
-    check_pods(
-        &pods,
-        &config.namespace,
-        Some(&url),
-        WatchOptions::default().request_timeout,
-    )
-    .await
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &config.namespace);
+    let timeout = WatchOptions::default().request_timeout;
+    let reached = check_pods(&pods, &config.namespace, Some(&url), timeout).await?;
+    let reviewed = review_permissions(client, &config.namespace, timeout).await?;
+    Ok(format!("{reached}; {reviewed}"))
+}
+
+/// What the executor does in the build namespace: (verb, resource, subresource).
+const NEEDED: &[(&str, &str, &str)] = &[
+    ("create", "pods", ""),
+    ("get", "pods", ""),
+    ("list", "pods", ""),
+    ("watch", "pods", ""),
+    ("delete", "pods", ""),
+    ("get", "pods", "log"),
+    ("list", "events", ""),
+];
+
+/// Asks the API server (SelfSubjectAccessReview) whether this identity may do each thing the
+/// executor does, so a missing RBAC rule shows up in `sd-agent check`, not at the first build.
+async fn review_permissions(
+    client: Client,
+    ns: &str,
+    timeout: Duration,
+) -> Result<String, ExecError> {
+    use k8s_openapi::api::authorization::v1::{
+        ResourceAttributes, SelfSubjectAccessReview, SelfSubjectAccessReviewSpec,
+    };
+    let reviews: Api<SelfSubjectAccessReview> = Api::all(client);
+    let mut denied = Vec::new();
+    for (verb, resource, subresource) in NEEDED {
+        let review = SelfSubjectAccessReview {
+            spec: SelfSubjectAccessReviewSpec {
+                resource_attributes: Some(ResourceAttributes {
+                    namespace: Some(ns.to_owned()),
+                    verb: Some((*verb).to_owned()),
+                    resource: Some((*resource).to_owned()),
+                    subresource: (!subresource.is_empty()).then(|| (*subresource).to_owned()),
+                    ..ResourceAttributes::default()
+                }),
+                ..SelfSubjectAccessReviewSpec::default()
+            },
+            ..SelfSubjectAccessReview::default()
+        };
+        let params = PostParams::default();
+        let answer = match tokio::time::timeout(timeout, reviews.create(&params, &review)).await {
+            Ok(Ok(answer)) => answer,
+            // Some API servers do not offer the review to everyone: say so, do not guess.
+            Ok(Err(e)) => {
+                return Ok(format!(
+                    "permissions not reviewed (SelfSubjectAccessReview: {})",
+                    describe(&e)
+                ));
+            }
+            Err(_) => return Err(ExecError::Transient(describe(&timed_out(timeout)))),
+        };
+        if !answer.status.is_some_and(|s| s.allowed) {
+            let what = if subresource.is_empty() {
+                (*resource).to_owned()
+            } else {
+                format!("{resource}/{subresource}")
+            };
+            denied.push(format!("{verb} {what}"));
+        }
+    }
+    if denied.is_empty() {
+        Ok(format!(
+            "may create, watch and delete build pods and read their events in {ns}"
+        ))
+    } else {
+        Err(ExecError::Transient(format!(
+            "the agent's identity may not {} in namespace {ns}: grant them in its Role (deploy/kubernetes/agent.yaml has the rules)",
+            denied.join(", ")
+        )))
+    }
 }
 
 /// A client from `config.kubeconfig`, else `kube`'s inference; with the API's URL for messages.
