@@ -37,6 +37,13 @@ fn config(dir: &Path, key: &Path, health: u16, extra: &str) -> std::path::PathBu
     path
 }
 
+fn es256_key(dir: &Path) -> std::path::PathBuf {
+    let path = dir.join("key.pem");
+    let generated = sd_agent::keygen::generate(sd_protocol::SigningAlgorithm::ES256).unwrap();
+    std::fs::write(&path, &generated.private_pem).unwrap();
+    path
+}
+
 fn held_port() -> (std::net::TcpListener, u16) {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = l.local_addr().unwrap().port();
@@ -57,9 +64,7 @@ fn assert_config_error(out: &Output, key: &str) {
 fn invalid_configuration_exits_64_naming_the_key_before_binding() {
     let dir = tempfile::tempdir().unwrap();
     let (_held, port) = held_port();
-    let good_key = dir.path().join("good.pem");
-    let generated = sd_agent::keygen::generate(sd_protocol::SigningAlgorithm::ES256).unwrap();
-    std::fs::write(&good_key, &generated.private_pem).unwrap();
+    let good_key = es256_key(dir.path());
     let garbage_key = dir.path().join("garbage.pem");
     std::fs::write(&garbage_key, "not a key").unwrap();
 
@@ -97,9 +102,7 @@ fn the_binding_failure_is_a_different_error() {
     // it, so exit 64 there really means "refused before binding".
     let dir = tempfile::tempdir().unwrap();
     let (_held, port) = held_port();
-    let key = dir.path().join("key.pem");
-    let generated = sd_agent::keygen::generate(sd_protocol::SigningAlgorithm::ES256).unwrap();
-    std::fs::write(&key, &generated.private_pem).unwrap();
+    let key = es256_key(dir.path());
     let out = agent(&config(dir.path(), &key, port, ""), &[]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
