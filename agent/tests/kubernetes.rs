@@ -444,34 +444,7 @@ async fn a_pod_past_its_deadline_is_reported() {
 #[tokio::test]
 async fn pods_that_cannot_start_fail_at_once_with_their_events() {
     let h = Harness::start(config()).await;
-    let cases = [
-        (
-            21,
-            "build",
-            "ErrImagePull",
-            "rpc error: pull access denied for nope",
-        ),
-        (
-            22,
-            "build",
-            "InvalidImageName",
-            "couldn't parse image reference \"NOPE::\"",
-        ),
-        (
-            23,
-            "build",
-            "CrashLoopBackOff",
-            "back-off 10s restarting failed container",
-        ),
-        (
-            24,
-            "build",
-            "CreateContainerConfigError",
-            "secret \"missing\" not found",
-        ),
-        (25, "launcher", "ErrImagePull", "launcher image not found"),
-    ];
-    for (id, container, reason, message) in cases {
+    for (id, container, reason, message) in sd_testkit::kube_api::CANNOT_START {
         let pod = format!("sd-{id}");
         h.launch(id).await;
         h.kube
@@ -507,7 +480,7 @@ async fn pods_that_cannot_start_fail_at_once_with_their_events() {
         assert!(events_query, "events of {pod} were listed");
     }
     h.sync(29).await;
-    for (id, ..) in cases {
+    for (id, ..) in sd_testkit::kube_api::CANNOT_START {
         let failures = h
             .statuses(id)
             .into_iter()

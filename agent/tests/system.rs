@@ -313,12 +313,11 @@ impl AgentSetup {
         counts
     }
 
-    fn signal(&mut self, sig: &str) {
+    /// Sends `sig` to every agent process (directly: minimal Debian has no kill(1)).
+    fn signal(&mut self, sig: libc::c_int) {
         for child in &self.children {
-            let _ = Command::new("kill")
-                .arg(format!("-{sig}"))
-                .arg(child.id().to_string())
-                .status();
+            let sent = unsafe { libc::kill(child.id() as libc::pid_t, sig) };
+            assert_eq!(sent, 0, "signal {sig} to {}", child.id());
         }
     }
 }
@@ -846,7 +845,7 @@ async fn sighup_rotates_the_key_and_sigterm_drains() {
         .unwrap()
         .insert("LINUX_KEY".into(), format!("{old_pub}\n{}", new.public_pem));
     std::fs::write(agent.config.with_file_name("private.pem"), &new.private_pem).unwrap();
-    agent.signal("HUP");
+    agent.signal(libc::SIGHUP);
     let reloaded = eventually(Duration::from_secs(10), || {
         std::future::ready(
             agent
@@ -880,7 +879,7 @@ async fn sighup_rotates_the_key_and_sigterm_drains() {
             .any(|l| l.starts_with("sd_agent_scheduler_errors_total") && !l.ends_with(" 0")),
         "no poll failed across the rotation:\n{metrics}"
     );
-    agent.signal("TERM");
+    agent.signal(libc::SIGTERM);
     let mut child = agent.children.remove(0);
     let status = tokio::task::spawn_blocking(move || child.wait())
         .await
@@ -957,7 +956,7 @@ async fn sigterm_with_work_in_flight_exits_within_shutdown_timeout_and_loses_not
     .await;
     assert!(held.is_some(), "a transfer is waiting for its ack");
 
-    agent.signal("TERM");
+    agent.signal(libc::SIGTERM);
     let status = agent
         .wait_exit(Duration::from_secs(3 + 5))
         .await
@@ -1034,7 +1033,7 @@ async fn a_second_sigterm_while_draining_exits_at_once() {
     .await;
     assert!(held.is_some(), "a transfer is waiting for its ack");
 
-    agent.signal("TERM");
+    agent.signal(libc::SIGTERM);
     let draining = eventually(Duration::from_secs(10), || {
         std::future::ready(agent.log().contains("draining").then_some(()))
     })
@@ -1044,7 +1043,7 @@ async fn a_second_sigterm_while_draining_exits_at_once() {
         agent.wait_exit(Duration::from_secs(3)).await.is_none(),
         "the drain waits for the transfer in flight"
     );
-    agent.signal("TERM");
+    agent.signal(libc::SIGTERM);
     let status = agent
         .wait_exit(Duration::from_secs(5))
         .await

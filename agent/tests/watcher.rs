@@ -326,34 +326,7 @@ async fn each_reason_a_build_cannot_start_reaches_screwdriver_once_and_a_healthy
     }
 
     // Containers that cannot start: fatal at once, with the pod's events.
-    let fatal = [
-        (
-            21,
-            "build",
-            "ErrImagePull",
-            "rpc error: pull access denied for nope",
-        ),
-        (
-            22,
-            "build",
-            "InvalidImageName",
-            "couldn't parse image reference \"NOPE::\"",
-        ),
-        (
-            23,
-            "build",
-            "CrashLoopBackOff",
-            "back-off 10s restarting failed container",
-        ),
-        (
-            24,
-            "build",
-            "CreateContainerConfigError",
-            "secret \"missing\" not found",
-        ),
-        (25, "launcher", "ErrImagePull", "launcher image not found"),
-    ];
-    for (id, container, reason, message) in fatal {
+    for (id, container, reason, message) in sd_testkit::kube_api::CANNOT_START {
         agent.submit(id).await;
         let pod = agent.wait_pod(id).await;
         agent

@@ -127,6 +127,36 @@ impl Shared {
     }
 }
 
+/// Containers that cannot start, as the kubelet reports them (build id, container, waiting
+/// reason, message): each must fail its build at once, with the pod's events.
+pub const CANNOT_START: [(u64, &str, &str, &str); 5] = [
+    (
+        21,
+        "build",
+        "ErrImagePull",
+        "rpc error: pull access denied for nope",
+    ),
+    (
+        22,
+        "build",
+        "InvalidImageName",
+        "couldn't parse image reference \"NOPE::\"",
+    ),
+    (
+        23,
+        "build",
+        "CrashLoopBackOff",
+        "back-off 10s restarting failed container",
+    ),
+    (
+        24,
+        "build",
+        "CreateContainerConfigError",
+        "secret \"missing\" not found",
+    ),
+    (25, "launcher", "ErrImagePull", "launcher image not found"),
+];
+
 /// The fake API server, on a free port of 127.0.0.1; stopped on drop.
 pub struct FakeKube {
     pub url: String,
