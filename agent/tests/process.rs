@@ -395,7 +395,7 @@ async fn timeout_kills_the_group_and_is_reported() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_restarted_executor_ends_the_builds_of_the_one_that_crashed() {
+async fn a_restarted_executor_adopts_a_build_still_running_and_can_stop_it() {
     let redis = RedisServer::start().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let cmd = script(dir.path(), "sleep.sh", SLEEP_SCRIPT);
@@ -415,29 +415,96 @@ async fn a_restarted_executor_ends_the_builds_of_the_one_that_crashed() {
 
     let (restarted, mut events) = executor(&redis, dir.path(), argv(&cmd)).await;
     events.drain();
-    assert_eq!(
-        events.of(601),
-        vec![BuildStatus::Failed {
-            reason: process::RESTART_REASON.into(),
-            report: true
-        }]
-    );
     assert!(
-        all_dead(&[leader, grandchild]).await,
-        "the orphan is killed"
+        events.of(601).is_empty(),
+        "adopted, not ended: {:?}",
+        events.of(601)
     );
+    assert!(alive(leader) && alive(grandchild), "the build goes on");
+    assert_eq!(restarted.in_flight(), 1);
+    let (_, m) = marker(&redis, 601).unwrap();
+    assert_eq!(m.state, MarkerState::Running);
+    assert_ne!(m.agent.instance, "", "owned by the restarted executor");
     assert_eq!(
         restarted.launch(&build(601, json!({}))).await.unwrap(),
         Launched::AlreadyRunning
     );
+
+    // A third executor on the host sees a live owner and leaves it alone.
+    let (_third, mut third_events) = executor(&redis, dir.path(), argv(&cmd)).await;
+    third_events.drain();
+    assert!(third_events.seen.is_empty());
+
+    assert!(restarted.stop(601).await.unwrap());
+    assert_eq!(events.end(601).await, BuildStatus::Stopped);
+    assert!(all_dead(&[leader, grandchild]).await, "stopped: killed");
     let (_, m) = marker(&redis, 601).unwrap();
     assert_eq!(m.state, MarkerState::Ended);
     assert!(!is_active(&redis, 601));
+    assert_eq!(restarted.in_flight(), 0);
+}
 
-    // Reported once: the next executor has nothing left to end.
-    let (_again, mut again_events) = executor(&redis, dir.path(), argv(&cmd)).await;
-    again_events.drain();
-    assert!(again_events.seen.is_empty());
+/// Ends as the launcher chooses by build id: 61x sleeps 1 s and exits x, 62x sleeps 0.3 s and
+/// exits x, 630 sleeps 0.3 s and is killed by SIGTERM.
+const OUTCOME_SCRIPT: &str = r#"case $SD_BUILD_ID in
+61?) sleep 1; exit $((SD_BUILD_ID - 610)) ;;
+62?) sleep 0.3; exit $((SD_BUILD_ID - 620)) ;;
+630) sleep 0.3; kill -TERM $$ ;;
+esac"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_executor_reports_the_real_result_of_builds_it_did_not_watch() {
+    let redis = RedisServer::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let cmd = script(dir.path(), "outcome.sh", OUTCOME_SCRIPT);
+
+    // Still running when the next executor starts: adopted, followed to their ends.
+    let (crashed, _) = executor(&redis, dir.path(), argv(&cmd)).await;
+    for id in [610, 613] {
+        crashed.launch(&build(id, json!({}))).await.unwrap();
+    }
+    drop(crashed);
+    let (adopting, mut events) = executor(&redis, dir.path(), argv(&cmd)).await;
+    assert_eq!(adopting.in_flight(), 2);
+    assert_eq!(events.end(610).await, BuildStatus::Finished);
+    assert_eq!(
+        events.end(613).await,
+        BuildStatus::Failed {
+            reason: "launcher exited with status 3".into(),
+            report: true
+        }
+    );
+    drop(adopting);
+
+    // Ended while no executor ran: their parent shell left the status.
+    let (crashed, _) = executor(&redis, dir.path(), argv(&cmd)).await;
+    for id in [620, 625, 630] {
+        crashed.launch(&build(id, json!({}))).await.unwrap();
+    }
+    drop(crashed);
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let (_next, mut events) = executor(&redis, dir.path(), argv(&cmd)).await;
+    let failed = |reason: &str| BuildStatus::Failed {
+        reason: reason.into(),
+        report: true,
+    };
+    assert_eq!(events.end(620).await, BuildStatus::Finished);
+    assert_eq!(
+        events.end(625).await,
+        failed("launcher exited with status 5")
+    );
+    assert_eq!(
+        events.end(630).await,
+        failed("launcher was killed by signal 15 (SIGTERM)")
+    );
+    for id in [610, 613, 620, 625, 630] {
+        let (_, m) = marker(&redis, id).unwrap();
+        assert_eq!(m.state, MarkerState::Ended, "build {id}");
+        assert!(
+            !m.exit_file.unwrap().exists(),
+            "build {id}'s status file is cleaned up"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -456,6 +523,7 @@ async fn the_builds_of_a_host_that_is_gone_are_ended_from_another_host_but_a_liv
         pid_file(dir.path().join("leader-701")).await,
         pid_file(dir.path().join("leader-702")).await,
     ];
+    let groups = [701, 702].map(|id| marker(&redis, id).unwrap().1.pgid.unwrap());
     drop(elsewhere);
     // Make the two runs another machine's: one host silent past the limit, one seen just now.
     let now_ms: u64 = {
@@ -506,8 +574,8 @@ async fn the_builds_of_a_host_that_is_gone_are_ended_from_another_host_but_a_liv
         leaders.iter().all(|pid| alive(*pid)),
         "processes of another host are never signalled from here"
     );
-    for pid in leaders {
-        unsafe { libc::killpg(pid as i32, libc::SIGKILL) };
+    for pgid in groups {
+        unsafe { libc::killpg(pgid as i32, libc::SIGKILL) };
     }
 }
 
@@ -627,6 +695,9 @@ async fn orphans_of_a_dead_agent_process_are_killed_but_never_a_reused_pid() {
                 started_at: 1,
                 ended_at: None,
                 outcome: None,
+                // As an older agent left them: no exit status to learn, so never adopted.
+                timeout_s: None,
+                exit_file: None,
             };
             let mut conn = redis.conn();
             let () = redis::cmd("HSET")

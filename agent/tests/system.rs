@@ -918,8 +918,8 @@ async fn wait_ended(world: &World, ids: &[u64], timeout: Duration) -> Vec<Value>
 
 /// SIGTERM with builds running, a transfer in flight (its ack held on the way, so the drain
 /// cannot finish) and builds still waiting on the master: the agent exits 0 within
-/// `shutdown_timeout`; after a restart nothing is lost — every build ran exactly once, those
-/// not started before the stop finish, and a build whose run the stop cut short fails with a reason.
+/// `shutdown_timeout`; after a restart nothing is lost — every build ran exactly once and
+/// finished, those running through the stop adopted by the restarted agent.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_with_work_in_flight_exits_within_shutdown_timeout_and_loses_nothing() {
     let world = World::start().await;
@@ -982,18 +982,13 @@ async fn sigterm_with_work_in_flight_exits_within_shutdown_timeout_and_loses_not
             Some(&1),
             "build {id} ran exactly once: {runs:?}"
         );
-        if !started_before.contains_key(&id) {
-            assert_eq!(
-                view["state"], "finished",
-                "build {id} started after the stop: {view}"
-            );
-        }
-        if view["state"] == "failed" {
-            assert!(
-                view["reason"].as_str().is_some_and(|r| !r.is_empty()),
-                "failed without a reason: {view}"
-            );
-        }
+        // Those running through the stop were adopted by the restarted agent: they finish too.
+        assert_eq!(
+            view["state"],
+            "finished",
+            "build {id} (running before the stop: {}): {view}",
+            started_before.contains_key(&id)
+        );
     }
     assert!(
         (6..=8).all(|id| !started_before.contains_key(&id)),

@@ -60,6 +60,13 @@ pub const HOST_GONE_AFTER: Duration = Duration::from_secs(15 * 60);
 pub const LAUNCH_ID_VAR: &str = "SD_AGENT_LAUNCH_ID";
 /// Ended markers are kept this long, so a late redelivery of the build is still refused.
 pub const MARKER_RETENTION: Duration = Duration::from_secs(30 * 24 * 3600);
+/// The launcher's parent: runs it (`"$@"`), then leaves its exit status in the file `$0`
+/// names, so an agent that restarts while the build runs can adopt it and still learn how it
+/// ended. It mirrors the launcher's status (128 + N when a signal N ended it).
+const EXIT_WRAPPER: &str =
+    r#""$@"; status=$?; printf '%s\n' "$status" > "$0.tmp" && mv -f "$0.tmp" "$0"; exit "$status""#;
+/// How often an adopted run (not a child of ours, so not awaitable) is looked at.
+const FOLLOW_EVERY: Duration = Duration::from_millis(500);
 /// Reported for a build whose owning agent went away while it ran.
 pub const RESTART_REASON: &str = "the agent restarted while the build ran; its result is unknown";
 /// Reported (without telling Screwdriver, which asked for it) for a stopped build.
@@ -165,6 +172,13 @@ pub struct Marker {
     /// `finished`, or the failure reason.
     #[serde(default)]
     pub outcome: Option<String>,
+    /// The build's timeout, so an executor that adopts the run still enforces it.
+    #[serde(default)]
+    pub timeout_s: Option<u64>,
+    /// Where the launcher's parent writes its exit status ([`EXIT_WRAPPER`]). Runs without
+    /// one (older agents) cannot be adopted: an orphan of theirs is ended instead.
+    #[serde(default)]
+    pub exit_file: Option<PathBuf>,
 }
 
 /// An executor instance: the agent process (pid + start time) and a random instance id.
@@ -312,10 +326,7 @@ impl ProcessExecutor {
         });
         match inner.recover().await {
             Ok(0) => {}
-            Ok(n) => info!(
-                builds = n,
-                "ended builds left running by an agent that is gone"
-            ),
+            Ok(n) => info!(builds = n, "took over builds left by an agent that is gone"),
             Err(e) => {
                 warn!(error = %e, "cannot look for builds a previous agent left running; will retry")
             }
@@ -400,6 +411,10 @@ impl Inner {
         self.work_dir.join(format!("build-{build_id}.log"))
     }
 
+    fn exit_path(&self, launch_id: &str) -> PathBuf {
+        self.work_dir.join(format!("exit-{launch_id}"))
+    }
+
     async fn launch(self: &Arc<Self>, build: &StartMessage) -> Result<Launched, ExecError> {
         let id = build.build_id;
         let cancel = CancellationToken::new();
@@ -451,7 +466,10 @@ impl Inner {
             started_at: unix_ms(),
             ended_at: None,
             outcome: None,
+            timeout_s: Some(timeout.as_secs()),
+            exit_file: None,
         };
+        marker.exit_file = Some(self.exit_path(&marker.launch_id));
         let mut conn = self.redis.clone();
         let existing: Option<String> = self
             .scripts
@@ -493,7 +511,7 @@ impl Inner {
                 "launch marker of build {id} is not confirmed on disk yet: {e}"
             ))
         })?;
-        let child = match self.spawn(build, timeout, &marker.launch_id) {
+        let child = match self.spawn(build, timeout, &marker) {
             Ok(child) => child,
             Err(e) => {
                 let abandoned: Result<i64, _> = self
@@ -535,9 +553,18 @@ impl Inner {
         &self,
         build: &StartMessage,
         timeout: Duration,
-        launch_id: &str,
+        marker: &Marker,
     ) -> Result<Child, ExecError> {
         let id = build.build_id;
+        let launch_id = marker.launch_id.as_str();
+        // The shell would start even without a launcher: find out here, while the launch can
+        // still be retried (the marker is dropped) instead of failing the build.
+        resolve_program(&self.program).map_err(|e| ExecError::Transient(e.to_string()))?;
+        let exit_file = marker
+            .exit_file
+            .clone()
+            .unwrap_or_else(|| self.exit_path(launch_id));
+        let _ = std::fs::remove_file(&exit_file);
         let log_path = self.log_path(id);
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -550,8 +577,12 @@ impl Inner {
         let stderr = log.try_clone().map_err(|e| {
             ExecError::Transient(format!("cannot open build log {}: {e}", log_path.display()))
         })?;
-        let mut cmd = Command::new(&self.program);
-        cmd.args(&self.args)
+        let mut cmd = Command::new("/bin/sh");
+        cmd.arg("-c")
+            .arg(EXIT_WRAPPER)
+            .arg(&exit_file)
+            .arg(&self.program)
+            .args(&self.args)
             .current_dir(&self.work_dir)
             .process_group(0)
             .stdin(Stdio::null())
@@ -672,6 +703,93 @@ impl Inner {
         };
         lock(&self.runs).remove(&id);
         self.finish(id, &mut marker, status).await;
+        forget_exit_file(&marker);
+    }
+
+    /// Follows a run adopted from an agent that is gone: not our child, so it is looked at
+    /// every [`FOLLOW_EVERY`] until its launcher is gone, its timeout passes or a stop comes;
+    /// its result is the exit status its parent shell left.
+    async fn follow(self: Arc<Self>, id: u64, mut marker: Marker, cancel: CancellationToken) {
+        enum Seen {
+            Gone,
+            TimedOut,
+            Stopped,
+        }
+        let timeout = marker
+            .timeout_s
+            .map_or(self.default_timeout, Duration::from_secs);
+        let ends_at = marker
+            .started_at
+            .saturating_add(u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX));
+        let deadline = Instant::now() + Duration::from_millis(ends_at.saturating_sub(unix_ms()));
+        let seen = loop {
+            if !marker
+                .pid
+                .is_some_and(|pid| identity_matches(pid, marker.start_time))
+            {
+                break Seen::Gone;
+            }
+            tokio::select! {
+                () = tokio::time::sleep(FOLLOW_EVERY) => {}
+                () = tokio::time::sleep_until(deadline) => break Seen::TimedOut,
+                () = cancel.cancelled() => break Seen::Stopped,
+            }
+        };
+        let pgid = marker.pgid;
+        let status = match seen {
+            Seen::Gone => {
+                if let Some(pgid) = pgid
+                    && group_alive(pgid)
+                {
+                    terminate(&[pgid], &[], None).await;
+                }
+                self.result_of(id, &marker, RESTART_REASON).await
+            }
+            Seen::TimedOut => {
+                warn!(
+                    build_id = id,
+                    "adopted build timed out; killing its process group"
+                );
+                terminate(pgid.as_slice(), &[], None).await;
+                BuildStatus::Failed {
+                    reason: format!("build timed out after {} minutes", minutes(timeout)),
+                    report: true,
+                }
+            }
+            Seen::Stopped => {
+                info!(
+                    build_id = id,
+                    "stopping adopted build; killing its process group"
+                );
+                terminate(pgid.as_slice(), &[], None).await;
+                stopped()
+            }
+        };
+        lock(&self.runs).remove(&id);
+        self.finish(id, &mut marker, status).await;
+        forget_exit_file(&marker);
+    }
+
+    /// How a run that ended unwatched went: the exit status its parent shell left (on this
+    /// host), a stop asked for it, else `fallback` as a failure.
+    async fn result_of(&self, id: u64, marker: &Marker, fallback: &str) -> BuildStatus {
+        let code = marker
+            .exit_file
+            .as_deref()
+            .filter(|_| marker.host == self.host)
+            .and_then(read_exit_status);
+        match code {
+            Some(0) => BuildStatus::Finished,
+            _ if self.stop_requested(id).await => stopped(),
+            Some(code) => BuildStatus::Failed {
+                reason: describe_code(code),
+                report: true,
+            },
+            None => BuildStatus::Failed {
+                reason: fallback.to_owned(),
+                report: true,
+            },
+        }
     }
 
     /// Ends the marker (retrying while Redis is unreachable) and sends the final event; the
@@ -844,9 +962,10 @@ impl Inner {
         Ok(true)
     }
 
-    /// Ends the builds of executors on this host that are gone, and of hosts that are gone;
-    /// returns how many. Also tells the other hosts that this one is alive.
-    async fn recover(&self) -> Result<usize, ExecError> {
+    /// Takes over the builds of executors on this host that are gone (adopting those still
+    /// running, ending the rest) and ends those of hosts that are gone; returns how many. Also
+    /// tells the other hosts that this one is alive.
+    async fn recover(self: &Arc<Self>) -> Result<usize, ExecError> {
         let mut conn = self.redis.clone();
         let now: u64 = self
             .scripts
@@ -895,6 +1014,13 @@ impl Inner {
                 if self.owner_alive(&marker) {
                     continue;
                 }
+                // A kept end means its owner saw the launcher end: nothing to follow.
+                if self.adoptable(&marker) && self.known_end(id).await?.is_none() {
+                    if self.adopt(id, marker).await? {
+                        ended += 1;
+                    }
+                    continue;
+                }
                 RESTART_REASON.to_owned()
             } else {
                 // A host that never beat ran an older agent: leave its markers to it.
@@ -907,7 +1033,7 @@ impl Inner {
                     _ => continue,
                 }
             };
-            if self.recover_one(id, marker, reason).await? {
+            if self.recover_one(id, marker, &reason).await? {
                 ended += 1;
             }
         }
@@ -916,12 +1042,7 @@ impl Inner {
 
     /// Takes an orphaned marker over (so a crash of ours now leaves it to the next executor),
     /// kills what is left of the build and reports it once.
-    async fn recover_one(
-        &self,
-        id: u64,
-        marker: Marker,
-        reason: String,
-    ) -> Result<bool, ExecError> {
+    async fn recover_one(&self, id: u64, marker: Marker, reason: &str) -> Result<bool, ExecError> {
         let mut claimed = marker.clone();
         claimed.agent = self.me.clone();
         let Some(stop_requested) = self
@@ -943,20 +1064,77 @@ impl Inner {
             kill_orphan(&marker).await;
         }
         // Its owner may have kept the end before dying between that and ending the marker.
-        let known_end = self
-            .outbox
-            .end_of(id)
-            .await
-            .map_err(|e| ExecError::Transient(format!("local Redis: {e}")))?;
+        let known_end = self.known_end(id).await?;
         let status = match known_end {
             Some(end) => end,
             None if stop_requested => stopped(),
-            None => BuildStatus::Failed {
-                reason,
-                report: true,
-            },
+            None => self.result_of(id, &marker, reason).await,
         };
         self.finish(id, &mut claimed, status).await;
+        forget_exit_file(&marker);
+        Ok(true)
+    }
+
+    async fn known_end(&self, id: u64) -> Result<Option<BuildStatus>, ExecError> {
+        self.outbox
+            .end_of(id)
+            .await
+            .map_err(|e| ExecError::Transient(format!("local Redis: {e}")))
+    }
+
+    /// An orphan of this host and boot whose launcher still runs under the parent shell that
+    /// will leave its exit status: it can be followed to its end instead of killed.
+    fn adoptable(&self, marker: &Marker) -> bool {
+        marker.host == self.host
+            && !marker.boot_id.is_empty()
+            && marker.boot_id == self.boot_id
+            && marker.exit_file.is_some()
+            && marker
+                .pid
+                .is_some_and(|pid| identity_matches(pid, marker.start_time))
+    }
+
+    /// Makes a still-running orphan ours and follows it; `false` when another executor took it
+    /// first.
+    async fn adopt(self: &Arc<Self>, id: u64, marker: Marker) -> Result<bool, ExecError> {
+        let cancel = CancellationToken::new();
+        {
+            let mut runs = lock(&self.runs);
+            if runs.contains_key(&id) {
+                return Ok(false);
+            }
+            runs.insert(
+                id,
+                Run {
+                    cancel: cancel.clone(),
+                    task: None,
+                },
+            );
+        }
+        let mut claimed = marker.clone();
+        claimed.agent = self.me.clone();
+        let stop_requested = match self
+            .update(&marker.agent.instance, id, &claimed, None)
+            .await
+        {
+            Ok(Some(stop_requested)) => stop_requested,
+            other => {
+                lock(&self.runs).remove(&id);
+                return other.map(|_| false);
+            }
+        };
+        info!(
+            build_id = id,
+            pid = marker.pid,
+            "adopted a build its agent left running; following it to its end"
+        );
+        if stop_requested {
+            cancel.cancel();
+        }
+        let task = tokio::spawn(Arc::clone(self).follow(id, claimed, cancel));
+        if let Some(run) = lock(&self.runs).get_mut(&id) {
+            run.task = Some(task.abort_handle());
+        }
         Ok(true)
     }
 
@@ -1054,24 +1232,47 @@ async fn terminate(groups: &[u32], pids: &[u32], mut child: Option<&mut Child>) 
 
 fn describe(status: ExitStatus) -> String {
     if let Some(code) = status.code() {
-        return format!("launcher exited with status {code}");
+        return describe_code(code);
     }
     match status.signal() {
-        Some(signal) => {
-            let name = match signal {
-                libc::SIGHUP => " (SIGHUP)",
-                libc::SIGINT => " (SIGINT)",
-                libc::SIGQUIT => " (SIGQUIT)",
-                libc::SIGABRT => " (SIGABRT)",
-                libc::SIGKILL => " (SIGKILL)",
-                libc::SIGSEGV => " (SIGSEGV)",
-                libc::SIGPIPE => " (SIGPIPE)",
-                libc::SIGTERM => " (SIGTERM)",
-                _ => "",
-            };
-            format!("launcher was killed by signal {signal}{name}")
-        }
+        Some(signal) => killed_by(signal),
         None => format!("launcher ended: {status}"),
+    }
+}
+
+/// The launcher's exit status as its parent shell reports it: 128 + N for a signal N.
+fn describe_code(code: i32) -> String {
+    match code {
+        129..=192 => killed_by(code - 128),
+        _ => format!("launcher exited with status {code}"),
+    }
+}
+
+fn killed_by(signal: i32) -> String {
+    let name = match signal {
+        libc::SIGHUP => " (SIGHUP)",
+        libc::SIGINT => " (SIGINT)",
+        libc::SIGQUIT => " (SIGQUIT)",
+        libc::SIGABRT => " (SIGABRT)",
+        libc::SIGKILL => " (SIGKILL)",
+        libc::SIGSEGV => " (SIGSEGV)",
+        libc::SIGPIPE => " (SIGPIPE)",
+        libc::SIGTERM => " (SIGTERM)",
+        _ => "",
+    };
+    format!("launcher was killed by signal {signal}{name}")
+}
+
+/// The status [`EXIT_WRAPPER`] left, if it got to write one.
+fn read_exit_status(path: &Path) -> Option<i32> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+/// After the marker ended (never before: an agent dying in between leaves the status to the
+/// next one).
+fn forget_exit_file(marker: &Marker) {
+    if let Some(path) = &marker.exit_file {
+        let _ = std::fs::remove_file(path);
     }
 }
 
