@@ -156,11 +156,7 @@ async fn fake_scheduler() -> (String, Arc<Received>) {
     let app = axum::Router::new()
         .route("/v1/jobs/{cluster}/events", axum::routing::post(event))
         .with_state(Arc::clone(&state));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    });
+    let (url, _task) = sd_testkit::serve(app).await;
     (url, state)
 }
 

@@ -389,11 +389,7 @@ impl Gate {
         let app = axum::Router::new()
             .fallback(forward)
             .with_state(Arc::clone(&state));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        let task = tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
-        });
+        let (url, task) = sd_testkit::serve(app).await;
         Self { url, state, task }
     }
 

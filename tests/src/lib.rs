@@ -23,6 +23,18 @@ pub fn free_port() -> u16 {
         .expect("no free port on 127.0.0.1")
 }
 
+/// Serves `app` on a free port of 127.0.0.1 until the task is aborted: its base URL and task.
+pub async fn serve(app: axum::Router) -> (String, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind a test server");
+    let url = format!("http://{}", listener.local_addr().expect("local addr"));
+    let task = tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    (url, task)
+}
+
 // === RedisServer ===
 
 /// A `redis-server` of this test's own, killed on drop.
@@ -410,13 +422,7 @@ impl FakeScrewdriver {
         let app = axum::Router::new()
             .route("/v4/builds/{id}", axum::routing::put(update))
             .with_state(std::sync::Arc::clone(&state));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let url = format!("http://{}", listener.local_addr().expect("addr"));
-        let task = tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
-        });
+        let (url, task) = serve(app).await;
         Self { url, state, task }
     }
 
