@@ -79,8 +79,6 @@ const SWEEP_INTERVAL: Duration = Duration::from_secs(30);
 /// How long ending a marker is retried while the local Redis is unreachable.
 const FINISH_RETRY_FOR: Duration = Duration::from_secs(600);
 
-/// Creates a marker unless one exists. KEYS: launches, active. ARGV: id, marker.
-/// Returns nil when created, else the existing marker.
 /// Records that this host is alive; returns the Redis clock (ms), which every host shares.
 const BEAT_LUA: &str = r"
 local t = redis.call('TIME')
@@ -89,6 +87,8 @@ redis.call('HSET', KEYS[1], ARGV[1], now)
 return now
 ";
 
+/// Creates a marker unless one exists. KEYS: launches, active. ARGV: id, marker.
+/// Returns nil when created, else the existing marker.
 const CREATE_LUA: &str = r"
 if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 1 then
   redis.call('SADD', KEYS[2], ARGV[1])
@@ -702,8 +702,9 @@ impl Inner {
             }
         };
         lock(&self.runs).remove(&id);
-        self.finish(id, &mut marker, status).await;
-        forget_exit_file(&marker);
+        if self.finish(id, &mut marker, status).await {
+            forget_exit_file(&marker);
+        }
     }
 
     /// Follows a run adopted from an agent that is gone: not our child, so it is looked at
@@ -766,8 +767,9 @@ impl Inner {
             }
         };
         lock(&self.runs).remove(&id);
-        self.finish(id, &mut marker, status).await;
-        forget_exit_file(&marker);
+        if self.finish(id, &mut marker, status).await {
+            forget_exit_file(&marker);
+        }
     }
 
     /// How a run that ended unwatched went: the exit status its parent shell left (on this
@@ -793,8 +795,8 @@ impl Inner {
     }
 
     /// Ends the marker (retrying while Redis is unreachable) and sends the final event; the
-    /// event does not wait for a long Redis outage.
-    async fn finish(&self, id: u64, marker: &mut Marker, status: BuildStatus) {
+    /// event does not wait for a long Redis outage. `false` when the marker could not be ended.
+    async fn finish(&self, id: u64, marker: &mut Marker, status: BuildStatus) -> bool {
         let now = unix_ms();
         marker.state = MarkerState::Ended;
         marker.ended_at = Some(now);
@@ -817,6 +819,7 @@ impl Inner {
             status: status.clone(),
         };
         let mut pending = Some(status);
+        let mut ended = false;
         loop {
             // The end goes to the outbox before the marker ends: once the marker says ended,
             // nobody else will report this build, so its report must already be durable. Sent
@@ -850,9 +853,13 @@ impl Inner {
                 .update(&marker.agent.instance, id, marker, Some(now))
                 .await
             {
-                Ok(Some(_)) => break,
+                Ok(Some(_)) => {
+                    ended = true;
+                    break;
+                }
                 Ok(None) => {
                     debug!(build_id = id, "marker was already ended");
+                    ended = true;
                     break;
                 }
                 Err(e) => {
@@ -878,6 +885,7 @@ impl Inner {
         if let Some(status) = pending {
             self.send(id, status);
         }
+        ended
     }
 
     fn send(&self, build_id: u64, status: BuildStatus) {
@@ -1070,8 +1078,9 @@ impl Inner {
             None if stop_requested => stopped(),
             None => self.result_of(id, &marker, reason).await,
         };
-        self.finish(id, &mut claimed, status).await;
-        forget_exit_file(&marker);
+        if self.finish(id, &mut claimed, status).await {
+            forget_exit_file(&marker);
+        }
         Ok(true)
     }
 
