@@ -100,7 +100,7 @@ async fn scheduler(config: &Config, signer: crate::signer::Signer) -> Result<Str
 
 async fn redis(config: &Config) -> Result<String, String> {
     let fix = "fix: check redis.url and that the cluster's Redis runs";
-    let url = crate::config::redacted(&config.redis.url);
+    let url = sd_protocol::env::redact_url(&config.redis.url);
     let client =
         redis::Client::open(config.redis.url.as_str()).map_err(|e| format!("{e} — {fix}"))?;
     let connect = client.get_multiplexed_async_connection();

@@ -128,6 +128,20 @@ pub fn parse_config<T: serde::de::DeserializeOwned>(
     })
 }
 
+/// `url` safe to print or log: the password, if any, replaced by `***`.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let creds = &url[scheme + 3..at];
+            match creds.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -179,5 +193,23 @@ mod tests {
             parse_value("postgres://u@h/db"),
             Value::String("postgres://u@h/db".into())
         );
+    }
+
+    #[test]
+    fn passwords_are_redacted() {
+        for (url, shown) in [
+            ("postgres://u:secret@h/db", "postgres://u:***@h/db"),
+            ("postgres://u@h/db", "postgres://u@h/db"),
+            ("sqlite://x.db", "sqlite://x.db"),
+            (
+                "redis://agent:s3cret@redis.local:6379/0",
+                "redis://agent:***@redis.local:6379/0",
+            ),
+            ("rediss://:s3cret@h:6380", "rediss://:***@h:6380"),
+            ("redis://127.0.0.1:6379", "redis://127.0.0.1:6379"),
+        ] {
+            assert_eq!(redact_url(url), shown);
+        }
+        assert!(!redact_url("redis://:s3cret@[bad").contains("s3cret"));
     }
 }

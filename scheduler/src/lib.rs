@@ -238,7 +238,7 @@ impl Scheduler {
             config.reconciler.clone(),
             shutdown.clone(),
         ));
-        tracing::info!(%addr, database = %db::redact(&config.database.url), "sd-scheduler listening");
+        tracing::info!(%addr, database = %sd_protocol::env::redact_url(&config.database.url), "sd-scheduler listening");
         Ok(Self {
             addr,
             state,
