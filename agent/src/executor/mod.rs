@@ -95,13 +95,18 @@ impl Executor {
 /// Sender for build events; executors spawn their watch tasks with a clone.
 pub type Events = mpsc::UnboundedSender<BuildEvent>;
 
-/// `text` with every JWT in it (`eyJ…` in three dot-separated base64url parts) replaced by
-/// `***`. Failure reasons quote what Kubernetes said, and its events can echo a container's
-/// command line, which carries the build's token; reasons are logged and sent to Screwdriver.
-pub fn scrub_tokens(text: &str) -> String {
+/// `text` with the build's own token (`known`, whatever its shape) and every JWT in it (`eyJ…`
+/// in three dot-separated base64url parts) replaced by `***`. Failure reasons quote what
+/// Kubernetes said, which can echo a container's command line and so the build's token;
+/// reasons are logged and sent to Screwdriver.
+pub fn scrub_tokens(text: &str, known: Option<&str>) -> String {
+    let text = match known.filter(|t| !t.is_empty()) {
+        Some(token) => text.replace(token, "***"),
+        None => text.to_owned(),
+    };
     let is_token_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
     let mut out = String::with_capacity(text.len());
-    let mut rest = text;
+    let mut rest = text.as_str();
     while let Some(at) = rest.find("eyJ") {
         let (before, from) = rest.split_at(at);
         out.push_str(before);
@@ -142,16 +147,25 @@ mod scrub_tests {
     fn tokens_are_scrubbed_and_other_text_kept() {
         let jwt = "eyJhbGciOiJSUzI1NiJ9.eyJidWlsZElkIjo4fQ.c2lnbmF0dXJl-_x";
         assert_eq!(
-            scrub_tokens(&format!("exec run.sh \"{jwt}\" \"https://api\" failed")),
+            scrub_tokens(
+                &format!("exec run.sh \"{jwt}\" \"https://api\" failed"),
+                None
+            ),
             "exec run.sh \"***\" \"https://api\" failed"
         );
-        assert_eq!(scrub_tokens(&format!("{jwt}. Next")), "***. Next");
+        assert_eq!(scrub_tokens(&format!("{jwt}. Next"), None), "***. Next");
         assert_eq!(
-            scrub_tokens("image eyJunk not found"),
+            scrub_tokens("image eyJunk not found", None),
             "image eyJunk not found"
         );
-        assert_eq!(scrub_tokens("v1.2.3 eyJa.b"), "v1.2.3 eyJa.b");
-        assert_eq!(scrub_tokens("no tokens here"), "no tokens here");
-        assert_eq!(scrub_tokens("é eyJa.b.c ü"), "é *** ü");
+        assert_eq!(scrub_tokens("v1.2.3 eyJa.b", None), "v1.2.3 eyJa.b");
+        assert_eq!(scrub_tokens("no tokens here", None), "no tokens here");
+        assert_eq!(scrub_tokens("é eyJa.b.c ü", None), "é *** ü");
+        // The build's own token, JWT or not.
+        assert_eq!(
+            scrub_tokens("pod args: run.sh opaque-t0ken x", Some("opaque-t0ken")),
+            "pod args: run.sh *** x"
+        );
+        assert_eq!(scrub_tokens("nothing", Some("")), "nothing");
     }
 }

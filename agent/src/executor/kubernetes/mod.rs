@@ -157,14 +157,7 @@ impl KubernetesExecutor {
     pub async fn launch(&self, build: &StartMessage) -> Result<Launched, ExecError> {
         let pod = build_pod(build, &self.inner.config, &self.inner.screwdriver)?;
         let name = pod.metadata.name.clone().unwrap_or_default();
-        let token = build.token.as_deref().unwrap_or_default();
-        let scrub = |text: String| {
-            if token.is_empty() {
-                text
-            } else {
-                text.replace(token, "***")
-            }
-        };
+        let scrub = |text: String| crate::executor::scrub_tokens(&text, build.token.as_deref());
         let inner = &self.inner;
         match inner
             .call(inner.pods.create(&PostParams::default(), &pod))

@@ -286,11 +286,12 @@ fn creation(pod: &Pod) -> Option<Timestamp> {
 
 /// The reason sent with a build that cannot start: the summary, then the pod's recent events.
 fn compose(summary: &str, events: &str) -> String {
-    let text = crate::executor::scrub_tokens(&if events.is_empty() {
+    let text = if events.is_empty() {
         summary.to_owned()
     } else {
         format!("{summary}. Pod events: {events}")
-    });
+    };
+    let text = crate::executor::scrub_tokens(&text, None);
     match text.char_indices().nth(REASON_MAX_CHARS) {
         Some((cut, _)) => format!("{}…", &text[..cut]),
         None => text,
