@@ -26,8 +26,6 @@ use crate::watcher::Watcher;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
-    #[error(transparent)]
-    Signer(#[from] crate::signer::SignerError),
     #[error("scheduler client: {0}")]
     Client(String),
     #[error(transparent)]

@@ -993,7 +993,7 @@ impl Inner {
             .query_async(&mut conn)
             .await
             .map_err(redis_err)?;
-        let mut ended = 0;
+        let mut taken = 0;
         for raw_id in ids {
             let Ok(id) = raw_id.parse::<u64>() else {
                 continue;
@@ -1025,7 +1025,7 @@ impl Inner {
                 // A kept end means its owner saw the launcher end: nothing to follow.
                 if self.adoptable(&marker) && self.known_end(id).await?.is_none() {
                     if self.adopt(id, marker).await? {
-                        ended += 1;
+                        taken += 1;
                     }
                     continue;
                 }
@@ -1042,10 +1042,10 @@ impl Inner {
                 }
             };
             if self.recover_one(id, marker, &reason).await? {
-                ended += 1;
+                taken += 1;
             }
         }
-        Ok(ended)
+        Ok(taken)
     }
 
     /// Takes an orphaned marker over (so a crash of ours now leaves it to the next executor),
