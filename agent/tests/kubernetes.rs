@@ -2,6 +2,8 @@
 //! (`sd_testkit::kube_api`): pod shape, idempotent launch, rejections, lifecycle events,
 //! fail-fast reasons, stop, finished-pod GC, and `check`.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::time::Duration;
@@ -17,20 +19,13 @@ use serde_json::{Value, json};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use common::HOUR;
+
 const WAIT: Duration = Duration::from_secs(10);
 const TOKEN: &str = "eyJhbGciOiJSUzI1NiJ9.launcher.signature";
-const HOUR: Duration = Duration::from_secs(3600);
 
 fn config() -> KubernetesConfig {
-    KubernetesConfig {
-        namespace: "builds".into(),
-        prefix: "sd-".into(),
-        launcher_image: "screwdrivercd/launcher:v6".into(),
-        pending_timeout: HOUR,
-        image_pull_grace: HOUR,
-        finished_pod_ttl: HOUR,
-        ..Default::default()
-    }
+    common::kube_config()
 }
 
 fn screwdriver() -> ScrewdriverConfig {

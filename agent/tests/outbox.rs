@@ -2,6 +2,8 @@
 //! scheduler events endpoint and a fake Screwdriver API: an end kept by an agent that died is
 //! reported by the next one, and replicas seeing the same end report it once.
 
+mod common;
+
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -12,10 +14,8 @@ use redis::aio::ConnectionManager;
 use sd_agent::executor::{BuildEvent, BuildStatus};
 use sd_agent::local::LocalQueue;
 use sd_agent::outbox::{Outbox, Recorded};
-use sd_agent::scheduler_client::SchedulerClient;
-use sd_agent::signer::Signer;
 use sd_agent::watcher::Watcher;
-use sd_protocol::{SigningAlgorithm, StartMessage};
+use sd_protocol::StartMessage;
 use sd_testkit::{ClusterKeys, FakeScrewdriver, RedisServer, eventually};
 use serde_json::{Value, json};
 use tokio::sync::{Notify, mpsc};
@@ -168,23 +168,7 @@ async fn watcher(
     tokio::task::JoinHandle<()>,
 ) {
     let keys = ClusterKeys::generate(Algorithm::ES256);
-    let signer = Signer::from_pem(
-        CLUSTER,
-        SigningAlgorithm::ES256,
-        Duration::from_secs(300),
-        None,
-        None,
-        keys.private_pem.as_bytes(),
-    )
-    .unwrap();
-    let client = SchedulerClient::new(
-        scheduler,
-        CLUSTER,
-        Arc::new(signer),
-        None,
-        Duration::from_secs(5),
-    )
-    .unwrap();
+    let client = common::scheduler_client(scheduler, CLUSTER, &keys.private_pem);
     let local = LocalQueue::connect(&redis.url(), CLUSTER, Duration::from_secs(30))
         .await
         .unwrap();

@@ -5,6 +5,8 @@
 //! reason a build cannot start, exactly one FAILURE reaches Screwdriver, naming the reason (and
 //! the pod's events); a healthy build sends none.
 
+mod common;
+
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -17,19 +19,18 @@ use sd_agent::executor::kubernetes::{KubernetesExecutor, WatchOptions};
 use sd_agent::launcher::Launcher;
 use sd_agent::local::LocalQueue;
 use sd_agent::outbox::Outbox;
-use sd_agent::scheduler_client::SchedulerClient;
-use sd_agent::signer::Signer;
 use sd_agent::watcher::Watcher;
-use sd_protocol::{JobKind, QueueMessage, SigningAlgorithm};
+use sd_protocol::{JobKind, QueueMessage};
 use sd_testkit::kube_api::FakeKube;
 use sd_testkit::{BuildUpdate, ClusterKeys, FakeScrewdriver, RedisServer, eventually};
 use serde_json::{Value, json};
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 
+use common::HOUR;
+
 const CLUSTER: &str = "k8s-east";
 const TOKEN: &str = "eyJhbGciOiJSUzI1NiJ9.launcher.signature";
-const HOUR: Duration = Duration::from_secs(3600);
 const WAIT: Duration = Duration::from_secs(20);
 
 /// One build event the scheduler stub received.
@@ -110,23 +111,7 @@ impl Agent {
     /// Starts one more agent replica on the same local Redis: executor, launcher and watcher,
     /// wired as `app::run` wires them; returns once its executor watches the pods.
     async fn replica(&self) {
-        let signer = Signer::from_pem(
-            CLUSTER,
-            SigningAlgorithm::ES256,
-            Duration::from_secs(300),
-            None,
-            None,
-            self.keys.private_pem.as_bytes(),
-        )
-        .unwrap();
-        let client = SchedulerClient::new(
-            &self.scheduler_url,
-            CLUSTER,
-            Arc::new(signer),
-            None,
-            Duration::from_secs(5),
-        )
-        .unwrap();
+        let client = common::scheduler_client(&self.scheduler_url, CLUSTER, &self.keys.private_pem);
         let local = LocalQueue::connect(&self.redis.url(), CLUSTER, Duration::from_secs(30))
             .await
             .unwrap();
@@ -274,16 +259,7 @@ impl Drop for Agent {
 }
 
 fn config() -> KubernetesConfig {
-    KubernetesConfig {
-        namespace: "builds".into(),
-        prefix: "sd-".into(),
-        launcher_image: "screwdrivercd/launcher:v6".into(),
-        // Age-based rules fire by backdating pods, never by waiting.
-        pending_timeout: HOUR,
-        image_pull_grace: HOUR,
-        finished_pod_ttl: HOUR,
-        ..Default::default()
-    }
+    common::kube_config()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,0 +1,42 @@
+//! Pieces several agent test files build the same way.
+
+#![allow(dead_code)] // each test file uses only some of them
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use sd_agent::config::KubernetesConfig;
+use sd_agent::scheduler_client::SchedulerClient;
+use sd_agent::signer::Signer;
+use sd_protocol::SigningAlgorithm;
+
+pub const HOUR: Duration = Duration::from_secs(3600);
+
+/// The Kubernetes executor's settings in tests: namespace `builds`, pods `sd-{buildId}`.
+/// Age-based rules (pending timeout, image pull grace, finished-pod TTL) are an hour, so they
+/// fire only when a test backdates a pod, never by waiting.
+pub fn kube_config() -> KubernetesConfig {
+    KubernetesConfig {
+        namespace: "builds".into(),
+        prefix: "sd-".into(),
+        launcher_image: "screwdrivercd/launcher:v6".into(),
+        pending_timeout: HOUR,
+        image_pull_grace: HOUR,
+        finished_pod_ttl: HOUR,
+        ..Default::default()
+    }
+}
+
+/// A scheduler client for `cluster` at `url`, signing ES256 tokens with `private_pem`.
+pub fn scheduler_client(url: &str, cluster: &str, private_pem: &str) -> SchedulerClient {
+    let signer = Signer::from_pem(
+        cluster,
+        SigningAlgorithm::ES256,
+        Duration::from_secs(300),
+        None,
+        None,
+        private_pem.as_bytes(),
+    )
+    .unwrap();
+    SchedulerClient::new(url, cluster, Arc::new(signer), None, Duration::from_secs(5)).unwrap()
+}
