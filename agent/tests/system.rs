@@ -241,6 +241,13 @@ impl AgentSetup {
 
     /// Starts a replica with extra `SD_AGENT_*` overrides; with `config_in_env` the config file
     /// is named by `SD_AGENT_CONFIG` instead of `--config`.
+    /// After the agent exited: reaps it, lets acks through the gate again, starts it anew.
+    fn restart_through(&mut self, gate: &Gate, env: &[(&str, &str)]) {
+        self.children.remove(0).wait().unwrap();
+        gate.release();
+        self.spawn_with(env, false);
+    }
+
     fn spawn_with(&mut self, env: &[(&str, &str)], config_in_env: bool) {
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -406,6 +413,15 @@ impl Gate {
     /// Acks held so far.
     fn held(&self) -> u64 {
         self.state.held.load(Ordering::SeqCst)
+    }
+
+    /// Waits until a transfer's ack is held here: the agent has one in flight it cannot finish.
+    async fn wait_held(&self) {
+        let held = eventually(Duration::from_secs(20), || {
+            std::future::ready((self.held() >= 1).then_some(()))
+        })
+        .await;
+        assert!(held.is_some(), "a transfer is waiting for its ack");
     }
 }
 
@@ -946,11 +962,7 @@ async fn sigterm_with_work_in_flight_exits_within_shutdown_timeout_and_loses_not
     for id in 5..=8 {
         world.submit(id, "web/site", None, 0).await;
     }
-    let held = eventually(Duration::from_secs(20), || {
-        std::future::ready((gate.held() >= 1).then_some(()))
-    })
-    .await;
-    assert!(held.is_some(), "a transfer is waiting for its ack");
+    gate.wait_held().await;
 
     agent.signal(libc::SIGTERM);
     let status = agent
@@ -964,10 +976,7 @@ async fn sigterm_with_work_in_flight_exits_within_shutdown_timeout_and_loses_not
         agent.log()
     );
     let started_before = agent.runs();
-    agent.children.remove(0).wait().unwrap(); // exited already: reaps it
-
-    gate.release();
-    agent.spawn_with(&env, false);
+    agent.restart_through(&gate, &env);
     let ids: Vec<u64> = (1..=8).collect();
     let views = wait_ended(&world, &ids, Duration::from_secs(90)).await;
     let runs = agent.runs();
@@ -1018,11 +1027,7 @@ async fn a_second_sigterm_while_draining_exits_at_once() {
     world.wait_finished(&[1], Duration::from_secs(30)).await;
     gate.hold_acks();
     world.submit(2, "web/site", None, 0).await;
-    let held = eventually(Duration::from_secs(20), || {
-        std::future::ready((gate.held() >= 1).then_some(()))
-    })
-    .await;
-    assert!(held.is_some(), "a transfer is waiting for its ack");
+    gate.wait_held().await;
 
     agent.signal(libc::SIGTERM);
     let draining = eventually(Duration::from_secs(10), || {
@@ -1045,10 +1050,7 @@ async fn a_second_sigterm_while_draining_exits_at_once() {
         "{}",
         agent.log()
     );
-    agent.children.remove(0).wait().unwrap(); // exited already: reaps it
-
-    gate.release();
-    agent.spawn_with(&env, false);
+    agent.restart_through(&gate, &env);
     let views = wait_ended(&world, &[2], Duration::from_secs(60)).await;
     assert_eq!(
         agent.runs().get(&2),
