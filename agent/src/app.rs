@@ -132,6 +132,9 @@ pub async fn run(
     client: SchedulerClient,
     ready: impl Fn(&str),
 ) -> Result<(), RunError> {
+    // Registered before anything is served: a SIGTERM that arrives once /healthz answers must
+    // drain gracefully, not kill the process with the default action.
+    let mut signals = Signals::new();
     // Bind first: a second agent on the same port must fail before it touches any build.
     let listener = tokio::net::TcpListener::bind(config.health.listen)
         .await
@@ -207,7 +210,6 @@ pub async fn run(
     tracing::info!(cluster = %config.cluster.name, scheduler = %config.scheduler.url, health = %config.health.listen, "sd-agent running");
     ready("READY");
 
-    let mut signals = Signals::new();
     // A loop that ends on its own (a panic) would leave an agent that answers /healthz but
     // moves no builds: exit instead, and let systemd or the DaemonSet restart it.
     let died = tokio::select! {

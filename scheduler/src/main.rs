@@ -43,6 +43,9 @@ async fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     telemetry::init_logging(&config.log);
+    // Registered before anything is served: a SIGTERM that arrives once /readyz answers must
+    // shut down gracefully, not kill the process with the default action.
+    let stop = shutdown_signal();
     let scheduler = match Scheduler::start(config).await {
         Ok(s) => s,
         Err(e) => {
@@ -64,7 +67,7 @@ async fn main() -> ExitCode {
     }
     scheduler
         .run_until(async {
-            shutdown_signal().await;
+            stop.await;
             notify_systemd(&[sd_notify::NotifyState::Stopping]);
         })
         .await;
@@ -78,20 +81,24 @@ fn notify_systemd(state: &[sd_notify::NotifyState<'_>]) {
     }
 }
 
-async fn shutdown_signal() {
+/// Registers SIGTERM and SIGINT now; the returned future resolves on the first of them.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{SignalKind, signal};
-    match (
+    let handlers = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
-    ) {
-        (Ok(mut term), Ok(mut int)) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
+    );
+    async move {
+        match handlers {
+            (Ok(mut term), Ok(mut int)) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
             }
-        }
-        _ => {
-            let _ = tokio::signal::ctrl_c().await;
+            _ => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
         }
     }
 }
