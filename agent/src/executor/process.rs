@@ -511,7 +511,7 @@ impl Inner {
                 "launch marker of build {id} is not confirmed on disk yet: {e}"
             ))
         })?;
-        let child = match self.spawn(build, timeout, &marker) {
+        let child = match self.spawn(build, timeout, &marker.launch_id) {
             Ok(child) => child,
             Err(e) => {
                 let abandoned: Result<i64, _> = self
@@ -553,17 +553,13 @@ impl Inner {
         &self,
         build: &StartMessage,
         timeout: Duration,
-        marker: &Marker,
+        launch_id: &str,
     ) -> Result<Child, ExecError> {
         let id = build.build_id;
-        let launch_id = marker.launch_id.as_str();
         // The shell would start even without a launcher: find out here, while the launch can
         // still be retried (the marker is dropped) instead of failing the build.
         resolve_program(&self.program).map_err(|e| ExecError::Transient(e.to_string()))?;
-        let exit_file = marker
-            .exit_file
-            .clone()
-            .unwrap_or_else(|| self.exit_path(launch_id));
+        let exit_file = self.exit_path(launch_id);
         let _ = std::fs::remove_file(&exit_file);
         let log_path = self.log_path(id);
         let log = std::fs::OpenOptions::new()
@@ -702,9 +698,7 @@ impl Inner {
             }
         };
         lock(&self.runs).remove(&id);
-        if self.finish(id, &mut marker, status).await {
-            forget_exit_file(&marker);
-        }
+        self.finish(id, &mut marker, status).await;
     }
 
     /// Follows a run adopted from an agent that is gone: not our child, so it is looked at
@@ -767,9 +761,7 @@ impl Inner {
             }
         };
         lock(&self.runs).remove(&id);
-        if self.finish(id, &mut marker, status).await {
-            forget_exit_file(&marker);
-        }
+        self.finish(id, &mut marker, status).await;
     }
 
     /// How a run that ended unwatched went: the exit status its parent shell left (on this
@@ -795,8 +787,9 @@ impl Inner {
     }
 
     /// Ends the marker (retrying while Redis is unreachable) and sends the final event; the
-    /// event does not wait for a long Redis outage. `false` when the marker could not be ended.
-    async fn finish(&self, id: u64, marker: &mut Marker, status: BuildStatus) -> bool {
+    /// event does not wait for a long Redis outage. Once the marker is ended, the exit status
+    /// file is removed (never before: an agent dying in between leaves it to the next one).
+    async fn finish(&self, id: u64, marker: &mut Marker, status: BuildStatus) {
         let now = unix_ms();
         marker.state = MarkerState::Ended;
         marker.ended_at = Some(now);
@@ -819,73 +812,59 @@ impl Inner {
             status: status.clone(),
         };
         let mut pending = Some(status);
-        let mut ended = false;
-        loop {
+        let ended = loop {
             // The end goes to the outbox before the marker ends: once the marker says ended,
             // nobody else will report this build, so its report must already be durable. Sent
             // directly meanwhile (Redis down), it is still kept once Redis is back: the direct
             // report may not outlive this agent.
-            if !kept {
+            let failed = if kept {
+                None
+            } else {
                 match self.outbox.record(&end).await {
-                    Ok(_) => kept = true,
-                    Err(e) => {
-                        attempts += 1;
-                        warn!(build_id = id, error = %e, attempts, "cannot keep the build's end");
-                        if attempts >= 3
-                            && let Some(status) = pending.take()
-                        {
-                            self.send(id, status);
-                        }
-                        if Instant::now() >= give_up {
-                            error!(
-                                build_id = id,
-                                "giving up recording the build's end; its marker stays running"
-                            );
-                            break;
-                        }
-                        tokio::time::sleep(delay).await;
-                        delay = (delay * 2).min(Duration::from_secs(10));
-                        continue;
+                    Ok(_) => {
+                        kept = true;
+                        None
                     }
+                    Err(e) => Some(("cannot keep the build's end", e.to_string())),
                 }
-            }
-            match self
-                .update(&marker.agent.instance, id, marker, Some(now))
-                .await
+            };
+            let (what, error) = match failed {
+                Some(failed) => failed,
+                None => match self
+                    .update(&marker.agent.instance, id, marker, Some(now))
+                    .await
+                {
+                    Ok(Some(_)) => break true,
+                    Ok(None) => {
+                        debug!(build_id = id, "marker was already ended");
+                        break true;
+                    }
+                    Err(e) => ("cannot record the build's end", e.to_string()),
+                },
+            };
+            attempts += 1;
+            warn!(build_id = id, error = %error, attempts, "{what}");
+            if attempts >= 3
+                && let Some(status) = pending.take()
             {
-                Ok(Some(_)) => {
-                    ended = true;
-                    break;
-                }
-                Ok(None) => {
-                    debug!(build_id = id, "marker was already ended");
-                    ended = true;
-                    break;
-                }
-                Err(e) => {
-                    attempts += 1;
-                    warn!(build_id = id, error = %e, attempts, "cannot record the build's end");
-                    if attempts >= 3
-                        && let Some(status) = pending.take()
-                    {
-                        self.send(id, status);
-                    }
-                    if Instant::now() >= give_up {
-                        error!(
-                            build_id = id,
-                            "giving up recording the build's end; its marker stays running"
-                        );
-                        break;
-                    }
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(10));
-                }
+                self.send(id, status);
             }
+            if Instant::now() >= give_up {
+                error!(
+                    build_id = id,
+                    "giving up recording the build's end; its marker stays running"
+                );
+                break false;
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(10));
+        };
+        if ended && let Some(path) = &marker.exit_file {
+            let _ = std::fs::remove_file(path);
         }
         if let Some(status) = pending {
             self.send(id, status);
         }
-        ended
     }
 
     fn send(&self, build_id: u64, status: BuildStatus) {
@@ -1078,9 +1057,7 @@ impl Inner {
             None if stop_requested => stopped(),
             None => self.result_of(id, &marker, reason).await,
         };
-        if self.finish(id, &mut claimed, status).await {
-            forget_exit_file(&marker);
-        }
+        self.finish(id, &mut claimed, status).await;
         Ok(true)
     }
 
@@ -1275,14 +1252,6 @@ fn killed_by(signal: i32) -> String {
 /// The status [`EXIT_WRAPPER`] left, if it got to write one.
 fn read_exit_status(path: &Path) -> Option<i32> {
     std::fs::read_to_string(path).ok()?.trim().parse().ok()
-}
-
-/// After the marker ended (never before: an agent dying in between leaves the status to the
-/// next one).
-fn forget_exit_file(marker: &Marker) {
-    if let Some(path) = &marker.exit_file {
-        let _ = std::fs::remove_file(path);
-    }
 }
 
 /// Minutes for messages: "90", or "0.5" for short test timeouts.
