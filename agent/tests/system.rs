@@ -164,23 +164,48 @@ impl World {
         view["state"].as_str().unwrap_or_default().to_owned()
     }
 
-    async fn wait_finished(&self, ids: &[u64], timeout: Duration) {
-        let done = eventually(timeout, || async {
+    /// Polls until every build in `ids` is in a state `done` accepts; returns their views, or
+    /// panics with each build's state after `timeout`.
+    async fn wait_for(
+        &self,
+        ids: &[u64],
+        timeout: Duration,
+        what: &str,
+        done: impl Fn(&str) -> bool,
+    ) -> Vec<Value> {
+        let views = eventually(timeout, || async {
+            let mut views = Vec::new();
             for id in ids {
-                if self.state(*id).await != "finished" {
+                let (_, view) = self
+                    .call(Method::GET, &format!("/v1/builds/{id}"), "sdapi", None)
+                    .await;
+                if !done(view["state"].as_str().unwrap_or_default()) {
                     return None;
                 }
+                views.push(view);
             }
-            Some(())
+            Some(views)
         })
         .await;
-        if done.is_none() {
-            let mut states = Vec::new();
-            for id in ids {
-                states.push((*id, self.state(*id).await));
-            }
-            panic!("not all finished: {states:?}");
+        if let Some(views) = views {
+            return views;
         }
+        let mut states = Vec::new();
+        for id in ids {
+            states.push((*id, self.state(*id).await));
+        }
+        panic!("not every build {what}: {states:?}");
+    }
+
+    async fn wait_finished(&self, ids: &[u64], timeout: Duration) {
+        self.wait_for(ids, timeout, "finished", |s| s == "finished")
+            .await;
+    }
+
+    /// Every build in `ids` ends: finished, or failed with a reason.
+    async fn wait_ended(&self, ids: &[u64], timeout: Duration) -> Vec<Value> {
+        self.wait_for(ids, timeout, "ended", |s| s == "finished" || s == "failed")
+            .await
     }
 }
 
@@ -900,34 +925,6 @@ async fn sighup_rotates_the_key_and_sigterm_drains() {
     assert!(status.success(), "{status:?}");
 }
 
-/// Every build in `ids` ends: finished, or failed with a reason. Returns their views.
-async fn wait_ended(world: &World, ids: &[u64], timeout: Duration) -> Vec<Value> {
-    let ended = eventually(timeout, || async {
-        let mut views = Vec::new();
-        for id in ids {
-            let (_, view) = world
-                .call(Method::GET, &format!("/v1/builds/{id}"), "sdapi", None)
-                .await;
-            if view["state"] != "finished" && view["state"] != "failed" {
-                return None;
-            }
-            views.push(view);
-        }
-        Some(views)
-    })
-    .await;
-    match ended {
-        Some(views) => views,
-        None => {
-            let mut states = Vec::new();
-            for id in ids {
-                states.push((*id, world.state(*id).await));
-            }
-            panic!("not every build ended: {states:?}");
-        }
-    }
-}
-
 /// SIGTERM with builds running, a transfer in flight (its ack held on the way, so the drain
 /// cannot finish) and builds still waiting on the master: the agent exits 0 within
 /// `shutdown_timeout`; after a restart nothing is lost — every build ran exactly once and
@@ -946,16 +943,11 @@ async fn sigterm_with_work_in_flight_exits_within_shutdown_timeout_and_loses_not
     for id in 1..=4 {
         world.submit_sleeping(id, 5).await;
     }
-    let running = eventually(Duration::from_secs(30), || async {
-        for id in 1..=4 {
-            if world.state(id).await != "running" {
-                return None;
-            }
-        }
-        Some(())
-    })
-    .await;
-    assert!(running.is_some(), "builds 1–4 run");
+    world
+        .wait_for(&[1, 2, 3, 4], Duration::from_secs(30), "running", |s| {
+            s == "running"
+        })
+        .await;
     // Room for one more: build 5 is taken, pushed and launched, and its ack never arrives;
     // 6–8 wait on the master.
     gate.hold_acks();
@@ -978,7 +970,7 @@ async fn sigterm_with_work_in_flight_exits_within_shutdown_timeout_and_loses_not
     let started_before = agent.runs();
     agent.restart_through(&gate, &env);
     let ids: Vec<u64> = (1..=8).collect();
-    let views = wait_ended(&world, &ids, Duration::from_secs(90)).await;
+    let views = world.wait_ended(&ids, Duration::from_secs(90)).await;
     let runs = agent.runs();
     for view in &views {
         let id = view["buildId"].as_u64().unwrap();
@@ -1051,7 +1043,7 @@ async fn a_second_sigterm_while_draining_exits_at_once() {
         agent.log()
     );
     agent.restart_through(&gate, &env);
-    let views = wait_ended(&world, &[2], Duration::from_secs(60)).await;
+    let views = world.wait_ended(&[2], Duration::from_secs(60)).await;
     assert_eq!(
         agent.runs().get(&2),
         Some(&1),
