@@ -372,28 +372,6 @@ fn invalid(key: &str, reason: impl Into<String>) -> ConfigError {
     ConfigError::invalid(key, reason)
 }
 
-impl Config {
-    /// Sections of `other` that differ from this config's: what a reload cannot apply.
-    pub fn changed_sections(&self, other: &Config) -> Vec<&'static str> {
-        [
-            ("scheduler", self.scheduler != other.scheduler),
-            ("poll", self.poll != other.poll),
-            ("redis", self.redis != other.redis),
-            ("executor", self.executor != other.executor),
-            ("screwdriver", self.screwdriver != other.screwdriver),
-            ("health", self.health != other.health),
-            ("log", self.log != other.log),
-            (
-                "shutdown_timeout",
-                self.shutdown_timeout != other.shutdown_timeout,
-            ),
-        ]
-        .into_iter()
-        .filter_map(|(name, changed)| changed.then_some(name))
-        .collect()
-    }
-}
-
 /// The `SD_AGENT_*` overrides in this process's environment.
 pub fn env_overrides() -> impl Iterator<Item = (String, String)> {
     std::env::vars().filter(|(k, _)| k.starts_with(ENV_PREFIX) && k != CONFIG_ENV)
@@ -420,6 +398,26 @@ fn check_log_level(text: &str) -> Result<(), String> {
 }
 
 impl Config {
+    /// Sections of `other` that differ from this config's: what a reload cannot apply.
+    pub fn changed_sections(&self, other: &Config) -> Vec<&'static str> {
+        [
+            ("scheduler", self.scheduler != other.scheduler),
+            ("poll", self.poll != other.poll),
+            ("redis", self.redis != other.redis),
+            ("executor", self.executor != other.executor),
+            ("screwdriver", self.screwdriver != other.screwdriver),
+            ("health", self.health != other.health),
+            ("log", self.log != other.log),
+            (
+                "shutdown_timeout",
+                self.shutdown_timeout != other.shutdown_timeout,
+            ),
+        ]
+        .into_iter()
+        .filter_map(|(name, changed)| changed.then_some(name))
+        .collect()
+    }
+
     /// Loads `path` and applies `vars` (`SD_AGENT_*`) as overrides, then validates.
     pub fn load(
         path: &Path,

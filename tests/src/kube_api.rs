@@ -579,12 +579,7 @@ fn remove_pod(shared: &Shared, ns: &str, name: &str) -> Option<Value> {
 /// `POST …/selfsubjectaccessreviews`: the review with `status.allowed` filled in.
 async fn review_access(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
     let Ok(mut review) = serde_json::from_slice::<Value>(&body) else {
-        return status(
-            400,
-            "BadRequest",
-            "the body of the request was not valid JSON",
-            None,
-        );
+        return not_json();
     };
     let attributes = &review["spec"]["resourceAttributes"];
     let mut what = attributes["resource"]
@@ -606,12 +601,7 @@ async fn create_pod(
     body: Bytes,
 ) -> Response {
     let Ok(mut pod) = serde_json::from_slice::<Value>(&body) else {
-        return status(
-            400,
-            "BadRequest",
-            "the body of the request was not valid JSON",
-            None,
-        );
+        return not_json();
     };
     if !pod.is_object() {
         return status(
@@ -872,6 +862,16 @@ impl Requirement<'_> {
 }
 
 // === helpers ===
+
+/// What the API server answers a body that is not JSON.
+fn not_json() -> Response {
+    status(
+        400,
+        "BadRequest",
+        "the body of the request was not valid JSON",
+        None,
+    )
+}
 
 fn status(code: u16, reason: &str, message: &str, details: Option<Value>) -> Response {
     let mut body = json!({
