@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use k8s_openapi::api::core::v1::Lifecycle;
 use sd_protocol::SigningAlgorithm;
 use serde::Deserialize;
 
@@ -127,6 +128,8 @@ pub struct ExecutorConfig {
     pub process: ProcessConfig,
 }
 
+/// The Kubernetes executor. Keys that carry one of Screwdriver executor-k8s's settings have
+/// its meaning (docs/onboarding.md has the table).
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct KubernetesConfig {
@@ -135,25 +138,74 @@ pub struct KubernetesConfig {
     pub namespace: String,
     /// Image whose init container copies the Screwdriver launcher into the build pod.
     pub launcher_image: String,
-    /// Pod names are `{prefix}{buildId}`.
+    /// Pod names are `{prefix}{buildId}`; also the launcher's `SD_BUILD_PREFIX`.
     pub prefix: String,
+    /// A plain pod `nodeSelector` (no toleration added).
     pub node_selector: BTreeMap<String, String>,
+    /// executor-k8s `nodeSelectors`: each pair becomes a required node affinity term and a
+    /// matching `NoSchedule` toleration, so builds land on (and only on) tainted build nodes.
+    pub node_selectors: BTreeMap<String, String>,
+    /// executor-k8s `preferredNodeSelectors`: preferred node affinity (weight 100).
+    pub preferred_node_selectors: BTreeMap<String, String>,
     /// Kubernetes tolerations, as in a pod spec (`key`, `operator`, `value`, `effect`).
     pub tolerations: Vec<Toleration>,
     pub service_account: Option<String>,
+    /// Mount the service account's API token into build pods (executor-k8s
+    /// `automountServiceAccountToken`). Build code runs there: keep it off unless builds need it.
+    pub automount_service_account_token: bool,
     pub image_pull_secrets: Vec<String>,
+    /// `Always` (Screwdriver's default: a moving tag like `node:22` is refreshed), `IfNotPresent`
+    /// or `Never`.
+    pub image_pull_policy: PullPolicy,
+    /// The pod's `dnsPolicy`.
+    pub dns_policy: DnsPolicy,
+    /// The pod's `runtimeClassName` (e.g. gVisor, Kata), also the launcher's `SD_RUNTIME_CLASS`.
+    pub runtime_class: Option<String>,
+    /// Runs the build container privileged (executor-k8s `privileged`).
+    pub privileged: bool,
     pub extra_labels: BTreeMap<String, String>,
+    /// Annotations added to every build pod (executor-k8s `annotations`).
+    pub pod_annotations: BTreeMap<String, String>,
+    /// The build container's `lifecycle` (executor-k8s `lifecycleHooks`), as in a pod spec.
+    #[serde(deserialize_with = "lifecycle")]
+    pub lifecycle_hooks: Option<Lifecycle>,
+    /// Host paths mounted into the build container (executor-k8s `volumeMounts`).
+    pub host_volumes: Vec<HostVolume>,
+    /// Secret keys exposed to the build as environment variables (executor-k8s `buildSecrets`).
+    pub build_secrets: Vec<BuildSecret>,
+    /// Secrets mounted into the build container as files (executor-k8s `buildSecretsFile`).
+    pub build_secret_files: Vec<BuildSecretFile>,
+    /// The launcher's `SD_HAB_ENABLED`: set up habitat packages (bash, jq) in the build container.
+    pub hab_enabled: bool,
+    /// A node label whose value must equal `screwdriver.cd/diskSpeed` (lower-cased); unset, a
+    /// build asking for a disk speed is refused (executor-k8s `resources.disk.speed`).
+    pub disk_speed_label: Option<String>,
+    /// Builds may ask for a docker-in-docker sidecar with `screwdriver.cd/dockerEnabled`
+    /// (executor-k8s `dockerFeatureEnabled`); the sidecar runs privileged.
+    pub docker_enabled: bool,
+    /// The docker-in-docker sidecar's image.
+    pub dind_image: String,
     /// `screwdriver.cd/cpu` values → CPU cores; a number in the annotation is capped at `max`.
     #[serde(deserialize_with = "cpu_table")]
     pub cpu: ResourceTable,
     /// `screwdriver.cd/ram` values → GiB; a number in the annotation is capped at `max`.
     #[serde(deserialize_with = "ram_table")]
     pub ram: ResourceTable,
-    /// Build timeout when `screwdriver.cd/timeout` is absent, and its cap.
+    /// Build timeout when `screwdriver.cd/timeout` is absent, and its cap. The launcher enforces
+    /// it; the pod's `activeDeadlineSeconds` is only a backstop (see `timeout_margin`).
     #[serde(with = "humantime_serde")]
     pub default_timeout: Duration,
     #[serde(with = "humantime_serde")]
     pub max_timeout: Duration,
+    /// The pod's deadline is timeout + grace period + this: time for image pull, the init
+    /// container and the launcher's teardown, so the launcher's own timeout always comes first.
+    #[serde(with = "humantime_serde")]
+    pub timeout_margin: Duration,
+    /// Time between SIGTERM and SIGKILL for a stopped build (executor-k8s
+    /// `terminationGracePeriodSeconds`); `screwdriver.cd/terminationGracePeriodSeconds` may
+    /// raise it. The launcher aborts the step, runs teardown and reports within it.
+    #[serde(with = "humantime_serde")]
+    pub termination_grace_period: Duration,
     /// A pod pending longer than this fails the build.
     #[serde(with = "humantime_serde")]
     pub pending_timeout: Duration,
@@ -163,6 +215,80 @@ pub struct KubernetesConfig {
     /// Finished pods are deleted after this long.
     #[serde(with = "humantime_serde")]
     pub finished_pod_ttl: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum PullPolicy {
+    Always,
+    IfNotPresent,
+    Never,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum DnsPolicy {
+    ClusterFirst,
+    ClusterFirstWithHostNet,
+    Default,
+    None,
+}
+
+/// A host path mounted into the build container (executor-k8s `volumeMounts` entry).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HostVolume {
+    /// Volume name: a DNS label.
+    pub name: String,
+    /// Where the build container sees it.
+    pub mount_path: String,
+    /// The path on the node.
+    pub path: String,
+    /// hostPath `type` (`Directory`, `File`, `DirectoryOrCreate`, …); empty: no check.
+    #[serde(default)]
+    pub r#type: Option<String>,
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+/// A Secret key as an environment variable of the build (executor-k8s `buildSecrets` entry).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BuildSecret {
+    pub env: String,
+    pub secret_name: String,
+    pub key: String,
+}
+
+/// A Secret mounted as files (executor-k8s `buildSecretsFile` entry).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BuildSecretFile {
+    /// Volume name: a DNS label.
+    pub name: String,
+    pub mount_path: String,
+    pub secret_name: String,
+    #[serde(default = "read_only_default")]
+    pub read_only: bool,
+}
+
+fn read_only_default() -> bool {
+    true
+}
+
+/// `lifecycle_hooks` as Kubernetes' `Lifecycle`, refusing keys Kubernetes does not know (the
+/// type itself would drop them silently).
+fn lifecycle<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Lifecycle>, D::Error> {
+    use serde::de::Error;
+    let Some(written) = Option::<serde_json::Value>::deserialize(d)? else {
+        return Ok(None);
+    };
+    let hooks: Lifecycle = serde_json::from_value(written.clone()).map_err(D::Error::custom)?;
+    let kept = serde_json::to_value(&hooks).map_err(D::Error::custom)?;
+    if kept != written {
+        return Err(D::Error::custom(format!(
+            "not a Kubernetes container lifecycle (unknown or misspelt keys; kept only {kept})"
+        )));
+    }
+    Ok(Some(hooks))
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, serde::Serialize)]
@@ -239,11 +365,20 @@ pub struct ProcessConfig {
     pub command: Vec<String>,
     /// Where launch markers are kept besides the local Redis (one directory per agent host).
     pub work_dir: Option<PathBuf>,
-    /// Build timeout when `screwdriver.cd/timeout` is absent, and its cap.
+    /// Build timeout when `screwdriver.cd/timeout` is absent, and its cap. The launcher gets it
+    /// (`SD_TIMEOUT`) and enforces it; the agent ends the build only `timeout_margin` (plus the
+    /// grace period) later, as a backstop.
     #[serde(with = "humantime_serde")]
     pub default_timeout: Duration,
     #[serde(with = "humantime_serde")]
     pub max_timeout: Duration,
+    /// How long after the timeout the agent ends a build the launcher did not end itself.
+    #[serde(with = "humantime_serde")]
+    pub timeout_margin: Duration,
+    /// Between SIGTERM and SIGKILL for a stopped or timed-out build (`SD_TERMINATION_GRACE_PERIOD_SECONDS`);
+    /// `screwdriver.cd/terminationGracePeriodSeconds` may raise it.
+    #[serde(with = "humantime_serde")]
+    pub termination_grace_period: Duration,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
@@ -252,6 +387,9 @@ pub struct ScrewdriverConfig {
     /// Passed to the launcher; the API URL comes with each build.
     pub store_uri: String,
     pub ui_uri: String,
+    /// Prometheus pushgateway the launcher pushes build metrics to (`SD_PUSHGATEWAY_URL`;
+    /// Screwdriver's `ecosystem.pushgatewayUrl`); empty: none.
+    pub pushgateway_url: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -296,6 +434,13 @@ mod defaults {
     pub fn launch_lease() -> Duration {
         Duration::from_secs(120)
     }
+    pub fn timeout_margin() -> Duration {
+        Duration::from_secs(10 * 60)
+    }
+    /// Screwdriver's default.
+    pub fn termination_grace_period() -> Duration {
+        Duration::from_secs(30)
+    }
 }
 
 impl Default for PollConfig {
@@ -314,6 +459,8 @@ impl Default for ProcessConfig {
             work_dir: None,
             default_timeout: Duration::from_secs(90 * 60),
             max_timeout: Duration::from_secs(120 * 60),
+            timeout_margin: defaults::timeout_margin(),
+            termination_grace_period: defaults::termination_grace_period(),
         }
     }
 }
@@ -334,14 +481,32 @@ impl Default for KubernetesConfig {
             launcher_image: "screwdrivercd/launcher:stable".into(),
             prefix: String::new(),
             node_selector: BTreeMap::new(),
+            node_selectors: BTreeMap::new(),
+            preferred_node_selectors: BTreeMap::new(),
             tolerations: Vec::new(),
             service_account: None,
+            automount_service_account_token: false,
             image_pull_secrets: Vec::new(),
+            image_pull_policy: PullPolicy::Always,
+            dns_policy: DnsPolicy::ClusterFirst,
+            runtime_class: None,
+            privileged: false,
             extra_labels: BTreeMap::new(),
+            pod_annotations: BTreeMap::new(),
+            lifecycle_hooks: None,
+            host_volumes: Vec::new(),
+            build_secrets: Vec::new(),
+            build_secret_files: Vec::new(),
+            hab_enabled: true,
+            disk_speed_label: None,
+            docker_enabled: false,
+            dind_image: "docker:20.10-dind".into(),
             cpu: ResourceTable::CPU,
             ram: ResourceTable::RAM,
             default_timeout: Duration::from_secs(90 * 60),
             max_timeout: Duration::from_secs(120 * 60),
+            timeout_margin: defaults::timeout_margin(),
+            termination_grace_period: defaults::termination_grace_period(),
             pending_timeout: Duration::from_secs(10 * 60),
             image_pull_grace: Duration::from_secs(2 * 60),
             finished_pod_ttl: Duration::from_secs(3600),
@@ -518,60 +683,248 @@ impl Config {
                         "must be more than 0s and not exceed max_timeout",
                     ));
                 }
+                check_grace(
+                    "executor.process.termination_grace_period",
+                    p.termination_grace_period,
+                )?;
             }
-            ExecutorKind::Kubernetes => {
-                let k = &self.executor.kubernetes;
-                if k.namespace.is_empty() {
-                    return Err(invalid(
-                        "executor.kubernetes.namespace",
-                        "must not be empty",
-                    ));
-                }
-                // The longest build id (20 digits) must still make a valid pod name.
-                if !crate::executor::kubernetes::pod::is_label_value(&format!("{}1", k.prefix))
-                    || k.prefix.len() > 63 - 20
-                {
-                    return Err(invalid(
-                        "executor.kubernetes.prefix",
-                        "must be at most 43 lowercase letters, digits and '-', starting with a letter or digit (pod names are {prefix}{buildId})",
-                    ));
-                }
-                if k.launcher_image.is_empty() {
-                    return Err(invalid(
-                        "executor.kubernetes.launcher_image",
-                        "must not be empty",
-                    ));
-                }
-                for (key, table) in [
-                    ("executor.kubernetes.cpu", &k.cpu),
-                    ("executor.kubernetes.ram", &k.ram),
-                ] {
-                    let values = [table.micro, table.low, table.high, table.turbo, table.max];
-                    if values.iter().any(|v| !v.is_finite() || *v <= 0.0) {
-                        return Err(invalid(key, "every size must be a positive number"));
-                    }
-                    if values[..4].iter().any(|v| *v > table.max) {
-                        return Err(invalid(key, "no size may exceed max"));
-                    }
-                }
-                if k.default_timeout > k.max_timeout {
-                    return Err(invalid(
-                        "executor.kubernetes.default_timeout",
-                        "must not exceed max_timeout",
-                    ));
-                }
-                if let Some(file) = &k.kubeconfig
-                    && !file.is_file()
-                {
-                    return Err(invalid(
-                        "executor.kubernetes.kubeconfig",
-                        format!("{} does not exist", file.display()),
-                    ));
-                }
-            }
+            ExecutorKind::Kubernetes => check_kubernetes(&self.executor.kubernetes)?,
         }
         Ok(())
     }
+}
+
+impl KubernetesConfig {
+    pub fn limits(&self) -> crate::executor::TimeLimits {
+        crate::executor::TimeLimits {
+            default_timeout: self.default_timeout,
+            max_timeout: self.max_timeout,
+            timeout_margin: self.timeout_margin,
+            termination_grace_period: self.termination_grace_period,
+        }
+    }
+}
+
+impl ProcessConfig {
+    pub fn limits(&self) -> crate::executor::TimeLimits {
+        crate::executor::TimeLimits {
+            default_timeout: self.default_timeout,
+            max_timeout: self.max_timeout,
+            timeout_margin: self.timeout_margin,
+            termination_grace_period: self.termination_grace_period,
+        }
+    }
+}
+
+/// The launcher's SIGTERM trap sleeps `SD_TERMINATION_GRACE_PERIOD_SECONDS - 1`.
+fn check_grace(key: &str, grace: Duration) -> Result<(), ConfigError> {
+    if grace < Duration::from_secs(2) || grace > Duration::from_secs(3600) {
+        return Err(invalid(
+            key,
+            "must be from 2s to 1h (the launcher needs it to abort the step, run teardown and report)",
+        ));
+    }
+    Ok(())
+}
+
+fn check_kubernetes(k: &KubernetesConfig) -> Result<(), ConfigError> {
+    use crate::kube_names::{
+        is_dns_label, is_dns_subdomain, is_env_name, is_label_value, is_qualified_name,
+    };
+    const KEY: &str = "executor.kubernetes";
+    let key = |name: &str| format!("{KEY}.{name}");
+    if !is_dns_label(&k.namespace) {
+        return Err(invalid(
+            &key("namespace"),
+            "must be a Kubernetes namespace name (lowercase letters, digits and '-')",
+        ));
+    }
+    // The longest build id (20 digits) must still make a valid pod name.
+    if !is_dns_label(&format!("{}1", k.prefix)) || k.prefix.len() > 63 - 20 {
+        return Err(invalid(
+            &key("prefix"),
+            "must be at most 43 lowercase letters, digits and '-', starting with a letter or digit (pod names are {prefix}{buildId})",
+        ));
+    }
+    for (name, image) in [
+        ("launcher_image", &k.launcher_image),
+        ("dind_image", &k.dind_image),
+    ] {
+        if image.trim().is_empty() || image.chars().any(char::is_whitespace) {
+            return Err(invalid(&key(name), "must name an image"));
+        }
+    }
+    for (name, table) in [("cpu", &k.cpu), ("ram", &k.ram)] {
+        let values = [table.micro, table.low, table.high, table.turbo, table.max];
+        if values.iter().any(|v| !v.is_finite() || *v <= 0.0) {
+            return Err(invalid(&key(name), "every size must be a positive number"));
+        }
+        if values[..4].iter().any(|v| *v > table.max) {
+            return Err(invalid(&key(name), "no size may exceed max"));
+        }
+    }
+    if k.default_timeout.is_zero() || k.default_timeout > k.max_timeout {
+        return Err(invalid(
+            &key("default_timeout"),
+            "must be more than 0s and not exceed max_timeout",
+        ));
+    }
+    check_grace(&key("termination_grace_period"), k.termination_grace_period)?;
+    if let Some(file) = &k.kubeconfig
+        && !file.is_file()
+    {
+        return Err(invalid(
+            &key("kubeconfig"),
+            format!("{} does not exist", file.display()),
+        ));
+    }
+    // Labels and selectors: keys qualified names, values label values.
+    for (name, map) in [
+        ("extra_labels", &k.extra_labels),
+        ("node_selector", &k.node_selector),
+        ("node_selectors", &k.node_selectors),
+        ("preferred_node_selectors", &k.preferred_node_selectors),
+    ] {
+        for (label, value) in map {
+            if !is_qualified_name(label) {
+                return Err(invalid(
+                    &key(name),
+                    format!(
+                        "{label:?} is not a Kubernetes label key ([prefix/]name, name ≤ 63 of A-Z a-z 0-9 - _ .)"
+                    ),
+                ));
+            }
+            if !is_label_value(value) {
+                return Err(invalid(
+                    &key(name),
+                    format!(
+                        "{value:?} (for {label}) is not a Kubernetes label value (≤ 63 of A-Z a-z 0-9 - _ ., alphanumeric at both ends)"
+                    ),
+                ));
+            }
+        }
+    }
+    if let Some(label) = k.pod_annotations.keys().find(|a| !is_qualified_name(a)) {
+        return Err(invalid(
+            &key("pod_annotations"),
+            format!("{label:?} is not a Kubernetes annotation key"),
+        ));
+    }
+    if let Some(label) = k
+        .disk_speed_label
+        .as_deref()
+        .filter(|l| !is_qualified_name(l))
+    {
+        return Err(invalid(
+            &key("disk_speed_label"),
+            format!("{label:?} is not a Kubernetes label key"),
+        ));
+    }
+    for (name, value) in [
+        ("runtime_class", &k.runtime_class),
+        ("service_account", &k.service_account),
+    ] {
+        if let Some(v) = value.as_deref().filter(|v| !is_dns_subdomain(v)) {
+            return Err(invalid(
+                &key(name),
+                format!("{v:?} is not a Kubernetes object name"),
+            ));
+        }
+    }
+    if let Some(s) = k.image_pull_secrets.iter().find(|s| !is_dns_subdomain(s)) {
+        return Err(invalid(
+            &key("image_pull_secrets"),
+            format!("{s:?} is not a Secret name"),
+        ));
+    }
+    // Volumes the agent adds itself; an operator's must not collide with them or each other.
+    let mut volumes: Vec<String> = crate::kube_names::RESERVED_VOLUMES
+        .iter()
+        .map(|v| (*v).to_owned())
+        .collect();
+    let mut add_volume = |field: &str, name: &str| -> Result<(), ConfigError> {
+        if !is_dns_label(name) {
+            return Err(invalid(
+                &key(field),
+                format!(
+                    "volume name {name:?} is not a DNS label (lowercase letters, digits and '-')"
+                ),
+            ));
+        }
+        if volumes.iter().any(|v| v == name) {
+            return Err(invalid(
+                &key(field),
+                format!(
+                    "volume name {name:?} is used twice (the agent's own volumes are {})",
+                    crate::kube_names::RESERVED_VOLUMES.join(", ")
+                ),
+            ));
+        }
+        volumes.push(name.to_owned());
+        Ok(())
+    };
+    for v in &k.host_volumes {
+        add_volume("host_volumes", &v.name)?;
+        if !v.path.starts_with('/') || !v.mount_path.starts_with('/') {
+            return Err(invalid(
+                &key("host_volumes"),
+                format!("{}: path and mount_path must be absolute", v.name),
+            ));
+        }
+        const TYPES: &[&str] = &[
+            "",
+            "DirectoryOrCreate",
+            "Directory",
+            "FileOrCreate",
+            "File",
+            "Socket",
+            "CharDevice",
+            "BlockDevice",
+        ];
+        if let Some(t) = v.r#type.as_deref().filter(|t| !TYPES.contains(t)) {
+            return Err(invalid(
+                &key("host_volumes"),
+                format!(
+                    "{}: type {t:?} is not one of {}",
+                    v.name,
+                    TYPES[1..].join(", ")
+                ),
+            ));
+        }
+    }
+    for f in &k.build_secret_files {
+        add_volume("build_secret_files", &f.name)?;
+        if !f.mount_path.starts_with('/') || !is_dns_subdomain(&f.secret_name) {
+            return Err(invalid(
+                &key("build_secret_files"),
+                format!(
+                    "{}: mount_path must be absolute and secret_name a Secret name",
+                    f.name
+                ),
+            ));
+        }
+    }
+    for s in &k.build_secrets {
+        if !is_env_name(&s.env) || s.env.starts_with("SD_") {
+            return Err(invalid(
+                &key("build_secrets"),
+                format!(
+                    "{:?} is not an environment variable name a build may get (letters, digits, '_', '-', '.'; not SD_*, which the launcher owns)",
+                    s.env
+                ),
+            ));
+        }
+        if !is_dns_subdomain(&s.secret_name) || s.key.is_empty() {
+            return Err(invalid(
+                &key("build_secrets"),
+                format!(
+                    "{}: secret_name must be a Secret name and key not empty",
+                    s.env
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

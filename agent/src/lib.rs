@@ -12,6 +12,7 @@ pub mod executor;
 pub mod fetcher;
 pub mod health;
 pub mod keygen;
+pub mod kube_names;
 pub mod launcher;
 pub mod local;
 pub mod outbox;

@@ -32,6 +32,7 @@ fn screwdriver() -> ScrewdriverConfig {
     ScrewdriverConfig {
         store_uri: "https://store.sd.example".into(),
         ui_uri: "https://cd.sd.example".into(),
+        ..Default::default()
     }
 }
 

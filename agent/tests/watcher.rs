@@ -127,6 +127,7 @@ impl Agent {
             &ScrewdriverConfig {
                 store_uri: "https://store.sd.example".into(),
                 ui_uri: "https://cd.sd.example".into(),
+                ..Default::default()
             },
             events_tx.clone(),
             WatchOptions {

@@ -4,6 +4,7 @@
 //! and the agent agree on these types, so a change here is a change of the external contract
 //! described in `DESIGN.md`.
 
+pub mod annotations;
 pub mod build;
 pub mod claims;
 pub mod cluster;

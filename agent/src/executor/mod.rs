@@ -126,17 +126,121 @@ pub fn scrub_tokens(text: &str, known: Option<&str>) -> String {
     out
 }
 
-/// The build timeout from `screwdriver.cd/timeout` (minutes), capped; `default` when absent.
-pub fn build_timeout(build: &StartMessage, default: Duration, max: Duration) -> Duration {
-    let minutes = match build.annotations.get("screwdriver.cd/timeout") {
-        Some(serde_json::Value::Number(n)) => n.as_f64(),
-        Some(serde_json::Value::String(s)) => s.trim().parse::<f64>().ok(),
-        _ => None,
+/// An executor's time settings (both executors' config sections carry the same four).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TimeLimits {
+    /// When `screwdriver.cd/timeout` is absent.
+    pub default_timeout: Duration,
+    /// The cap on `screwdriver.cd/timeout`.
+    pub max_timeout: Duration,
+    /// Between the launcher's timeout (plus the grace period) and the agent's backstop.
+    pub timeout_margin: Duration,
+    /// The default grace period; `screwdriver.cd/terminationGracePeriodSeconds` may raise it.
+    pub termination_grace_period: Duration,
+}
+
+/// The most a build's annotation may raise its grace period to.
+pub const MAX_GRACE: Duration = Duration::from_secs(3600);
+
+/// How long one build may run, and who enforces what. The launcher owns the timeout (`run.sh`'s
+/// timeout argument, whole minutes): at it, it aborts the step, runs teardown and reports the
+/// timeout itself. The agent's end (the pod's `activeDeadlineSeconds`, the process executor's
+/// kill) is a backstop that comes `timeout_margin` plus the grace period later.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timing {
+    /// `screwdriver.cd/timeout` (minutes, may be fractional), capped; the default when absent.
+    pub timeout: Duration,
+    /// The launcher's timeout argument: `timeout` in whole minutes, at least 1.
+    pub minutes: u64,
+    /// SIGTERM to SIGKILL: the larger of the annotation and the default (Screwdriver's rule),
+    /// capped at [`MAX_GRACE`].
+    pub grace: Duration,
+    /// When the agent ends a build the launcher has not ended.
+    pub backstop: Duration,
+}
+
+impl Timing {
+    pub fn of(build: &StartMessage, limits: &TimeLimits) -> Self {
+        let timeout = build
+            .timeout_minutes()
+            .map_or(limits.default_timeout, |m| {
+                Duration::try_from_secs_f64(m * 60.0).unwrap_or(limits.max_timeout)
+            })
+            .min(limits.max_timeout);
+        let asked = build
+            .termination_grace_seconds()
+            .map_or(Duration::ZERO, Duration::from_secs);
+        let grace = asked.max(limits.termination_grace_period).min(MAX_GRACE);
+        Timing {
+            timeout,
+            minutes: timeout.as_secs().div_ceil(60).max(1),
+            grace,
+            backstop: timeout + grace + limits.timeout_margin,
+        }
+    }
+}
+
+#[cfg(test)]
+mod timing_tests {
+    use super::*;
+    use serde_json::{Value, json};
+
+    fn build(annotations: Value) -> StartMessage {
+        let Value::Object(m) = json!({
+            "buildId": 1, "jobId": 2, "pipeline": {"id": 3, "name": "o/r", "scmContext": "github:github.com"},
+            "apiUri": "https://api", "container": "node:22", "annotations": annotations,
+        }) else {
+            unreachable!()
+        };
+        StartMessage::from_json(m).unwrap()
+    }
+
+    const LIMITS: TimeLimits = TimeLimits {
+        default_timeout: Duration::from_secs(90 * 60),
+        max_timeout: Duration::from_secs(120 * 60),
+        timeout_margin: Duration::from_secs(600),
+        termination_grace_period: Duration::from_secs(30),
     };
-    minutes
-        .filter(|m| m.is_finite() && *m > 0.0)
-        .map_or(default, |m| Duration::from_secs_f64(m * 60.0))
-        .min(max)
+
+    #[test]
+    fn the_launcher_times_out_first_and_the_backstop_comes_later() {
+        let t = Timing::of(
+            &build(
+                json!({"screwdriver.cd/timeout": 60, "beta.screwdriver.cd/terminationGracePeriodSeconds": "90"}),
+            ),
+            &LIMITS,
+        );
+        assert_eq!(
+            (t.timeout.as_secs(), t.minutes, t.grace.as_secs()),
+            (3600, 60, 90)
+        );
+        assert_eq!(t.backstop.as_secs(), 3600 + 90 + 600);
+        let d = Timing::of(&build(json!({})), &LIMITS);
+        assert_eq!(
+            (d.minutes, d.grace.as_secs(), d.backstop.as_secs()),
+            (90, 30, 5400 + 30 + 600)
+        );
+    }
+
+    #[test]
+    fn annotations_are_capped_and_only_raise_the_grace() {
+        let t = Timing::of(
+            &build(
+                json!({"screwdriver.cd/timeout": "600", "screwdriver.cd/terminationGracePeriodSeconds": 5}),
+            ),
+            &LIMITS,
+        );
+        assert_eq!((t.minutes, t.grace.as_secs()), (120, 30));
+        let huge = Timing::of(
+            &build(
+                json!({"screwdriver.cd/timeout": 1e300, "screwdriver.cd/terminationGracePeriodSeconds": 1e300}),
+            ),
+            &LIMITS,
+        );
+        assert_eq!((huge.minutes, huge.grace), (120, MAX_GRACE));
+        let short = Timing::of(&build(json!({"screwdriver.cd/timeout": 0.01})), &LIMITS);
+        assert_eq!((short.timeout.as_millis(), short.minutes), (600, 1));
+    }
 }
 
 #[cfg(test)]
