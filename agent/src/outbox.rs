@@ -123,6 +123,8 @@ impl Entry {
             BuildStatus::Finished => ("finished", None, false),
             BuildStatus::Failed { reason, report } => ("failed", Some(reason.clone()), *report),
             BuildStatus::Stopped => ("stopped", None, false),
+            // The watcher sends it directly; were it recorded, it would rank as an end.
+            BuildStatus::Scheduled { .. } => ("scheduled", None, false),
         };
         Self {
             build_id: event.build_id,

@@ -91,6 +91,12 @@ impl Watcher {
 
     async fn accept(self: &Arc<Self>, event: BuildEvent) {
         let build_id = event.build_id;
+        if let BuildStatus::Scheduled { node, at } = event.status {
+            let this = Arc::clone(self);
+            let stats = serde_json::json!({"stats": {"hostname": node, "imagePullStartTime": at}});
+            tokio::spawn(async move { this.send_stats(build_id, stats).await });
+            return;
+        }
         if event.status != BuildStatus::Running {
             self.capacity.notify_one();
             let result = match event.status {
@@ -243,74 +249,83 @@ impl Watcher {
 
     /// `PUT {apiUri}/v4/builds/{id}` `{status: FAILURE, statusMessage}` with the build's token.
     async fn report_failure(&self, build_id: u64, reason: &str) -> Round {
-        let record = match self.local.recall(build_id).await {
-            Ok(Some(r)) => r,
-            Ok(None) => {
-                // The scheduler still hears the failure (`failed` event); Screwdriver cannot.
-                tracing::error!(
-                    build_id,
-                    %reason,
-                    "no record of where to report this build's failure to Screwdriver"
-                );
-                return Round::Done;
-            }
-            Err(e) => {
-                tracing::warn!(build_id, error = %e, "cannot read the build's record");
-                return Round::Again;
-            }
-        };
-        let Some(token) = record.token else {
-            tracing::error!(
-                build_id,
-                %reason,
-                "the build carries no token; cannot report its failure to Screwdriver"
-            );
-            return Round::Done;
-        };
-        let url = format!(
-            "{}/v4/builds/{build_id}",
-            record.api_uri.trim_end_matches('/')
-        );
         let body = serde_json::json!({"status": "FAILURE", "statusMessage": reason});
-        let send = || async {
-            let r = self
-                .http
-                .put(&url)
-                .bearer_auth(&token)
-                .json(&body)
-                .send()
-                .await
-                .map_err(|e| (true, e.without_url().to_string()))?;
-            let status = r.status();
-            if status.is_success() {
-                Ok(())
-            } else {
-                Err((
-                    status.is_server_error() || status.as_u16() == 429,
-                    format!("answered {status}"),
-                ))
-            }
-        };
-        match send
-            .retry(retry_policy())
-            .when(|(retryable, _)| *retryable)
-            .await
-        {
+        match self.put_build(build_id, &body).await {
             Ok(()) => {
                 metrics::counter!("sd_agent_failures_reported_total").increment(1);
                 tracing::info!(build_id, "FAILURE reported to Screwdriver");
                 Round::Done
             }
-            Err((true, e)) => {
+            Err(Put::Later(e)) => {
                 tracing::warn!(build_id, error = %e, retry_in = ?RETRY_IN, "could not report FAILURE to Screwdriver yet");
                 Round::Again
             }
-            Err((false, e)) => {
-                tracing::error!(build_id, error = %e, "Screwdriver refused the FAILURE report; dropping it");
+            Err(Put::Never(e)) => {
+                // The scheduler still hears the failure (`failed` event); Screwdriver cannot.
+                tracing::error!(build_id, %reason, error = %e, "cannot report FAILURE to Screwdriver; dropping it");
                 Round::Done
             }
         }
     }
+
+    /// The build's node and image pull start, as Screwdriver's executor sends them once the pod
+    /// is placed. Informational: a few tries, then given up.
+    async fn send_stats(&self, build_id: u64, stats: serde_json::Value) {
+        match self.put_build(build_id, &stats).await {
+            Ok(()) => tracing::debug!(build_id, "build stats sent to Screwdriver"),
+            Err(Put::Later(e) | Put::Never(e)) => {
+                tracing::info!(build_id, error = %e, "build stats not sent to Screwdriver")
+            }
+        }
+    }
+
+    /// `PUT {apiUri}/v4/builds/{id}` with `body` and the build's own token (from its local
+    /// record), retried a few times on outages.
+    async fn put_build(&self, build_id: u64, body: &serde_json::Value) -> Result<(), Put> {
+        let record = match self.local.recall(build_id).await {
+            Ok(Some(r)) => r,
+            Ok(None) => {
+                return Err(Put::Never(
+                    "no record of where to report this build to Screwdriver".into(),
+                ));
+            }
+            Err(e) => return Err(Put::Later(format!("cannot read the build's record: {e}"))),
+        };
+        let Some(token) = record.token else {
+            return Err(Put::Never("the build carries no token".into()));
+        };
+        let url = format!(
+            "{}/v4/builds/{build_id}",
+            record.api_uri.trim_end_matches('/')
+        );
+        let send = || async {
+            let r = self
+                .http
+                .put(&url)
+                .bearer_auth(&token)
+                .json(body)
+                .send()
+                .await
+                .map_err(|e| Put::Later(e.without_url().to_string()))?;
+            let status = r.status();
+            if status.is_success() {
+                Ok(())
+            } else if status.is_server_error() || status.as_u16() == 429 {
+                Err(Put::Later(format!("answered {status}")))
+            } else {
+                Err(Put::Never(format!("answered {status}")))
+            }
+        };
+        send.retry(retry_policy())
+            .when(|e| matches!(e, Put::Later(_)))
+            .await
+    }
+}
+
+/// Why a `PUT /v4/builds/{id}` did not go through: worth another round later, or not.
+enum Put {
+    Later(String),
+    Never(String),
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

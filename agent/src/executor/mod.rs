@@ -34,6 +34,10 @@ pub enum BuildStatus {
     Failed { reason: String, report: bool },
     /// It was stopped on request (Screwdriver asked for it, so only the scheduler is told).
     Stopped,
+    /// Its pod was placed on `node` (at `at`, RFC 3339), so its image is being pulled.
+    /// Informational: sent to Screwdriver as the build's `stats` (`hostname`,
+    /// `imagePullStartTime`), as executor-k8s does, best effort and never through the outbox.
+    Scheduled { node: String, at: String },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

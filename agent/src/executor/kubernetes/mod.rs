@@ -24,6 +24,9 @@ mod watch;
 
 pub use pod::{BUILD_SELECTOR, build_pod, pod_name};
 
+/// What every request to the Kubernetes API says it comes from.
+pub const USER_AGENT: &str = concat!("sd-agent/", env!("CARGO_PKG_VERSION"));
+
 /// Tuning for the executor's background work; the defaults suit production, tests shorten them.
 #[derive(Debug, Clone)]
 pub struct WatchOptions {
@@ -331,6 +334,12 @@ async fn connect_client(config: &KubernetesConfig) -> Result<(Client, String), E
         })?,
     };
     let url = kube_config.cluster_url.to_string();
+    let mut kube_config = kube_config;
+    // Audit logs then name the agent (kube sends no User-Agent of its own).
+    kube_config.headers.push((
+        axum::http::header::USER_AGENT,
+        axum::http::HeaderValue::from_static(USER_AGENT),
+    ));
     let client = Client::try_from(kube_config).map_err(|e| {
         ExecError::Transient(format!("cannot build a Kubernetes client for {url}: {e}"))
     })?;

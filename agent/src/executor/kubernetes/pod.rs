@@ -206,10 +206,12 @@ pub fn build_pod(
         ..Default::default()
     };
 
-    let mut required = config.node_selectors.clone();
-    if let Some(speed) = &features.disk_speed {
-        required.insert(speed.0.clone(), speed.1.clone());
-    }
+    // The disk speed first, then the cluster's selectors, in executor-k8s's order.
+    let required: Vec<(String, String)> = features
+        .disk_speed
+        .into_iter()
+        .chain(config.node_selectors.clone())
+        .collect();
     let mut tolerations: Vec<PodToleration> = config
         .tolerations
         .iter()
@@ -230,6 +232,11 @@ pub fn build_pod(
         effect: Some("NoSchedule".into()),
         toleration_seconds: None,
     }));
+    let preferred: Vec<(String, String)> = config
+        .preferred_node_selectors
+        .clone()
+        .into_iter()
+        .collect();
     let pull_secrets: Vec<LocalObjectReference> = config
         .image_pull_secrets
         .iter()
@@ -259,7 +266,7 @@ pub fn build_pod(
             containers,
             volumes: Some(volumes),
             node_selector: (!config.node_selector.is_empty()).then(|| config.node_selector.clone()),
-            affinity: affinity(&required, &config.preferred_node_selectors),
+            affinity: affinity(&required, &preferred),
             tolerations: (!tolerations.is_empty()).then_some(tolerations),
             service_account_name: config.service_account.clone(),
             // User code runs in this pod: it only gets API credentials when asked for.
@@ -605,11 +612,8 @@ fn dns_policy(p: DnsPolicy) -> &'static str {
 
 /// Required node affinity from `required` (one term, every pair must hold) and preferred
 /// affinity (weight 100) from `preferred`, as executor-k8s builds them.
-fn affinity(
-    required: &BTreeMap<String, String>,
-    preferred: &BTreeMap<String, String>,
-) -> Option<Affinity> {
-    let expressions = |pairs: &BTreeMap<String, String>| {
+fn affinity(required: &[(String, String)], preferred: &[(String, String)]) -> Option<Affinity> {
+    let expressions = |pairs: &[(String, String)]| {
         pairs
             .iter()
             .map(|(k, v)| NodeSelectorRequirement {
@@ -958,12 +962,12 @@ mod tests {
         assert_eq!(
             tolerated,
             vec![
-                ("pool".into(), "builds".into(), "NoSchedule".into()),
                 (
                     "screwdriver.cd/diskSpeed".into(),
                     "fast".into(),
                     "NoSchedule".into()
                 ),
+                ("pool".into(), "builds".into(), "NoSchedule".into()),
             ]
         );
         let affinity = spec.affinity.unwrap().node_affinity.unwrap();
@@ -987,8 +991,8 @@ mod tests {
         assert_eq!(
             keys,
             vec![
-                ("pool", "In", vec!["builds".to_owned()]),
                 ("screwdriver.cd/diskSpeed", "In", vec!["fast".to_owned()]),
+                ("pool", "In", vec!["builds".to_owned()]),
             ]
         );
         let preferred = &affinity

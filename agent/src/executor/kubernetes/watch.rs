@@ -131,7 +131,9 @@ fn failed(pod: &Pod) -> Verdict {
             .and_then(|s| s.message.as_deref())
             .unwrap_or_default();
         let what = match reason {
-            "DeadlineExceeded" => "Build failed: it ran longer than its timeout",
+            "DeadlineExceeded" => {
+                "Build failed: it outlived its timeout and the launcher did not end it, so Kubernetes did at the pod's deadline (timeout + grace period + executor.kubernetes.timeout_margin)"
+            }
             "Evicted" => "Build failed: its pod was evicted from the node",
             _ => "Build failed: Kubernetes ended its pod",
         };
@@ -192,6 +194,25 @@ fn failed(pod: &Pod) -> Verdict {
             }
         }
     }
+}
+
+/// The node a pod was placed on and when (its `PodScheduled` condition; now when the API
+/// server did not say), once it has one.
+fn scheduled(pod: &Pod) -> Option<(String, String)> {
+    let node = pod
+        .spec
+        .as_ref()?
+        .node_name
+        .clone()
+        .filter(|n| !n.is_empty())?;
+    let at = pod
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .and_then(|all| all.iter().find(|c| c.type_ == "PodScheduled"))
+        .and_then(|c| c.last_transition_time.as_ref())
+        .map_or_else(Timestamp::now, |t| t.0);
+    Some((node, at.to_string()))
 }
 
 fn build_status(pod: &Pod) -> Option<&ContainerStatus> {
@@ -341,6 +362,8 @@ struct Build {
     created: Timestamp,
     pod: Option<Pod>,
     running_sent: bool,
+    /// Its node was sent to Screwdriver as the build's stats.
+    scheduled_sent: bool,
     /// Its end (Finished/Failed) was reported or is being reported.
     ended: bool,
     ended_at: Option<Timestamp>,
@@ -359,6 +382,7 @@ impl Build {
             created,
             pod: None,
             running_sent: false,
+            scheduled_sent: false,
             ended: false,
             ended_at: None,
             delete_wanted: false,
@@ -576,6 +600,14 @@ impl Inner {
             return None;
         }
         let pod = b.pod.as_ref()?;
+        if !b.scheduled_sent
+            && !gone
+            && let Some((node, at)) = scheduled(pod)
+        {
+            b.scheduled_sent = true;
+            debug!(build_id = id, pod = %b.pod_name, %node, "build pod scheduled");
+            self.emit(id, BuildStatus::Scheduled { node, at });
+        }
         match assess(pod, elapsed(b.created, now), &self.config) {
             Verdict::Waiting => None,
             Verdict::Running => {
