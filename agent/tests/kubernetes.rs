@@ -213,15 +213,18 @@ async fn pod_follows_the_launcher_contract() {
         ("app", "screwdriver"),
         ("tier", "builds"),
         ("sdbuild", "sd-8609"),
-        ("screwdriver.cd/pipeline", "42"),
-        ("screwdriver.cd/job", "1234"),
+        ("screwdriver.cd/pipeline", "mobile.app"),
+        ("screwdriver.cd/job", "main"),
+        ("sd-buildcluster/pipeline-id", "42"),
+        ("sd-buildcluster/job-id", "1234"),
         ("team", "ios"),
     ] {
         assert_eq!(labels.get(k).map(String::as_str), Some(v), "label {k}");
     }
     let spec = pod.spec.unwrap();
     assert_eq!(spec.restart_policy.as_deref(), Some("Never"));
-    assert_eq!(spec.active_deadline_seconds, Some(30 * 60));
+    // A backstop after the launcher's 30 minutes, its 30 s grace period and the margin.
+    assert_eq!(spec.active_deadline_seconds, Some(30 * 60 + 30 + 600));
     let init = &spec.init_containers.as_ref().unwrap()[0];
     assert_eq!(init.image.as_deref(), Some("screwdrivercd/launcher:v6"));
     assert_eq!(
@@ -241,11 +244,19 @@ async fn pod_follows_the_launcher_contract() {
 
     let c = &spec.containers[0];
     assert_eq!(c.image.as_deref(), Some("node:20"));
-    assert_eq!(c.volume_mounts.as_ref().unwrap()[0].name, volume.name);
-    let command = c.command.as_ref().unwrap();
-    assert_eq!(command[0], "/opt/sd/launcher_entrypoint.sh");
+    assert!(
+        c.volume_mounts
+            .as_ref()
+            .unwrap()
+            .iter()
+            .any(|m| m.name == volume.name && m.mount_path == "/opt/sd")
+    );
     assert_eq!(
-        command[1],
+        c.command.as_ref().unwrap(),
+        &["/opt/sd/launcher_entrypoint.sh".to_owned()]
+    );
+    assert_eq!(
+        c.args.as_ref().unwrap()[0],
         format!(
             "/opt/sd/run.sh \"{TOKEN}\" \"https://api.sd.example\" \"https://store.sd.example\" \"30\" \"8609\" \"https://cd.sd.example\""
         )
@@ -255,7 +266,7 @@ async fn pod_follows_the_launcher_contract() {
         resources.limits.as_ref().unwrap(),
         resources.requests.as_ref().unwrap(),
     ] {
-        assert_eq!(quantities["cpu"].0, "6");
+        assert_eq!(quantities["cpu"].0, "6000m");
         assert_eq!(
             quantities["memory"].0, "16Gi",
             "64 GiB asked, capped at ram.max"
@@ -792,4 +803,143 @@ async fn the_watch_stops_with_the_executor() {
     eventually(WAIT, || async { (kube.open_watches() == 0).then_some(()) })
         .await
         .expect("dropping the executor closes the watch");
+}
+
+/// The launcher's SIGTERM trap waits `SD_TERMINATION_GRACE_PERIOD_SECONDS - 1` to abort the
+/// step, run teardown and report: a stopped build's pod must give it exactly that long.
+#[tokio::test]
+async fn a_stopped_builds_launcher_gets_its_grace_period() {
+    let h = Harness::start(config()).await;
+    for (id, annotations, grace) in [
+        (21, json!({}), 30),
+        (
+            22,
+            json!({"screwdriver.cd/terminationGracePeriodSeconds": 90}),
+            90,
+        ),
+        // Screwdriver's rule: the larger of the annotation and the default.
+        (
+            23,
+            json!({"beta.screwdriver.cd/terminationGracePeriodSeconds": "5"}),
+            30,
+        ),
+    ] {
+        h.executor.launch(&build(id, annotations)).await.unwrap();
+        let name = format!("sd-{id}");
+        let pod = typed(h.kube.pod(&name).unwrap());
+        let spec = pod.spec.unwrap();
+        assert_eq!(spec.termination_grace_period_seconds, Some(grace), "{name}");
+        let env = spec.containers[0].env.clone().unwrap();
+        let var = env
+            .iter()
+            .find(|e| e.name == "SD_TERMINATION_GRACE_PERIOD_SECONDS")
+            .expect("the launcher's grace period is in its environment");
+        assert_eq!(var.value, Some(grace.to_string()), "{name}");
+        h.kube.set_phase(&name, "Running");
+        h.wait_running(id).await;
+
+        assert!(h.executor.stop(id).await.unwrap());
+        let delete = h
+            .kube
+            .requests()
+            .into_iter()
+            .rfind(|r| r.method == "DELETE" && r.path.ends_with(&format!("/pods/{name}")))
+            .expect("the pod is deleted");
+        // No shorter grace period on the delete: the pod's own applies.
+        let asked = delete.param("gracePeriodSeconds").or_else(|| {
+            delete
+                .body
+                .as_ref()
+                .and_then(|b| b.get("gracePeriodSeconds"))
+                .map(Value::to_string)
+        });
+        assert_eq!(asked, None, "{name}: the delete overrides the grace period");
+    }
+}
+
+/// The launcher owns the timeout: at it, it ends the build itself and reports it (the build
+/// container exits non-zero, and the agent does not report over it). The pod's deadline comes
+/// only after the timeout, the grace period and the margin: the backstop for a launcher that
+/// could not end the build, reported by the agent.
+#[tokio::test]
+async fn a_timed_out_build_fails_with_the_launchers_timeout_before_the_backstop() {
+    let h = Harness::start(config()).await;
+    let timed =
+        json!({"screwdriver.cd/timeout": 60, "screwdriver.cd/terminationGracePeriodSeconds": 90});
+    h.executor.launch(&build(31, timed.clone())).await.unwrap();
+    let pod = typed(h.kube.pod("sd-31").unwrap());
+    let spec = pod.spec.unwrap();
+    let run = &spec.containers[0].args.as_ref().unwrap()[0];
+    assert!(
+        run.contains("\"60\" \"31\""),
+        "run.sh gets the 60-minute timeout: {run}"
+    );
+    let deadline = spec.active_deadline_seconds.unwrap();
+    assert!(
+        deadline >= 60 * 60 + 90,
+        "the backstop ({deadline} s) comes after the timeout and the grace period"
+    );
+    assert_eq!(deadline, 60 * 60 + 90 + 600);
+
+    // The launcher's timeout: it reported the build itself and exited non-zero.
+    h.kube.set_phase("sd-31", "Running");
+    h.wait_running(31).await;
+    h.kube.terminate("sd-31", 1);
+    let ended = h
+        .wait_for(31, |s| match s {
+            BuildStatus::Failed { reason, report } => Some((reason.clone(), *report)),
+            _ => None,
+        })
+        .await;
+    assert!(
+        !ended.1,
+        "the launcher reported its timeout; the agent adds nothing: {ended:?}"
+    );
+
+    // The backstop: a launcher that never ended the build; Kubernetes did, and the agent says so.
+    h.executor.launch(&build(32, timed)).await.unwrap();
+    h.kube.set_phase("sd-32", "Running");
+    h.wait_running(32).await;
+    h.kube.update_pod("sd-32", |p| {
+        p["status"]["phase"] = json!("Failed");
+        p["status"]["reason"] = json!("DeadlineExceeded");
+        p["status"]["message"] =
+            json!("Pod was active on the node longer than the specified deadline");
+    });
+    let reason = h.wait_reported_failure(32).await;
+    assert!(
+        reason.contains("the launcher did not end it") && reason.contains("DeadlineExceeded"),
+        "{reason}"
+    );
+}
+
+/// Once its pod is placed on a node, a build's node and the start of its image pull are
+/// reported (Screwdriver's `stats`), once, with the time the API server recorded.
+#[tokio::test]
+async fn a_scheduled_pod_reports_its_node_once() {
+    let h = Harness::start(config()).await;
+    h.launch(41).await;
+    h.kube.update_pod("sd-41", |p| {
+        p["spec"]["nodeName"] = json!("ip-10-0-1-7.ec2.internal");
+        p["status"]["conditions"] = json!([{
+            "type": "PodScheduled", "status": "True",
+            "lastTransitionTime": "2026-12-02T12:00:00Z",
+        }]);
+    });
+    let (node, at) = h
+        .wait_for(41, |s| match s {
+            BuildStatus::Scheduled { node, at } => Some((node.clone(), at.clone())),
+            _ => None,
+        })
+        .await;
+    assert_eq!(node, "ip-10-0-1-7.ec2.internal");
+    assert_eq!(at, "2026-12-02T12:00:00Z");
+    h.kube.set_phase("sd-41", "Running");
+    h.wait_running(41).await;
+    let scheduled = h
+        .statuses(41)
+        .into_iter()
+        .filter(|s| matches!(s, BuildStatus::Scheduled { .. }))
+        .count();
+    assert_eq!(scheduled, 1);
 }

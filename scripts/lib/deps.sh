@@ -109,3 +109,73 @@ free_port() {
     python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()' 2>/dev/null \
         || echo $((20000 + RANDOM % 20000))
 }
+
+# kubernetes-validate (PyPI): the official Kubernetes OpenAPI schemas as JSON Schema, one set per
+# Kubernetes minor, strict variants included. agent/tests/schema.rs runs it over every build pod
+# the agent makes and every object in deploy/kubernetes/. Exports SD_KUBERNETES_VALIDATE, the
+# absolute path of its command. Pinned: a release carries the schemas of every Kubernetes minor
+# from 1.25 up to its own version (1.37.0: 1.25–1.37), and the test needs the newest one we
+# support. Raise the pin when agent/tests/schema.rs supports a newer Kubernetes.
+#
+# It goes into its own virtual environment under target/ (ignored by git, removed by cargo clean,
+# rebuilt on the next run), never into the system's Python: Debian's python3 refuses `pip install`
+# (PEP 668, "externally-managed-environment"), and --break-system-packages would mix PyPI's
+# PyYAML/jsonschema with Debian's python3-* packages. Needs python3 (and Debian's python3-venv,
+# installed when python3 has no ensurepip) and PyPI. An existing install of the pinned version
+# is reused silently (one `--version` call); SD_KUBERNETES_VALIDATE already set to another
+# command is used as it is.
+KUBERNETES_VALIDATE_VERSION=1.37.0
+ensure_kubernetes_validate() {
+    local root venv bin
+    root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+    venv=$root/target/tools/kubernetes-validate
+    bin=$venv/bin/kubernetes-validate
+    if [ -n "${SD_KUBERNETES_VALIDATE:-}" ] && [ "$SD_KUBERNETES_VALIDATE" != "$bin" ]; then
+        "$SD_KUBERNETES_VALIDATE" --version >/dev/null 2>&1 \
+            || die "SD_KUBERNETES_VALIDATE=$SD_KUBERNETES_VALIDATE does not run ($SD_KUBERNETES_VALIDATE --version failed); unset it to have kubernetes-validate $KUBERNETES_VALIDATE_VERSION installed under target/tools"
+        say "kubernetes-validate: SD_KUBERNETES_VALIDATE is set; using $SD_KUBERNETES_VALIDATE ($("$SD_KUBERNETES_VALIDATE" --version 2>&1)) as it is"
+        return
+    fi
+    if [ "$("$bin" --version 2>/dev/null)" = "$KUBERNETES_VALIDATE_VERSION" ]; then
+        export SD_KUBERNETES_VALIDATE=$bin
+        return
+    fi
+
+    command -v python3 >/dev/null 2>&1 || apt_install python3
+    mkdir -p "$root/target/tools"
+    # Scripts started at once in this checkout install it once; the others wait, then reuse it.
+    local lock
+    exec {lock}>"$root/target/tools/kubernetes-validate.lock"
+    flock "$lock" 2>/dev/null || true
+    if [ "$("$bin" --version 2>/dev/null)" != "$KUBERNETES_VALIDATE_VERSION" ]; then
+        _install_kubernetes_validate "$venv" || { exec {lock}>&-; die "could not install kubernetes-validate $KUBERNETES_VALIDATE_VERSION into $venv (see above)"; }
+    fi
+    exec {lock}>&-
+    [ "$("$bin" --version 2>/dev/null)" = "$KUBERNETES_VALIDATE_VERSION" ] \
+        || die "kubernetes-validate $KUBERNETES_VALIDATE_VERSION still does not run after installing it: $bin --version"
+    export SD_KUBERNETES_VALIDATE=$bin
+}
+
+# The virtual environment $1 with pip and kubernetes-validate==$KUBERNETES_VALIDATE_VERSION; an
+# existing one is upgraded in place when it works, else made again. Prints pip's output only when
+# something fails.
+_install_kubernetes_validate() {
+    local venv=$1 log=$1.log
+    say "installing kubernetes-validate $KUBERNETES_VALIDATE_VERSION from PyPI into ${venv#"$PWD"/}"
+    # A user's pip configuration must not send the install elsewhere (--user, --target, --prefix).
+    local -a pip_env=(env -u PIP_TARGET -u PIP_PREFIX -u PIP_REQUIRE_VIRTUALENV PIP_USER=0
+        PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1)
+    if ! "$venv/bin/python" -m pip --version >/dev/null 2>&1; then
+        rm -rf "$venv"
+        if ! python3 -m venv "$venv" >"$log" 2>&1; then
+            # Debian's python3 without ensurepip: it comes with python3-venv.
+            rm -rf "$venv"
+            apt_install python3-venv
+            python3 -m venv "$venv" >"$log" 2>&1 \
+                || { cat "$log" >&2; echo "python3 cannot create a virtual environment (python3 -m venv)" >&2; return 1; }
+        fi
+    fi
+    "${pip_env[@]}" "$venv/bin/python" -m pip install -q "kubernetes-validate==$KUBERNETES_VALIDATE_VERSION" >>"$log" 2>&1 \
+        || { cat "$log" >&2; return 1; }
+    rm -f "$log"
+}
