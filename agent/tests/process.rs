@@ -4,7 +4,7 @@
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use sd_agent::config::{ProcessConfig, ScrewdriverConfig};
 use sd_agent::executor::process::{self, Marker, MarkerState, Owner, ProcessExecutor};
@@ -109,17 +109,55 @@ async fn try_executor(
     work: &Path,
     command: Vec<String>,
 ) -> Result<(ProcessExecutor, Events), ExecError> {
-    let (tx, rx) = mpsc::unbounded_channel();
-    let config = ProcessConfig {
+    try_executor_with(redis, &config(work, command), &screwdriver()).await
+}
+
+/// The default config (90-minute timeout, 30 s grace, 10-minute margin) in `work`.
+fn config(work: &Path, command: Vec<String>) -> ProcessConfig {
+    ProcessConfig {
         command,
         work_dir: Some(work.join("work")),
         ..ProcessConfig::default()
-    };
-    let screwdriver = ScrewdriverConfig {
+    }
+}
+
+/// A config whose backstop comes `margin` after the timeout plus `grace`.
+fn quick_config(
+    work: &Path,
+    command: Vec<String>,
+    grace: Duration,
+    margin: Duration,
+) -> ProcessConfig {
+    ProcessConfig {
+        termination_grace_period: grace,
+        timeout_margin: margin,
+        ..config(work, command)
+    }
+}
+
+fn screwdriver() -> ScrewdriverConfig {
+    ScrewdriverConfig {
         store_uri: "https://store.sd.example".into(),
         ui_uri: "https://ui.sd.example".into(),
-    };
-    let executor = ProcessExecutor::new(&config, &screwdriver, &redis.url(), tx).await?;
+        pushgateway_url: String::new(),
+    }
+}
+
+async fn executor_with(
+    redis: &RedisServer,
+    config: &ProcessConfig,
+    screwdriver: &ScrewdriverConfig,
+) -> (ProcessExecutor, Events) {
+    try_executor_with(redis, config, screwdriver).await.unwrap()
+}
+
+async fn try_executor_with(
+    redis: &RedisServer,
+    config: &ProcessConfig,
+    screwdriver: &ScrewdriverConfig,
+) -> Result<(ProcessExecutor, Events), ExecError> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let executor = ProcessExecutor::new(config, screwdriver, &redis.url(), tx).await?;
     Ok((
         executor,
         Events {
@@ -201,12 +239,23 @@ fn var<'a>(env: &'a [(String, String)], key: &str) -> Option<&'a str> {
     env.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
 }
 
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .unwrap()
+        .trim()
+        .to_owned()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn environment_and_exit_codes() {
     let redis = RedisServer::start().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let cmd = script(dir.path(), "env.sh", ENV_SCRIPT);
-    let (exec, mut events) = executor(&redis, dir.path(), argv(&cmd)).await;
+    let sd = ScrewdriverConfig {
+        pushgateway_url: "https://push.sd.example:9091".into(),
+        ..screwdriver()
+    };
+    let (exec, mut events) = executor_with(&redis, &config(dir.path(), argv(&cmd)), &sd).await;
 
     assert_eq!(
         exec.launch(&build(101, json!({}))).await.unwrap(),
@@ -238,7 +287,11 @@ async fn environment_and_exit_codes() {
         ("SD_STORE_URI", "https://store.sd.example"),
         ("SD_UI_URI", "https://ui.sd.example"),
         ("SD_TIMEOUT", "90"),
+        ("SD_TERMINATION_GRACE_PERIOD_SECONDS", "30"),
         ("SD_IMAGE", "node:20"),
+        ("CONTAINER_IMAGE", "node:20"),
+        ("NODE_ID", hostname().as_str()),
+        ("SD_PUSHGATEWAY_URL", "https://push.sd.example:9091"),
     ] {
         assert_eq!(var(&env, key), Some(value), "{key}");
     }
@@ -371,27 +424,181 @@ async fn stop_kills_the_whole_process_group() {
     assert_eq!(m.outcome.as_deref(), Some(process::STOP_REASON));
 }
 
+/// The agent's backstop: the launcher (which never ends by itself here) did not end the build at
+/// its timeout, so the agent kills the group after the timeout, the grace and the margin.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn timeout_kills_the_group_and_is_reported() {
     let redis = RedisServer::start().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let cmd = script(dir.path(), "sleep.sh", SLEEP_SCRIPT);
-    let (exec, mut events) = executor(&redis, dir.path(), argv(&cmd)).await;
+    let config = quick_config(
+        dir.path(),
+        argv(&cmd),
+        Duration::from_secs(1),
+        Duration::ZERO,
+    );
+    let (exec, mut events) = executor_with(&redis, &config, &screwdriver()).await;
 
-    // 0.01 minutes: the launcher never ends by itself.
+    // 0.01 minutes (0.6 s; the launcher gets 1 minute) + 1 s grace + no margin: 1.6 s.
     let b = build(501, json!({"screwdriver.cd/timeout": "0.01"}));
+    let launched = Instant::now();
     assert_eq!(exec.launch(&b).await.unwrap(), Launched::Created);
     let leader = pid_file(dir.path().join("leader-501")).await;
     let grandchild = pid_file(dir.path().join("grandchild-501")).await;
+    let reason = "build timed out: the launcher did not end it at its 1-minute timeout, so the agent ended it after 0.03 minutes";
     assert_eq!(
         events.end(501).await,
         BuildStatus::Failed {
-            reason: "build timed out after 0.01 minutes".into(),
+            reason: reason.into(),
             report: true
         }
     );
+    assert!(reason.contains("timed out"));
+    assert_eq!(
+        reason,
+        process::backstop_reason(1, Duration::from_millis(1600))
+    );
+    assert!(
+        launched.elapsed() >= Duration::from_millis(1500),
+        "ended at the backstop, not at the timeout: {:?}",
+        launched.elapsed()
+    );
     assert!(all_dead(&[leader, grandchild]).await);
     assert_eq!(exec.in_flight(), 0);
+    let (_, m) = marker(&redis, 501).unwrap();
+    assert_eq!(m.outcome.as_deref(), Some(reason));
+    assert_eq!(
+        (m.timeout_s, m.backstop_ms, m.grace_ms),
+        (Some(0), Some(1600), Some(1000))
+    );
+}
+
+/// Run.sh at its timeout: aborts the step, runs teardown, reports the timeout and exits
+/// non-zero. Here: 1.5 s, after the build's 1.2 s timeout and before the agent's backstop. A
+/// SIGTERM would leave a file.
+const TIMES_OUT_ITSELF_SCRIPT: &str = r#"trap 'echo term > "$OUT/termed-$SD_BUILD_ID"; exit 143' TERM
+sleep 1.5
+echo "build timed out after $SD_TIMEOUT minutes: aborting, teardown, reported"
+exit 3"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_launchers_timeout_comes_first() {
+    let redis = RedisServer::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let cmd = script(dir.path(), "times-out.sh", TIMES_OUT_ITSELF_SCRIPT);
+    // Backstop: 1.2 s + 1 s grace + 3 s margin = 5.2 s.
+    let config = quick_config(
+        dir.path(),
+        argv(&cmd),
+        Duration::from_secs(1),
+        Duration::from_secs(3),
+    );
+    let (exec, mut events) = executor_with(&redis, &config, &screwdriver()).await;
+
+    let launched = Instant::now();
+    let b = build(511, json!({"screwdriver.cd/timeout": "0.02"}));
+    assert_eq!(exec.launch(&b).await.unwrap(), Launched::Created);
+    assert_eq!(
+        events.end(511).await,
+        BuildStatus::Failed {
+            reason: "launcher exited with status 3".into(),
+            report: true
+        },
+        "the launcher's own result, not the agent's timed-out reason"
+    );
+    assert!(
+        launched.elapsed() < Duration::from_millis(5200),
+        "{:?}",
+        launched.elapsed()
+    );
+    assert!(
+        !dir.path().join("termed-511").exists(),
+        "the agent signalled nothing"
+    );
+    assert_eq!(exec.in_flight(), 0);
+    let (_, m) = marker(&redis, 511).unwrap();
+    assert_eq!(m.outcome.as_deref(), Some("launcher exited with status 3"));
+    assert_eq!((m.backstop_ms, m.grace_ms), (Some(5200), Some(1000)));
+    let log = std::fs::read_to_string(exec.log_path(511)).unwrap();
+    assert!(log.contains("build timed out after 1 minutes"), "{log}");
+}
+
+/// Traps SIGTERM as run.sh does: sleeps (2.4 s for build 901, else 1 s), then leaves a file and
+/// exits; build 904 ignores SIGTERM. Its environment goes to a file; `ready-<id>` once trapped.
+const GRACE_SCRIPT: &str = r#"env > "$OUT/env-$SD_BUILD_ID"
+case $SD_BUILD_ID in
+901) pause=2.4 ;;
+*) pause=1 ;;
+esac
+if [ "$SD_BUILD_ID" = 904 ]; then
+  trap '' TERM
+else
+  trap 'sleep $pause; echo flushed > "$OUT/trapped-$SD_BUILD_ID"; exit 143' TERM
+fi
+sleep 300 &
+echo $$ > "$OUT/ready-$SD_BUILD_ID.tmp" && mv "$OUT/ready-$SD_BUILD_ID.tmp" "$OUT/ready-$SD_BUILD_ID"
+wait"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_builds_launcher_gets_its_grace_period() {
+    let redis = RedisServer::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let cmd = script(dir.path(), "grace.sh", GRACE_SCRIPT);
+    let config = quick_config(
+        dir.path(),
+        argv(&cmd),
+        Duration::from_secs(2),
+        Duration::from_secs(60),
+    );
+    let (exec, mut events) = executor_with(&redis, &config, &screwdriver()).await;
+
+    let grace = "screwdriver.cd/terminationGracePeriodSeconds";
+    let builds = [
+        (901, json!({grace: "3"}), "3"), // raised above the 2 s default
+        (902, json!({format!("beta.{grace}"): 1}), "2"), // below it: the default
+        (903, json!({}), "2"),
+        (904, json!({}), "2"),
+    ];
+    let mut leaders = Vec::new();
+    for (id, annotations, _) in &builds {
+        assert_eq!(
+            exec.launch(&build(*id, annotations.clone())).await.unwrap(),
+            Launched::Created
+        );
+    }
+    for (id, _, _) in &builds {
+        leaders.push(pid_file(dir.path().join(format!("ready-{id}"))).await);
+    }
+    let stopped_at = Instant::now();
+    for (id, _, _) in &builds {
+        assert!(exec.stop(*id).await.unwrap());
+    }
+    // SIGKILL comes at the build's grace period (2 s), not before, and not 10 s later.
+    assert_eq!(events.end(904).await, BuildStatus::Stopped);
+    let took = stopped_at.elapsed();
+    assert!(
+        took >= Duration::from_millis(1900) && took < Duration::from_secs(8),
+        "{took:?}"
+    );
+    for (id, _, seen) in &builds {
+        assert_eq!(events.end(*id).await, BuildStatus::Stopped, "build {id}");
+        let env = env_file(dir.path(), *id);
+        assert_eq!(
+            var(&env, "SD_TERMINATION_GRACE_PERIOD_SECONDS"),
+            Some(*seen),
+            "build {id}"
+        );
+        assert_eq!(var(&env, "SD_PUSHGATEWAY_URL"), None, "not configured");
+    }
+    // Not SIGKILLed before the trap was done: 901 needed more than the default grace.
+    for id in [901, 902, 903] {
+        let flushed = std::fs::read_to_string(dir.path().join(format!("trapped-{id}")));
+        assert_eq!(flushed.ok().as_deref(), Some("flushed\n"), "build {id}");
+    }
+    assert!(all_dead(&leaders).await);
+    assert_eq!(exec.in_flight(), 0);
+    let (_, m) = marker(&redis, 901).unwrap();
+    assert_eq!(m.grace_ms, Some(3000));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -442,6 +649,62 @@ async fn a_restarted_executor_adopts_a_build_still_running_and_can_stop_it() {
     assert_eq!(m.state, MarkerState::Ended);
     assert!(!is_active(&redis, 601));
     assert_eq!(restarted.in_flight(), 0);
+}
+
+/// An adopting executor keeps the backstop the launching one recorded (its own config would
+/// give 10 minutes more); a marker of the previous version (only `timeout_s`) keeps its meaning:
+/// the agent ends the run at the timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_adopted_build_keeps_the_backstop_its_marker_records() {
+    let redis = RedisServer::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let cmd = script(dir.path(), "sleep.sh", SLEEP_SCRIPT);
+    let quick = quick_config(
+        dir.path(),
+        argv(&cmd),
+        Duration::from_secs(1),
+        Duration::ZERO,
+    );
+    let (crashed, _) = executor_with(&redis, &quick, &screwdriver()).await;
+    for id in [621, 622] {
+        let b = build(id, json!({"screwdriver.cd/timeout": "0.01"}));
+        assert_eq!(crashed.launch(&b).await.unwrap(), Launched::Created);
+    }
+    let leaders = [
+        pid_file(dir.path().join("leader-621")).await,
+        pid_file(dir.path().join("leader-622")).await,
+    ];
+    drop(crashed);
+    // 622's marker as the previous version wrote it.
+    let (raw, _) = marker(&redis, 622).unwrap();
+    let mut old: Value = serde_json::from_str(&raw).unwrap();
+    let fields = old.as_object_mut().unwrap();
+    fields.remove("backstop_ms").unwrap();
+    fields.remove("grace_ms").unwrap();
+    fields.insert("timeout_s".into(), json!(1));
+    let () = redis::cmd("HSET")
+        .arg(process::LAUNCHES_KEY)
+        .arg(622)
+        .arg(old.to_string())
+        .query(&mut redis.conn())
+        .unwrap();
+
+    let (adopting, mut events) = executor(&redis, dir.path(), argv(&cmd)).await;
+    assert_eq!(adopting.in_flight(), 2);
+    let failed = |reason: String| BuildStatus::Failed {
+        reason,
+        report: true,
+    };
+    assert_eq!(
+        events.end(621).await,
+        failed(process::backstop_reason(1, Duration::from_millis(1600)))
+    );
+    assert_eq!(
+        events.end(622).await,
+        failed("build timed out after 0.02 minutes".into())
+    );
+    assert!(all_dead(&leaders).await);
+    assert_eq!(adopting.in_flight(), 0);
 }
 
 /// Ends as the launcher chooses by build id: 61x sleeps 1 s and exits x, 62x sleeps 0.3 s and
@@ -654,10 +917,7 @@ async fn an_end_seen_while_redis_is_down_is_kept_before_the_marker_ends() {
 async fn orphans_of_a_dead_agent_process_are_killed_but_never_a_reused_pid() {
     let redis = RedisServer::start().unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .unwrap()
-        .trim()
-        .to_owned();
+    let host = hostname();
     let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
         .unwrap()
         .trim()
@@ -697,6 +957,8 @@ async fn orphans_of_a_dead_agent_process_are_killed_but_never_a_reused_pid() {
                 outcome: None,
                 // As an older agent left them: no exit status to learn, so never adopted.
                 timeout_s: None,
+                backstop_ms: None,
+                grace_ms: None,
                 exit_file: None,
             };
             let mut conn = redis.conn();

@@ -17,6 +17,16 @@
 //! dropped) is an orphan: the next executor on the host kills what is left of the build (found
 //! by the recorded process group, guarded against pid reuse by the start time, and by the
 //! `SD_AGENT_LAUNCH_ID` each launch carries in its environment) and reports it failed once.
+//!
+//! Timeouts: the launcher enforces the build's timeout. It gets it in whole minutes
+//! (`SD_TIMEOUT`), and at it aborts the step, runs teardown and reports the timeout to
+//! Screwdriver itself. The agent's kill is only a backstop, [`Timing::backstop`] after the start
+//! (the timeout, the grace period and `timeout_margin` later), for a launcher that hung; the
+//! marker carries it, so an executor adopting the run after a restart keeps the same backstop.
+//! A stop, or the backstop, sends SIGTERM to the build's process group and SIGKILL only after
+//! the build's grace period ([`Timing::grace`], also the launcher's
+//! `SD_TERMINATION_GRACE_PERIOD_SECONDS`): its SIGTERM trap uses it to abort the step, run
+//! teardown and flush its status and logs.
 
 use std::collections::{BTreeSet, HashMap};
 use std::os::unix::ffi::OsStrExt;
@@ -37,7 +47,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
-use super::{BuildEvent, BuildStatus, Events, ExecError, Launched};
+use super::{BuildEvent, BuildStatus, Events, ExecError, Launched, TimeLimits, Timing};
 use crate::config::{ProcessConfig, ScrewdriverConfig};
 use crate::local::Durability;
 use crate::outbox::Outbox;
@@ -72,8 +82,10 @@ pub const RESTART_REASON: &str = "the agent restarted while the build ran; its r
 /// Reported (without telling Screwdriver, which asked for it) for a stopped build.
 pub const STOP_REASON: &str = "stopped on request";
 
-/// Between SIGTERM and SIGKILL: lets the launcher report and clean up.
-const KILL_GRACE: Duration = Duration::from_secs(10);
+/// Between SIGTERM and SIGKILL where no build's grace period is known (the orphan of an agent
+/// that wrote no `grace_ms`), and the most given to what a launcher left in its group once it
+/// has ended (it has reported already: its end is not held up for the whole grace period).
+const SHORT_GRACE: Duration = Duration::from_secs(10);
 /// How often orphans of executors that died while this one runs are looked for.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(30);
 /// How long ending a marker is retried while the local Redis is unreachable.
@@ -172,13 +184,28 @@ pub struct Marker {
     /// `finished`, or the failure reason.
     #[serde(default)]
     pub outcome: Option<String>,
-    /// The build's timeout, so an executor that adopts the run still enforces it.
+    /// The build's timeout (the launcher's, in whole seconds). In a marker without
+    /// `backstop_ms` (written by an older agent) it is also when the agent ends the run.
     #[serde(default)]
     pub timeout_s: Option<u64>,
+    /// When the agent ends the run if the launcher has not (ms after `started_at`): the
+    /// backstop, so an executor that adopts the run keeps it.
+    #[serde(default)]
+    pub backstop_ms: Option<u64>,
+    /// The build's grace period between SIGTERM and SIGKILL (ms).
+    #[serde(default)]
+    pub grace_ms: Option<u64>,
     /// Where the launcher's parent writes its exit status ([`EXIT_WRAPPER`]). Runs without
     /// one (older agents) cannot be adopted: an orphan of theirs is ended instead.
     #[serde(default)]
     pub exit_file: Option<PathBuf>,
+}
+
+impl Marker {
+    /// SIGTERM to SIGKILL for this run: its build's grace period, else [`SHORT_GRACE`].
+    fn grace(&self) -> Duration {
+        self.grace_ms.map_or(SHORT_GRACE, Duration::from_millis)
+    }
 }
 
 /// An executor instance: the agent process (pid + start time) and a random instance id.
@@ -220,8 +247,9 @@ struct Inner {
     work_dir: PathBuf,
     store_uri: String,
     ui_uri: String,
-    default_timeout: Duration,
-    max_timeout: Duration,
+    /// `SD_PUSHGATEWAY_URL`, when configured.
+    pushgateway_url: Option<String>,
+    limits: TimeLimits,
     events: Events,
     redis: ConnectionManager,
     /// The marker must be on disk before the process starts, or a Redis crash could forget it.
@@ -306,8 +334,9 @@ impl ProcessExecutor {
             work_dir,
             store_uri: screwdriver.store_uri.clone(),
             ui_uri: screwdriver.ui_uri.clone(),
-            default_timeout: config.default_timeout,
-            max_timeout: config.max_timeout,
+            pushgateway_url: Some(screwdriver.pushgateway_url.clone())
+                .filter(|url| !url.trim().is_empty()),
+            limits: config.limits(),
             events,
             outbox: Outbox::new(redis.clone()),
             redis,
@@ -351,8 +380,9 @@ impl ProcessExecutor {
         self.inner.launch(build).await
     }
 
-    /// Kills the build's process group (SIGTERM, SIGKILL after a grace period). Also reaches a
-    /// build another executor on this host runs, through its marker.
+    /// Kills the build's process group: SIGTERM, then SIGKILL after the build's grace period
+    /// (the launcher's trap aborts the step, runs teardown and reports meanwhile). Also reaches
+    /// a build another executor on this host runs, through its marker.
     pub async fn stop(&self, build_id: u64) -> Result<bool, ExecError> {
         self.inner.stop(build_id).await
     }
@@ -438,8 +468,8 @@ impl Inner {
                 return other.map(|_| Launched::AlreadyRunning);
             }
         };
-        let (child, marker, timeout) = started;
-        let task = tokio::spawn(Arc::clone(self).watch(id, child, marker, timeout, cancel));
+        let (child, marker, timing) = started;
+        let task = tokio::spawn(Arc::clone(self).watch(id, child, marker, timing, cancel));
         if let Some(run) = lock(&self.runs).get_mut(&id) {
             run.task = Some(task.abort_handle());
         }
@@ -451,9 +481,9 @@ impl Inner {
         &self,
         build: &StartMessage,
         cancel: &CancellationToken,
-    ) -> Result<Option<(Child, Marker, Duration)>, ExecError> {
+    ) -> Result<Option<(Child, Marker, Timing)>, ExecError> {
         let id = build.build_id;
-        let timeout = super::build_timeout(build, self.default_timeout, self.max_timeout);
+        let timing = Timing::of(build, &self.limits);
         let mut marker = Marker {
             host: self.host.clone(),
             boot_id: self.boot_id.clone(),
@@ -466,7 +496,9 @@ impl Inner {
             started_at: unix_ms(),
             ended_at: None,
             outcome: None,
-            timeout_s: Some(timeout.as_secs()),
+            timeout_s: Some(timing.timeout.as_secs()),
+            backstop_ms: Some(millis(timing.backstop)),
+            grace_ms: Some(millis(timing.grace)),
             exit_file: None,
         };
         marker.exit_file = Some(self.exit_path(&marker.launch_id));
@@ -511,7 +543,7 @@ impl Inner {
                 "launch marker of build {id} is not confirmed on disk yet: {e}"
             ))
         })?;
-        let child = match self.spawn(build, timeout, &marker.launch_id) {
+        let child = match self.spawn(build, &timing, &marker.launch_id) {
             Ok(child) => child,
             Err(e) => {
                 let abandoned: Result<i64, _> = self
@@ -534,7 +566,15 @@ impl Inner {
         marker.pgid = pid;
         marker.start_time = pid.and_then(proc_stat).map(|s| s.start_time);
         marker.state = MarkerState::Running;
-        info!(build_id = id, pid, log = %self.log_path(id).display(), timeout_s = timeout.as_secs(), "launcher started");
+        info!(
+            build_id = id,
+            pid,
+            log = %self.log_path(id).display(),
+            timeout_min = timing.minutes,
+            backstop_s = timing.backstop.as_secs(),
+            grace_s = whole_seconds(timing.grace),
+            "launcher started"
+        );
         match self.update(&self.me.instance, id, &marker, None).await {
             Ok(Some(true)) => {
                 info!(build_id = id, "a stop was requested while it started");
@@ -546,13 +586,13 @@ impl Inner {
             Err(e) => warn!(build_id = id, error = %e, "cannot record the launcher's pid"),
         }
         self.send(id, BuildStatus::Running);
-        Ok(Some((child, marker, timeout)))
+        Ok(Some((child, marker, timing)))
     }
 
     fn spawn(
         &self,
         build: &StartMessage,
-        timeout: Duration,
+        timing: &Timing,
         launch_id: &str,
     ) -> Result<Child, ExecError> {
         let id = build.build_id;
@@ -591,7 +631,7 @@ impl Inner {
                 cmd.env_remove(key);
             }
         }
-        cmd.envs(self.build_env(build, timeout, launch_id)?);
+        cmd.envs(self.build_env(build, timing, launch_id)?);
         cmd.spawn().map_err(|e| {
             ExecError::Transient(format!(
                 "cannot start launcher {}: {e} (fix executor.process.command)",
@@ -600,12 +640,14 @@ impl Inner {
         })
     }
 
-    /// The launcher's `SD_*` variables. The token is in `SD_TOKEN` only: `SD_BUILD_CONFIG` leaves
-    /// it out, so dumping the config does not leak it.
+    /// The launcher's environment: its `SD_*` variables, and what Screwdriver's Kubernetes
+    /// executor also gives it (`NODE_ID`, the host it reports as the build's; `CONTAINER_IMAGE`).
+    /// The token is in `SD_TOKEN` only: `SD_BUILD_CONFIG` leaves it out, so dumping the config
+    /// does not leak it.
     fn build_env(
         &self,
         build: &StartMessage,
-        timeout: Duration,
+        timing: &Timing,
         launch_id: &str,
     ) -> Result<Vec<(&'static str, String)>, ExecError> {
         let mut config = serde_json::to_value(build).map_err(|e| {
@@ -621,7 +663,7 @@ impl Inner {
                 .and_then(|b| b.get("eventId"))
                 .and_then(serde_json::Value::as_u64)
         });
-        Ok(vec![
+        let mut env = vec![
             ("SD_BUILD_ID", build.build_id.to_string()),
             ("SD_JOB_ID", build.job_id.to_string()),
             (
@@ -634,28 +676,39 @@ impl Inner {
             ("SD_API_URI", build.api_uri.clone()),
             ("SD_STORE_URI", self.store_uri.clone()),
             ("SD_UI_URI", self.ui_uri.clone()),
+            // The launcher's own timeout (whole minutes): it ends the build at it.
+            ("SD_TIMEOUT", timing.minutes.to_string()),
+            // Its SIGTERM trap sleeps one second less before giving up.
             (
-                "SD_TIMEOUT",
-                timeout.as_secs().div_ceil(60).max(1).to_string(),
+                "SD_TERMINATION_GRACE_PERIOD_SECONDS",
+                whole_seconds(timing.grace).to_string(),
             ),
             ("SD_IMAGE", build.container.clone()),
+            ("CONTAINER_IMAGE", build.container.clone()),
+            ("NODE_ID", self.host.clone()),
             ("SD_BUILD_CONFIG", config.to_string()),
             (LAUNCH_ID_VAR, launch_id.to_owned()),
-        ])
+        ];
+        if let Some(url) = &self.pushgateway_url {
+            env.push(("SD_PUSHGATEWAY_URL", url.clone()));
+        }
+        Ok(env)
     }
 
-    /// Follows one run to its end, kills what is left of its group, records and reports it.
+    /// Follows one run to its end, kills what is left of its group, records and reports it. The
+    /// launcher ends the build at its timeout; only a launcher still there at the backstop is
+    /// killed, and reported timed out by the agent.
     async fn watch(
         self: Arc<Self>,
         id: u64,
         mut child: Child,
         mut marker: Marker,
-        timeout: Duration,
+        timing: Timing,
         cancel: CancellationToken,
     ) {
         let end = tokio::select! {
             status = child.wait() => End::Exited(status),
-            () = tokio::time::sleep(timeout) => End::TimedOut,
+            () = tokio::time::sleep(timing.backstop) => End::TimedOut,
             () = cancel.cancelled() => End::Stopped,
         };
         let pgid = marker.pgid;
@@ -665,7 +718,7 @@ impl Inner {
                 if let Some(pgid) = pgid
                     && group_alive(pgid)
                 {
-                    terminate(&[pgid], &[], None).await;
+                    terminate(&[pgid], &[], None, timing.grace.min(SHORT_GRACE)).await;
                 }
                 match result {
                     Ok(status) if status.success() => BuildStatus::Finished,
@@ -684,16 +737,20 @@ impl Inner {
                 }
             }
             End::TimedOut => {
-                warn!(build_id = id, "build timed out; killing its process group");
-                terminate(pgid.as_slice(), &[], Some(&mut child)).await;
+                warn!(
+                    build_id = id,
+                    timeout_min = timing.minutes,
+                    "the launcher did not end the build at its timeout; killing its process group"
+                );
+                terminate(pgid.as_slice(), &[], Some(&mut child), timing.grace).await;
                 BuildStatus::Failed {
-                    reason: format!("build timed out after {} minutes", minutes(timeout)),
+                    reason: backstop_reason(timing.minutes, timing.backstop),
                     report: true,
                 }
             }
             End::Stopped => {
                 info!(build_id = id, "stopping build; killing its process group");
-                terminate(pgid.as_slice(), &[], Some(&mut child)).await;
+                terminate(pgid.as_slice(), &[], Some(&mut child), timing.grace).await;
                 stopped()
             }
         };
@@ -702,20 +759,37 @@ impl Inner {
     }
 
     /// Follows a run adopted from an agent that is gone: not our child, so it is looked at
-    /// every [`FOLLOW_EVERY`] until its launcher is gone, its timeout passes or a stop comes;
-    /// its result is the exit status its parent shell left.
+    /// every [`FOLLOW_EVERY`] until its launcher is gone, the backstop its marker records passes
+    /// or a stop comes; its result is the exit status its parent shell left.
     async fn follow(self: Arc<Self>, id: u64, mut marker: Marker, cancel: CancellationToken) {
         enum Seen {
             Gone,
             TimedOut,
             Stopped,
         }
-        let timeout = marker
-            .timeout_s
-            .map_or(self.default_timeout, Duration::from_secs);
-        let ends_at = marker
-            .started_at
-            .saturating_add(u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX));
+        let grace = marker.grace();
+        let (end_after, timed_out) = match marker.backstop_ms {
+            Some(backstop_ms) => {
+                let backstop = Duration::from_millis(backstop_ms);
+                let timeout_min = marker
+                    .timeout_s
+                    .unwrap_or(self.limits.default_timeout.as_secs())
+                    .div_ceil(60)
+                    .max(1);
+                (backstop, backstop_reason(timeout_min, backstop))
+            }
+            // Written by an agent that ended runs at the timeout itself: it still does.
+            None => {
+                let timeout = marker
+                    .timeout_s
+                    .map_or(self.limits.default_timeout, Duration::from_secs);
+                (
+                    timeout,
+                    format!("build timed out after {} minutes", minutes(timeout)),
+                )
+            }
+        };
+        let ends_at = marker.started_at.saturating_add(millis(end_after));
         let deadline = Instant::now() + Duration::from_millis(ends_at.saturating_sub(unix_ms()));
         let seen = loop {
             if !marker
@@ -736,18 +810,18 @@ impl Inner {
                 if let Some(pgid) = pgid
                     && group_alive(pgid)
                 {
-                    terminate(&[pgid], &[], None).await;
+                    terminate(&[pgid], &[], None, grace.min(SHORT_GRACE)).await;
                 }
                 self.result_of(id, &marker, RESTART_REASON).await
             }
             Seen::TimedOut => {
                 warn!(
                     build_id = id,
-                    "adopted build timed out; killing its process group"
+                    "the launcher of an adopted build did not end it at its timeout; killing its process group"
                 );
-                terminate(pgid.as_slice(), &[], None).await;
+                terminate(pgid.as_slice(), &[], None, grace).await;
                 BuildStatus::Failed {
-                    reason: format!("build timed out after {} minutes", minutes(timeout)),
+                    reason: timed_out,
                     report: true,
                 }
             }
@@ -756,7 +830,7 @@ impl Inner {
                     build_id = id,
                     "stopping adopted build; killing its process group"
                 );
-                terminate(pgid.as_slice(), &[], None).await;
+                terminate(pgid.as_slice(), &[], None, grace).await;
                 stopped()
             }
         };
@@ -940,9 +1014,10 @@ impl Inner {
             && identity_matches(pid, marker.start_time)
         {
             let start_time = marker.start_time;
+            let grace = marker.grace();
             tokio::spawn(async move {
                 if identity_matches(pid, start_time) {
-                    terminate(&[pgid], &[], None).await;
+                    terminate(&[pgid], &[], None, grace).await;
                 }
             });
         }
@@ -973,6 +1048,7 @@ impl Inner {
             .await
             .map_err(redis_err)?;
         let mut taken = 0;
+        let mut orphans = Vec::new();
         for raw_id in ids {
             let Ok(id) = raw_id.parse::<u64>() else {
                 continue;
@@ -1020,7 +1096,16 @@ impl Inner {
                     _ => continue,
                 }
             };
-            if self.recover_one(id, marker, &reason).await? {
+            orphans.push((id, marker, reason));
+        }
+        // Together: each may wait for its build's grace period before its SIGKILL.
+        let ended =
+            futures::future::join_all(orphans.into_iter().map(|(id, marker, reason)| async move {
+                self.recover_one(id, marker, &reason).await
+            }))
+            .await;
+        for result in ended {
+            if result? {
                 taken += 1;
             }
         }
@@ -1028,7 +1113,8 @@ impl Inner {
     }
 
     /// Takes an orphaned marker over (so a crash of ours now leaves it to the next executor),
-    /// kills what is left of the build and reports it once.
+    /// kills what is left of the build (SIGKILL after the grace period its marker records) and
+    /// reports it once.
     async fn recover_one(&self, id: u64, marker: Marker, reason: &str) -> Result<bool, ExecError> {
         let mut claimed = marker.clone();
         claimed.agent = self.me.clone();
@@ -1153,8 +1239,18 @@ fn stopped() -> BuildStatus {
     BuildStatus::Stopped
 }
 
+/// Reported when the agent's backstop ended a build: the launcher should have ended it (and
+/// reported the timeout itself) at its `timeout_min`-minute timeout; `after` is the backstop.
+pub fn backstop_reason(timeout_min: u64, after: Duration) -> String {
+    format!(
+        "build timed out: the launcher did not end it at its {timeout_min}-minute timeout, so the agent ended it after {} minutes",
+        minutes(after)
+    )
+}
+
 /// Kills an orphan's processes: the recorded group when its leader is still the same process,
-/// and the group of every process carrying its launch id.
+/// and the group of every process carrying its launch id; SIGKILL after the grace period its
+/// marker records, else [`SHORT_GRACE`].
 async fn kill_orphan(marker: &Marker) {
     let mut groups = BTreeSet::new();
     let mut pids = BTreeSet::new();
@@ -1176,20 +1272,20 @@ async fn kill_orphan(marker: &Marker) {
     let groups: Vec<u32> = groups.into_iter().collect();
     let pids: Vec<u32> = pids.into_iter().collect();
     if !groups.is_empty() || !pids.is_empty() {
-        terminate(&groups, &pids, None).await;
+        terminate(&groups, &pids, None, marker.grace()).await;
     }
 }
 
-/// SIGTERM to the groups and pids, then SIGKILL to what is still there after [`KILL_GRACE`];
-/// reaps `child` (the leader of the first group) when given.
-async fn terminate(groups: &[u32], pids: &[u32], mut child: Option<&mut Child>) {
+/// SIGTERM to the groups and pids, then SIGKILL to what is still there after `grace`; reaps
+/// `child` (the leader of the first group) when given.
+async fn terminate(groups: &[u32], pids: &[u32], mut child: Option<&mut Child>, grace: Duration) {
     for &g in groups {
         signal_group(g, libc::SIGTERM);
     }
     for &p in pids {
         signal_pid(p, libc::SIGTERM);
     }
-    let deadline = Instant::now() + KILL_GRACE;
+    let deadline = Instant::now() + grace;
     if let Some(child) = child.as_deref_mut()
         && groups.is_empty()
     {
@@ -1257,6 +1353,15 @@ fn read_exit_status(path: &Path) -> Option<i32> {
 /// Minutes for messages: "90", or "0.5" for short test timeouts.
 fn minutes(d: Duration) -> f64 {
     (d.as_secs_f64() / 60.0 * 100.0).round() / 100.0
+}
+
+/// `d` in whole seconds, rounded up (the launcher's trap sleeps one second less).
+fn whole_seconds(d: Duration) -> u64 {
+    d.as_secs() + u64::from(d.subsec_nanos() > 0)
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// `sd-agent check` without a running executor: the launcher the config names exists and is
