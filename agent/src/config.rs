@@ -687,6 +687,7 @@ impl Config {
                     "executor.process.termination_grace_period",
                     p.termination_grace_period,
                 )?;
+                check_margin("executor.process.timeout_margin", p.timeout_margin)?;
             }
             ExecutorKind::Kubernetes => check_kubernetes(&self.executor.kubernetes)?,
         }
@@ -714,6 +715,18 @@ impl ProcessConfig {
             termination_grace_period: self.termination_grace_period,
         }
     }
+}
+
+/// The launcher's timeout is whole minutes (a fractional annotation is rounded up), the
+/// backstop counts from the exact one: a margin of a minute or more keeps the backstop last.
+fn check_margin(key: &str, margin: Duration) -> Result<(), ConfigError> {
+    if margin < Duration::from_secs(60) {
+        return Err(invalid(
+            key,
+            "must be at least 1m: the agent's backstop must come after the launcher's own timeout, which is whole minutes",
+        ));
+    }
+    Ok(())
 }
 
 /// The launcher's SIGTERM trap sleeps `SD_TERMINATION_GRACE_PERIOD_SECONDS - 1`.
@@ -770,6 +783,7 @@ fn check_kubernetes(k: &KubernetesConfig) -> Result<(), ConfigError> {
         ));
     }
     check_grace(&key("termination_grace_period"), k.termination_grace_period)?;
+    check_margin(&key("timeout_margin"), k.timeout_margin)?;
     if let Some(file) = &k.kubeconfig
         && !file.is_file()
     {
@@ -1038,6 +1052,20 @@ mod tests {
             ),
             (format!("{base}[poll]\nsurprise = 1\n"), "poll"),
             (
+                base.replace(
+                    "[\"/bin/true\"]",
+                    "[\"/bin/true\"]\ntimeout_margin = \"30s\"",
+                ),
+                "executor.process.timeout_margin",
+            ),
+            (
+                base.replace(
+                    "[\"/bin/true\"]",
+                    "[\"/bin/true\"]\ntermination_grace_period = \"1s\"",
+                ),
+                "executor.process.termination_grace_period",
+            ),
+            (
                 base.replace("[cluster]\nname = \"ios-farm\"\n", ""),
                 "cluster",
             ),
@@ -1070,6 +1098,71 @@ mod tests {
                 "{prefix}"
             );
         }
+        for (section, key) in [
+            (
+                "timeout_margin = \"59s\"",
+                "executor.kubernetes.timeout_margin",
+            ),
+            (
+                "image_pull_policy = \"Sometimes\"",
+                "executor.kubernetes.image_pull_policy",
+            ),
+            (
+                "extra_labels = { \"team\" = \"i os\" }",
+                "executor.kubernetes.extra_labels",
+            ),
+            (
+                "node_selectors = { \"Pool!\" = \"b\" }",
+                "executor.kubernetes.node_selectors",
+            ),
+            (
+                "pod_annotations = { \"/x\" = \"y\" }",
+                "executor.kubernetes.pod_annotations",
+            ),
+            (
+                "runtime_class = \"G Visor\"",
+                "executor.kubernetes.runtime_class",
+            ),
+            (
+                "lifecycle_hooks = { preStop = { exek = { command = [\"true\"] } } }",
+                "executor.kubernetes.lifecycle_hooks",
+            ),
+            (
+                "host_volumes = [{ name = \"workspace\", mount_path = \"/w\", path = \"/w\" }]",
+                "executor.kubernetes.host_volumes",
+            ),
+            (
+                "host_volumes = [{ name = \"kvm\", mount_path = \"dev/kvm\", path = \"/dev/kvm\" }]",
+                "executor.kubernetes.host_volumes",
+            ),
+            (
+                "build_secrets = [{ env = \"SD_TOKEN\", secret_name = \"s\", key = \"k\" }]",
+                "executor.kubernetes.build_secrets",
+            ),
+            (
+                "build_secret_files = [{ name = \"Bad\", mount_path = \"/s\", secret_name = \"s\" }]",
+                "executor.kubernetes.build_secret_files",
+            ),
+        ] {
+            let text = format!("{k8s}[executor.kubernetes]\n{section}\n");
+            match parse(&text, &[]) {
+                Err(ConfigError::Invalid { key: k, reason }) => {
+                    assert!(k.contains(key), "{section}: got {k} ({reason})")
+                }
+                other => panic!("{section}: {other:?}"),
+            }
+        }
+        let hooks = format!(
+            "{k8s}[executor.kubernetes]\nlifecycle_hooks = {{ preStop = {{ exec = {{ command = [\"/bin/sh\", \"-c\", \"sleep 5\"] }} }} }}\n"
+        );
+        assert!(
+            parse(&hooks, &[])
+                .unwrap()
+                .executor
+                .kubernetes
+                .lifecycle_hooks
+                .is_some()
+        );
         for prefix in ["", "sd-build-", "1", &"b".repeat(43)] {
             let text = format!("{k8s}[executor.kubernetes]\nprefix = \"{prefix}\"\n");
             assert!(parse(&text, &[]).is_ok(), "{prefix}");
