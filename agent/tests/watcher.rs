@@ -187,19 +187,27 @@ impl Agent {
         name
     }
 
+    /// The status updates (FAILURE) Screwdriver received for `id`; stats updates aside.
     fn failures(&self, id: u64) -> Vec<BuildUpdate> {
         self.screwdriver
             .updates()
             .into_iter()
-            .filter(|u| u.build_id == id)
+            .filter(|u| u.build_id == id && u.body.get("status").is_some())
+            .collect()
+    }
+
+    /// The build's `stats` updates Screwdriver received.
+    fn stats(&self, id: u64) -> Vec<BuildUpdate> {
+        self.screwdriver
+            .updates()
+            .into_iter()
+            .filter(|u| u.build_id == id && u.body.get("stats").is_some())
             .collect()
     }
 
     /// The FAILURE Screwdriver received for `id` (waits for one).
     async fn wait_failure(&self, id: u64) -> String {
-        let update = self
-            .screwdriver
-            .wait_for(id, WAIT)
+        let update = eventually(WAIT, || async { self.failures(id).into_iter().next() })
             .await
             .unwrap_or_else(|| {
                 panic!(
@@ -426,4 +434,43 @@ async fn each_reason_a_build_cannot_start_reaches_screwdriver_once_and_a_healthy
     }
     let total = agent.screwdriver.updates().len();
     assert_eq!(total, expected.len(), "{:?}", agent.screwdriver.updates());
+}
+
+/// Once a build's pod is placed, Screwdriver hears the node and when the image pull started
+/// (`PUT /v4/builds/{id}` `{"stats": {"hostname", "imagePullStartTime"}}`, with the build's
+/// token), as from its own executor; the build's status is left to the launcher.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scheduled_build_sends_its_node_to_screwdriver() {
+    let agent = Agent::start(config(), 2).await;
+    agent.submit(90).await;
+    let pod = agent.wait_pod(90).await;
+    agent.kube.update_pod(&pod, |p| {
+        p["spec"]["nodeName"] = json!("ip-10-0-1-7.ec2.internal");
+        p["status"]["conditions"] = json!([{
+            "type": "PodScheduled", "status": "True",
+            "lastTransitionTime": "2026-12-02T12:00:00Z",
+        }]);
+    });
+    let update = eventually(WAIT, || async { agent.stats(90).into_iter().next() })
+        .await
+        .expect("the build's stats reach Screwdriver");
+    assert_eq!(
+        update.body,
+        json!({"stats": {"hostname": "ip-10-0-1-7.ec2.internal", "imagePullStartTime": "2026-12-02T12:00:00Z"}})
+    );
+    assert_eq!(update.authorization, format!("Bearer {TOKEN}"));
+    agent.kube.set_phase(&pod, "Running");
+    agent.wait_event(90, "running").await;
+    agent.kube.terminate(&pod, 0);
+    agent.wait_event(90, "finished").await;
+    // Each replica watching the pod may send it; every copy says the same.
+    let stats = agent.stats(90);
+    assert!(
+        stats.len() <= 2 && stats.iter().all(|u| u.body == update.body),
+        "{stats:?}"
+    );
+    assert!(
+        agent.failures(90).is_empty(),
+        "a healthy build sends no status"
+    );
 }
