@@ -1,14 +1,31 @@
-//! A fake Kubernetes API server: enough of core/v1 pods and events for the real `kube` client
-//! and its runtime watcher (create, get, list with selectors and paging, watch with
-//! resourceVersions, delete). Tests drive what the kubelet would do (phases, container
-//! states, events) and assert on every request it received.
+//! A fake Kubernetes API server that refuses what a real kube-apiserver (1.30–1.37) refuses,
+//! with its response bodies, for core/v1 pods and events and the real `kube` client and
+//! runtime watcher: create, get, list with selectors and paging, watch, delete, and
+//! SelfSubjectAccessReview. Tests drive what the kubelet would do (phases, container states,
+//! events) and assert on every request it received.
 //!
-//! Each object change gets the next resourceVersion and is kept as a watch event, so a watch
-//! resumed from any resourceVersion gets exactly the changes after it; [`FakeKube::compact`]
-//! makes older versions answer 410 Gone, as etcd compaction does.
+//! - A pod on create is decoded as the server decodes it (`decode`: values of the wrong
+//!   type and unparsable quantities are 400, unknown fields follow `fieldValidation` —
+//!   `Strict` 400, `Warn` (the default) dropped with a `Warning` header, `Ignore` dropped),
+//!   then validated ([`validate`]: 422 `Invalid` with one cause per field error).
+//! - Every request is authorized as [`USER`]: what [`FakeKube::deny`] denies is 403
+//!   `Forbidden`, with the message naming the verb and resource as the server's authorizer
+//!   sees them ([`KubeRequest::authz`]); access reviews answer the same.
+//!   [`FakeKube::verbs_used`] lists what the client needed.
+//! - Each object change gets the next resourceVersion and is kept as a watch event, so a watch
+//!   resumed from any resourceVersion gets exactly the changes after it, and an exact list at
+//!   one sees the pods as they were; [`FakeKube::compact`] makes older versions answer
+//!   410 Gone, as etcd compaction does; [`FakeKube::bookmark`] sends the BOOKMARK the server
+//!   sends periodically to watches that allow them.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::convert::Infallible;
+pub mod authz;
+mod decode;
+pub mod quantity;
+mod status;
+pub mod validate;
+mod watch;
+
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -16,13 +33,20 @@ use std::time::Duration;
 use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::{Path, Query, Request, State};
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderMap, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use serde_json::{Value, json};
 use tokio::sync::broadcast;
+
+use authz::Attributes;
+use decode::Directive;
+use watch::{Filter, Pods};
+
+/// The identity requests are authorized as (an agent's service account).
+pub const USER: &str = "system:serviceaccount:sd-agent:sd-agent";
 
 /// One request the server received.
 #[derive(Debug, Clone)]
@@ -32,6 +56,8 @@ pub struct KubeRequest {
     /// The raw (still percent-encoded) query string.
     pub query: String,
     pub body: Option<Value>,
+    /// The `User-Agent` header, when the client sent one.
+    pub user_agent: Option<String>,
 }
 
 impl KubeRequest {
@@ -46,6 +72,23 @@ impl KubeRequest {
     pub fn is_watch(&self) -> bool {
         matches!(self.param("watch").as_deref(), Some("true" | "1"))
     }
+
+    /// (verb, resource, subresource) as the API server's authorizer sees this request: a GET
+    /// of a named object is `get`, of a collection `list` (`watch` with `watch=true`); POST
+    /// `create`, PUT `update`, PATCH `patch`, DELETE `delete` (`deletecollection` on a
+    /// collection). `None` for non-resource paths (discovery, `/version`). Self-access reviews
+    /// (`create selfsubjectaccessreviews`, API group `authorization.k8s.io`) are included
+    /// although every authenticated user may create them (`system:basic-user`), so a Role
+    /// needs no rule for them.
+    pub fn authz(&self) -> Option<(String, String, String)> {
+        self.attributes()
+            .map(|a| (a.verb, a.resource, a.subresource))
+    }
+
+    /// Everything the authorizer decides on (API group, namespace and name too).
+    pub fn attributes(&self) -> Option<Attributes> {
+        authz::attributes(&self.method, &self.path, &url_decode_pairs(&self.query))
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -59,6 +102,8 @@ struct Change {
 #[derive(Debug, Clone)]
 enum Broadcast {
     Change(Change),
+    /// A BOOKMARK at this resourceVersion, for the watches that allow them.
+    Bookmark(u64),
     /// Ends every open watch (as an API server restart or a load balancer timeout would).
     Close,
 }
@@ -74,15 +119,17 @@ struct Failure {
 struct Store {
     rv: u64,
     uid: u64,
-    pods: BTreeMap<(String, String), Value>,
+    pods: Pods,
     events: Vec<(String, Value)>,
+    /// Every change since the last compaction, oldest first.
     history: Vec<Change>,
-    /// Watches from a resourceVersion below this get 410 Gone.
-    floor: u64,
+    /// The pods at the last compaction, and its resourceVersion: older versions are gone.
+    base: Pods,
+    base_rv: u64,
     requests: Vec<KubeRequest>,
     failures: VecDeque<Failure>,
-    /// `verb resource[/subresource]` that access reviews answer "not allowed".
-    denied: std::collections::HashSet<String>,
+    /// `verb resource[/subresource]` the identity may not do.
+    denied: HashSet<String>,
 }
 
 struct Shared {
@@ -188,7 +235,7 @@ impl FakeKube {
                 axum::routing::post(review_access),
             )
             .fallback(|| async {
-                status(
+                status::response(
                     404,
                     "NotFound",
                     "the server could not find the requested resource",
@@ -244,8 +291,9 @@ impl FakeKube {
         });
     }
 
-    /// Access reviews (SelfSubjectAccessReview) of `verb` on `resource` (e.g. `pods/log`) answer
-    /// "not allowed" from now on, as for a Role that lacks the rule; everything else is allowed.
+    /// The identity may not `verb` `resource` (e.g. `("get", "pods/log")`) from now on, as
+    /// with a Role that lacks the rule: such requests answer 403 Forbidden, and access reviews
+    /// of them "not allowed". Everything else is allowed.
     pub fn deny(&self, verb: &str, resource: &str) {
         self.shared
             .lock()
@@ -259,14 +307,33 @@ impl FakeKube {
     }
 
     /// Forgets the change history: watches resumed from any older resourceVersion get
-    /// 410 Gone and must list again. Open watches are closed.
+    /// 410 Gone and must list again, as do exact lists at one. Open watches are closed.
     pub fn compact(&self) {
         {
             let mut store = self.shared.lock();
-            store.floor = store.rv + 1;
+            store.base = store.pods.clone();
+            store.base_rv = store.rv;
             store.history.clear();
         }
         self.close_watches();
+    }
+
+    /// Sends a BOOKMARK at the current resourceVersion to every open watch that allows them
+    /// (`allowWatchBookmarks=true`), as the server does periodically.
+    pub fn bookmark(&self) {
+        let store = self.shared.lock();
+        let _ = self.shared.tx.send(Broadcast::Bookmark(store.rv));
+    }
+
+    /// Every (verb, resource, subresource) the requests so far needed, as the authorizer
+    /// sees them ([`KubeRequest::authz`]): what a Role must grant the client.
+    pub fn verbs_used(&self) -> BTreeSet<(String, String, String)> {
+        self.shared
+            .lock()
+            .requests
+            .iter()
+            .filter_map(KubeRequest::authz)
+            .collect()
     }
 
     // --- driving pods, as the kubelet would ---
@@ -436,35 +503,57 @@ impl Drop for FakeKube {
 
 // === handlers ===
 
-/// Records every request, and answers it with an injected failure when one matches.
+/// Records every request, then answers it as the server would before any handler: 403 when
+/// the identity may not do it, else an injected failure when one matches.
 async fn record(State(shared): State<Arc<Shared>>, req: Request, next: Next) -> Response {
     let (parts, body) = req.into_parts();
     let bytes = axum::body::to_bytes(body, 64 << 20)
         .await
         .unwrap_or_default();
-    let path = parts.uri.path().to_owned();
-    let query = parts.uri.query().unwrap_or_default().to_owned();
-    let method = parts.method.as_str().to_owned();
-    let failure = {
-        let mut store = shared.lock();
-        store.requests.push(KubeRequest {
-            method: method.clone(),
-            path: path.clone(),
-            query: query.clone(),
-            body: serde_json::from_slice(&bytes).ok(),
-        });
-        let target = format!("{path}?{query}");
-        let index = store
-            .failures
-            .iter()
-            .position(|f| f.method == method && target.contains(&f.target));
-        index.and_then(|i| store.failures.remove(i))
+    let request = KubeRequest {
+        method: parts.method.as_str().to_owned(),
+        path: parts.uri.path().to_owned(),
+        query: parts.uri.query().unwrap_or_default().to_owned(),
+        body: serde_json::from_slice(&bytes).ok(),
+        user_agent: parts
+            .headers
+            .get(axum::http::header::USER_AGENT)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned),
     };
-    if let Some(f) = failure {
-        return status(f.code, reason_for(f.code), &f.message, None);
+    let refusal = {
+        let mut store = shared.lock();
+        store.requests.push(request.clone());
+        forbidden(&store, &request).or_else(|| injected_failure(&mut store, &request))
+    };
+    if let Some(response) = refusal {
+        return response;
     }
     next.run(Request::from_parts(parts, Body::from(bytes)))
         .await
+}
+
+/// The 403 for a request the identity may not make (self-access reviews are always allowed).
+fn forbidden(store: &Store, request: &KubeRequest) -> Option<Response> {
+    let attrs = request.attributes()?;
+    (!attrs.is_self_review() && store.denied.contains(&attrs.rule()))
+        .then(|| status::respond(status::forbidden(&attrs, USER)))
+}
+
+/// The first [`FakeKube::fail_next`] failure matching the request, consumed.
+fn injected_failure(store: &mut Store, request: &KubeRequest) -> Option<Response> {
+    let target = format!("{}?{}", request.path, request.query);
+    let index = store
+        .failures
+        .iter()
+        .position(|f| f.method == request.method && target.contains(&f.target))?;
+    let f = store.failures.remove(index)?;
+    Some(status::response(
+        f.code,
+        status::reason_for(f.code),
+        &f.message,
+        None,
+    ))
 }
 
 async fn list_all_pods(
@@ -483,22 +572,21 @@ async fn list_pods(
 }
 
 fn pods_or_watch(shared: Arc<Shared>, ns: Option<String>, q: HashMap<String, String>) -> Response {
-    let filter = Filter {
-        namespace: ns,
-        labels: q.get("labelSelector").cloned().unwrap_or_default(),
-        fields: q.get("fieldSelector").cloned().unwrap_or_default(),
-    };
+    let filter = Filter::new(ns, &q);
     if matches!(q.get("watch").map(String::as_str), Some("true" | "1")) {
-        return watch(shared, filter, &q);
+        return watch::watch(shared, filter, &q);
     }
     let store = shared.lock();
-    let items: Vec<Value> = store
-        .pods
+    let (rv, pods) = match watch::pods_at(&store, &q) {
+        Ok(at) => at,
+        Err(refusal) => return status::respond(refusal),
+    };
+    let items: Vec<Value> = pods
         .iter()
         .filter(|((ns, _), pod)| filter.matches(ns, pod))
         .map(|(_, pod)| pod.clone())
         .collect();
-    list_response("PodList", store.rv, items, &q)
+    list_response("PodList", rv, items, &q)
 }
 
 async fn list_events(
@@ -506,11 +594,7 @@ async fn list_events(
     Path(ns): Path<String>,
     Query(q): Query<HashMap<String, String>>,
 ) -> Response {
-    let filter = Filter {
-        namespace: Some(ns),
-        labels: q.get("labelSelector").cloned().unwrap_or_default(),
-        fields: q.get("fieldSelector").cloned().unwrap_or_default(),
-    };
+    let filter = Filter::new(Some(ns), &q);
     let store = shared.lock();
     let items: Vec<Value> = store
         .events
@@ -552,7 +636,7 @@ async fn get_pod(
 ) -> Response {
     match shared.lock().pods.get(&(ns, name.clone())) {
         Some(pod) => (StatusCode::OK, axum::Json(pod.clone())).into_response(),
-        None => not_found(&name),
+        None => status::respond(status::not_found(&name)),
     }
 }
 
@@ -562,7 +646,7 @@ async fn delete_pod(
 ) -> Response {
     match remove_pod(&shared, &ns, &name) {
         Some(pod) => (StatusCode::OK, axum::Json(pod)).into_response(),
-        None => not_found(&name),
+        None => status::respond(status::not_found(&name)),
     }
 }
 
@@ -576,7 +660,8 @@ fn remove_pod(shared: &Shared, ns: &str, name: &str) -> Option<Value> {
     Some(pod)
 }
 
-/// `POST …/selfsubjectaccessreviews`: the review with `status.allowed` filled in.
+/// `POST …/selfsubjectaccessreviews`: the review with `status.allowed` filled in, as the
+/// authorizer decides real requests.
 async fn review_access(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
     let Ok(mut review) = serde_json::from_slice::<Value>(&body) else {
         return not_json();
@@ -592,341 +677,112 @@ async fn review_access(State(shared): State<Arc<Shared>>, body: Bytes) -> Respon
     let key = format!("{} {what}", attributes["verb"].as_str().unwrap_or_default());
     let allowed = !shared.lock().denied.contains(&key);
     review["status"] = json!({"allowed": allowed});
-    (axum::http::StatusCode::CREATED, axum::Json(review)).into_response()
+    (StatusCode::CREATED, axum::Json(review)).into_response()
 }
 
+/// `POST …/namespaces/{ns}/pods`: decode (400), name, validate (422), store (409 if taken).
 async fn create_pod(
     State(shared): State<Arc<Shared>>,
     Path(ns): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
     body: Bytes,
 ) -> Response {
-    let Ok(mut pod) = serde_json::from_slice::<Value>(&body) else {
+    let directive = match Directive::from_param(q.get("fieldValidation").map(String::as_str)) {
+        Ok(d) => d,
+        Err(refusal) => return status::respond(refusal),
+    };
+    let Ok(body) = serde_json::from_slice::<Value>(&body) else {
         return not_json();
     };
-    if !pod.is_object() {
-        return status(
+    if !body.is_object() {
+        return status::response(
             400,
             "BadRequest",
             "the body of the request must be a Pod",
             None,
         );
     }
-    let mut store = shared.lock();
-    store.uid += 1;
-    let name = match pod["metadata"]["name"].as_str() {
-        Some(n) if !n.is_empty() => n.to_owned(),
-        _ => match pod["metadata"]["generateName"].as_str() {
-            Some(g) => format!("{g}{:05x}", store.uid),
-            None => {
-                return invalid(
-                    "",
-                    "metadata.name: Required value: name or generateName is required",
-                );
-            }
-        },
+    let decoded = match decode::decode_pod(body, directive) {
+        Ok(decoded) => decoded,
+        Err(error) => return status::respond(status::cannot_decode_pod(&error)),
     };
-    if !is_dns_subdomain(&name) {
-        return invalid(
-            &name,
-            &format!(
-                "metadata.name: Invalid value: {name:?}: a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, '-' or '.', and must start and end with an alphanumeric character"
-            ),
-        );
-    }
+    let mut pod = decoded.pod;
     if let Some(body_ns) = pod["metadata"]["namespace"].as_str()
         && body_ns != ns
     {
-        return status(
+        return status::response(
             400,
             "BadRequest",
             "the namespace of the provided object does not match the namespace sent on the request",
             None,
         );
     }
-    let containers = pod["spec"]["containers"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default();
-    if containers.is_empty() {
-        return invalid(&name, "spec.containers: Required value");
-    }
-    for (i, c) in containers.iter().enumerate() {
-        if c["image"].as_str().is_none_or(str::is_empty) {
-            return invalid(
-                &name,
-                &format!("spec.containers[{i}].image: Required value"),
-            );
-        }
+    let mut store = shared.lock();
+    name_pod(&mut pod, &ns, &mut store);
+    let name = pod["metadata"]["name"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    let causes = validate::validate_pod(&pod);
+    if !causes.is_empty() {
+        return status::respond(status::invalid_pod(&name, &causes));
     }
     if store.pods.contains_key(&(ns.clone(), name.clone())) {
-        return status(
-            409,
-            "AlreadyExists",
-            &format!("pods \"{name}\" already exists"),
-            Some(json!({"name": name, "kind": "pods"})),
-        );
+        return status::respond(status::already_exists(&name));
     }
+    store_pod(&shared, &mut store, &ns, &name, &mut pod);
+    created(&pod, &decoded.warnings)
+}
+
+/// Sets the namespace, and a name from generateName (its prefix and 5 characters) when there
+/// is none.
+fn name_pod(pod: &mut Value, ns: &str, store: &mut Store) {
+    store.uid += 1;
+    let metadata = &mut pod["metadata"];
+    metadata["namespace"] = json!(ns);
+    let named = metadata["name"].as_str().is_some_and(|n| !n.is_empty());
+    if let (false, Some(prefix)) = (named, metadata["generateName"].as_str()) {
+        metadata["name"] = json!(format!("{prefix}{:05x}", store.uid));
+    }
+}
+
+/// Stores a new pod with what the server adds (uid, resourceVersion, timestamps, status).
+fn store_pod(shared: &Shared, store: &mut Store, ns: &str, name: &str, pod: &mut Value) {
     store.rv += 1;
     pod["apiVersion"] = json!("v1");
     pod["kind"] = json!("Pod");
     let metadata = &mut pod["metadata"];
-    metadata["name"] = json!(name);
-    metadata["namespace"] = json!(ns);
     metadata["uid"] = json!(format!("00000000-0000-4000-8000-{:012x}", store.uid));
     metadata["resourceVersion"] = json!(store.rv.to_string());
     metadata["creationTimestamp"] = json!(now());
     pod["status"] = json!({"phase": "Pending", "qosClass": "Guaranteed"});
-    store.pods.insert((ns.clone(), name), pod.clone());
-    shared.publish(&mut store, "ADDED", &ns, &pod);
-    (StatusCode::CREATED, axum::Json(pod)).into_response()
+    store
+        .pods
+        .insert((ns.to_owned(), name.to_owned()), pod.clone());
+    shared.publish(store, "ADDED", ns, pod);
 }
 
-// === watch ===
-
-/// Streams `{"type","object"}` lines: the backlog the resourceVersion asks for, then live
-/// changes, until `timeoutSeconds`, a [`FakeKube::close_watches`], or the client goes away.
-fn watch(shared: Arc<Shared>, filter: Filter, q: &HashMap<String, String>) -> Response {
-    let rv = q
-        .get("resourceVersion")
-        .map(String::as_str)
-        .unwrap_or_default();
-    let initial = q.get("sendInitialEvents").is_some_and(|v| v == "true");
-    let timeout = q
-        .get("timeoutSeconds")
-        .and_then(|t| t.parse::<u64>().ok())
-        .map_or(Duration::from_secs(1800), Duration::from_secs);
-    let (backlog, rx, done) = {
-        let store = shared.lock();
-        let rx = shared.tx.subscribe();
-        let mut backlog = VecDeque::new();
-        let mut done = false;
-        if rv.is_empty() || rv == "0" || initial {
-            for ((ns, _), pod) in &store.pods {
-                if filter.matches(ns, pod) {
-                    backlog.push_back(line("ADDED", pod));
-                }
-            }
-            if initial {
-                let mark = json!({"kind": "Pod", "apiVersion": "v1", "metadata": {
-                    "resourceVersion": store.rv.to_string(),
-                    "annotations": {"k8s.io/initial-events-end": "true"},
-                }});
-                backlog.push_back(line("BOOKMARK", &mark));
-            }
-        } else {
-            match rv.parse::<u64>() {
-                Ok(from) if from + 1 >= store.floor => {
-                    for c in store.history.iter().filter(|c| c.rv > from) {
-                        if filter.matches(&c.namespace, &c.object) {
-                            backlog.push_back(line(c.kind, &c.object));
-                        }
-                    }
-                }
-                _ => {
-                    let gone = json!({
-                        "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-                        "message": format!("too old resource version: {rv} ({})", store.floor.saturating_sub(1)),
-                        "reason": "Expired", "code": 410,
-                    });
-                    backlog.push_back(line("ERROR", &gone));
-                    done = true;
-                }
-            }
-        }
-        (backlog, rx, done)
-    };
-    let cursor = Cursor {
-        _open: OpenWatch::new(Arc::clone(&shared)),
-        backlog,
-        rx,
-        filter,
-        deadline: tokio::time::Instant::now() + timeout,
-        done,
-    };
-    let stream = futures::stream::unfold(cursor, |mut c| async move {
-        if let Some(next) = c.backlog.pop_front() {
-            return Some((Ok::<Bytes, Infallible>(next), c));
-        }
-        if c.done {
-            return None;
-        }
-        loop {
-            match tokio::time::timeout_at(c.deadline, c.rx.recv()).await {
-                Ok(Ok(Broadcast::Change(change))) => {
-                    if c.filter.matches(&change.namespace, &change.object) {
-                        let next = line(change.kind, &change.object);
-                        return Some((Ok(next), c));
-                    }
-                }
-                // Closed, lagged behind (the client resumes from its last version), or timed out.
-                Ok(Ok(Broadcast::Close) | Err(_)) | Err(_) => return None,
-            }
-        }
-    });
-    Response::builder()
-        .status(StatusCode::OK)
-        .header(header::CONTENT_TYPE, "application/json")
-        .body(Body::from_stream(stream))
-        .unwrap_or_else(|_| {
-            status(
-                500,
-                "InternalError",
-                "cannot build the watch response",
-                None,
-            )
-        })
-}
-
-struct Cursor {
-    _open: OpenWatch,
-    backlog: VecDeque<Bytes>,
-    rx: broadcast::Receiver<Broadcast>,
-    filter: Filter,
-    deadline: tokio::time::Instant,
-    done: bool,
-}
-
-fn line(kind: &str, object: &Value) -> Bytes {
-    let mut bytes =
-        serde_json::to_vec(&json!({"type": kind, "object": object})).unwrap_or_default();
-    bytes.push(b'\n');
-    Bytes::from(bytes)
-}
-
-// === selectors ===
-
-/// Namespace, equality-based label selector (`a=b`, `a==b`, `a!=b`, `a`, `!a`) and field
-/// selector (`involvedObject.name=x`, `metadata.name!=y`, ...).
-struct Filter {
-    namespace: Option<String>,
-    labels: String,
-    fields: String,
-}
-
-impl Filter {
-    fn matches(&self, ns: &str, object: &Value) -> bool {
-        if self.namespace.as_deref().is_some_and(|want| want != ns) {
-            return false;
-        }
-        let label = |key: &str| {
-            object["metadata"]["labels"][key]
-                .as_str()
-                .map(str::to_owned)
-        };
-        let field = |path: &str| {
-            let pointer = format!("/{}", path.replace('.', "/"));
-            object.pointer(&pointer).map(|v| match v {
-                Value::String(s) => s.clone(),
-                other => other.to_string(),
-            })
-        };
-        requirements(&self.labels).all(|r| r.holds(label))
-            && requirements(&self.fields).all(|r| r.holds(field))
-    }
-}
-
-enum Requirement<'a> {
-    Equals(&'a str, &'a str),
-    NotEquals(&'a str, &'a str),
-    Exists(&'a str),
-    Absent(&'a str),
-}
-
-fn requirements(selector: &str) -> impl Iterator<Item = Requirement<'_>> {
-    selector
-        .split(',')
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-        .map(|r| {
-            if let Some((k, v)) = r.split_once("!=") {
-                Requirement::NotEquals(k.trim(), v.trim())
-            } else if let Some((k, v)) = r.split_once("==").or_else(|| r.split_once('=')) {
-                Requirement::Equals(k.trim(), v.trim())
-            } else if let Some(k) = r.strip_prefix('!') {
-                Requirement::Absent(k.trim())
-            } else {
-                Requirement::Exists(r)
-            }
-        })
-}
-
-impl Requirement<'_> {
-    fn holds(&self, get: impl Fn(&str) -> Option<String>) -> bool {
-        match self {
-            Requirement::Equals(k, v) => get(k).as_deref() == Some(*v),
-            Requirement::NotEquals(k, v) => get(k).as_deref() != Some(*v),
-            Requirement::Exists(k) => get(k).is_some(),
-            Requirement::Absent(k) => get(k).is_none(),
+/// 201 with the pod, and a `Warning` header per warning.
+fn created(pod: &Value, warnings: &[String]) -> Response {
+    let mut headers = HeaderMap::new();
+    for warning in warnings {
+        if let Some(value) = status::warning_header(warning) {
+            headers.append(status::WARNING, value);
         }
     }
+    (StatusCode::CREATED, headers, axum::Json(pod.clone())).into_response()
 }
 
 // === helpers ===
 
 /// What the API server answers a body that is not JSON.
 fn not_json() -> Response {
-    status(
+    status::response(
         400,
         "BadRequest",
         "the body of the request was not valid JSON",
         None,
     )
-}
-
-fn status(code: u16, reason: &str, message: &str, details: Option<Value>) -> Response {
-    let mut body = json!({
-        "kind": "Status", "apiVersion": "v1", "metadata": {},
-        "status": "Failure", "message": message, "reason": reason, "code": code,
-    });
-    if let Some(d) = details {
-        body["details"] = d;
-    }
-    let code = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    (code, axum::Json(body)).into_response()
-}
-
-fn not_found(name: &str) -> Response {
-    status(
-        404,
-        "NotFound",
-        &format!("pods \"{name}\" not found"),
-        Some(json!({"name": name, "kind": "pods"})),
-    )
-}
-
-fn invalid(name: &str, cause: &str) -> Response {
-    status(
-        422,
-        "Invalid",
-        &format!("Pod \"{name}\" is invalid: {cause}"),
-        Some(json!({"name": name, "kind": "Pod"})),
-    )
-}
-
-fn reason_for(code: u16) -> &'static str {
-    match code {
-        400 => "BadRequest",
-        401 => "Unauthorized",
-        403 => "Forbidden",
-        404 => "NotFound",
-        409 => "Conflict",
-        410 => "Expired",
-        422 => "Invalid",
-        429 => "TooManyRequests",
-        503 => "ServiceUnavailable",
-        504 => "Timeout",
-        _ => "InternalError",
-    }
-}
-
-fn is_dns_subdomain(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 253
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
-        && name.starts_with(|c: char| c.is_ascii_alphanumeric())
-        && name.ends_with(|c: char| c.is_ascii_alphanumeric())
 }
 
 /// Kubernetes' time format (RFC 3339, whole seconds, UTC).
