@@ -2,25 +2,16 @@
 //! against the fake API server: reachability, then an access review of every permission the
 //! executor uses, naming each one missing.
 
+mod common;
+
 use sd_agent::config::KubernetesConfig;
-use sd_agent::executor::kubernetes::check_access;
+use sd_agent::executor::kubernetes::{PERMISSIONS, check_access};
 use sd_testkit::kube_api::FakeKube;
 
 fn config(dir: &std::path::Path, server: &str) -> KubernetesConfig {
-    let kubeconfig = dir.join("kubeconfig");
-    std::fs::write(
-        &kubeconfig,
-        format!(
-            "apiVersion: v1\nkind: Config\nclusters: [{{name: c, cluster: {{server: \"{server}\"}}}}]\n\
-             users: [{{name: u, user: {{}}}}]\ncontexts: [{{name: x, context: {{cluster: c, user: u}}}}]\n\
-             current-context: x\n"
-        ),
-    )
-    .unwrap();
     KubernetesConfig {
-        kubeconfig: Some(kubeconfig),
         namespace: "builds".into(),
-        ..KubernetesConfig::default()
+        ..common::kubeconfig_for(dir, server)
     }
 }
 
@@ -41,13 +32,17 @@ async fn check_reviews_every_permission_the_executor_needs() {
         .filter(|r| r.path.ends_with("/selfsubjectaccessreviews"))
         .map(|r| r.method.clone())
         .collect();
-    assert_eq!(reviewed.len(), 7, "one review per permission: {reviewed:?}");
+    assert_eq!(
+        reviewed.len(),
+        PERMISSIONS.len(),
+        "one review per permission: {reviewed:?}"
+    );
 
     kube.deny("delete", "pods");
-    kube.deny("get", "pods/log");
+    kube.deny("list", "events");
     let err = check_access(&config).await.unwrap_err().to_string();
     assert!(
-        err.contains("may not delete pods, get pods/log in namespace builds")
+        err.contains("may not delete pods, list events in namespace builds")
             && err.contains("Role"),
         "{err}"
     );

@@ -40,3 +40,22 @@ pub fn scheduler_client(url: &str, cluster: &str, private_pem: &str) -> Schedule
     .unwrap();
     SchedulerClient::new(url, cluster, Arc::new(signer), None, Duration::from_secs(5)).unwrap()
 }
+
+/// A Kubernetes config whose `kubeconfig` (written into `dir`) points at `server`, as an
+/// operator's would: the agent's own connection path, not a client handed to it.
+pub fn kubeconfig_for(dir: &std::path::Path, server: &str) -> KubernetesConfig {
+    let kubeconfig = dir.join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters: [{{name: c, cluster: {{server: \"{server}\"}}}}]\n\
+             users: [{{name: u, user: {{}}}}]\ncontexts: [{{name: x, context: {{cluster: c, user: u}}}}]\n\
+             current-context: x\n"
+        ),
+    )
+    .unwrap();
+    KubernetesConfig {
+        kubeconfig: Some(kubeconfig),
+        ..kube_config()
+    }
+}

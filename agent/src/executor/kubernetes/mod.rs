@@ -245,14 +245,15 @@ pub async fn check_access(config: &KubernetesConfig) -> Result<String, ExecError
     Ok(format!("{reached}; {reviewed}"))
 }
 
-/// What the executor does in the build namespace: (verb, resource, subresource).
-const NEEDED: &[(&str, &str, &str)] = &[
+/// What the executor does in the build namespace: (verb, resource, subresource). Exactly what
+/// its calls need (agent/tests/rbac.rs derives it from them and checks the Role in
+/// deploy/kubernetes/agent.yaml grants this and nothing more).
+pub const PERMISSIONS: &[(&str, &str, &str)] = &[
     ("create", "pods", ""),
     ("get", "pods", ""),
     ("list", "pods", ""),
     ("watch", "pods", ""),
     ("delete", "pods", ""),
-    ("get", "pods", "log"),
     ("list", "events", ""),
 ];
 
@@ -268,7 +269,7 @@ async fn review_permissions(
     };
     let reviews: Api<SelfSubjectAccessReview> = Api::all(client);
     let mut denied = Vec::new();
-    for (verb, resource, subresource) in NEEDED {
+    for (verb, resource, subresource) in PERMISSIONS {
         let review = SelfSubjectAccessReview {
             spec: SelfSubjectAccessReviewSpec {
                 resource_attributes: Some(ResourceAttributes {
