@@ -643,3 +643,27 @@ fn the_validator_rejects_broken_pods() {
         }
     }
 }
+
+/// The same matrix through the test API server, which validates as kube-apiserver does (names,
+/// label values, quantities, requests ≤ limits, volume references, … that a schema cannot
+/// express), with unknown fields refused (`fieldValidation=Strict`): every pod is created.
+#[tokio::test]
+async fn every_pod_is_accepted_by_an_api_server_that_validates() {
+    let kube = sd_testkit::kube_api::FakeKube::start().await;
+    let http = reqwest::Client::new();
+    for (name, start, config) in cases() {
+        let pod = build_pod(&start, &config, &screwdriver())
+            .unwrap_or_else(|e| panic!("case {name}: the builder refused: {e}"));
+        let url = format!(
+            "{}/api/v1/namespaces/{}/pods?fieldValidation=Strict",
+            kube.url, config.namespace
+        );
+        let answer = http.post(&url).json(&pod).send().await.unwrap();
+        let status = answer.status();
+        let body = answer.text().await.unwrap_or_default();
+        assert_eq!(status.as_u16(), 201, "case {name}: {body}");
+        // Start over for the next case: pod names repeat.
+        let created: Value = serde_json::from_str(&body).unwrap();
+        kube.delete_unwatched(created["metadata"]["name"].as_str().unwrap());
+    }
+}
