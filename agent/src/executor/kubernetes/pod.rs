@@ -89,9 +89,9 @@ pub fn build_pod(
             "pod name {name:?} is not a valid Kubernetes name (at most 63 lowercase letters, digits and '-'); check executor.kubernetes.prefix"
         )));
     }
-    let run = run_line(build, config, screwdriver)?;
-    let features = Features::of(build, config)?;
     let timing = Timing::of(build, &config.limits());
+    let run = run_line(build, timing.minutes, screwdriver)?;
+    let features = Features::of(build, config)?;
     let cpu = resource(build, annotation::CPU, &config.cpu)?;
     let ram = resource(build, annotation::RAM, &config.ram)?;
 
@@ -283,7 +283,7 @@ pub fn build_pod(
 /// trap): a value that could break out of its double quotes is refused rather than escaped.
 fn run_line(
     build: &StartMessage,
-    config: &KubernetesConfig,
+    minutes: u64,
     screwdriver: &ScrewdriverConfig,
 ) -> Result<String, ExecError> {
     let token = build
@@ -315,7 +315,6 @@ fn run_line(
             "the build names no container image".into(),
         ));
     }
-    let minutes = Timing::of(build, &config.limits()).minutes;
     Ok(format!(
         "{LAUNCHER_DIR}/run.sh \"{token}\" \"{api}\" \"{store}\" \"{minutes}\" \"{id}\" \"{ui}\"",
         api = build.api_uri,
