@@ -1,12 +1,15 @@
 //! The agent's calls to sd-scheduler: long-poll, ack, nack, events. Every call carries a token
 //! from the current [`Signer`]; the signer is swapped on SIGHUP without interrupting a poll.
+//! The bodies and answers are `sd_protocol::workers`' (the scheduler parses the same types).
 
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use reqwest::StatusCode;
 use sd_protocol::Delivery;
-use serde_json::{Value, json};
+use sd_protocol::workers::{AckBody, Event, EventBody, Jobs, LeaseReport, NackBody};
+use serde::Serialize;
+use serde_json::Value;
 
 use crate::signer::Signer;
 
@@ -37,15 +40,6 @@ impl ClientError {
             _ => None,
         }
     }
-}
-
-/// What `ack`/`nack` applied to.
-#[derive(Debug, Default, serde::Deserialize)]
-pub struct LeaseReport {
-    #[serde(default)]
-    pub done: Vec<String>,
-    #[serde(default)]
-    pub stale: Vec<String>,
 }
 
 #[derive(Clone)]
@@ -115,19 +109,20 @@ impl SchedulerClient {
             .bearer_auth(self.token()?)
             .timeout(wait + self.timeout);
         let body = self.send(request).await?;
-        let jobs = body
-            .get("jobs")
-            .cloned()
-            .unwrap_or(Value::Array(Vec::new()));
-        serde_json::from_value(jobs).map_err(|e| ClientError::Rejected {
-            status: 200,
-            message: format!("unexpected poll answer: {e}"),
-        })
+        // An answer that is not an object (or lacks `jobs`) brings nothing.
+        if !body.is_object() {
+            return Ok(Vec::new());
+        }
+        serde_json::from_value::<Jobs>(body)
+            .map(|answer| answer.jobs)
+            .map_err(|e| ClientError::Rejected {
+                status: 200,
+                message: format!("unexpected poll answer: {e}"),
+            })
     }
 
     pub async fn ack(&self, delivery_ids: &[String]) -> Result<LeaseReport, ClientError> {
-        self.lease_call("ack", json!({"deliveryIds": delivery_ids}))
-            .await
+        self.lease_call("ack", &AckBody::new(delivery_ids)).await
     }
 
     pub async fn nack(
@@ -135,20 +130,21 @@ impl SchedulerClient {
         delivery_ids: &[String],
         reason: &str,
     ) -> Result<LeaseReport, ClientError> {
-        self.lease_call(
-            "nack",
-            json!({"deliveryIds": delivery_ids, "reason": reason}),
-        )
-        .await
+        self.lease_call("nack", &NackBody::new(delivery_ids, reason))
+            .await
     }
 
-    async fn lease_call(&self, action: &str, body: Value) -> Result<LeaseReport, ClientError> {
+    async fn lease_call(
+        &self,
+        action: &str,
+        body: &impl Serialize,
+    ) -> Result<LeaseReport, ClientError> {
         let url = format!("{}/v1/jobs/{}/{action}", self.base, self.cluster);
         let request = self
             .http
             .post(url)
             .bearer_auth(self.token()?)
-            .json(&body)
+            .json(body)
             .timeout(self.timeout);
         let answer = self.send(request).await?;
         serde_json::from_value(answer).map_err(|e| ClientError::Rejected {
@@ -160,23 +156,29 @@ impl SchedulerClient {
     /// A signed call that changes nothing (renews a lease that does not exist): proves the
     /// scheduler is reachable and accepts this agent's token.
     pub async fn renew_nothing(&self) -> Result<(), ClientError> {
-        self.lease_call("renew", json!({"deliveryIds": ["sd-agent-check@0"]}))
-            .await
-            .map(|_| ())
+        let probe = AckBody::new(&["sd-agent-check@0".to_owned()]);
+        self.lease_call("renew", &probe).await.map(|_| ())
     }
 
-    /// Reports a build's lifecycle (`running`, `finished`, `failed`).
-    pub async fn event(
+    /// Reports a build's lifecycle: an [`Event`], or its wire name (`running`, `finished`,
+    /// `failed`, `stopped`). A longer `message` is cut to the protocol's cap. A name that is no
+    /// event is rejected here, with the answer the scheduler would give (422, field `event`).
+    pub async fn event<E>(
         &self,
         build_id: u64,
-        event: &str,
+        event: E,
         message: Option<&str>,
-    ) -> Result<(), ClientError> {
+    ) -> Result<(), ClientError>
+    where
+        E: TryInto<Event>,
+        E::Error: std::fmt::Display,
+    {
+        let event = event.try_into().map_err(|e| ClientError::Rejected {
+            status: 422,
+            message: e.to_string(),
+        })?;
         let url = format!("{}/v1/jobs/{}/events", self.base, self.cluster);
-        let mut body = json!({"buildId": build_id, "event": event});
-        if let Some(m) = message {
-            body["statusMessage"] = json!(m.chars().take(1000).collect::<String>());
-        }
+        let body = EventBody::new(build_id, event, message);
         let request = self
             .http
             .post(url)

@@ -32,25 +32,8 @@ pub enum WorkerError {
     NotYours { build_id: u64, cluster: String },
 }
 
-/// Lifecycle events an agent reports.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, utoipa::ToSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum Event {
-    Running,
-    Finished,
-    Failed,
-    /// Ended on request (a stop reached the agent).
-    Stopped,
-}
-
-/// The result of acknowledging (or nacking, renewing) a batch.
-#[derive(Debug, Default, serde::Serialize, utoipa::ToSchema)]
-pub struct LeaseReport {
-    /// Delivery ids the operation applied to.
-    pub done: Vec<String>,
-    /// Delivery ids that are not the current lease (redelivered, lapsed, or already acked).
-    pub stale: Vec<String>,
-}
+/// The lifecycle events an agent reports and the result of a batch: the wire contract's.
+pub use sd_protocol::workers::{Event, LeaseReport};
 
 pub struct Workers {
     pub queues: Queues,

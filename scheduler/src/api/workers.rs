@@ -8,15 +8,16 @@ use axum::Json;
 use axum::extract::{FromRequestParts, Path, Query, State};
 use axum::http::StatusCode;
 use axum::http::request::Parts;
-use sd_protocol::{Delivery, ErrorBody};
+use sd_protocol::ErrorBody;
+use sd_protocol::workers::{AckBody, LeaseReport, NackBody};
+pub use sd_protocol::workers::{EventBody, Jobs};
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 
 use super::{ApiError, JsonObject, bearer, unavailable};
 use crate::AppState;
 use crate::builds::BuildState;
 use crate::cluster_auth::ClusterAuthError;
-use crate::workers::{Event, LeaseReport, WorkerError};
+use crate::workers::WorkerError;
 
 /// A request authenticated as the cluster named in its path.
 pub struct ClusterCaller(pub String);
@@ -91,12 +92,6 @@ pub struct PollQuery {
     max: Option<String>,
 }
 
-/// A long-poll's answer.
-#[derive(Debug, Serialize, utoipa::ToSchema)]
-pub struct Jobs {
-    jobs: Vec<Delivery>,
-}
-
 #[utoipa::path(get, path = "/v1/jobs/{cluster}", tag = "workers", params(("cluster" = String, Path), PollQuery),
     responses((status = 200, body = Jobs), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
 pub async fn poll(
@@ -145,38 +140,6 @@ fn bounded(
         })
 }
 
-/// `{"deliveryIds":[…]}` (and `reason` for a nack).
-fn delivery_ids(
-    body: &serde_json::Map<String, Value>,
-    allowed: &[&str],
-) -> Result<Vec<String>, ApiError> {
-    if let Some(unknown) = body.keys().find(|k| !allowed.contains(&k.as_str())) {
-        return Err(ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            format!(
-                "{unknown}: unknown field; allowed fields are {}",
-                allowed.join(", ")
-            ),
-        ));
-    }
-    let invalid = || {
-        ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "deliveryIds: must be a non-empty list of at most 1000 strings",
-        )
-    };
-    let list = body
-        .get("deliveryIds")
-        .and_then(Value::as_array)
-        .ok_or_else(invalid)?;
-    if list.is_empty() || list.len() > 1000 {
-        return Err(invalid());
-    }
-    list.iter()
-        .map(|v| v.as_str().map(str::to_owned).ok_or_else(invalid))
-        .collect()
-}
-
 #[utoipa::path(post, path = "/v1/jobs/{cluster}/ack", tag = "workers", params(("cluster" = String, Path)),
     request_body(content = Object, description = "{\"deliveryIds\":[…]}: these transfers succeeded"),
     responses((status = 200, body = LeaseReport), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)))]
@@ -185,8 +148,8 @@ pub async fn ack(
     ClusterCaller(cluster): ClusterCaller,
     JsonObject(body): JsonObject,
 ) -> Result<Json<LeaseReport>, ApiError> {
-    let ids = delivery_ids(&body, &["deliveryIds"])?;
-    Ok(Json(state.workers.ack(&cluster, &ids).await?))
+    let body = AckBody::from_json(body)?;
+    Ok(Json(state.workers.ack(&cluster, &body.delivery_ids).await?))
 }
 
 #[utoipa::path(post, path = "/v1/jobs/{cluster}/nack", tag = "workers", params(("cluster" = String, Path)),
@@ -197,18 +160,13 @@ pub async fn nack(
     ClusterCaller(cluster): ClusterCaller,
     JsonObject(body): JsonObject,
 ) -> Result<Json<LeaseReport>, ApiError> {
-    let ids = delivery_ids(&body, &["deliveryIds", "reason"])?;
-    let reason = match body.get("reason") {
-        None => "",
-        Some(Value::String(s)) if s.chars().count() <= 1000 => s.as_str(),
-        Some(_) => {
-            return Err(ApiError::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "reason: must be a string of at most 1000 characters",
-            ));
-        }
-    };
-    Ok(Json(state.workers.nack(&cluster, &ids, reason).await?))
+    let body = NackBody::from_json(body)?;
+    Ok(Json(
+        state
+            .workers
+            .nack(&cluster, &body.delivery_ids, &body.reason)
+            .await?,
+    ))
 }
 
 #[utoipa::path(post, path = "/v1/jobs/{cluster}/renew", tag = "workers", params(("cluster" = String, Path)),
@@ -219,18 +177,10 @@ pub async fn renew(
     ClusterCaller(cluster): ClusterCaller,
     JsonObject(body): JsonObject,
 ) -> Result<Json<LeaseReport>, ApiError> {
-    let ids = delivery_ids(&body, &["deliveryIds"])?;
-    Ok(Json(state.workers.renew(&cluster, &ids).await?))
-}
-
-/// `{"buildId","event","statusMessage"?}`.
-#[derive(Debug, Deserialize, utoipa::ToSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct EventBody {
-    build_id: u64,
-    event: Event,
-    #[serde(default)]
-    status_message: Option<String>,
+    let body = AckBody::from_json(body)?;
+    Ok(Json(
+        state.workers.renew(&cluster, &body.delivery_ids).await?,
+    ))
 }
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]
@@ -247,17 +197,7 @@ pub async fn events(
     ClusterCaller(cluster): ClusterCaller,
     JsonObject(body): JsonObject,
 ) -> Result<Json<EventAnswer>, ApiError> {
-    let event: EventBody = sd_protocol::error::from_value(Value::Object(body))?;
-    if event
-        .status_message
-        .as_ref()
-        .is_some_and(|m| m.chars().count() > 1000)
-    {
-        return Err(ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "statusMessage: must be at most 1000 characters",
-        ));
-    }
+    let event = EventBody::from_json(body)?;
     let state_now = state
         .workers
         .event(
