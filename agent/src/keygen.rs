@@ -19,6 +19,43 @@ pub enum KeygenError {
     Algorithm(String),
 }
 
+/// `sd-agent keygen`: generates the pair, writes the private key to `out` (never over an
+/// existing file) and returns the text to print. Nothing is written when generation fails.
+pub fn create(
+    cluster: &str,
+    algorithm: SigningAlgorithm,
+    out: &Path,
+    expires_in: u64,
+) -> Result<String, KeygenError> {
+    let generated = generate(algorithm)?;
+    write_private(out, &generated.private_pem)?;
+    Ok(instructions(
+        cluster,
+        algorithm,
+        expires_in,
+        &generated.public_pem,
+        out,
+    ))
+}
+
+/// `--cluster`: the registry's cluster-name rule, checked before a key is made for a name the
+/// scheduler would refuse.
+pub fn parse_cluster_name(text: &str) -> Result<String, String> {
+    sd_protocol::check_cluster_name(text)
+        .map(|()| text.to_owned())
+        .map_err(|e| e.reason)
+}
+
+/// `--algorithm`: the algorithms keygen can make keys for.
+pub fn parse_algorithm(text: &str) -> Result<SigningAlgorithm, String> {
+    match text {
+        "RS256" => Ok(SigningAlgorithm::RS256),
+        "ES256" => Ok(SigningAlgorithm::ES256),
+        "EdDSA" => Ok(SigningAlgorithm::EdDSA),
+        other => Err(format!("{other}: use RS256, ES256 or EdDSA")),
+    }
+}
+
 /// A generated key pair.
 pub struct Generated {
     pub private_pem: String,
@@ -167,6 +204,41 @@ mod tests {
             assert_eq!(claims.exp - claims.iat, 60);
         }
         assert!(generate(SigningAlgorithm::PS256).is_err());
+    }
+
+    #[test]
+    fn create_writes_the_key_and_returns_the_instructions() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k.pem");
+        let text = create("c1", SigningAlgorithm::ES256, &path, 60).unwrap();
+        assert!(text.contains("SD_CLUSTER_C1_PUBLIC_KEY="));
+        assert!(
+            std::fs::read_to_string(&path)
+                .unwrap()
+                .contains("PRIVATE KEY")
+        );
+        assert!(matches!(
+            create("c1", SigningAlgorithm::ES256, &path, 60),
+            Err(KeygenError::Exists(_))
+        ));
+        assert!(matches!(
+            create(
+                "c1",
+                SigningAlgorithm::PS256,
+                &dir.path().join("other.pem"),
+                60
+            ),
+            Err(KeygenError::Algorithm(_))
+        ));
+        assert!(!dir.path().join("other.pem").exists());
+    }
+
+    #[test]
+    fn argument_parsers_accept_what_keygen_supports() {
+        assert_eq!(parse_algorithm("EdDSA"), Ok(SigningAlgorithm::EdDSA));
+        assert!(parse_algorithm("PS256").is_err());
+        assert_eq!(parse_cluster_name("ios-farm"), Ok("ios-farm".to_owned()));
+        assert!(parse_cluster_name("bad name!").is_err());
     }
 
     #[test]

@@ -1,8 +1,10 @@
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use sd_agent::config::{CONFIG_ENV, Config, DEFAULT_PATH};
+use sd_agent::keygen::{parse_algorithm, parse_cluster_name};
+use sd_agent::{app, check, keygen, systemd, telemetry};
 use sd_protocol::SigningAlgorithm;
 
 /// The sd-buildcluster agent, one per build cluster.
@@ -44,29 +46,8 @@ enum Command {
     },
 }
 
-fn parse_cluster_name(text: &str) -> Result<String, String> {
-    sd_protocol::check_cluster_name(text)
-        .map(|()| text.to_owned())
-        .map_err(|e| e.reason)
-}
-
-fn parse_algorithm(text: &str) -> Result<SigningAlgorithm, String> {
-    match text {
-        "RS256" => Ok(SigningAlgorithm::RS256),
-        "ES256" => Ok(SigningAlgorithm::ES256),
-        "EdDSA" => Ok(SigningAlgorithm::EdDSA),
-        other => Err(format!("{other}: use RS256, ES256 or EdDSA")),
-    }
-}
-
+/// Exit code for an unusable configuration (as sysexits' EX_USAGE).
 const EXIT_CONFIG: u8 = 64;
-
-fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
-    Config::load(path, sd_agent::config::env_overrides()).map_err(|e| {
-        eprintln!("sd-agent: invalid configuration: {e}");
-        ExitCode::from(EXIT_CONFIG)
-    })
-}
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -77,84 +58,69 @@ async fn main() -> ExitCode {
             algorithm,
             out,
             expires_in,
-        } => {
-            let generated = match sd_agent::keygen::generate(algorithm) {
-                Ok(g) => g,
-                Err(e) => {
-                    eprintln!("sd-agent keygen: {e}");
-                    return ExitCode::FAILURE;
-                }
-            };
-            if let Err(e) = sd_agent::keygen::write_private(&out, &generated.private_pem) {
-                eprintln!("sd-agent keygen: {e}");
-                return ExitCode::FAILURE;
-            }
-            println!(
-                "{}",
-                sd_agent::keygen::instructions(
-                    &cluster,
-                    algorithm,
-                    expires_in,
-                    &generated.public_pem,
-                    &out
-                )
-            );
-            ExitCode::SUCCESS
-        }
-        Command::Check => {
-            let config = match load(&cli.config) {
-                Ok(c) => c,
-                Err(code) => return code,
-            };
-            let lines = sd_agent::check::run(&config, &cli.config).await;
-            for l in &lines {
-                println!("{l}");
-            }
-            if lines.iter().all(|l| l.ok) {
-                println!("all checks passed");
+        } => match keygen::create(&cluster, algorithm, &out, expires_in) {
+            Ok(text) => {
+                println!("{text}");
                 ExitCode::SUCCESS
-            } else {
+            }
+            Err(e) => {
+                eprintln!("sd-agent keygen: {e}");
                 ExitCode::FAILURE
             }
+        },
+        Command::Check => run_check(&cli.config).await,
+        Command::Run => run_agent(cli.config).await,
+    }
+}
+
+/// `sd-agent check`: one line per check, exit 0 only when all passed.
+async fn run_check(path: &Path) -> ExitCode {
+    let config = match load(path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let lines = check::run(&config, path).await;
+    for l in &lines {
+        println!("{l}");
+    }
+    if lines.iter().all(|l| l.ok) {
+        println!("all checks passed");
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+/// `sd-agent run`: refuses a bad configuration with exit 64 before binding anything, then runs
+/// until SIGTERM/SIGINT; exit 1 when the agent could not start or a loop of it died.
+async fn run_agent(path: PathBuf) -> ExitCode {
+    let config = match load(&path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let client = match app::preflight(&config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("sd-agent: invalid configuration: {e}");
+            return ExitCode::from(EXIT_CONFIG);
         }
-        Command::Run => {
-            let config = match load(&cli.config) {
-                Ok(c) => c,
-                Err(code) => return code,
-            };
-            let client = match sd_agent::app::preflight(&config) {
-                Ok(c) => c,
-                Err(e) => {
-                    eprintln!("sd-agent: invalid configuration: {e}");
-                    return ExitCode::from(EXIT_CONFIG);
-                }
-            };
-            sd_agent::telemetry::init_logging(&config.log);
-            let notify = |state: &str| {
-                let s = match state {
-                    "READY" => sd_notify::NotifyState::Ready,
-                    "RELOADING" => sd_notify::NotifyState::Reloading,
-                    _ => sd_notify::NotifyState::Stopping,
-                };
-                let _ = sd_notify::notify(&[s]);
-            };
-            if let Some(every) = sd_notify::watchdog_enabled() {
-                tokio::spawn(async move {
-                    let mut tick = tokio::time::interval(every / 2);
-                    loop {
-                        tick.tick().await;
-                        let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
-                    }
-                });
-            }
-            match sd_agent::app::run(cli.config, config, client, notify).await {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    tracing::error!(error = %e, "sd-agent stopped");
-                    eprintln!("sd-agent: {e}");
-                    ExitCode::FAILURE
-                }
-            }
+    };
+    telemetry::init_logging(&config.log);
+    systemd::start_watchdog();
+    match app::run(path, config, client, systemd::notify).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "sd-agent stopped");
+            eprintln!("sd-agent: {e}");
+            ExitCode::FAILURE
         }
     }
+}
+
+/// The configuration file with `SD_AGENT_*` overrides, or exit 64 naming what is wrong.
+fn load(path: &Path) -> Result<Config, ExitCode> {
+    Config::load(path, sd_agent::config::env_overrides()).map_err(|e| {
+        eprintln!("sd-agent: invalid configuration: {e}");
+        ExitCode::from(EXIT_CONFIG)
+    })
 }

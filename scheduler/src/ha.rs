@@ -1,17 +1,58 @@
-//! Cluster health from worker heartbeats, and moving waiting builds off clusters that cannot
-//! run them (unhealthy, paused, deleted).
+//! Cluster health from worker heartbeats: which clusters routing should avoid.
 //!
-//! Architecture invariant: a build moves between queues only through the `move` script, which
-//! takes it out of one queue and into the other atomically and never touches a leased build.
+//! The rule is the pure [`assess`]; [`Health`] holds this replica's last verdict (routing and
+//! polls read it), and [`Health::run`] feeds the rule from Redis every `ha.check_interval`.
+//! Heartbeats live in Redis and are timed by Redis's clock, so every replica reaches the same
+//! verdict whichever replica a cluster's agent polled. Moving builds off unhealthy clusters is
+//! not done here but by `Intake::rebalance`, which owns the order of writes; this module only
+//! rings the bell it waits on. The health check also sets the queue-depth gauges, since it
+//! visits every cluster anyway.
 
-use std::collections::{HashMap, HashSet};
-use std::sync::{Mutex, RwLock};
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use crate::builds::BuildState;
-use crate::intake::{Intake, IntakeError};
-use crate::queue::{Cancelled, Moved};
-use crate::routing::Decision;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::HaConfig;
+use crate::queue::Queues;
+use crate::registry::ClusterCache;
+
+/// The clusters a health check finds unhealthy: those whose last poll is more than
+/// `dead_after` before `redis_now`, and those never seen polling for more than `dead_after`
+/// since this replica first saw them registered (an agent gets that long for its first start).
+///
+/// Pure, so the rule is tested without Redis or sleeping: `beats` (cluster → last poll) and
+/// `redis_now` are both on Redis's clock, in ms, so replica clock skew cannot matter; a beat
+/// "after" `redis_now` counts as silence zero. `first_seen` is this replica's memory of
+/// never-polled clusters, timed by its own clock (`now`); it gains the clusters seen for the
+/// first time and forgets those no longer registered.
+pub fn assess(
+    registered: &BTreeSet<String>,
+    beats: &HashMap<String, i64>,
+    redis_now: i64,
+    first_seen: &mut HashMap<String, Instant>,
+    now: Instant,
+    dead_after: Duration,
+) -> HashSet<String> {
+    let mut unhealthy = HashSet::new();
+    for name in registered {
+        let quiet = match beats.get(name) {
+            Some(at) => {
+                Duration::from_millis(u64::try_from(redis_now.saturating_sub(*at)).unwrap_or(0))
+            }
+            None => now.duration_since(*first_seen.entry(name.clone()).or_insert(now)),
+        };
+        if quiet > dead_after {
+            unhealthy.insert(name.clone());
+        }
+    }
+    first_seen.retain(|name, _| registered.contains(name));
+    unhealthy
+}
+
+// === impl Health ===
 
 /// Which clusters are healthy, as this replica last evaluated it.
 #[derive(Default)]
@@ -41,29 +82,29 @@ impl Health {
         }
     }
 
-    /// Re-evaluates every registered cluster; returns those that just became unhealthy.
-    /// `silence` is how long each has not polled (`None`: never polled).
+    /// Applies [`assess`] to every registered cluster and keeps the verdict; returns the
+    /// clusters that just became unhealthy.
     pub fn evaluate(
         &self,
-        silence: &HashMap<String, Option<Duration>>,
+        registered: &BTreeSet<String>,
+        beats: &HashMap<String, i64>,
+        redis_now: i64,
         dead_after: Duration,
     ) -> Vec<String> {
-        let now = Instant::now();
-        let mut first_seen = self
-            .first_seen
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let mut unhealthy = HashSet::new();
-        for (name, silent) in silence {
-            let quiet = match silent {
-                Some(d) => *d,
-                None => now.duration_since(*first_seen.entry(name.clone()).or_insert(now)),
-            };
-            if quiet > dead_after {
-                unhealthy.insert(name.clone());
-            }
-        }
-        first_seen.retain(|name, _| silence.contains_key(name));
+        let unhealthy = {
+            let mut first_seen = self
+                .first_seen
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            assess(
+                registered,
+                beats,
+                redis_now,
+                &mut first_seen,
+                Instant::now(),
+                dead_after,
+            )
+        };
         let mut current = self
             .unhealthy
             .write()
@@ -88,72 +129,203 @@ impl Health {
         v.sort();
         v
     }
-}
 
-/// Moves waiting builds off every cluster that cannot take them now. Returns how many moved.
-pub async fn rebalance(intake: &Intake) -> Result<usize, IntakeError> {
-    let snapshot = intake.cache().snapshot();
-    let mut moved = 0;
-    for cluster in intake.builds().queued_clusters().await? {
-        let registered = snapshot.iter().any(|c| c.fields.name == cluster);
-        let eligible = snapshot
-            .iter()
-            .any(|c| c.fields.name == cluster && c.fields.is_active)
-            && intake.health().is_healthy(&cluster);
-        if eligible {
-            continue;
-        }
-        for row in intake.builds().queued_on(&cluster, 500).await? {
-            let decision = intake.route_stored(&row).ok();
-            match decision {
-                Some(Decision::Cluster(dst)) if dst != cluster => {
-                    let id = row.build_id.to_string();
-                    match intake.queues().move_waiting(&id, &cluster, &dst).await? {
-                        Moved::Moved => {
-                            let reason = format!("re-routed from {cluster}");
-                            intake
-                                .builds()
-                                .reassign(row.build_id, &cluster, &dst, &reason)
-                                .await?;
-                            tracing::info!(build_id = row.build_id, from = %cluster, to = %dst, "build re-routed");
-                            metrics::counter!("sd_scheduler_builds_rerouted_total").increment(1);
-                            moved += 1;
-                        }
-                        Moved::Elsewhere(owner) if !owner.is_empty() => {
-                            // The queue moved it before a crash kept the row from following.
-                            intake
-                                .builds()
-                                .reassign(row.build_id, &cluster, &owner, "re-routed")
-                                .await?;
-                        }
-                        // Pinned: the reconciler put back a build this cluster acknowledged;
-                        // its agent may still launch it, so another cluster must not.
-                        Moved::Leased | Moved::Pinned | Moved::Elsewhere(_) | Moved::Absent => {}
-                    }
+    /// Evaluates cluster health from the heartbeats every replica records in Redis, every
+    /// `config.check_interval` until `shutdown`, and rings `on_change` whenever the set of
+    /// unhealthy clusters changed, so their waiting builds are re-routed at once.
+    pub async fn run(
+        self: Arc<Self>,
+        queues: Queues,
+        cache: ClusterCache,
+        config: HaConfig,
+        on_change: Arc<Notify>,
+        shutdown: CancellationToken,
+    ) {
+        let mut tick = tokio::time::interval(config.check_interval);
+        let mut was_unhealthy = Vec::new();
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                () = shutdown.cancelled() => return,
+            }
+            let (beats, now) = match queues.heartbeats().await {
+                Ok(v) => v,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read heartbeats; cluster health unchanged");
+                    continue;
                 }
-                _ if !registered
-                    // Deleted cluster and nowhere else to go: hold the build, never drop it.
-                    && intake.queues().cancel(&cluster, row.build_id).await? == Cancelled::Removed =>
-                {
-                    let reason = format!(
-                        "build cluster {cluster} was deleted and no other cluster can take the build"
-                    );
-                    intake
-                        .builds()
-                        .transition(
-                            row.build_id,
-                            BuildState::Queued,
-                            BuildState::Unroutable,
-                            None,
-                            Some(&reason),
-                        )
-                        .await?;
-                    tracing::warn!(build_id = row.build_id, cluster = %cluster, "held: its cluster was deleted");
-                }
-                // Paused or silent with nothing else eligible: it waits in its queue.
-                _ => {}
+            };
+            let registered = registered(&cache);
+            self.evaluate(&registered, &beats, now, config.cluster_dead_after);
+            record_queue_depths(&queues, &registered).await;
+            let unhealthy = self.unhealthy();
+            if unhealthy != was_unhealthy {
+                was_unhealthy = unhealthy;
+                on_change.notify_one();
             }
         }
     }
-    Ok(moved)
+}
+
+/// The names in the registry (one per name, whatever the scmContexts).
+fn registered(cache: &ClusterCache) -> BTreeSet<String> {
+    cache
+        .snapshot()
+        .iter()
+        .map(|c| c.fields.name.clone())
+        .collect()
+}
+
+/// Sets `sd_scheduler_queue_depth` for every registered cluster. It rides the health check
+/// because both visit every cluster once per `ha.check_interval`; a cluster whose depths
+/// cannot be read keeps its last values.
+async fn record_queue_depths(queues: &Queues, registered: &BTreeSet<String>) {
+    for name in registered {
+        if let Ok(depths) = queues.depths(name).await {
+            for (set, n) in ["ready", "leased", "delayed", "dead"].iter().zip(depths) {
+                metrics::gauge!("sd_scheduler_queue_depth", "cluster" => name.clone(), "set" => *set)
+                    .set(n as f64);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DEAD_AFTER: Duration = Duration::from_secs(30);
+
+    fn names(list: &[&str]) -> BTreeSet<String> {
+        list.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    fn beats(list: &[(&str, i64)]) -> HashMap<String, i64> {
+        list.iter().map(|(n, at)| ((*n).to_owned(), *at)).collect()
+    }
+
+    fn sorted(set: HashSet<String>) -> Vec<String> {
+        let mut v: Vec<String> = set.into_iter().collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn a_cluster_silent_for_longer_than_dead_after_is_unhealthy() {
+        let now_ms = 1_000_000;
+        let mut first_seen = HashMap::new();
+        let verdict = assess(
+            &names(&["fresh", "edge", "silent"]),
+            &beats(&[
+                ("fresh", now_ms - 1_000),
+                // Exactly dead_after: not yet.
+                ("edge", now_ms - 30_000),
+                ("silent", now_ms - 30_001),
+            ]),
+            now_ms,
+            &mut first_seen,
+            Instant::now(),
+            DEAD_AFTER,
+        );
+        assert_eq!(sorted(verdict), vec!["silent"]);
+        assert!(
+            first_seen.is_empty(),
+            "only never-polled clusters are remembered"
+        );
+    }
+
+    #[test]
+    fn a_heartbeat_ahead_of_the_clock_counts_as_just_now() {
+        let mut first_seen = HashMap::new();
+        let verdict = assess(
+            &names(&["a"]),
+            &beats(&[("a", 2_000_000)]),
+            1_000_000,
+            &mut first_seen,
+            Instant::now(),
+            DEAD_AFTER,
+        );
+        assert!(verdict.is_empty());
+    }
+
+    #[test]
+    fn a_never_polled_cluster_gets_dead_after_from_first_sight() {
+        let start = Instant::now();
+        let mut first_seen = HashMap::new();
+        let registered = names(&["new"]);
+        let no_beats = HashMap::new();
+        let check = |first_seen: &mut HashMap<String, Instant>, at: Instant| {
+            sorted(assess(
+                &registered,
+                &no_beats,
+                0,
+                first_seen,
+                at,
+                DEAD_AFTER,
+            ))
+        };
+        assert!(check(&mut first_seen, start).is_empty());
+        assert_eq!(first_seen.get("new"), Some(&start));
+        assert!(check(&mut first_seen, start + DEAD_AFTER).is_empty());
+        assert_eq!(
+            check(
+                &mut first_seen,
+                start + DEAD_AFTER + Duration::from_millis(1)
+            ),
+            vec!["new"]
+        );
+        // Its first poll is what counts from then on.
+        let polled = assess(
+            &registered,
+            &beats(&[("new", 5_000)]),
+            6_000,
+            &mut first_seen,
+            start + DEAD_AFTER * 10,
+            DEAD_AFTER,
+        );
+        assert!(polled.is_empty());
+    }
+
+    #[test]
+    fn only_registered_clusters_are_judged_and_remembered() {
+        let start = Instant::now();
+        let mut first_seen = HashMap::from([("deleted".to_owned(), start)]);
+        let verdict = assess(
+            &names(&["kept"]),
+            &beats(&[("kept", 10_000), ("gone", 0)]),
+            10_000,
+            &mut first_seen,
+            start + DEAD_AFTER * 2,
+            DEAD_AFTER,
+        );
+        assert!(
+            verdict.is_empty(),
+            "beats of unregistered clusters are ignored"
+        );
+        assert!(
+            first_seen.is_empty(),
+            "a deleted cluster's first sighting is forgotten"
+        );
+    }
+
+    #[test]
+    fn evaluate_keeps_the_verdict_and_a_poll_clears_it_at_once() {
+        let health = Health::default();
+        let registered = names(&["a", "b"]);
+        let silent = beats(&[("a", 0), ("b", 100_000)]);
+        assert_eq!(
+            health.evaluate(&registered, &silent, 100_000, DEAD_AFTER),
+            vec!["a"]
+        );
+        assert!(!health.is_healthy("a") && health.is_healthy("b"));
+        assert!(
+            health
+                .evaluate(&registered, &silent, 100_000, DEAD_AFTER)
+                .is_empty(),
+            "only newly unhealthy clusters are returned"
+        );
+        health.alive("a");
+        assert!(health.is_healthy("a"));
+        assert!(health.unhealthy().is_empty());
+    }
 }

@@ -1,13 +1,24 @@
-//! Build intake: route, record, enqueue. Also re-routes held builds and stops builds.
+//! Build intake and every later write that moves a build between queue and row: start, stop,
+//! routing held builds, re-routing waiting builds off clusters that cannot take them
+//! ([`Intake::rebalance`], in `rebalance.rs`) and re-queueing what Redis lost
+//! ([`Intake::reconcile`], in `reconcile.rs`).
 //!
 //! Order of writes, and why: the database row first (the source of truth), then the queue.
 //! If the queue write fails the caller gets 503 and Screwdriver's client retries; the retry
-//! finds the row and re-runs the idempotent enqueue, so no accepted build is left behind.
+//! finds the row and re-runs the idempotent enqueue, so no accepted build is left behind. The
+//! background passes that repair rows and queues live here too, so one module decides that
+//! order.
+
+mod rebalance;
+mod reconcile;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use sd_protocol::{FieldError, JobKind, QueueMessage, StartMessage, StopRequest};
 use serde_json::Value;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
 
 use crate::auth::LauncherTokens;
 use crate::builds::{BuildRow, BuildState, Builds};
@@ -63,6 +74,8 @@ pub struct Stopped {
     pub action: &'static str,
 }
 
+/// Accepts, stops and repairs builds. Shared (`Arc`) by the API handlers and the background
+/// passes, so every write to a build's row and queue goes through the same order.
 pub struct Intake {
     cache: ClusterCache,
     builds: Builds,
@@ -182,7 +195,7 @@ impl Intake {
     }
 
     /// Routes a stored build again (HA re-routing, held builds).
-    pub fn route_stored(&self, row: &BuildRow) -> Result<Decision, IntakeError> {
+    fn route_stored(&self, row: &BuildRow) -> Result<Decision, IntakeError> {
         Ok(self.route(&stored_message(row)?)?)
     }
 
@@ -220,7 +233,7 @@ impl Intake {
             )
             .await?;
         if let Enqueued::QueuedElsewhere(other) = &outcome {
-            // The exclusivity check in the script held; the row will follow (see ha::rebalance).
+            // The exclusivity check in the script held; the row will follow (see Intake::rebalance).
             tracing::warn!(build_id = msg.build_id, wanted = cluster, queued_on = %other, "build already queued on another cluster");
         }
         Ok(outcome)
@@ -228,11 +241,7 @@ impl Intake {
 
     /// Queues a stored build again on its cluster (reconciler). `force` re-queues one that was
     /// delivered before; the agent's own de-duplication by buildId keeps it from running twice.
-    pub async fn requeue(
-        &self,
-        row: &BuildRow,
-        force: bool,
-    ) -> Result<Option<Enqueued>, IntakeError> {
+    async fn requeue(&self, row: &BuildRow, force: bool) -> Result<Option<Enqueued>, IntakeError> {
         let Some(cluster) = row.cluster.as_deref() else {
             return Ok(None);
         };
@@ -365,20 +374,38 @@ impl Intake {
         Ok(())
     }
 
+    /// The builds table, for callers that only read it (tests, counts).
     pub fn builds(&self) -> &Builds {
         &self.builds
     }
 
-    pub fn queues(&self) -> &Queues {
-        &self.queues
-    }
-
-    pub fn cache(&self) -> &ClusterCache {
-        &self.cache
-    }
-
-    pub fn health(&self) -> &Health {
-        &self.health
+    /// The background pass: moves waiting builds off clusters that cannot take them, then
+    /// routes held builds, whenever `wake` rings (the registry or cluster health changed) and
+    /// every `every` as a safety net, until `shutdown`. A failed pass is logged and retried at
+    /// the next wake-up; a compare-and-set on each row lets one replica win.
+    pub async fn run(
+        self: Arc<Self>,
+        wake: Arc<Notify>,
+        every: Duration,
+        shutdown: CancellationToken,
+    ) {
+        loop {
+            tokio::select! {
+                () = wake.notified() => {}
+                () = tokio::time::sleep(every) => {}
+                () = shutdown.cancelled() => return,
+            }
+            match self.rebalance().await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(moved = n, "builds re-routed"),
+                Err(e) => tracing::warn!(error = %e, "re-routing failed; will retry"),
+            }
+            match self.route_held().await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(routed = n, "held builds routed"),
+                Err(e) => tracing::warn!(error = %e, "routing held builds failed; will retry"),
+            }
+        }
     }
 }
 

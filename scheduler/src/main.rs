@@ -3,7 +3,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use sd_scheduler::config::{Config, ENV_PREFIX};
-use sd_scheduler::{Scheduler, telemetry};
+use sd_scheduler::{Scheduler, systemd, telemetry};
 
 /// The central scheduler of sd-buildcluster.
 ///
@@ -29,14 +29,9 @@ const EXIT_CONFIG: u8 = 64;
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    let vars =
-        std::env::vars().filter(|(k, _)| k.starts_with(ENV_PREFIX) && k != "SD_SCHEDULER_CONFIG");
-    let config = match Config::load(cli.config.as_deref(), vars) {
+    let config = match load(&cli) {
         Ok(config) => config,
-        Err(e) => {
-            eprintln!("sd-scheduler: invalid configuration: {e}");
-            return ExitCode::from(EXIT_CONFIG);
-        }
+        Err(code) => return code,
     };
     if cli.check_config {
         println!("configuration OK");
@@ -54,31 +49,24 @@ async fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    notify_systemd(&[sd_notify::NotifyState::Ready]);
-    if let Some(every) = sd_notify::watchdog_enabled() {
-        // Pings come from the runtime itself: a wedged runtime stops them and systemd restarts us.
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(every / 2);
-            loop {
-                tick.tick().await;
-                notify_systemd(&[sd_notify::NotifyState::Watchdog]);
-            }
-        });
-    }
+    systemd::ready();
     scheduler
         .run_until(async {
             stop.await;
-            notify_systemd(&[sd_notify::NotifyState::Stopping]);
+            systemd::stopping();
         })
         .await;
     ExitCode::SUCCESS
 }
 
-/// Tells systemd about our state when run as a `Type=notify` unit; a no-op elsewhere.
-fn notify_systemd(state: &[sd_notify::NotifyState<'_>]) {
-    if let Err(e) = sd_notify::notify(state) {
-        tracing::debug!(error = %e, "sd_notify failed");
-    }
+/// The configuration from `--config` and `SD_SCHEDULER_*`, or exit 64 naming what is wrong.
+fn load(cli: &Cli) -> Result<Config, ExitCode> {
+    let vars =
+        std::env::vars().filter(|(k, _)| k.starts_with(ENV_PREFIX) && k != "SD_SCHEDULER_CONFIG");
+    Config::load(cli.config.as_deref(), vars).map_err(|e| {
+        eprintln!("sd-scheduler: invalid configuration: {e}");
+        ExitCode::from(EXIT_CONFIG)
+    })
 }
 
 /// Registers SIGTERM and SIGINT now; the returned future resolves on the first of them.

@@ -1,0 +1,48 @@
+//! What every request handler shares: [`AppState`]. Built by `Scheduler::start` (in `lib.rs`)
+//! and read by `api`, which names it `crate::AppState` (re-exported at the crate root). Kept
+//! out of `lib.rs` so that `api` depends on this module, not on the wiring that starts it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::ApiVerifier;
+use crate::cluster_auth::{ClusterVerifier, EnvLookup};
+use crate::db::Db;
+use crate::ha::Health;
+use crate::intake::Intake;
+use crate::queue::Queues;
+use crate::registry::{ClusterCache, Registry};
+use crate::registry_sync::RegistrySync;
+use crate::workers::Workers;
+
+/// Everything a request handler needs.
+pub struct AppState {
+    pub db: Db,
+    pub registry: Registry,
+    pub cache: ClusterCache,
+    pub queues: Queues,
+    pub intake: Arc<Intake>,
+    pub verifier: ApiVerifier,
+    pub workers: Workers,
+    pub health: Arc<Health>,
+    pub cluster_verifier: ClusterVerifier,
+    /// Where cluster public keys and sign options are read from (named by each record).
+    pub env: EnvLookup,
+    pub metrics: metrics_exporter_prometheus::PrometheusHandle,
+    /// Cancelled at shutdown: long-polls return early.
+    pub shutdown: CancellationToken,
+    /// Longest long-poll a worker may ask for.
+    pub max_wait: Duration,
+    /// Reloads the cache after a registry write and tells the other replicas.
+    pub(crate) registry_sync: Arc<RegistrySync>,
+}
+
+impl AppState {
+    /// After a registry write: reload this replica's cache now, tell the other replicas, and
+    /// give held builds a chance to route.
+    pub(crate) async fn registry_changed(&self) {
+        self.registry_sync.written_here().await;
+    }
+}
