@@ -19,6 +19,7 @@ pub mod outbox;
 pub mod scheduler_client;
 pub mod signer;
 pub mod status;
+pub mod systemd;
 pub mod telemetry;
 pub mod watcher;
 

@@ -11,8 +11,9 @@
 
 use std::time::Duration;
 
-use redis::Script;
 use redis::aio::ConnectionManager;
+use sd_queue::outbox::OutboxScripts;
+use sd_queue::{DueSet, millis};
 use serde::{Deserialize, Serialize};
 
 use crate::executor::{BuildEvent, BuildStatus};
@@ -22,79 +23,6 @@ const DUE_KEY: &str = "{sd-agent}:events:due";
 const DONE_KEY: &str = "{sd-agent}:events:done";
 /// Longer than any redelivery or finished-pod TTL, so late sightings of a build stay silent.
 pub const DONE_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
-
-/// KEYS: events, due, done. ARGV: id, status, entry JSON, retention ms.
-/// Returns 1 recorded, 2 already pending, 0 already reported.
-const RECORD: &str = r"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local id, status = ARGV[1], ARGV[2]
-redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now - tonumber(ARGV[4]))
-if redis.call('ZSCORE', KEYS[3], id .. ':' .. status) then return 0 end
-local ended = redis.call('ZSCORE', KEYS[3], id .. ':finished') or redis.call('ZSCORE', KEYS[3], id .. ':failed')
-  or redis.call('ZSCORE', KEYS[3], id .. ':stopped')
-if ended then return 0 end
-local current = redis.call('HGET', KEYS[1], id)
-if current then
-  local pending = cjson.decode(current).status
-  if pending == status or pending ~= 'running' or status == 'running' then return 2 end
-end
-redis.call('HSET', KEYS[1], id, ARGV[3])
-redis.call('ZADD', KEYS[2], now, id)
-return 1
-";
-
-/// KEYS: events, due. ARGV: max, lease ms. Returns id, entry, id, entry…
-const CLAIM: &str = r"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local ids = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, tonumber(ARGV[1]))
-local out = {}
-for _, id in ipairs(ids) do
-  local entry = redis.call('HGET', KEYS[1], id)
-  if entry then
-    redis.call('ZADD', KEYS[2], now + tonumber(ARGV[2]), id)
-    out[#out + 1] = id
-    out[#out + 1] = entry
-  else
-    redis.call('ZREM', KEYS[2], id)
-  end
-end
-return out
-";
-
-/// KEYS: events, due, done. ARGV: id, status, entry JSON (empty: reported, drop the entry),
-/// retry delay ms (empty: keep the claim). Changes nothing when the pending entry is no longer
-/// this status (an end superseded it).
-const SETTLE: &str = r"
-local current = redis.call('HGET', KEYS[1], ARGV[1])
-if not current or cjson.decode(current).status ~= ARGV[2] then return 0 end
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-if ARGV[3] ~= '' then
-  redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
-  if ARGV[4] ~= '' then redis.call('ZADD', KEYS[2], now + tonumber(ARGV[4]), ARGV[1]) end
-  return 1
-end
-redis.call('HDEL', KEYS[1], ARGV[1])
-redis.call('ZREM', KEYS[2], ARGV[1])
-redis.call('ZADD', KEYS[3], now, ARGV[1] .. ':' .. ARGV[2])
-return 1
-";
-
-/// KEYS: events, due. ARGV: lease ms, then id, status pairs. Pushes back the due time of entries
-/// still pending with that status (a reporter at work keeps its claim).
-const EXTEND: &str = r"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-for i = 2, #ARGV, 2 do
-  local current = redis.call('HGET', KEYS[1], ARGV[i])
-  if current and cjson.decode(current).status == ARGV[i + 1] then
-    redis.call('ZADD', KEYS[2], now + tonumber(ARGV[1]), ARGV[i])
-  end
-end
-return 1
-";
 
 /// One build's unreported event.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -158,6 +86,8 @@ impl Entry {
 pub enum OutboxError {
     #[error("local Redis: {0}")]
     Redis(#[from] redis::RedisError),
+    #[error("local Redis: {0}")]
+    Queue(#[from] sd_queue::QueueError),
     #[error("build event encoding: {0}")]
     Json(#[from] serde_json::Error),
 }
@@ -177,20 +107,17 @@ pub enum Recorded {
 #[derive(Clone)]
 pub struct Outbox {
     conn: ConnectionManager,
-    record: Script,
-    claim: Script,
-    settle: Script,
-    extend: Script,
+    /// `events` claimed through `due`.
+    entries: DueSet,
+    scripts: std::sync::Arc<OutboxScripts>,
 }
 
 impl Outbox {
     pub fn new(conn: ConnectionManager) -> Self {
         Self {
             conn,
-            record: Script::new(RECORD),
-            claim: Script::new(CLAIM),
-            settle: Script::new(SETTLE),
-            extend: Script::new(EXTEND),
+            entries: DueSet::new(EVENTS_KEY, DUE_KEY),
+            scripts: std::sync::Arc::new(OutboxScripts::default()),
         }
     }
 
@@ -200,6 +127,7 @@ impl Outbox {
         let body = serde_json::to_string(&entry)?;
         let mut conn = self.conn.clone();
         let reply: i64 = self
+            .scripts
             .record
             .key(EVENTS_KEY)
             .key(DUE_KEY)
@@ -220,21 +148,14 @@ impl Outbox {
     /// Takes up to `max` entries that are due, for `lease`: nobody else claims them meanwhile.
     pub async fn claim(&self, max: usize, lease: Duration) -> Result<Vec<Entry>> {
         let mut conn = self.conn.clone();
-        let flat: Vec<String> = self
-            .claim
-            .key(EVENTS_KEY)
-            .key(DUE_KEY)
-            .arg(max)
-            .arg(millis(lease))
-            .invoke_async(&mut conn)
-            .await?;
-        let mut entries = Vec::with_capacity(flat.len() / 2);
-        for pair in flat.chunks_exact(2) {
-            match serde_json::from_str::<Entry>(&pair[1]) {
+        let claimed = self.entries.claim(&mut conn, max, lease).await?;
+        let mut entries = Vec::with_capacity(claimed.len());
+        for (id, body) in claimed {
+            match serde_json::from_str::<Entry>(&body) {
                 Ok(e) => entries.push(e),
                 Err(e) => {
-                    tracing::error!(build_id = %pair[0], error = %e, "unreadable build event in the outbox; dropping it");
-                    self.drop_raw(&pair[0]).await?;
+                    tracing::error!(build_id = %id, error = %e, "unreadable build event in the outbox; dropping it");
+                    self.entries.forget(&mut conn, &id).await?;
                 }
             }
         }
@@ -246,7 +167,7 @@ impl Outbox {
         if claims.is_empty() {
             return Ok(());
         }
-        let mut invocation = self.extend.prepare_invoke();
+        let mut invocation = self.scripts.extend.prepare_invoke();
         invocation.key(EVENTS_KEY).key(DUE_KEY).arg(millis(lease));
         for (id, status) in claims {
             invocation.arg(*id).arg(status);
@@ -302,15 +223,13 @@ impl Outbox {
     /// Entries waiting (claimed or not), for `/metrics`.
     pub async fn pending(&self) -> Result<u64> {
         let mut conn = self.conn.clone();
-        Ok(redis::cmd("HLEN")
-            .arg(EVENTS_KEY)
-            .query_async(&mut conn)
-            .await?)
+        Ok(self.entries.len(&mut conn).await?)
     }
 
     async fn settle(&self, entry: &Entry, body: String, retry_in: Option<Duration>) -> Result<()> {
         let mut conn = self.conn.clone();
         let _: i64 = self
+            .scripts
             .settle
             .key(EVENTS_KEY)
             .key(DUE_KEY)
@@ -328,20 +247,4 @@ impl Outbox {
             .await?;
         Ok(())
     }
-
-    async fn drop_raw(&self, id: &str) -> Result<()> {
-        let mut conn = self.conn.clone();
-        let _: () = redis::pipe()
-            .hdel(EVENTS_KEY, id)
-            .ignore()
-            .zrem(DUE_KEY, id)
-            .ignore()
-            .query_async(&mut conn)
-            .await?;
-        Ok(())
-    }
-}
-
-fn millis(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }

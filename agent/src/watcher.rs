@@ -13,6 +13,8 @@ use std::time::Duration;
 use backon::{ExponentialBuilder, Retryable};
 use tokio::sync::{Notify, mpsc};
 
+use sd_screwdriver::{BuildTarget, BuildUpdates};
+
 use crate::executor::{BuildEvent, BuildStatus};
 use crate::local::LocalQueue;
 use crate::outbox::{Entry, Outbox, Recorded};
@@ -294,27 +296,20 @@ impl Watcher {
         let Some(token) = record.token else {
             return Err(Put::Never("the build carries no token".into()));
         };
-        let url = format!(
-            "{}/v4/builds/{build_id}",
-            record.api_uri.trim_end_matches('/')
-        );
+        let target = BuildTarget {
+            build_id,
+            api_uri: record.api_uri,
+            token,
+        };
+        let updates = BuildUpdates::new(self.http.clone());
         let send = || async {
-            let r = self
-                .http
-                .put(&url)
-                .bearer_auth(&token)
-                .json(body)
-                .send()
-                .await
-                .map_err(|e| Put::Later(e.without_url().to_string()))?;
-            let status = r.status();
-            if status.is_success() {
-                Ok(())
-            } else if status.is_server_error() || status.as_u16() == 429 {
-                Err(Put::Later(format!("answered {status}")))
-            } else {
-                Err(Put::Never(format!("answered {status}")))
-            }
+            updates.put(&target, body).await.map_err(|e| {
+                if e.retryable {
+                    Put::Later(e.message)
+                } else {
+                    Put::Never(e.message)
+                }
+            })
         };
         send.retry(retry_policy())
             .when(|e| matches!(e, Put::Later(_)))

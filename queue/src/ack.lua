@@ -8,8 +8,6 @@ local raw = redis.call('HGET', KEYS[3], id)
 if not raw or not redis.call('ZSCORE', KEYS[1], id) then return 'stale' end
 local m = cjson.decode(raw)
 if m.token ~= ARGV[2] then return 'stale' end
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 redis.call('ZREM', KEYS[1], id)
 redis.call('HDEL', KEYS[2], id)
 redis.call('HDEL', KEYS[3], id)

@@ -19,8 +19,6 @@ if owner then
   if owner == ARGV[5] then return {0, owner} end
   return {-1, owner}
 end
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local score = tonumber(ARGV[3]) * 1e13 + now
 redis.call('HSET', KEYS[2], id, ARGV[2])
 redis.call('HSET', KEYS[3], id, cjson.encode({

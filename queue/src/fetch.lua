@@ -10,8 +10,6 @@
 --   next_due_in_ms: time until the earliest delayed due time or lease deadline, -1 when none
 -- KEYS: ready, leased, delayed, jobs, meta, dead, running, where, newest, lease-seq, blocked, acked
 -- ARGV: max, visibility ms, max attempts, blocked re-check ms, cluster
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local max = tonumber(ARGV[1])
 local visibility = tonumber(ARGV[2])
 local max_attempts = tonumber(ARGV[3])

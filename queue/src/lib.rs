@@ -10,6 +10,20 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+pub mod due;
+pub mod outbox;
+pub use due::DueSet;
+
+/// Every timed script's first lines: Redis's clock as `now` (ms). Shared, so no script reads
+/// time another way.
+const CLOCK: &str = include_str!("clock.lua");
+
+/// A script that starts from Redis's clock (`now`, in milliseconds). Every script of the
+/// project that needs the time is built through here, from a `.lua` file of this crate.
+pub fn timed_script(body: &str) -> Script {
+    Script::new(&format!("{CLOCK}{body}"))
+}
+
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Client, Script};
 use sd_protocol::QueueMessage;
@@ -230,12 +244,12 @@ impl Queues {
             client,
             keys: Arc::new(Keys::new(tag)),
             scripts: Arc::new(Scripts {
-                enqueue: Script::new(include_str!("enqueue.lua")),
+                enqueue: timed_script(include_str!("enqueue.lua")),
                 cancel: Script::new(include_str!("cancel.lua")),
-                fetch: Script::new(include_str!("fetch.lua")),
-                ack: Script::new(include_str!("ack.lua")),
-                nack: Script::new(include_str!("nack.lua")),
-                renew: Script::new(include_str!("renew.lua")),
+                fetch: timed_script(include_str!("fetch.lua")),
+                ack: timed_script(include_str!("ack.lua")),
+                nack: timed_script(include_str!("nack.lua")),
+                renew: timed_script(include_str!("renew.lua")),
                 release: Script::new(include_str!("release.lua")),
                 promote: Script::new(include_str!("promote.lua")),
                 moves: Script::new(include_str!("move.lua")),
@@ -690,7 +704,8 @@ impl Queues {
     }
 }
 
-fn millis(d: Duration) -> u64 {
+/// A duration as the milliseconds every script takes (saturating).
+pub fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 

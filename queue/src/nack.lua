@@ -7,8 +7,6 @@ local raw = redis.call('HGET', KEYS[3], id)
 if not raw or not redis.call('ZSCORE', KEYS[1], id) then return 'stale' end
 local m = cjson.decode(raw)
 if m.token ~= ARGV[2] then return 'stale' end
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local backoff = math.min(tonumber(ARGV[3]) * 2 ^ math.max(m.deliveries - 1, 0), tonumber(ARGV[4]))
 m.token = ''
 redis.call('HSET', KEYS[3], id, cjson.encode(m))

@@ -5,7 +5,5 @@ local id = ARGV[1]
 local raw = redis.call('HGET', KEYS[2], id)
 if not raw or not redis.call('ZSCORE', KEYS[1], id) then return 'stale' end
 if cjson.decode(raw).token ~= ARGV[2] then return 'stale' end
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 redis.call('ZADD', KEYS[1], 'XX', now + tonumber(ARGV[3]), id)
 return 'renewed'

@@ -10,9 +10,10 @@ use std::time::Duration;
 
 use std::sync::Arc;
 
-use redis::Script;
 use redis::aio::ConnectionManager;
 use sd_protocol::QueueMessage;
+use sd_queue::DueSet;
+use sd_screwdriver::{BuildTarget, BuildUpdates, UpdateError};
 use serde_json::{Value, json};
 use tokio::sync::Notify;
 use tokio::task::JoinSet;
@@ -47,33 +48,6 @@ const REPORTS_KEY: &str = "{sd}:reports";
 const DUE_KEY: &str = "{sd}:reports:due";
 const CLAIM_BATCH: usize = 50;
 
-/// KEYS: reports, due. ARGV: field, report JSON, delay ms. Keeps (or reschedules) a report.
-const KEEP: &str = r"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-redis.call('ZADD', KEYS[2], now + tonumber(ARGV[3]), ARGV[1])
-return 1
-";
-
-/// KEYS: reports, due. ARGV: max, lease ms. Returns field, report, field, report…
-const CLAIM: &str = r"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local out = {}
-for _, field in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, tonumber(ARGV[1]))) do
-  local report = redis.call('HGET', KEYS[1], field)
-  if report then
-    redis.call('ZADD', KEYS[2], now + tonumber(ARGV[2]), field)
-    out[#out + 1] = field
-    out[#out + 1] = report
-  else
-    redis.call('ZREM', KEYS[2], field)
-  end
-end
-return out
-";
-
 /// A report waiting to be sent.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -103,12 +77,12 @@ impl Pending {
 
 #[derive(Clone)]
 pub struct Reporter {
-    http: reqwest::Client,
+    updates: BuildUpdates,
     attempts: u32,
     timeout: Duration,
     redis: ConnectionManager,
-    keep: Script,
-    claim: Script,
+    /// `{sd}:reports` claimed through `{sd}:reports:due`.
+    reports: DueSet,
     /// Rung when a report is kept, so it goes out at once.
     kick: Arc<Notify>,
 }
@@ -121,12 +95,11 @@ impl Reporter {
             .build()
             .unwrap_or_default();
         Self {
-            http,
+            updates: BuildUpdates::new(http),
             attempts,
             timeout,
             redis,
-            keep: Script::new(KEEP),
-            claim: Script::new(CLAIM),
+            reports: DueSet::new(REPORTS_KEY, DUE_KEY),
             kick: Arc::new(Notify::new()),
         }
     }
@@ -214,41 +187,22 @@ impl Reporter {
     async fn store(&self, pending: &Pending, delay: Duration) -> Result<(), StoreError> {
         let body = serde_json::to_string(pending)?;
         let mut conn = self.redis.clone();
-        let _: i64 = self
-            .keep
-            .key(REPORTS_KEY)
-            .key(DUE_KEY)
-            .arg(pending.field())
-            .arg(body)
-            .arg(u64::try_from(delay.as_millis()).unwrap_or(u64::MAX))
-            .invoke_async(&mut conn)
+        self.reports
+            .keep(&mut conn, &pending.field(), &body, delay)
             .await?;
         Ok(())
     }
 
     async fn claim_due(&self, lease: Duration) -> Result<Vec<Pending>, StoreError> {
         let mut conn = self.redis.clone();
-        let flat: Vec<String> = self
-            .claim
-            .key(REPORTS_KEY)
-            .key(DUE_KEY)
-            .arg(CLAIM_BATCH)
-            .arg(u64::try_from(lease.as_millis()).unwrap_or(u64::MAX))
-            .invoke_async(&mut conn)
-            .await?;
-        let mut due = Vec::with_capacity(flat.len() / 2);
-        for pair in flat.chunks_exact(2) {
-            match serde_json::from_str::<Pending>(&pair[1]) {
+        let claimed = self.reports.claim(&mut conn, CLAIM_BATCH, lease).await?;
+        let mut due = Vec::with_capacity(claimed.len());
+        for (field, body) in claimed {
+            match serde_json::from_str::<Pending>(&body) {
                 Ok(p) => due.push(p),
                 Err(e) => {
-                    tracing::error!(report = %pair[0], error = %e, "unreadable status report dropped");
-                    let _: () = redis::pipe()
-                        .hdel(REPORTS_KEY, &pair[0])
-                        .ignore()
-                        .zrem(DUE_KEY, &pair[0])
-                        .ignore()
-                        .query_async(&mut conn)
-                        .await?;
+                    tracing::error!(report = %field, error = %e, "unreadable status report dropped");
+                    self.reports.forget(&mut conn, &field).await?;
                 }
             }
         }
@@ -257,52 +211,29 @@ impl Reporter {
 
     async fn forget(&self, pending: &Pending) -> Result<(), StoreError> {
         let mut conn = self.redis.clone();
-        let field = pending.field();
-        let _: () = redis::pipe()
-            .hdel(REPORTS_KEY, &field)
-            .ignore()
-            .zrem(DUE_KEY, &field)
-            .ignore()
-            .query_async(&mut conn)
-            .await?;
+        self.reports.forget(&mut conn, &pending.field()).await?;
         Ok(())
     }
 
-    async fn send(&self, target: &ReportTarget, body: &Value) -> Result<(), ReportError> {
-        let url = format!("{}/v4/builds/{}", target.api_uri, target.build_id);
-        let resp = self
-            .http
-            .put(&url)
-            .bearer_auth(&target.token)
-            .json(body)
-            .send()
-            .await
-            .map_err(|e| ReportError {
-                retryable: true,
-                message: e.without_url().to_string(),
-            })?;
-        let status = resp.status();
-        if status.is_success() {
-            return Ok(());
-        }
-        Err(ReportError {
-            // 4xx other than throttling will not improve by retrying.
-            retryable: status.is_server_error() || status.as_u16() == 429 || status.as_u16() == 408,
-            message: format!("{url} answered {status}"),
-        })
+    async fn send(&self, target: &ReportTarget, body: &Value) -> Result<(), UpdateError> {
+        self.updates.put(&target.into(), body).await
     }
 }
 
-#[derive(Debug)]
-struct ReportError {
-    retryable: bool,
-    message: String,
+impl From<&ReportTarget> for BuildTarget {
+    fn from(t: &ReportTarget) -> Self {
+        BuildTarget {
+            build_id: t.build_id,
+            api_uri: t.api_uri.clone(),
+            token: t.token.clone(),
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
 enum StoreError {
     #[error("Redis: {0}")]
-    Redis(#[from] redis::RedisError),
+    Redis(#[from] sd_queue::QueueError),
     #[error("encoding: {0}")]
     Json(#[from] serde_json::Error),
 }
