@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub mod due;
+pub mod markers;
 pub mod outbox;
 pub use due::DueSet;
 

@@ -20,8 +20,8 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use redis::Script;
 use redis::aio::ConnectionManager;
+use sd_queue::markers::MarkerScripts;
 use serde::{Deserialize, Serialize};
 use tracing::warn;
 
@@ -48,71 +48,6 @@ pub const LAUNCH_ID_VAR: &str = "SD_AGENT_LAUNCH_ID";
 /// that wrote no `grace_ms`), and the most given to what a launcher left in its group once it
 /// has ended (it has reported already: its end is not held up for the whole grace period).
 pub(super) const SHORT_GRACE: Duration = Duration::from_secs(10);
-
-/// Records that this host is alive; returns the Redis clock (ms), which every host shares.
-const BEAT_LUA: &str = r"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-redis.call('HSET', KEYS[1], ARGV[1], now)
-return now
-";
-
-/// Creates a marker unless one exists. KEYS: launches, active. ARGV: id, marker.
-/// Returns nil when created, else the existing marker.
-const CREATE_LUA: &str = r"
-if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 1 then
-  redis.call('SADD', KEYS[2], ARGV[1])
-  return false
-end
-return redis.call('HGET', KEYS[1], ARGV[1])
-";
-
-/// Replaces a marker while `instance` owns it and it has not ended; an ending marker leaves the
-/// active set, is indexed for pruning, and markers past retention are pruned (bounded work).
-/// KEYS: launches, active, ended, stop. ARGV: id, instance, marker, ended_at ('' unless ending),
-/// prune_before. Returns -1 when not applied, else 1 when a stop was requested, 0 otherwise.
-const UPDATE_LUA: &str = r"
-local cur = redis.call('HGET', KEYS[1], ARGV[1])
-if not cur then return -1 end
-local m = cjson.decode(cur)
-if m.state == 'ended' or type(m.agent) ~= 'table' or m.agent.instance ~= ARGV[2] then return -1 end
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
-local stop = redis.call('SISMEMBER', KEYS[4], ARGV[1])
-if ARGV[4] ~= '' then
-  redis.call('SREM', KEYS[2], ARGV[1])
-  redis.call('SREM', KEYS[4], ARGV[1])
-  redis.call('ZADD', KEYS[3], ARGV[4], ARGV[1])
-  local old = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', ARGV[5], 'LIMIT', 0, 100)
-  for _, old_id in ipairs(old) do
-    redis.call('HDEL', KEYS[1], old_id)
-    redis.call('ZREM', KEYS[3], old_id)
-  end
-end
-return stop
-";
-
-/// Deletes a marker whose spawn failed (nothing ran), while `instance` owns it and it is still
-/// starting. KEYS: launches, active. ARGV: id, instance.
-const ABANDON_LUA: &str = r"
-local cur = redis.call('HGET', KEYS[1], ARGV[1])
-if not cur then return 0 end
-local m = cjson.decode(cur)
-if m.state ~= 'starting' or type(m.agent) ~= 'table' or m.agent.instance ~= ARGV[2] then return 0 end
-redis.call('HDEL', KEYS[1], ARGV[1])
-redis.call('SREM', KEYS[2], ARGV[1])
-return 1
-";
-
-/// Records a stop request for a build of `host` that has not ended. KEYS: launches, stop.
-/// ARGV: id, host. Returns the marker, or nil when there is nothing to stop.
-const STOP_LUA: &str = r"
-local cur = redis.call('HGET', KEYS[1], ARGV[1])
-if not cur then return false end
-local m = cjson.decode(cur)
-if m.state == 'ended' or m.host ~= ARGV[2] then return false end
-redis.call('SADD', KEYS[2], ARGV[1])
-return cur
-";
 
 /// The durable record of one launch (`{sd-agent}:launches` field buildId). Public for tooling
 /// and tests that inspect or plant markers.
@@ -226,11 +161,7 @@ pub(super) struct Markers {
     conn: ConnectionManager,
     /// The marker must be on disk before the process starts, or a Redis crash could forget it.
     durability: Durability,
-    beat: Script,
-    create: Script,
-    update: Script,
-    abandon: Script,
-    stop: Script,
+    scripts: std::sync::Arc<MarkerScripts>,
 }
 
 impl Markers {
@@ -238,11 +169,7 @@ impl Markers {
         Self {
             conn,
             durability: Durability::default(),
-            beat: Script::new(BEAT_LUA),
-            create: Script::new(CREATE_LUA),
-            update: Script::new(UPDATE_LUA),
-            abandon: Script::new(ABANDON_LUA),
-            stop: Script::new(STOP_LUA),
+            scripts: std::sync::Arc::new(MarkerScripts::default()),
         }
     }
 
@@ -257,6 +184,7 @@ impl Markers {
     pub(super) async fn beat(&self, host: &str) -> Result<u64> {
         let mut conn = self.conn.clone();
         Ok(self
+            .scripts
             .beat
             .key(HOSTS_KEY)
             .arg(host)
@@ -307,6 +235,7 @@ impl Markers {
     pub(super) async fn create(&self, id: u64, marker: &Marker) -> Result<Created> {
         let mut conn = self.conn.clone();
         let existing: Option<String> = self
+            .scripts
             .create
             .key(LAUNCHES_KEY)
             .key(ACTIVE_KEY)
@@ -350,6 +279,7 @@ impl Markers {
     pub(super) async fn abandon(&self, id: u64, instance: &str) -> Result<bool> {
         let mut conn = self.conn.clone();
         let deleted: i64 = self
+            .scripts
             .abandon
             .key(LAUNCHES_KEY)
             .key(ACTIVE_KEY)
@@ -365,6 +295,7 @@ impl Markers {
     pub(super) async fn stop(&self, id: u64, host: &str) -> Result<Option<Marker>> {
         let mut conn = self.conn.clone();
         let raw: Option<String> = self
+            .scripts
             .stop
             .key(LAUNCHES_KEY)
             .key(STOP_KEY)
@@ -395,6 +326,7 @@ impl Markers {
         let prune_before = unix_ms().saturating_sub(millis(MARKER_RETENTION));
         let mut conn = self.conn.clone();
         let reply: i64 = self
+            .scripts
             .update
             .key(LAUNCHES_KEY)
             .key(ACTIVE_KEY)
