@@ -19,10 +19,10 @@ use crate::health::{self, HealthState};
 use crate::launcher::Launcher;
 use crate::local::LocalQueue;
 use crate::outbox::Outbox;
+use crate::reporter::Reporter;
 use crate::scheduler_client::SchedulerClient;
 use crate::signer::Signer;
 use crate::status::Status;
-use crate::watcher::Watcher;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -183,22 +183,24 @@ pub async fn run(
         }
         .run(fetching.clone()),
     );
+    // One outbox: the launcher keeps the events it makes itself, the reporter all the others.
+    let outbox = Outbox::new(local.queues().connection());
     let launching = CancellationToken::new();
     let mut launcher = tokio::spawn(
         Launcher {
             local: local.clone(),
-            outbox: Outbox::new(local.queues().connection()),
+            outbox: outbox.clone(),
             executor: Arc::clone(&executor),
             events: events_tx,
             max_in_flight: config.executor.max_in_flight,
         }
         .run(launching.clone()),
     );
-    let mut watcher = tokio::spawn(
-        Watcher {
+    let mut reporter = tokio::spawn(
+        Reporter {
             client: client.clone(),
             local: local.clone(),
-            outbox: Outbox::new(local.queues().connection()),
+            outbox,
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(10))
                 .build()
@@ -214,8 +216,8 @@ pub async fn run(
     // moves no builds: exit instead, and let systemd or the DaemonSet restart it.
     let died = tokio::select! {
         () = signals.wait_for_shutdown(&config_path, &config, &client, &ready) => None,
-        (result, index, _) = futures::future::select_all([&mut fetcher, &mut launcher, &mut watcher]) => {
-            Some((["fetcher", "launcher", "watcher"][index], result))
+        (result, index, _) = futures::future::select_all([&mut fetcher, &mut launcher, &mut reporter]) => {
+            Some((["fetcher", "launcher", "reporter"][index], result))
         }
     };
     ready("STOPPING");
@@ -232,7 +234,7 @@ pub async fn run(
         fetching.cancel();
         launching.cancel();
         background.cancel();
-        for handle in [&fetcher, &launcher, &watcher] {
+        for handle in [&fetcher, &launcher, &reporter] {
             handle.abort();
         }
         return Err(RunError::LoopEnded { task, how });
@@ -251,7 +253,7 @@ pub async fn run(
         () = second_signal => tracing::warn!("second signal: exiting at once"),
     }
     background.cancel();
-    watcher.abort();
+    reporter.abort();
     let _ = tokio::time::timeout(Duration::from_secs(1), server).await;
     Ok(())
 }

@@ -695,9 +695,22 @@ impl Config {
     }
 }
 
+/// An executor's time settings (both executors' config sections carry the same four).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TimeLimits {
+    /// When `screwdriver.cd/timeout` is absent.
+    pub default_timeout: Duration,
+    /// The cap on `screwdriver.cd/timeout`.
+    pub max_timeout: Duration,
+    /// Between the launcher's timeout (plus the grace period) and the agent's backstop.
+    pub timeout_margin: Duration,
+    /// The default grace period; `screwdriver.cd/terminationGracePeriodSeconds` may raise it.
+    pub termination_grace_period: Duration,
+}
+
 impl KubernetesConfig {
-    pub fn limits(&self) -> crate::executor::TimeLimits {
-        crate::executor::TimeLimits {
+    pub fn limits(&self) -> TimeLimits {
+        TimeLimits {
             default_timeout: self.default_timeout,
             max_timeout: self.max_timeout,
             timeout_margin: self.timeout_margin,
@@ -707,8 +720,8 @@ impl KubernetesConfig {
 }
 
 impl ProcessConfig {
-    pub fn limits(&self) -> crate::executor::TimeLimits {
-        crate::executor::TimeLimits {
+    pub fn limits(&self) -> TimeLimits {
+        TimeLimits {
             default_timeout: self.default_timeout,
             max_timeout: self.max_timeout,
             timeout_margin: self.timeout_margin,

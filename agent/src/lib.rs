@@ -8,6 +8,7 @@
 pub mod app;
 pub mod check;
 pub mod config;
+pub mod events;
 pub mod executor;
 pub mod fetcher;
 pub mod health;
@@ -16,12 +17,12 @@ pub mod kube_names;
 pub mod launcher;
 pub mod local;
 pub mod outbox;
+pub mod reporter;
 pub mod scheduler_client;
 pub mod signer;
 pub mod status;
 pub mod systemd;
 pub mod telemetry;
-pub mod watcher;
 
 /// The verifier-side name of a signing algorithm.
 pub fn jwt_algorithm(a: sd_protocol::SigningAlgorithm) -> jsonwebtoken::Algorithm {

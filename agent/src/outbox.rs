@@ -16,7 +16,9 @@ use sd_queue::outbox::OutboxScripts;
 use sd_queue::{DueSet, millis};
 use serde::{Deserialize, Serialize};
 
-use crate::executor::{BuildEvent, BuildStatus};
+use sd_protocol::Event;
+
+use crate::events::{BuildEvent, BuildStatus};
 
 const EVENTS_KEY: &str = "{sd-agent}:events";
 const DUE_KEY: &str = "{sd-agent}:events:due";
@@ -29,8 +31,8 @@ pub const DONE_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
 #[serde(rename_all = "camelCase")]
 pub struct Entry {
     pub build_id: u64,
-    /// `running`, `finished`, `failed` or `stopped` (the scheduler's event names).
-    pub status: String,
+    /// The event the scheduler hears (`running`, `finished`, `failed`, `stopped` in JSON).
+    pub status: Event,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
     /// Screwdriver must be told FAILURE by the agent (see [`BuildStatus::Failed`]).
@@ -45,36 +47,33 @@ pub struct Entry {
 }
 
 impl Entry {
-    pub fn of(event: &BuildEvent) -> Self {
-        let (status, reason, report) = match &event.status {
-            BuildStatus::Running => ("running", None, false),
-            BuildStatus::Finished => ("finished", None, false),
-            BuildStatus::Failed { reason, report } => ("failed", Some(reason.clone()), *report),
-            BuildStatus::Stopped => ("stopped", None, false),
-            // The watcher sends it directly; were it recorded, it would rank as an end.
-            BuildStatus::Scheduled { .. } => ("scheduled", None, false),
+    /// The entry for an event the scheduler hears; `None` for stats, which are not kept.
+    pub fn of(event: &BuildEvent) -> Option<Self> {
+        let (reason, report) = match &event.status {
+            BuildStatus::Failed { reason, report } => (Some(reason.clone()), *report),
+            _ => (None, false),
         };
-        Self {
+        Some(Self {
             build_id: event.build_id,
-            status: status.to_owned(),
+            status: event.status.event()?,
             reason,
             report,
             scheduler_done: false,
             attempts: 0,
-        }
+        })
     }
 
     pub fn is_end(&self) -> bool {
-        self.status != "running"
+        self.status.is_end()
     }
 
     /// The executor status this entry stands for.
     pub fn build_status(&self) -> BuildStatus {
-        match self.status.as_str() {
-            "running" => BuildStatus::Running,
-            "finished" => BuildStatus::Finished,
-            "stopped" => BuildStatus::Stopped,
-            _ => BuildStatus::Failed {
+        match self.status {
+            Event::Running => BuildStatus::Running,
+            Event::Finished => BuildStatus::Finished,
+            Event::Stopped => BuildStatus::Stopped,
+            Event::Failed => BuildStatus::Failed {
                 reason: self.reason.clone().unwrap_or_else(|| "failed".to_owned()),
                 report: self.report,
             },
@@ -96,6 +95,8 @@ type Result<T> = std::result::Result<T, OutboxError>;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Recorded {
+    /// Not an event the scheduler hears (a pod's stats): nothing kept.
+    NotKept,
     /// New: it will be reported.
     New,
     /// The same (or an earlier) end is already waiting to be reported.
@@ -123,7 +124,9 @@ impl Outbox {
 
     /// Keeps the event until it is reported; idempotent per build and status.
     pub async fn record(&self, event: &BuildEvent) -> Result<Recorded> {
-        let entry = Entry::of(event);
+        let Some(entry) = Entry::of(event) else {
+            return Ok(Recorded::NotKept);
+        };
         let body = serde_json::to_string(&entry)?;
         let mut conn = self.conn.clone();
         let reply: i64 = self
@@ -133,7 +136,7 @@ impl Outbox {
             .key(DUE_KEY)
             .key(DONE_KEY)
             .arg(entry.build_id)
-            .arg(&entry.status)
+            .arg(entry.status.as_str())
             .arg(body)
             .arg(millis(DONE_RETENTION))
             .invoke_async(&mut conn)
@@ -163,14 +166,14 @@ impl Outbox {
     }
 
     /// Keeps the claims of entries still being reported, `(build id, status)`, for `lease`.
-    pub async fn extend(&self, claims: &[(u64, String)], lease: Duration) -> Result<()> {
+    pub async fn extend(&self, claims: &[(u64, Event)], lease: Duration) -> Result<()> {
         if claims.is_empty() {
             return Ok(());
         }
         let mut invocation = self.scripts.extend.prepare_invoke();
         invocation.key(EVENTS_KEY).key(DUE_KEY).arg(millis(lease));
         for (id, status) in claims {
-            invocation.arg(*id).arg(status);
+            invocation.arg(*id).arg(status.as_str());
         }
         let mut conn = self.conn.clone();
         let _: i64 = invocation.invoke_async(&mut conn).await?;
@@ -235,7 +238,7 @@ impl Outbox {
             .key(DUE_KEY)
             .key(DONE_KEY)
             .arg(entry.build_id)
-            .arg(&entry.status)
+            .arg(entry.status.as_str())
             .arg(body)
             .arg(
                 retry_in

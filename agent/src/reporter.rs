@@ -1,4 +1,4 @@
-//! Executor events → the scheduler (`running` / `finished` / `failed`) and, for failures the
+//! The reporter: build events → the scheduler (`running` / `finished` / `failed`) and, for failures the
 //! launcher could not report itself, FAILURE to the Screwdriver API with the build's token.
 //!
 //! Every event goes through the [`Outbox`] first: it is reported from there, by whichever
@@ -15,7 +15,9 @@ use tokio::sync::{Notify, mpsc};
 
 use sd_screwdriver::{BuildTarget, BuildUpdates};
 
-use crate::executor::{BuildEvent, BuildStatus};
+use sd_protocol::Event;
+
+use crate::events::{BuildEvent, BuildStatus};
 use crate::local::LocalQueue;
 use crate::outbox::{Entry, Outbox, Recorded};
 use crate::scheduler_client::{ClientError, SchedulerClient};
@@ -34,9 +36,9 @@ const CLAIM_BATCH: usize = 64;
 const REFUSALS_BEFORE_GIVING_UP: u32 = 20;
 
 /// Build id → the status this agent is reporting for it right now.
-type Reporting = Arc<Mutex<HashMap<u64, String>>>;
+type Reporting = Arc<Mutex<HashMap<u64, Event>>>;
 
-pub struct Watcher {
+pub struct Reporter {
     pub client: SchedulerClient,
     pub local: LocalQueue,
     pub outbox: Outbox,
@@ -59,7 +61,7 @@ fn retry_policy() -> ExponentialBuilder {
         .with_jitter()
 }
 
-impl Watcher {
+impl Reporter {
     pub async fn run(self, mut events: mpsc::UnboundedReceiver<BuildEvent>) {
         let this = Arc::new(self);
         let reporting: Reporting = Arc::new(Mutex::new(HashMap::new()));
@@ -77,8 +79,8 @@ impl Watcher {
                     }
                 }
                 _ = sweep.tick() => {
-                    let claims: Vec<(u64, String)> =
-                        lock(&reporting).iter().map(|(id, s)| (*id, s.clone())).collect();
+                    let claims: Vec<(u64, Event)> =
+                        lock(&reporting).iter().map(|(id, s)| (*id, *s)).collect();
                     if let Err(e) = this.outbox.extend(&claims, CLAIM_LEASE).await {
                         tracing::debug!(error = %e, "cannot extend the claims of reports at work");
                     }
@@ -109,7 +111,7 @@ impl Watcher {
             metrics::counter!("sd_agent_builds_ended_total", "result" => result).increment(1);
         }
         match self.outbox.record(&event).await {
-            Ok(Recorded::New) => {}
+            Ok(Recorded::New | Recorded::NotKept) => {}
             Ok(Recorded::Pending) => {
                 tracing::debug!(build_id, "build event already waiting to be reported")
             }
@@ -120,7 +122,9 @@ impl Watcher {
                 // The local Redis is down: report straight away rather than not at all.
                 tracing::warn!(build_id, error = %e, "cannot keep the build event; reporting it directly");
                 let this = Arc::clone(self);
-                tokio::spawn(async move { this.report(Entry::of(&event), false).await });
+                if let Some(entry) = Entry::of(&event) {
+                    tokio::spawn(async move { this.report(entry, false).await });
+                }
             }
         }
     }
@@ -139,9 +143,9 @@ impl Watcher {
             let busy = {
                 let mut at_work = lock(reporting);
                 match at_work.get(&id) {
-                    Some(status) => Some(status.clone()),
+                    Some(status) => Some(*status),
                     None => {
-                        at_work.insert(id, entry.status.clone());
+                        at_work.insert(id, entry.status);
                         None
                     }
                 }
@@ -219,7 +223,7 @@ impl Watcher {
 
     async fn tell_scheduler(&self, entry: &Entry) -> Round {
         let (build_id, event) = (entry.build_id, entry.status.as_str());
-        let sent = (|| self.client.event(build_id, event, entry.reason.as_deref()))
+        let sent = (|| self.client.event(build_id, entry.status, entry.reason.as_deref()))
             .retry(retry_policy())
             .when(|e| matches!(e, ClientError::Unavailable { .. }))
             .notify(|e, after| tracing::warn!(build_id, event, error = %e, retry_in = ?after, "build event not accepted yet"))

@@ -160,23 +160,13 @@ impl SchedulerClient {
         self.lease_call("renew", &probe).await.map(|_| ())
     }
 
-    /// Reports a build's lifecycle: an [`Event`], or its wire name (`running`, `finished`,
-    /// `failed`, `stopped`). A longer `message` is cut to the protocol's cap. A name that is no
-    /// event is rejected here, with the answer the scheduler would give (422, field `event`).
-    pub async fn event<E>(
+    /// Reports a build's lifecycle. A longer `message` is cut to the protocol's cap.
+    pub async fn event(
         &self,
         build_id: u64,
-        event: E,
+        event: Event,
         message: Option<&str>,
-    ) -> Result<(), ClientError>
-    where
-        E: TryInto<Event>,
-        E::Error: std::fmt::Display,
-    {
-        let event = event.try_into().map_err(|e| ClientError::Rejected {
-            status: 422,
-            message: e.to_string(),
-        })?;
+    ) -> Result<(), ClientError> {
         let url = format!("{}/v1/jobs/{}/events", self.base, self.cluster);
         let body = EventBody::new(build_id, event, message);
         let request = self

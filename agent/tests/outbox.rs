@@ -14,7 +14,7 @@ use redis::aio::ConnectionManager;
 use sd_agent::executor::{BuildEvent, BuildStatus};
 use sd_agent::local::LocalQueue;
 use sd_agent::outbox::{Outbox, Recorded};
-use sd_agent::watcher::Watcher;
+use sd_agent::reporter::Reporter;
 use sd_protocol::StartMessage;
 use sd_testkit::{ClusterKeys, FakeScrewdriver, RedisServer, eventually};
 use serde_json::{Value, json};
@@ -65,7 +65,7 @@ async fn an_event_is_kept_once_claimed_once_and_never_again_after_it_was_reporte
 
     let first = a.claim(10, Duration::from_secs(60)).await.unwrap();
     assert_eq!(first.len(), 1);
-    assert_eq!(first[0].status, "finished");
+    assert_eq!(first[0].status, sd_protocol::Event::Finished);
     assert!(
         b.claim(10, Duration::from_secs(60))
             .await
@@ -172,7 +172,7 @@ async fn watcher(
     let local = LocalQueue::connect(&redis.url(), CLUSTER, Duration::from_secs(30))
         .await
         .unwrap();
-    let watcher = Watcher {
+    let watcher = Reporter {
         client,
         outbox: Outbox::new(local.queues().connection()),
         local,

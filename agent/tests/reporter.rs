@@ -1,6 +1,6 @@
 //! The agent's real pieces end to end, without the scheduler: jobs on the local queue (a real
 //! redis-server) → `Launcher` → `KubernetesExecutor` (the real `kube` client against the fake
-//! pods API) → `Watcher` → `Outbox` → a recording scheduler events endpoint and
+//! pods API) → `Reporter` → `Outbox` → a recording scheduler events endpoint and
 //! `FakeScrewdriver`, with two replicas watching the same pods and one started late. For every
 //! reason a build cannot start, exactly one FAILURE reaches Screwdriver, naming the reason (and
 //! the pod's events); a healthy build sends none.
@@ -19,7 +19,7 @@ use sd_agent::executor::kubernetes::{KubernetesExecutor, WatchOptions};
 use sd_agent::launcher::Launcher;
 use sd_agent::local::LocalQueue;
 use sd_agent::outbox::Outbox;
-use sd_agent::watcher::Watcher;
+use sd_agent::reporter::Reporter;
 use sd_protocol::{JobKind, QueueMessage};
 use sd_testkit::kube_api::FakeKube;
 use sd_testkit::{BuildUpdate, ClusterKeys, FakeScrewdriver, RedisServer, eventually};
@@ -149,7 +149,7 @@ impl Agent {
         );
         // The watcher ends with its events channel: once launcher and executor are gone.
         tokio::spawn(
-            Watcher {
+            Reporter {
                 client,
                 outbox: Outbox::new(local.queues().connection()),
                 local,

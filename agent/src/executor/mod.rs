@@ -10,35 +10,11 @@
 use std::time::Duration;
 
 use sd_protocol::StartMessage;
-use tokio::sync::mpsc;
 
 pub mod kubernetes;
 pub mod process;
 
-/// What happened to a build, as an executor saw it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BuildEvent {
-    pub build_id: u64,
-    pub status: BuildStatus,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum BuildStatus {
-    /// The build's container/process started.
-    Running,
-    /// It ended successfully (the launcher reported its own result to Screwdriver).
-    Finished,
-    /// It ended unsuccessfully. With `report`, the agent must tell the Screwdriver API itself
-    /// (`PUT /v4/builds/{id}` FAILURE with `reason`): the launcher never ran or could not report
-    /// (bad image, pending too long, a run the agent cannot account for).
-    Failed { reason: String, report: bool },
-    /// It was stopped on request (Screwdriver asked for it, so only the scheduler is told).
-    Stopped,
-    /// Its pod was placed on `node` (at `at`, RFC 3339), so its image is being pulled.
-    /// Informational: sent to Screwdriver as the build's `stats` (`hostname`,
-    /// `imagePullStartTime`), as executor-k8s does, best effort and never through the outbox.
-    Scheduled { node: String, at: String },
-}
+pub use crate::events::{BuildEvent, BuildStatus, Events};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Launched {
@@ -96,9 +72,6 @@ impl Executor {
     }
 }
 
-/// Sender for build events; executors spawn their watch tasks with a clone.
-pub type Events = mpsc::UnboundedSender<BuildEvent>;
-
 /// `text` with the build's own token (`known`, whatever its shape) and every JWT in it (`eyJ…`
 /// in three dot-separated base64url parts) replaced by `***`. Failure reasons quote what
 /// Kubernetes said, which can echo a container's command line and so the build's token;
@@ -130,18 +103,7 @@ pub fn scrub_tokens(text: &str, known: Option<&str>) -> String {
     out
 }
 
-/// An executor's time settings (both executors' config sections carry the same four).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct TimeLimits {
-    /// When `screwdriver.cd/timeout` is absent.
-    pub default_timeout: Duration,
-    /// The cap on `screwdriver.cd/timeout`.
-    pub max_timeout: Duration,
-    /// Between the launcher's timeout (plus the grace period) and the agent's backstop.
-    pub timeout_margin: Duration,
-    /// The default grace period; `screwdriver.cd/terminationGracePeriodSeconds` may raise it.
-    pub termination_grace_period: Duration,
-}
+pub use crate::config::TimeLimits;
 
 /// The most a build's annotation may raise its grace period to.
 pub const MAX_GRACE: Duration = Duration::from_secs(3600);
