@@ -1280,6 +1280,7 @@ impl std::fmt::Display for Figures {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "the fault suite, about two minutes: scripts/test runs it (alone: cargo build -p sd-scheduler -p sd-agent, then cargo test -p sd-testkit --test faults -- --ignored --nocapture)"]
 async fn every_build_launched_once_or_failed_with_a_reason_under_faults() {
     let started = Instant::now();
     START_MS.store(now_ms(), Ordering::Relaxed);
