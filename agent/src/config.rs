@@ -667,28 +667,7 @@ impl Config {
             return Err(invalid("log.level", reason));
         }
         match self.executor.kind {
-            ExecutorKind::Process => {
-                if self.executor.process.command.is_empty()
-                    || self.executor.process.command[0].is_empty()
-                {
-                    return Err(invalid(
-                        "executor.process.command",
-                        "is required for executor.kind = \"process\": the launcher argv, e.g. [\"/usr/local/bin/sd-launch\"]",
-                    ));
-                }
-                let p = &self.executor.process;
-                if p.default_timeout.is_zero() || p.default_timeout > p.max_timeout {
-                    return Err(invalid(
-                        "executor.process.default_timeout",
-                        "must be more than 0s and not exceed max_timeout",
-                    ));
-                }
-                check_grace(
-                    "executor.process.termination_grace_period",
-                    p.termination_grace_period,
-                )?;
-                check_margin("executor.process.timeout_margin", p.timeout_margin)?;
-            }
+            ExecutorKind::Process => check_process(&self.executor.process)?,
             ExecutorKind::Kubernetes => check_kubernetes(&self.executor.kubernetes)?,
         }
         Ok(())
@@ -753,12 +732,44 @@ fn check_grace(key: &str, grace: Duration) -> Result<(), ConfigError> {
     Ok(())
 }
 
+/// `[executor.process]`: a launcher to run, and times the launcher can work with.
+fn check_process(p: &ProcessConfig) -> Result<(), ConfigError> {
+    if p.command.first().is_none_or(String::is_empty) {
+        return Err(invalid(
+            "executor.process.command",
+            "is required for executor.kind = \"process\": the launcher argv, e.g. [\"/usr/local/bin/sd-launch\"]",
+        ));
+    }
+    if p.default_timeout.is_zero() || p.default_timeout > p.max_timeout {
+        return Err(invalid(
+            "executor.process.default_timeout",
+            "must be more than 0s and not exceed max_timeout",
+        ));
+    }
+    check_grace(
+        "executor.process.termination_grace_period",
+        p.termination_grace_period,
+    )?;
+    check_margin("executor.process.timeout_margin", p.timeout_margin)
+}
+
+/// `[executor.kubernetes]`: every value a pod is built from, so a build never finds out.
 fn check_kubernetes(k: &KubernetesConfig) -> Result<(), ConfigError> {
-    use crate::kube_names::{
-        is_dns_label, is_dns_subdomain, is_env_name, is_label_value, is_qualified_name,
-    };
-    const KEY: &str = "executor.kubernetes";
-    let key = |name: &str| format!("{KEY}.{name}");
+    check_kubernetes_basics(k)?;
+    check_kubernetes_names(k)?;
+    check_kubernetes_volumes(k)?;
+    check_kubernetes_secrets(k)
+}
+
+/// The name of a key of `[executor.kubernetes]`, as refusals show it.
+fn kube_key(name: &str) -> String {
+    format!("executor.kubernetes.{name}")
+}
+
+/// Namespace, prefix, images, size tables, timeouts, kubeconfig.
+fn check_kubernetes_basics(k: &KubernetesConfig) -> Result<(), ConfigError> {
+    use crate::kube_names::is_dns_label;
+    let key = kube_key;
     if !is_dns_label(&k.namespace) {
         return Err(invalid(
             &key("namespace"),
@@ -805,7 +816,13 @@ fn check_kubernetes(k: &KubernetesConfig) -> Result<(), ConfigError> {
             format!("{} does not exist", file.display()),
         ));
     }
-    // Labels and selectors: keys qualified names, values label values.
+    Ok(())
+}
+
+/// Labels, selectors, annotations and object names: as the API server would check them.
+fn check_kubernetes_names(k: &KubernetesConfig) -> Result<(), ConfigError> {
+    use crate::kube_names::{is_dns_subdomain, is_label_value, is_qualified_name};
+    let key = kube_key;
     for (name, map) in [
         ("extra_labels", &k.extra_labels),
         ("node_selector", &k.node_selector),
@@ -864,6 +881,14 @@ fn check_kubernetes(k: &KubernetesConfig) -> Result<(), ConfigError> {
             format!("{s:?} is not a Secret name"),
         ));
     }
+    Ok(())
+}
+
+/// Host volumes and secret files: names unique (the agent's own volumes included), paths
+/// absolute, hostPath types known.
+fn check_kubernetes_volumes(k: &KubernetesConfig) -> Result<(), ConfigError> {
+    use crate::kube_names::{is_dns_label, is_dns_subdomain};
+    let key = kube_key;
     // Volumes the agent adds itself; an operator's must not collide with them or each other.
     let mut volumes: Vec<String> = crate::kube_names::RESERVED_VOLUMES
         .iter()
@@ -931,6 +956,13 @@ fn check_kubernetes(k: &KubernetesConfig) -> Result<(), ConfigError> {
             ));
         }
     }
+    Ok(())
+}
+
+/// Secrets given to builds as environment variables: never one of the launcher's `SD_*`.
+fn check_kubernetes_secrets(k: &KubernetesConfig) -> Result<(), ConfigError> {
+    use crate::kube_names::{is_dns_subdomain, is_env_name};
+    let key = kube_key;
     for s in &k.build_secrets {
         if !is_env_name(&s.env) || s.env.starts_with("SD_") {
             return Err(invalid(
