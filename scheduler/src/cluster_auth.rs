@@ -80,6 +80,9 @@ impl ClusterVerifier {
         Err(last.unwrap_or_else(|| ClusterAuthError::UnknownCluster(cluster.to_owned())))
     }
 
+    /// The steps of the design brief's "Cluster JWT verification", in its order: the
+    /// cluster's sign options and keys, the algorithm (the cluster's, never the token's), the
+    /// signature under any of its keys, then the claims.
     fn verify_with(
         &self,
         env: &EnvLookup,
@@ -95,19 +98,7 @@ impl ClusterVerifier {
             cluster: cluster.to_owned(),
             reason,
         };
-        let options = match &record.fields.sign_option {
-            Some(var) => {
-                let text = env(var).ok_or_else(|| {
-                    misconfigured(format!(
-                        "environment variable {var} (signOption) is not set"
-                    ))
-                })?;
-                SignOptions::from_json(&text).map_err(|e| {
-                    misconfigured(format!("environment variable {var} (signOption): {e}"))
-                })?
-            }
-            None => SignOptions::default(),
-        };
+        let options = sign_options(env, record).map_err(misconfigured)?;
         let algorithm = jwt_algorithm(options.algorithm);
         let keys = self
             .keys(env, &record.fields.auth_key, algorithm)
@@ -121,49 +112,11 @@ impl ClusterVerifier {
                 header.alg, options.algorithm
             )));
         }
-        let mut validation = Validation::new(algorithm);
-        validation.leeway = LEEWAY;
-        let mut required = vec!["exp", "iat"];
-        if options.audience.is_some() {
-            required.push("aud");
-        }
-        if options.issuer.is_some() {
-            required.push("iss");
-        }
-        validation.set_required_spec_claims(&required);
-        validation.validate_aud = options.audience.is_some();
-        if let Some(aud) = &options.audience {
-            validation.set_audience(&[aud]);
-        }
-        if let Some(iss) = &options.issuer {
-            validation.set_issuer(&[iss]);
-        }
+        let validation = validation(&options, algorithm);
         let mut last = String::from("signature does not match the cluster's public key(s)");
         for key in keys.iter() {
             match jsonwebtoken::decode::<ClusterClaims>(token, key, &validation) {
-                Ok(data) => {
-                    let claims = data.claims;
-                    let now = unix_now();
-                    if claims.iat > now + LEEWAY {
-                        return Err(invalid(
-                            "issued in the future (iat); check the agent's clock".into(),
-                        ));
-                    }
-                    if claims.exp.saturating_sub(claims.iat) > options.expires_in + LEEWAY {
-                        return Err(invalid(format!(
-                            "lifetime {}s exceeds this cluster's expiresIn of {}s",
-                            claims.exp.saturating_sub(claims.iat),
-                            options.expires_in
-                        )));
-                    }
-                    if claims.build_cluster != cluster {
-                        return Err(ClusterAuthError::WrongCluster {
-                            cluster: cluster.to_owned(),
-                            claimed: claims.build_cluster,
-                        });
-                    }
-                    return Ok(claims);
-                }
+                Ok(data) => return check_claims(data.claims, cluster, &options, unix_now()),
                 Err(e) => {
                     use jsonwebtoken::errors::ErrorKind;
                     match e.kind() {
@@ -227,6 +180,74 @@ fn decoding_key(
 pub fn jwt_algorithm(a: SigningAlgorithm) -> Algorithm {
     // Every SigningAlgorithm name is a jsonwebtoken name; the fallback is unreachable.
     a.as_str().parse().unwrap_or(Algorithm::RS256)
+}
+
+/// The cluster's sign options: the JSON in the variable its `signOption` names, else the
+/// defaults (RS256, 300 s).
+fn sign_options(env: &EnvLookup, record: &Cluster) -> Result<SignOptions, String> {
+    let Some(var) = &record.fields.sign_option else {
+        return Ok(SignOptions::default());
+    };
+    let text =
+        env(var).ok_or_else(|| format!("environment variable {var} (signOption) is not set"))?;
+    SignOptions::from_json(&text)
+        .map_err(|e| format!("environment variable {var} (signOption): {e}"))
+}
+
+/// What the signature check requires: `exp` and `iat` always, `aud`/`iss` when the cluster
+/// sets them.
+fn validation(options: &SignOptions, algorithm: Algorithm) -> Validation {
+    let mut validation = Validation::new(algorithm);
+    validation.leeway = LEEWAY;
+    let mut required = vec!["exp", "iat"];
+    if options.audience.is_some() {
+        required.push("aud");
+    }
+    if options.issuer.is_some() {
+        required.push("iss");
+    }
+    validation.set_required_spec_claims(&required);
+    validation.validate_aud = options.audience.is_some();
+    if let Some(aud) = &options.audience {
+        validation.set_audience(&[aud]);
+    }
+    if let Some(iss) = &options.issuer {
+        validation.set_issuer(&[iss]);
+    }
+    validation
+}
+
+/// The claims of a token whose signature holds: not from the future, no longer-lived than
+/// the cluster allows, and for the cluster in the path (cluster A never pulls B's jobs).
+fn check_claims(
+    claims: ClusterClaims,
+    cluster: &str,
+    options: &SignOptions,
+    now: u64,
+) -> Result<ClusterClaims, ClusterAuthError> {
+    let invalid = |reason: String| ClusterAuthError::Invalid {
+        cluster: cluster.to_owned(),
+        reason,
+    };
+    if claims.iat > now + LEEWAY {
+        return Err(invalid(
+            "issued in the future (iat); check the agent's clock".into(),
+        ));
+    }
+    let lifetime = claims.exp.saturating_sub(claims.iat);
+    if lifetime > options.expires_in + LEEWAY {
+        return Err(invalid(format!(
+            "lifetime {lifetime}s exceeds this cluster's expiresIn of {}s",
+            options.expires_in
+        )));
+    }
+    if claims.build_cluster != cluster {
+        return Err(ClusterAuthError::WrongCluster {
+            cluster: cluster.to_owned(),
+            claimed: claims.build_cluster,
+        });
+    }
+    Ok(claims)
 }
 
 #[cfg(test)]

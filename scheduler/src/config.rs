@@ -271,6 +271,8 @@ impl Config {
         Ok(config)
     }
 
+    /// One check per key in the file's order, each naming its key (a flat list, longer than
+    /// most functions here: split, it would only scatter a list that reads top to bottom).
     fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |key: &str, reason: &str| ConfigError::Invalid {
             key: key.into(),
