@@ -95,88 +95,12 @@ pub fn build_pod(
     let cpu = resource(build, annotation::CPU, &config.cpu)?;
     let ram = resource(build, annotation::RAM, &config.ram)?;
 
+    let storage = Storage::of(config, features.docker.is_some());
     let mut env = launcher_env(build, config, screwdriver, &timing);
-    let mut mounts = vec![
-        mount("podinfo", "/etc/podinfo", true),
-        mount("screwdriver", LAUNCHER_DIR, true),
-        mount("sdtemp", SD_TEMP, false),
-        mount("workspace", "/workspace", false),
-    ];
-    let mut volumes = vec![
-        podinfo_volume(),
-        empty_dir("screwdriver"),
-        empty_dir("sdtemp"),
-        empty_dir("workspace"),
-    ];
-    let mut sidecars = Vec::new();
-    if let Some(dind) = &features.docker {
-        env.extend([
-            plain("SD_DIND_SHARE_PATH", DIND_SHARE),
-            plain("DOCKER_HOST", "tcp://localhost:2376"),
-            plain("DOCKER_CERT_PATH", DIND_CERTS),
-            plain("DOCKER_TLS_VERIFY", "1"),
-        ]);
-        mounts.extend([
-            mount("dind-share", DIND_SHARE, false),
-            mount("dind-client-certs", DIND_CERTS, false),
-        ]);
-        volumes.extend(["dind-storage", "dind-share", "dind-client-certs"].map(empty_dir));
-        sidecars.push(Container {
-            name: DIND_CONTAINER.into(),
-            image: Some(config.dind_image.clone()),
-            image_pull_policy: Some(pull_policy(config.image_pull_policy).into()),
-            resources: Some(resources(dind.cpu, dind.ram)),
-            // dockerd needs it: docker-in-docker is privileged by nature, which is why the
-            // cluster must opt in (`docker_enabled`).
-            security_context: Some(SecurityContext {
-                privileged: Some(true),
-                ..Default::default()
-            }),
-            volume_mounts: Some(vec![
-                mount("dind-storage", "/var/lib/docker", false),
-                mount("dind-share", DIND_SHARE, false),
-                mount("dind-client-certs", DIND_CERTS, false),
-            ]),
-            ..Default::default()
-        });
-    }
-    env.extend(config.build_secrets.iter().map(|s| EnvVar {
-        name: s.env.clone(),
-        value_from: Some(EnvVarSource {
-            secret_key_ref: Some(SecretKeySelector {
-                name: s.secret_name.clone(),
-                key: s.key.clone(),
-                optional: None,
-            }),
-            ..Default::default()
-        }),
-        ..Default::default()
-    }));
-    for v in &config.host_volumes {
-        mounts.push(mount(&v.name, &v.mount_path, v.read_only));
-        volumes.push(Volume {
-            name: v.name.clone(),
-            host_path: Some(HostPathVolumeSource {
-                path: v.path.clone(),
-                type_: v.r#type.clone().filter(|t| !t.is_empty()),
-            }),
-            ..Default::default()
-        });
-    }
-    for f in &config.build_secret_files {
-        mounts.push(mount(&f.name, &f.mount_path, f.read_only));
-        volumes.push(Volume {
-            name: f.name.clone(),
-            secret: Some(SecretVolumeSource {
-                secret_name: Some(f.secret_name.clone()),
-                ..Default::default()
-            }),
-            ..Default::default()
-        });
-    }
-
+    env.extend(storage.env);
+    env.extend(secret_env(config));
     let build_resources = resources(cpu, ram);
-    let container = Container {
+    let mut containers = vec![Container {
         name: BUILD_CONTAINER.into(),
         image: Some(build.container.clone()),
         image_pull_policy: Some(pull_policy(config.image_pull_policy).into()),
@@ -188,63 +112,18 @@ pub fn build_pod(
         env: Some(env),
         command: Some(vec![format!("{LAUNCHER_DIR}/launcher_entrypoint.sh")]),
         args: Some(vec![run]),
-        volume_mounts: Some(mounts),
+        volume_mounts: Some(storage.mounts),
         lifecycle: config.lifecycle_hooks.clone(),
         ..Default::default()
-    };
-    let launcher = Container {
-        name: LAUNCHER_CONTAINER.into(),
-        image: Some(config.launcher_image.clone()),
-        command: Some(vec!["/bin/sh".into(), "-c".into(), LAUNCHER_COPY.into()]),
-        volume_mounts: Some(vec![
-            mount("screwdriver", LAUNCHER_COPY_DIR, false),
-            mount("workspace", "/workspace", false),
-        ]),
-        // An init container's request counts on its own; matching the build's keeps a
-        // namespace LimitRange happy without raising the pod's effective request.
-        resources: Some(build_resources),
-        ..Default::default()
-    };
-
-    // The disk speed first, then the cluster's selectors, in executor-k8s's order.
-    let required: Vec<(String, String)> = features
-        .disk_speed
-        .into_iter()
-        .chain(config.node_selectors.clone())
-        .collect();
-    let mut tolerations: Vec<PodToleration> = config
-        .tolerations
-        .iter()
-        .map(|t| PodToleration {
-            key: t.key.clone(),
-            operator: t.operator.clone(),
-            value: t.value.clone(),
-            effect: t.effect.clone(),
-            toleration_seconds: None,
-        })
-        .collect();
-    // executor-k8s: a node selector also tolerates the taint of the same key and value, so a
-    // pool reserved for builds can be tainted against everything else.
-    tolerations.extend(required.iter().map(|(k, v)| PodToleration {
-        key: Some(k.clone()),
-        operator: Some("Equal".into()),
-        value: Some(v.clone()),
-        effect: Some("NoSchedule".into()),
-        toleration_seconds: None,
-    }));
-    let preferred: Vec<(String, String)> = config
-        .preferred_node_selectors
-        .clone()
-        .into_iter()
-        .collect();
+    }];
+    containers.extend(features.docker.as_ref().map(|d| dind_sidecar(config, d)));
+    let (affinity, tolerations) = placement(config, features.disk_speed);
     let pull_secrets: Vec<LocalObjectReference> = config
         .image_pull_secrets
         .iter()
         .map(|name| LocalObjectReference { name: name.clone() })
         .collect();
 
-    let mut containers = vec![container];
-    containers.extend(sidecars);
     Ok(Pod {
         metadata: ObjectMeta {
             name: Some(name.clone()),
@@ -262,11 +141,11 @@ pub fn build_pod(
             termination_grace_period_seconds: i64::try_from(timing.grace.as_secs()).ok(),
             dns_policy: Some(dns_policy(config.dns_policy).into()),
             runtime_class_name: config.runtime_class.clone(),
-            init_containers: Some(vec![launcher]),
+            init_containers: Some(vec![launcher_container(config, build_resources)]),
             containers,
-            volumes: Some(volumes),
+            volumes: Some(storage.volumes),
             node_selector: (!config.node_selector.is_empty()).then(|| config.node_selector.clone()),
-            affinity: affinity(&required, &preferred),
+            affinity,
             tolerations: (!tolerations.is_empty()).then_some(tolerations),
             service_account_name: config.service_account.clone(),
             // User code runs in this pod: it only gets API credentials when asked for.
@@ -276,6 +155,165 @@ pub fn build_pod(
         }),
         status: None,
     })
+}
+
+/// The pod's volumes and the build container's mounts (and the environment that points at
+/// them): the launcher's, docker-in-docker's, the operator's host paths and secret files.
+struct Storage {
+    env: Vec<EnvVar>,
+    mounts: Vec<VolumeMount>,
+    volumes: Vec<Volume>,
+}
+
+impl Storage {
+    fn of(config: &KubernetesConfig, docker: bool) -> Self {
+        let mut env = Vec::new();
+        let mut mounts = vec![
+            mount("podinfo", "/etc/podinfo", true),
+            mount("screwdriver", LAUNCHER_DIR, true),
+            mount("sdtemp", SD_TEMP, false),
+            mount("workspace", "/workspace", false),
+        ];
+        let mut volumes = vec![
+            podinfo_volume(),
+            empty_dir("screwdriver"),
+            empty_dir("sdtemp"),
+            empty_dir("workspace"),
+        ];
+        if docker {
+            env.extend([
+                plain("SD_DIND_SHARE_PATH", DIND_SHARE),
+                plain("DOCKER_HOST", "tcp://localhost:2376"),
+                plain("DOCKER_CERT_PATH", DIND_CERTS),
+                plain("DOCKER_TLS_VERIFY", "1"),
+            ]);
+            mounts.extend([
+                mount("dind-share", DIND_SHARE, false),
+                mount("dind-client-certs", DIND_CERTS, false),
+            ]);
+            volumes.extend(["dind-storage", "dind-share", "dind-client-certs"].map(empty_dir));
+        }
+        for v in &config.host_volumes {
+            mounts.push(mount(&v.name, &v.mount_path, v.read_only));
+            volumes.push(Volume {
+                name: v.name.clone(),
+                host_path: Some(HostPathVolumeSource {
+                    path: v.path.clone(),
+                    type_: v.r#type.clone().filter(|t| !t.is_empty()),
+                }),
+                ..Default::default()
+            });
+        }
+        for f in &config.build_secret_files {
+            mounts.push(mount(&f.name, &f.mount_path, f.read_only));
+            volumes.push(Volume {
+                name: f.name.clone(),
+                secret: Some(SecretVolumeSource {
+                    secret_name: Some(f.secret_name.clone()),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            });
+        }
+        Storage {
+            env,
+            mounts,
+            volumes,
+        }
+    }
+}
+
+/// The operator's `build_secrets`, each a Secret key as an environment variable.
+fn secret_env(config: &KubernetesConfig) -> impl Iterator<Item = EnvVar> + '_ {
+    config.build_secrets.iter().map(|s| EnvVar {
+        name: s.env.clone(),
+        value_from: Some(EnvVarSource {
+            secret_key_ref: Some(SecretKeySelector {
+                name: s.secret_name.clone(),
+                key: s.key.clone(),
+                optional: None,
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    })
+}
+
+/// The init container that copies the launcher into the pod.
+fn launcher_container(config: &KubernetesConfig, resources: ResourceRequirements) -> Container {
+    Container {
+        name: LAUNCHER_CONTAINER.into(),
+        image: Some(config.launcher_image.clone()),
+        command: Some(vec!["/bin/sh".into(), "-c".into(), LAUNCHER_COPY.into()]),
+        volume_mounts: Some(vec![
+            mount("screwdriver", LAUNCHER_COPY_DIR, false),
+            mount("workspace", "/workspace", false),
+        ]),
+        // An init container's request counts on its own; matching the build's keeps a
+        // namespace LimitRange happy without raising the pod's effective request.
+        resources: Some(resources),
+        ..Default::default()
+    }
+}
+
+/// The docker-in-docker sidecar (`screwdriver.cd/dockerEnabled`).
+fn dind_sidecar(config: &KubernetesConfig, dind: &Dind) -> Container {
+    Container {
+        name: DIND_CONTAINER.into(),
+        image: Some(config.dind_image.clone()),
+        image_pull_policy: Some(pull_policy(config.image_pull_policy).into()),
+        resources: Some(resources(dind.cpu, dind.ram)),
+        // dockerd needs it: docker-in-docker is privileged by nature, which is why the
+        // cluster must opt in (`docker_enabled`).
+        security_context: Some(SecurityContext {
+            privileged: Some(true),
+            ..Default::default()
+        }),
+        volume_mounts: Some(vec![
+            mount("dind-storage", "/var/lib/docker", false),
+            mount("dind-share", DIND_SHARE, false),
+            mount("dind-client-certs", DIND_CERTS, false),
+        ]),
+        ..Default::default()
+    }
+}
+
+/// Where the pod may run: required affinity from the disk speed and `node_selectors` (each
+/// also tolerated as a `NoSchedule` taint, as executor-k8s does, so a pool reserved for builds
+/// can be tainted against everything else), preferred affinity, the operator's tolerations.
+fn placement(
+    config: &KubernetesConfig,
+    disk_speed: Option<(String, String)>,
+) -> (Option<Affinity>, Vec<PodToleration>) {
+    // The disk speed first, then the cluster's selectors, in executor-k8s's order.
+    let required: Vec<(String, String)> = disk_speed
+        .into_iter()
+        .chain(config.node_selectors.clone())
+        .collect();
+    let preferred: Vec<(String, String)> = config
+        .preferred_node_selectors
+        .clone()
+        .into_iter()
+        .collect();
+    let tolerations = config
+        .tolerations
+        .iter()
+        .map(|t| PodToleration {
+            key: t.key.clone(),
+            operator: t.operator.clone(),
+            value: t.value.clone(),
+            effect: t.effect.clone(),
+            toleration_seconds: None,
+        })
+        .chain(required.iter().map(|(k, v)| PodToleration {
+            key: Some(k.clone()),
+            operator: Some("Equal".into()),
+            value: Some(v.clone()),
+            effect: Some("NoSchedule".into()),
+            toleration_seconds: None,
+        }))
+        .collect();
+    (affinity(&required, &preferred), tolerations)
 }
 
 /// `run.sh "{token}" "{apiUri}" "{storeUri}" "{timeout}" "{buildId}" "{uiUri}"`, as executor-k8s
