@@ -27,7 +27,7 @@ use crate::status::Status;
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
     #[error("scheduler client: {0}")]
-    Client(String),
+    Client(#[from] crate::scheduler_client::ClientSetupError),
     #[error(transparent)]
     Local(#[from] crate::local::LocalError),
     #[error("executor: {0}")]
@@ -75,7 +75,7 @@ pub fn client(config: &Config, signer: Arc<Signer>) -> Result<SchedulerClient, R
         ca.as_deref(),
         config.scheduler.request_timeout,
     )
-    .map_err(RunError::Client)
+    .map_err(RunError::from)
 }
 
 /// The scheduler client `run` needs, built before anything binds: a private key that does not
@@ -158,7 +158,7 @@ pub async fn run(
         Arc::clone(&status),
         local.clone(),
         Arc::clone(&executor),
-        crate::telemetry::metrics_handle(),
+        sd_telemetry::metrics_handle(Some(sd_telemetry::LATENCY_BUCKETS)),
     );
     let server = tokio::spawn({
         let stop = background.clone();

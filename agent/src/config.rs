@@ -399,19 +399,7 @@ pub struct HealthConfig {
     pub listen: SocketAddr,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    Text,
-    Json,
-}
-
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct LogConfig {
-    pub format: LogFormat,
-    pub level: String,
-}
+pub use sd_telemetry::{LogConfig, LogFormat};
 
 mod defaults {
     use std::time::Duration;
@@ -522,15 +510,6 @@ impl Default for HealthConfig {
     }
 }
 
-impl Default for LogConfig {
-    fn default() -> Self {
-        Self {
-            format: LogFormat::Text,
-            level: "info".into(),
-        }
-    }
-}
-
 pub use sd_protocol::env::ConfigError;
 
 fn invalid(key: &str, reason: impl Into<String>) -> ConfigError {
@@ -540,26 +519,6 @@ fn invalid(key: &str, reason: impl Into<String>) -> ConfigError {
 /// The `SD_AGENT_*` overrides in this process's environment.
 pub fn env_overrides() -> impl Iterator<Item = (String, String)> {
     std::env::vars().filter(|(k, _)| k.starts_with(ENV_PREFIX) && k != CONFIG_ENV)
-}
-
-/// `log.level` as `tracing` directives: a level, or `target=level`, comma-separated. Checked
-/// here because the filter parser takes a misspelt level for a target name and logs nothing.
-fn check_log_level(text: &str) -> Result<(), String> {
-    use std::str::FromStr;
-    use tracing_subscriber::filter::LevelFilter;
-    for directive in text.split(',').map(str::trim) {
-        let level = match directive.rsplit_once('=') {
-            Some((target, level)) if !target.is_empty() => level,
-            Some(_) => return Err(format!("{directive:?} has no target before '='")),
-            None => directive,
-        };
-        if LevelFilter::from_str(level).is_err() {
-            return Err(format!(
-                "{level:?} is not a level (use trace, debug, info, warn, error or off, optionally as target=level)"
-            ));
-        }
-    }
-    Ok(())
 }
 
 impl Config {
@@ -663,7 +622,7 @@ impl Config {
         if self.executor.launch_lease < Duration::from_secs(5) {
             return Err(invalid("executor.launch_lease", "must be at least 5s"));
         }
-        if let Err(reason) = check_log_level(&self.log.level) {
+        if let Err(reason) = self.log.check_level() {
             return Err(invalid("log.level", reason));
         }
         match self.executor.kind {

@@ -22,7 +22,6 @@ pub mod scheduler_client;
 pub mod signer;
 pub mod status;
 pub mod systemd;
-pub mod telemetry;
 
 /// The verifier-side name of a signing algorithm.
 pub fn jwt_algorithm(a: sd_protocol::SigningAlgorithm) -> jsonwebtoken::Algorithm {

@@ -4,7 +4,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use sd_agent::config::{CONFIG_ENV, Config, DEFAULT_PATH};
 use sd_agent::keygen::{parse_algorithm, parse_cluster_name};
-use sd_agent::{app, check, keygen, systemd, telemetry};
+use sd_agent::{app, check, keygen, systemd};
 use sd_protocol::SigningAlgorithm;
 
 /// The sd-buildcluster agent, one per build cluster.
@@ -105,7 +105,7 @@ async fn run_agent(path: PathBuf) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    telemetry::init_logging(&config.log);
+    sd_telemetry::init_logging(&config.log);
     systemd::start_watchdog();
     match app::run(path, config, client, systemd::notify).await {
         Ok(()) => ExitCode::SUCCESS,

@@ -127,20 +127,7 @@ pub struct RegistryConfig {
     pub reload_interval: Duration,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    Text,
-    Json,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct LogConfig {
-    pub format: LogFormat,
-    /// A `tracing` filter, e.g. `info` or `sd_scheduler=debug,info`; `RUST_LOG` wins when set.
-    pub level: String,
-}
+pub use sd_telemetry::{LogConfig, LogFormat};
 
 // === defaults ===
 
@@ -232,15 +219,6 @@ impl Default for RegistryConfig {
     fn default() -> Self {
         Self {
             reload_interval: Duration::from_secs(30),
-        }
-    }
-}
-
-impl Default for LogConfig {
-    fn default() -> Self {
-        Self {
-            format: LogFormat::Text,
-            level: "info".into(),
         }
     }
 }
@@ -352,6 +330,9 @@ impl Config {
         }
         if self.screwdriver.report_attempts == 0 {
             return Err(invalid("screwdriver.report_attempts", "must be at least 1"));
+        }
+        if let Err(reason) = self.log.check_level() {
+            return Err(invalid("log.level", &reason));
         }
         Ok(())
     }

@@ -28,7 +28,6 @@ pub mod reporter;
 pub mod routing;
 pub mod state;
 pub mod systemd;
-pub mod telemetry;
 pub mod workers;
 
 pub use state::AppState;
@@ -138,7 +137,7 @@ impl Scheduler {
             health,
             cluster_verifier: ClusterVerifier::default(),
             env,
-            metrics: telemetry::metrics_handle(),
+            metrics: sd_telemetry::metrics_handle(None),
             shutdown: shutdown.clone(),
             max_wait: config.queue.max_wait,
             registry_sync,

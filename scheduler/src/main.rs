@@ -3,7 +3,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use sd_scheduler::config::{Config, ENV_PREFIX};
-use sd_scheduler::{Scheduler, systemd, telemetry};
+use sd_scheduler::{Scheduler, systemd};
 
 /// The central scheduler of sd-buildcluster.
 ///
@@ -37,7 +37,7 @@ async fn main() -> ExitCode {
         println!("configuration OK");
         return ExitCode::SUCCESS;
     }
-    telemetry::init_logging(&config.log);
+    sd_telemetry::init_logging(&config.log);
     // Registered before anything is served: a SIGTERM that arrives once /readyz answers must
     // shut down gracefully, not kill the process with the default action.
     let stop = shutdown_signal();
