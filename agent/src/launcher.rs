@@ -10,7 +10,7 @@ use sd_protocol::{JobKind, QueueMessage, StartMessage};
 use sd_queue::{Cancelled, Lease};
 use tokio_util::sync::CancellationToken;
 
-use crate::executor::{BuildEvent, BuildStatus, Events, ExecError, Executor, Launched};
+use crate::executor::{BuildEvent, BuildStatus, Events, Executor, Launched};
 use crate::local::LocalQueue;
 use crate::outbox::Outbox;
 
@@ -120,12 +120,12 @@ impl Launcher {
                 );
                 true
             }
-            Err(ExecError::Transient(why)) => {
+            Err(why) if !why.is_permanent() => {
                 metrics::counter!("sd_agent_executor_errors_total").increment(1);
                 tracing::warn!(build_id = build.build_id, error = %why, "launch failed; will retry");
                 false
             }
-            Err(ExecError::Rejected(why)) => {
+            Err(why) => {
                 metrics::counter!("sd_agent_builds_failed_total").increment(1);
                 tracing::warn!(build_id = build.build_id, error = %why, "build cannot be launched");
                 let event = BuildEvent {

@@ -19,18 +19,40 @@ pub enum ClientError {
     #[error("the scheduler refused this agent ({status}): {message}")]
     Refused { status: u16, message: String },
     /// Worth retrying; `retry_after` when the scheduler said how long to wait; `status` when
-    /// it answered at all (5xx, 429, 408) rather than being unreachable.
+    /// it answered at all (5xx, 429, 408) rather than being unreachable, `source` when it was
+    /// not (the transport's error, without the URL).
     #[error("scheduler unavailable: {message}")]
     Unavailable {
         message: String,
         retry_after: Option<Duration>,
         status: Option<u16>,
+        #[source]
+        source: Option<reqwest::Error>,
     },
-    /// The request itself was wrong (a bug here, or a version mismatch).
+    /// The request itself was wrong (a bug here, or a version mismatch); `source` when the
+    /// answer was a success this agent cannot read.
     #[error("the scheduler rejected the request ({status}): {message}")]
-    Rejected { status: u16, message: String },
+    Rejected {
+        status: u16,
+        message: String,
+        #[source]
+        source: Option<serde_json::Error>,
+    },
     #[error(transparent)]
     Sign(#[from] crate::signer::SignerError),
+}
+
+/// Why [`SchedulerClient::new`] cannot build its HTTP client.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientSetupError {
+    /// The CA certificate (`scheduler.ca_file`'s content) is refused as it is read (by TLS
+    /// back-ends that parse it at once).
+    #[error("scheduler.ca_file: {0}")]
+    CaFile(#[source] reqwest::Error),
+    /// The HTTP client cannot be built; with rustls this is also where a CA certificate that is
+    /// not usable PEM is found.
+    #[error("{0}")]
+    Build(#[source] reqwest::Error),
 }
 
 impl ClientError {
@@ -58,16 +80,15 @@ impl SchedulerClient {
         signer: Arc<Signer>,
         ca_pem: Option<&[u8]>,
         timeout: Duration,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, ClientSetupError> {
         let mut builder = reqwest::Client::builder()
             .user_agent(concat!("sd-agent/", env!("CARGO_PKG_VERSION")))
             .connect_timeout(Duration::from_secs(5));
         if let Some(pem) = ca_pem {
-            let cert = reqwest::Certificate::from_pem(pem)
-                .map_err(|e| format!("scheduler.ca_file: {e}"))?;
+            let cert = reqwest::Certificate::from_pem(pem).map_err(ClientSetupError::CaFile)?;
             builder = builder.add_root_certificate(cert);
         }
-        let http = builder.build().map_err(|e| e.to_string())?;
+        let http = builder.build().map_err(ClientSetupError::Build)?;
         Ok(Self {
             http,
             base: base.trim_end_matches('/').to_owned(),
@@ -118,6 +139,7 @@ impl SchedulerClient {
             .map_err(|e| ClientError::Rejected {
                 status: 200,
                 message: format!("unexpected poll answer: {e}"),
+                source: Some(e),
             })
     }
 
@@ -150,6 +172,7 @@ impl SchedulerClient {
         serde_json::from_value(answer).map_err(|e| ClientError::Rejected {
             status: 200,
             message: format!("unexpected {action} answer: {e}"),
+            source: Some(e),
         })
     }
 
@@ -179,10 +202,14 @@ impl SchedulerClient {
     }
 
     async fn send(&self, request: reqwest::RequestBuilder) -> Result<Value, ClientError> {
-        let response = request.send().await.map_err(|e| ClientError::Unavailable {
-            message: e.without_url().to_string(),
-            retry_after: None,
-            status: None,
+        let response = request.send().await.map_err(|e| {
+            let e = e.without_url();
+            ClientError::Unavailable {
+                message: e.to_string(),
+                retry_after: None,
+                status: None,
+                source: Some(e),
+            }
         })?;
         let status = response.status();
         let retry_after = response
@@ -215,12 +242,55 @@ impl SchedulerClient {
                     message,
                     retry_after,
                     status: Some(s.as_u16()),
+                    source: None,
                 }
             }
             s => ClientError::Rejected {
                 status: s.as_u16(),
                 message,
+                source: None,
             },
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::error::Error as _;
+
+    use sd_protocol::SigningAlgorithm;
+
+    use super::*;
+
+    #[test]
+    fn a_client_that_cannot_be_built_keeps_why() {
+        let key = crate::keygen::generate(SigningAlgorithm::ES256).unwrap();
+        let signer = Signer::from_pem(
+            "ios-farm",
+            SigningAlgorithm::ES256,
+            Duration::from_secs(300),
+            None,
+            None,
+            key.private_pem.as_bytes(),
+        )
+        .unwrap();
+        let bad_ca = b"-----BEGIN CERTIFICATE-----\n!!not base64!!\n-----END CERTIFICATE-----\n";
+        let Err(e) = SchedulerClient::new(
+            "http://127.0.0.1:1",
+            "ios-farm",
+            Arc::new(signer),
+            Some(bad_ca),
+            Duration::from_secs(5),
+        ) else {
+            panic!("a CA that is not PEM was accepted")
+        };
+        assert!(
+            matches!(e, ClientSetupError::CaFile(_) | ClientSetupError::Build(_)),
+            "{e:?}"
+        );
+        assert!(
+            e.source().is_some_and(|s| s.is::<reqwest::Error>()),
+            "{e:?}"
+        );
     }
 }

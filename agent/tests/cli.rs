@@ -3,6 +3,9 @@
 
 use std::path::Path;
 use std::process::{Command, Output};
+use std::time::Duration;
+
+use sd_testkit::AgentConfig;
 
 fn agent(config: &Path, extra_env: &[(&str, &str)]) -> Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_sd-agent"));
@@ -24,17 +27,13 @@ fn config(dir: &Path, key: &Path, health: u16, extra: &str) -> std::path::PathBu
         .into_temp_path()
         .keep()
         .unwrap();
-    std::fs::write(
-        &path,
-        format!(
-            "shutdown_timeout = \"5s\"\n[cluster]\nname = \"ios-farm\"\n[scheduler]\nurl = \"http://127.0.0.1:9\"\n\
-             [auth]\nprivate_key_file = \"{}\"\nalgorithm = \"ES256\"\n[executor]\nkind = \"process\"\n\
-             [executor.process]\ncommand = [\"/bin/true\"]\n[health]\nlisten = \"127.0.0.1:{health}\"\n{extra}",
-            key.display()
-        ),
-    )
-    .unwrap();
-    path
+    AgentConfig::new("ios-farm", "http://127.0.0.1:9", key)
+        .shutdown_timeout(Duration::from_secs(5))
+        .algorithm("ES256")
+        .command(["/bin/true"])
+        .health_port(health)
+        .extra_toml(extra)
+        .write(&path)
 }
 
 fn es256_key(dir: &Path) -> std::path::PathBuf {

@@ -11,6 +11,7 @@ use sd_agent::executor::process::{self, Marker, MarkerState, Owner, ProcessExecu
 use sd_agent::executor::{BuildEvent, BuildStatus, ExecError, Launched};
 use sd_agent::outbox::Outbox;
 use sd_protocol::StartMessage;
+use sd_testkit::launcher::{Launcher, OnTerm, Run};
 use sd_testkit::{RedisServer, eventually};
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
@@ -18,29 +19,29 @@ use tokio::sync::mpsc;
 const WAIT: Duration = Duration::from_secs(30);
 const TOKEN: &str = "secret-token-0f9e8d";
 
-/// A `/bin/sh` script at `dir/name`; `$OUT` in `body` is `dir`.
-fn script(dir: &Path, name: &str, body: &str) -> PathBuf {
-    let path = dir.join(name);
-    let text = format!("#!/bin/sh\nOUT='{}'\n{body}\n", dir.display());
-    std::fs::write(&path, text).unwrap();
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
-    path
+/// The launcher stand-in `launcher` at `dir/name`, leaving its files (`env-<id>`,
+/// `leader-<id>`…) in `dir`.
+fn script(dir: &Path, name: &str, launcher: Launcher) -> PathBuf {
+    launcher.files_in(dir).write(&dir.join(name))
 }
 
 /// Writes its environment, says hello, exits with the `test/exit` annotation (default 0).
-const ENV_SCRIPT: &str = r#"env > "$OUT/env-$SD_BUILD_ID"
-echo "hello from build $SD_BUILD_ID"
-code=$(printf '%s' "$SD_BUILD_CONFIG" | sed -n 's/.*"test\/exit":"\([0-9]*\)".*/\1/p')
-exit "${code:-0}""#;
+fn env_script() -> Launcher {
+    Launcher::new()
+        .dump_env()
+        .say("hello from build $SD_BUILD_ID")
+        .exit_as_annotated()
+}
 
 /// Counts its runs.
-const COUNT_SCRIPT: &str = r#"echo run >> "$OUT/count-$SD_BUILD_ID""#;
+fn count_script() -> Launcher {
+    Launcher::new().count_runs()
+}
 
 /// Leaves a grandchild in its group and waits: both pids go to files.
-const SLEEP_SCRIPT: &str = r#"sleep 300 &
-echo $! > "$OUT/grandchild-$SD_BUILD_ID.tmp" && mv "$OUT/grandchild-$SD_BUILD_ID.tmp" "$OUT/grandchild-$SD_BUILD_ID"
-echo $$ > "$OUT/leader-$SD_BUILD_ID.tmp" && mv "$OUT/leader-$SD_BUILD_ID.tmp" "$OUT/leader-$SD_BUILD_ID"
-wait"#;
+fn sleep_script() -> Launcher {
+    Launcher::new().hang()
+}
 
 fn build(id: u64, annotations: Value) -> StartMessage {
     serde_json::from_value(json!({
@@ -250,7 +251,7 @@ fn hostname() -> String {
 async fn environment_and_exit_codes() {
     let redis = RedisServer::start().unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let cmd = script(dir.path(), "env.sh", ENV_SCRIPT);
+    let cmd = script(dir.path(), "env.sh", env_script());
     let sd = ScrewdriverConfig {
         pushgateway_url: "https://push.sd.example:9091".into(),
         ..screwdriver()
@@ -323,7 +324,7 @@ async fn environment_and_exit_codes() {
 async fn a_build_runs_at_most_once() {
     let redis = RedisServer::start().unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let cmd = script(dir.path(), "count.sh", COUNT_SCRIPT);
+    let cmd = script(dir.path(), "count.sh", count_script());
     let (exec, mut events) = executor(&redis, dir.path(), argv(&cmd)).await;
 
     let b = build(201, json!({}));
@@ -369,7 +370,7 @@ async fn a_build_runs_at_most_once() {
 async fn a_second_executor_refuses_a_running_build_and_can_stop_it() {
     let redis = RedisServer::start().unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let cmd = script(dir.path(), "sleep.sh", SLEEP_SCRIPT);
+    let cmd = script(dir.path(), "sleep.sh", sleep_script());
     let (a, mut a_events) = executor(&redis, dir.path(), argv(&cmd)).await;
     let (b, mut b_events) = executor(&redis, dir.path(), argv(&cmd)).await;
 
@@ -399,7 +400,7 @@ async fn a_second_executor_refuses_a_running_build_and_can_stop_it() {
 async fn stop_kills_the_whole_process_group() {
     let redis = RedisServer::start().unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let cmd = script(dir.path(), "sleep.sh", SLEEP_SCRIPT);
+    let cmd = script(dir.path(), "sleep.sh", sleep_script());
     let (exec, mut events) = executor(&redis, dir.path(), argv(&cmd)).await;
 
     assert!(!exec.stop(401).await.unwrap(), "unknown build");
@@ -430,7 +431,7 @@ async fn stop_kills_the_whole_process_group() {
 async fn timeout_kills_the_group_and_is_reported() {
     let redis = RedisServer::start().unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let cmd = script(dir.path(), "sleep.sh", SLEEP_SCRIPT);
+    let cmd = script(dir.path(), "sleep.sh", sleep_script());
     let config = quick_config(
         dir.path(),
         argv(&cmd),
@@ -475,17 +476,20 @@ async fn timeout_kills_the_group_and_is_reported() {
 
 /// Run.sh at its timeout: aborts the step, runs teardown, reports the timeout and exits
 /// non-zero. Here: 1.5 s, after the build's 1.2 s timeout and before the agent's backstop. A
-/// SIGTERM would leave a file.
-const TIMES_OUT_ITSELF_SCRIPT: &str = r#"trap 'echo term > "$OUT/termed-$SD_BUILD_ID"; exit 143' TERM
-sleep 1.5
-echo "build timed out after $SD_TIMEOUT minutes: aborting, teardown, reported"
-exit 3"#;
+/// SIGTERM would leave a file (`termed-<id>`).
+fn times_out_itself_script() -> Launcher {
+    Launcher::new()
+        .on_sigterm(OnTerm::Note)
+        .sleep(Duration::from_millis(1500))
+        .say("build timed out after $SD_TIMEOUT minutes: aborting, teardown, reported")
+        .exit(3)
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_launchers_timeout_comes_first() {
     let redis = RedisServer::start().unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let cmd = script(dir.path(), "times-out.sh", TIMES_OUT_ITSELF_SCRIPT);
+    let cmd = script(dir.path(), "times-out.sh", times_out_itself_script());
     // Backstop: 1.2 s + 1 s grace + 3 s margin = 5.2 s.
     let config = quick_config(
         dir.path(),
@@ -524,26 +528,26 @@ async fn the_launchers_timeout_comes_first() {
 }
 
 /// Traps SIGTERM as run.sh does: sleeps (2.4 s for build 901, else 1 s), then leaves a file and
-/// exits; build 904 ignores SIGTERM. Its environment goes to a file; `ready-<id>` once trapped.
-const GRACE_SCRIPT: &str = r#"env > "$OUT/env-$SD_BUILD_ID"
-case $SD_BUILD_ID in
-901) pause=2.4 ;;
-*) pause=1 ;;
-esac
-if [ "$SD_BUILD_ID" = 904 ]; then
-  trap '' TERM
-else
-  trap 'sleep $pause; echo flushed > "$OUT/trapped-$SD_BUILD_ID"; exit 143' TERM
-fi
-sleep 300 &
-echo $$ > "$OUT/ready-$SD_BUILD_ID.tmp" && mv "$OUT/ready-$SD_BUILD_ID.tmp" "$OUT/ready-$SD_BUILD_ID"
-wait"#;
+/// exits; build 904 ignores SIGTERM. Its environment goes to a file; `leader-<id>` once trapped.
+fn grace_script() -> Launcher {
+    Launcher::new()
+        .dump_env()
+        .on_sigterm(OnTerm::Flush(Duration::from_secs(1)))
+        .hang()
+        .for_build(
+            901,
+            Run::new()
+                .on_sigterm(OnTerm::Flush(Duration::from_millis(2400)))
+                .hang(),
+        )
+        .for_build(904, Run::new().on_sigterm(OnTerm::Ignore).hang())
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopped_builds_launcher_gets_its_grace_period() {
     let redis = RedisServer::start().unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let cmd = script(dir.path(), "grace.sh", GRACE_SCRIPT);
+    let cmd = script(dir.path(), "grace.sh", grace_script());
     let config = quick_config(
         dir.path(),
         argv(&cmd),
@@ -567,7 +571,7 @@ async fn a_stopped_builds_launcher_gets_its_grace_period() {
         );
     }
     for (id, _, _) in &builds {
-        leaders.push(pid_file(dir.path().join(format!("ready-{id}"))).await);
+        leaders.push(pid_file(dir.path().join(format!("leader-{id}"))).await);
     }
     let stopped_at = Instant::now();
     for (id, _, _) in &builds {
@@ -605,7 +609,7 @@ async fn a_stopped_builds_launcher_gets_its_grace_period() {
 async fn a_restarted_executor_adopts_a_build_still_running_and_can_stop_it() {
     let redis = RedisServer::start().unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let cmd = script(dir.path(), "sleep.sh", SLEEP_SCRIPT);
+    let cmd = script(dir.path(), "sleep.sh", sleep_script());
     let (crashed, mut crashed_events) = executor(&redis, dir.path(), argv(&cmd)).await;
     assert_eq!(
         crashed.launch(&build(601, json!({}))).await.unwrap(),
@@ -658,7 +662,7 @@ async fn a_restarted_executor_adopts_a_build_still_running_and_can_stop_it() {
 async fn an_adopted_build_keeps_the_backstop_its_marker_records() {
     let redis = RedisServer::start().unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let cmd = script(dir.path(), "sleep.sh", SLEEP_SCRIPT);
+    let cmd = script(dir.path(), "sleep.sh", sleep_script());
     let quick = quick_config(
         dir.path(),
         argv(&cmd),
@@ -709,17 +713,21 @@ async fn an_adopted_build_keeps_the_backstop_its_marker_records() {
 
 /// Ends as the launcher chooses by build id: 61x sleeps 1 s and exits x, 62x sleeps 0.3 s and
 /// exits x, 630 sleeps 0.3 s and is killed by SIGTERM.
-const OUTCOME_SCRIPT: &str = r#"case $SD_BUILD_ID in
-61?) sleep 1; exit $((SD_BUILD_ID - 610)) ;;
-62?) sleep 0.3; exit $((SD_BUILD_ID - 620)) ;;
-630) sleep 0.3; kill -TERM $$ ;;
-esac"#;
+fn outcome_script() -> Launcher {
+    let (long, short) = (Duration::from_secs(1), Duration::from_millis(300));
+    Launcher::new()
+        .for_build(610, Run::new().sleep(long).exit(0))
+        .for_build(613, Run::new().sleep(long).exit(3))
+        .for_build(620, Run::new().sleep(short).exit(0))
+        .for_build(625, Run::new().sleep(short).exit(5))
+        .for_build(630, Run::new().sleep(short).kill_itself("TERM"))
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_executor_reports_the_real_result_of_builds_it_did_not_watch() {
     let redis = RedisServer::start().unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let cmd = script(dir.path(), "outcome.sh", OUTCOME_SCRIPT);
+    let cmd = script(dir.path(), "outcome.sh", outcome_script());
 
     // Still running when the next executor starts: adopted, followed to their ends.
     let (crashed, _) = executor(&redis, dir.path(), argv(&cmd)).await;
@@ -774,7 +782,7 @@ async fn a_restarted_executor_reports_the_real_result_of_builds_it_did_not_watch
 async fn the_builds_of_a_host_that_is_gone_are_ended_from_another_host_but_a_live_one_is_left() {
     let redis = RedisServer::start().unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let cmd = script(dir.path(), "sleep.sh", SLEEP_SCRIPT);
+    let cmd = script(dir.path(), "sleep.sh", sleep_script());
     let (elsewhere, _events) = executor(&redis, dir.path(), argv(&cmd)).await;
     for id in [701, 702] {
         assert_eq!(
@@ -846,7 +854,7 @@ async fn the_builds_of_a_host_that_is_gone_are_ended_from_another_host_but_a_liv
 async fn an_end_kept_before_the_crash_is_reported_not_contradicted() {
     let redis = RedisServer::start().unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let cmd = script(dir.path(), "sleep.sh", SLEEP_SCRIPT);
+    let cmd = script(dir.path(), "sleep.sh", sleep_script());
     let outbox = {
         let client = redis::Client::open(redis.url()).unwrap();
         Outbox::new(redis::aio::ConnectionManager::new(client).await.unwrap())
@@ -873,7 +881,7 @@ async fn an_end_kept_before_the_crash_is_reported_not_contradicted() {
     assert_eq!(m.state, MarkerState::Ended);
 
     // A normal end is kept in the outbox before the marker ends.
-    let quick = script(dir.path(), "count.sh", COUNT_SCRIPT);
+    let quick = script(dir.path(), "count.sh", count_script());
     let (normal, mut normal_events) = executor(&redis, dir.path(), argv(&quick)).await;
     normal.launch(&build(604, json!({}))).await.unwrap();
     let end = eventually(Duration::from_secs(10), || async {
@@ -888,7 +896,11 @@ async fn an_end_kept_before_the_crash_is_reported_not_contradicted() {
 async fn an_end_seen_while_redis_is_down_is_kept_before_the_marker_ends() {
     let mut redis = RedisServer::start_with_aof().unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let cmd = script(dir.path(), "short.sh", "sleep 1");
+    let cmd = script(
+        dir.path(),
+        "short.sh",
+        Launcher::new().sleep(Duration::from_secs(1)),
+    );
     let (exec, mut events) = executor(&redis, dir.path(), argv(&cmd)).await;
     exec.launch(&build(605, json!({}))).await.unwrap();
     redis.kill(); // the build ends while the local Redis is away
@@ -997,7 +1009,7 @@ async fn orphans_of_a_dead_agent_process_are_killed_but_never_a_reused_pid() {
         Some((reused.id(), start_time(reused.id()))),
     );
 
-    let cmd = script(dir.path(), "env.sh", ENV_SCRIPT);
+    let cmd = script(dir.path(), "env.sh", env_script());
     let (exec, mut events) = executor(&redis, dir.path(), argv(&cmd)).await;
     events.drain();
     let restart = BuildStatus::Failed {
@@ -1053,7 +1065,7 @@ async fn check_says_what_to_fix() {
     // Nothing started, so nothing is recorded: the build can be launched once fixed.
     assert!(matches!(
         exec.launch(&build(801, json!({}))).await,
-        Err(ExecError::Transient(_))
+        Err(ExecError::Launcher(_))
     ));
     assert!(marker(&redis, 801).is_none());
     assert!(!is_active(&redis, 801));

@@ -12,7 +12,10 @@ use reqwest::Method;
 use sd_scheduler::Scheduler;
 use sd_scheduler::cluster_auth::EnvLookup;
 use sd_scheduler::config::Config as SchedulerConfig;
-use sd_testkit::{Backend, RedisServer, RsaKeys, TestDb, eventually, free_port, shared_keys};
+use sd_testkit::{
+    AgentConfig, Backend, RedisServer, RsaKeys, TestDb, eventually, free_port, launcher,
+    shared_keys,
+};
 use serde_json::{Value, json};
 
 const AGENT: &str = env!("CARGO_BIN_EXE_sd-agent");
@@ -227,29 +230,21 @@ impl AgentSetup {
         let key = home.join("private.pem");
         std::fs::write(&key, &keys.private_pem).unwrap();
         let runs = home.join("runs.log");
-        let script = home.join("launch.sh");
         // The launcher stand-in: records the run, then exits with the code the build asks for.
-        std::fs::write(
-            &script,
-            format!(
-                "#!/bin/sh\necho \"$SD_BUILD_ID\" >> {runs}\ncode=$(echo \"$SD_BUILD_CONFIG\" | sed -n 's/.*\"test\\/exit\":\\([0-9]*\\).*/\\1/p')\npause=$(echo \"$SD_BUILD_CONFIG\" | sed -n 's/.*\"test\\/sleep\":\\([0-9]*\\).*/\\1/p')\nsleep ${{pause:-0.2}}\nexit ${{code:-0}}\n",
-                runs = runs.display()
-            ),
-        )
-        .unwrap();
+        let script = launcher::recording(&runs).write(&home.join("launch.sh"));
         let health = free_port();
-        let config = home.join("agent.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "shutdown_timeout = \"10s\"\n[cluster]\nname = \"{name}\"\n[scheduler]\nurl = \"{scheduler}\"\n[auth]\nprivate_key_file = \"{key}\"\n[poll]\nwait = \"2s\"\n[redis]\nurl = \"{redis}\"\n[executor]\nkind = \"process\"\nmax_in_flight = 20\nlaunch_lease = \"5s\"\n[executor.process]\ncommand = [\"/bin/sh\", \"{script}\"]\nwork_dir = \"{work}\"\n[health]\nlisten = \"127.0.0.1:{health}\"\n[log]\nformat = \"json\"\nlevel = \"info,sd_agent=debug\"\n",
-                key = key.display(),
-                redis = local.url(),
-                script = script.display(),
-                work = home.join("work").display(),
-            ),
-        )
-        .unwrap();
+        let config = AgentConfig::new(name, scheduler, &key)
+            .shutdown_timeout(Duration::from_secs(10))
+            .poll_wait(Duration::from_secs(2))
+            .redis(&local.url())
+            .max_in_flight(20)
+            .launch_lease(Duration::from_secs(5))
+            .launcher(&script)
+            .work_dir(&home.join("work"))
+            .health_port(health)
+            .log_format("json")
+            .log_level("info,sd_agent=debug")
+            .write(&home.join("agent.toml"));
         Self {
             name: name.to_owned(),
             local,
@@ -335,14 +330,7 @@ impl AgentSetup {
     }
 
     fn runs(&self) -> HashMap<u64, u32> {
-        let text = std::fs::read_to_string(&self.runs).unwrap_or_default();
-        let mut counts = HashMap::new();
-        for line in text.lines() {
-            if let Ok(id) = line.trim().parse::<u64>() {
-                *counts.entry(id).or_default() += 1;
-            }
-        }
-        counts
+        launcher::runs(&self.runs)
     }
 
     /// Sends `sig` to every agent process (directly: minimal Debian has no kill(1)).

@@ -10,9 +10,12 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
 
+pub mod agent_config;
 pub mod chaos;
 pub mod kube_api;
+pub mod launcher;
 
+pub use agent_config::AgentConfig;
 pub use chaos::ChaosProxy;
 
 /// A port nobody listens on right now.
@@ -38,11 +41,28 @@ pub async fn serve(app: axum::Router) -> (String, tokio::task::JoinHandle<()>) {
 // === RedisServer ===
 
 /// A `redis-server` of this test's own, killed on drop.
+///
+/// Its port is picked free and then handed to the server, so another process may take it in
+/// between: then this server exits ("address in use") while a readiness ping could reach the
+/// other one — another test's server. So a server only counts as started once it answers and
+/// `INFO server` names this child's pid while the child still runs; otherwise it is started
+/// again on another port (or, for [`restart`](Self::restart), retried on its own port).
 pub struct RedisServer {
     port: u16,
     dir: tempfile::TempDir,
     child: Option<Child>,
     aof: bool,
+}
+
+/// Ports tried before [`RedisServer::start`] gives up.
+const REDIS_PORT_ATTEMPTS: usize = 5;
+
+/// Why a spawned `redis-server` is not this test's server on its port.
+enum NotOurs {
+    /// Something else answers there, or our child exited (the port was taken): try again.
+    PortTaken(String),
+    /// Nothing answered in time, or the server could not be started at all.
+    Failed(anyhow::Error),
 }
 
 impl RedisServer {
@@ -58,16 +78,28 @@ impl RedisServer {
 
     fn start_with(aof: bool) -> Result<Self> {
         let mut server = Self {
-            port: free_port(),
+            port: 0,
             dir: tempfile::tempdir()?,
             child: None,
             aof,
         };
-        server.spawn()?;
-        Ok(server)
+        let mut taken = Vec::new();
+        for _ in 0..REDIS_PORT_ATTEMPTS {
+            server.port = free_port();
+            match server.spawn() {
+                Ok(()) => return Ok(server),
+                Err(NotOurs::PortTaken(why)) => taken.push(why),
+                Err(NotOurs::Failed(e)) => return Err(e),
+            }
+        }
+        bail!(
+            "redis-server did not start on any of {REDIS_PORT_ATTEMPTS} free ports: {}",
+            taken.join("; ")
+        )
     }
 
-    fn spawn(&mut self) -> Result<()> {
+    /// Spawns the server on `self.port` and waits until it answers as itself.
+    fn spawn(&mut self) -> std::result::Result<(), NotOurs> {
         let mut cmd = Command::new("redis-server");
         cmd.arg("--port")
             .arg(self.port.to_string())
@@ -77,25 +109,80 @@ impl RedisServer {
             .arg(self.dir.path())
             .args(["--appendonly", if self.aof { "yes" } else { "no" }])
             .args(["--appendfsync", "always"])
+            .arg("--logfile")
+            .arg(self.log_path())
             .stdout(Stdio::null())
             .stderr(Stdio::null());
         let child = cmd
             .spawn()
-            .context("cannot start redis-server (install it: apt-get install redis-server)")?;
+            .context("cannot start redis-server (install it: apt-get install redis-server)")
+            .map_err(NotOurs::Failed)?;
+        let pid = child.id();
         self.child = Some(child);
+        let verdict = self.wait_ready(pid);
+        if verdict.is_err() {
+            self.kill();
+        }
+        verdict
+    }
+
+    /// Waits until the server on `self.port` answers, and checks it is our child `pid`.
+    fn wait_ready(&mut self, pid: u32) -> std::result::Result<(), NotOurs> {
+        let port = self.port;
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
-            if let Ok(mut conn) = redis::Client::open(self.url()).and_then(|c| c.get_connection())
-                && redis::cmd("PING").query::<String>(&mut conn).is_ok()
-            {
-                return Ok(());
+            if let Some(status) = self.exited() {
+                return Err(NotOurs::PortTaken(format!(
+                    "port {port}: redis-server exited ({status}) before answering: {}",
+                    self.last_log_line()
+                )));
+            }
+            let info = redis::Client::open(self.url())
+                .and_then(|c| c.get_connection())
+                .and_then(|mut conn| {
+                    redis::cmd("PING").query::<String>(&mut conn)?;
+                    redis::cmd("INFO").arg("server").query::<String>(&mut conn)
+                });
+            if let Ok(info) = info {
+                let answering = info_field(&info, "process_id");
+                return match (self.exited(), answering) {
+                    (None, Some(p)) if p == pid.to_string() => Ok(()),
+                    (Some(status), _) => Err(NotOurs::PortTaken(format!(
+                        "port {port}: redis-server exited ({status}; {}) and another server answers there",
+                        self.last_log_line()
+                    ))),
+                    (None, other) => Err(NotOurs::PortTaken(format!(
+                        "port {port}: the server answering is pid {}, not ours ({pid})",
+                        other.unwrap_or("unknown")
+                    ))),
+                };
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        bail!(
-            "redis-server on port {} did not answer within 10s",
-            self.port
-        )
+        Err(NotOurs::Failed(anyhow::anyhow!(
+            "redis-server on port {port} did not answer within 10s"
+        )))
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.dir.path().join("redis-server.log")
+    }
+
+    /// What the server logged last (why it exited, say).
+    fn last_log_line(&self) -> String {
+        std::fs::read_to_string(self.log_path())
+            .unwrap_or_default()
+            .lines()
+            .last()
+            .unwrap_or("(no log)")
+            .to_owned()
+    }
+
+    /// The child's exit status, once it has exited.
+    fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
     }
 
     pub fn url(&self) -> String {
@@ -106,6 +193,11 @@ impl RedisServer {
         self.port
     }
 
+    /// The running server's pid (`None` after [`kill`](Self::kill)).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Kills the server (SIGKILL), as a crash would.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -114,10 +206,27 @@ impl RedisServer {
         }
     }
 
-    /// Starts it again on the same port (with its AOF, when it keeps one).
+    /// Starts it again on the same port (with its AOF, when it keeps one): proxies and configs
+    /// name that port. Should another process hold the port meanwhile, it retries a few times,
+    /// then fails rather than hand out someone else's server.
     pub fn restart(&mut self) -> Result<()> {
         self.kill();
-        self.spawn()
+        let mut taken = Vec::new();
+        for attempt in 0..REDIS_PORT_ATTEMPTS {
+            if attempt > 0 {
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            match self.spawn() {
+                Ok(()) => return Ok(()),
+                Err(NotOurs::PortTaken(why)) => taken.push(why),
+                Err(NotOurs::Failed(e)) => return Err(e),
+            }
+        }
+        bail!(
+            "redis-server could not restart on its port {}: {}",
+            self.port,
+            taken.join("; ")
+        )
     }
 
     /// A synchronous connection for assertions.
@@ -126,6 +235,13 @@ impl RedisServer {
             .and_then(|c| c.get_connection())
             .expect("connect to test redis")
     }
+}
+
+/// The value of `field` in an `INFO` reply (`field:value` lines).
+fn info_field<'a>(info: &'a str, field: &str) -> Option<&'a str> {
+    info.lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .map(str::trim)
 }
 
 impl Drop for RedisServer {
@@ -449,5 +565,68 @@ impl FakeScrewdriver {
 impl Drop for FakeScrewdriver {
     fn drop(&mut self) {
         self.task.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A server of ours started on `port`, as `start` would after picking it.
+    fn spawn_on(port: u16) -> (RedisServer, std::result::Result<(), NotOurs>) {
+        let mut server = RedisServer {
+            port,
+            dir: tempfile::tempdir().unwrap(),
+            child: None,
+            aof: false,
+        };
+        let verdict = server.spawn();
+        (server, verdict)
+    }
+
+    fn process_id(server: &RedisServer) -> String {
+        let info: String = redis::cmd("INFO")
+            .arg("server")
+            .query(&mut server.conn())
+            .unwrap();
+        info_field(&info, "process_id").unwrap().to_owned()
+    }
+
+    #[test]
+    fn a_started_server_is_its_own_child() {
+        let server = RedisServer::start().unwrap();
+        assert_eq!(process_id(&server), server.pid().unwrap().to_string());
+    }
+
+    #[test]
+    fn a_port_taken_in_between_is_not_mistaken_for_ours() {
+        let other = RedisServer::start().unwrap();
+        let (ours, verdict) = spawn_on(other.port());
+        match verdict {
+            Err(NotOurs::PortTaken(why)) => assert!(why.contains(&other.port().to_string())),
+            Err(NotOurs::Failed(e)) => panic!("a taken port is retried elsewhere, not: {e}"),
+            Ok(()) => panic!("another server's port taken for ours"),
+        }
+        assert!(ours.pid().is_none(), "our server is gone");
+        assert_eq!(process_id(&other), other.pid().unwrap().to_string());
+    }
+
+    #[test]
+    fn a_restart_on_a_port_taken_meanwhile_fails_rather_than_share_it() {
+        let mut server = RedisServer::start().unwrap();
+        server.kill();
+        let (squatter, verdict) = spawn_on(server.port());
+        assert!(verdict.is_ok(), "the squatter has the port");
+        let err = server.restart().unwrap_err().to_string();
+        assert!(err.contains("could not restart"), "{err}");
+        assert!(server.pid().is_none());
+        assert_eq!(process_id(&squatter), squatter.pid().unwrap().to_string());
+    }
+
+    #[test]
+    fn info_fields() {
+        let info = "# Server\r\nredis_version:7.0.15\r\nprocess_supervised:no\r\nprocess_id:42\r\n";
+        assert_eq!(info_field(info, "process_id"), Some("42"));
+        assert_eq!(info_field(info, "run_id"), None);
     }
 }

@@ -42,7 +42,8 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use sd_testkit::chaos::ProxyStats;
 use sd_testkit::{
-    Backend, ChaosProxy, ClusterKeys, FakeScrewdriver, RedisServer, TestDb, free_port, shared_keys,
+    AgentConfig, Backend, ChaosProxy, ClusterKeys, FakeScrewdriver, RedisServer, TestDb, free_port,
+    launcher, shared_keys,
 };
 use serde_json::{Value, json};
 use tokio::task::JoinSet;
@@ -331,14 +332,7 @@ struct Cluster {
 impl Cluster {
     /// buildId → launches recorded by this cluster's launcher.
     fn runs(&self) -> HashMap<u64, u32> {
-        let text = std::fs::read_to_string(&self.runs).unwrap_or_default();
-        let mut counts = HashMap::new();
-        for line in text.lines() {
-            if let Ok(id) = line.trim().parse::<u64>() {
-                *counts.entry(id).or_default() += 1;
-            }
-        }
-        counts
+        launcher::runs(&self.runs)
     }
 }
 
@@ -688,46 +682,22 @@ impl Cluster {
         let key = home.join("private.pem");
         std::fs::write(&key, &keys.private_pem).expect("write key");
         let runs = home.join("runs.log");
-        let script = home.join("launch.sh");
         // The launcher stand-in: records the launch, runs a while, exits as the build asks.
-        std::fs::write(
-            &script,
-            format!(
-                "#!/bin/sh\n\
-                 echo \"$SD_BUILD_ID\" >> {runs}\n\
-                 code=$(echo \"$SD_BUILD_CONFIG\" | sed -n 's/.*\"test\\/exit\":\\([0-9]*\\).*/\\1/p')\n\
-                 nap=$(echo \"$SD_BUILD_CONFIG\" | sed -n 's/.*\"test\\/sleep\":\"\\([0-9.]*\\)\".*/\\1/p')\n\
-                 sleep ${{nap:-0.2}}\n\
-                 exit ${{code:-0}}\n",
-                runs = runs.display()
-            ),
-        )
-        .expect("write launcher");
-        let config = home.join("agent.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "shutdown_timeout = \"5s\"\n\
-                 [cluster]\nname = \"{name}\"\n\
-                 [scheduler]\nurl = \"{scheduler}\"\nrequest_timeout = \"3s\"\n\
-                 [auth]\nprivate_key_file = \"{key}\"\n\
-                 [poll]\nwait = \"{poll_wait}\"\nmax_jobs = 10\n\
-                 [redis]\nurl = \"{redis}\"\n\
-                 [executor]\nkind = \"process\"\nmax_in_flight = 20\nlaunch_lease = \"{launch_lease}\"\n\
-                 [executor.process]\ncommand = [\"/bin/sh\", \"{script}\"]\nwork_dir = \"{work}\"\n\
-                 [health]\nlisten = \"127.0.0.1:{health}\"\n\
-                 [log]\nformat = \"json\"\nlevel = \"info\"\n",
-                scheduler = scheduler_proxy.http_url(),
-                key = key.display(),
-                redis = redis_proxy.redis_url(),
-                script = script.display(),
-                work = home.join("work").display(),
-                health = free_port(),
-                poll_wait = config_duration(POLL_WAIT),
-                launch_lease = config_duration(LAUNCH_LEASE),
-            ),
-        )
-        .expect("write agent config");
+        let script = launcher::recording(&runs).write(&home.join("launch.sh"));
+        let config = AgentConfig::new(name, &scheduler_proxy.http_url(), &key)
+            .shutdown_timeout(Duration::from_secs(5))
+            .request_timeout(Duration::from_secs(3))
+            .poll_wait(POLL_WAIT)
+            .poll_max_jobs(10)
+            .redis(&redis_proxy.redis_url())
+            .max_in_flight(20)
+            .launch_lease(LAUNCH_LEASE)
+            .launcher(&script)
+            .work_dir(&home.join("work"))
+            .health_port(free_port())
+            .log_format("json")
+            .log_level("info")
+            .write(&home.join("agent.toml"));
         let config_arg = config.display().to_string();
         let agent = Proc::new(
             &format!("agent of {name}"),

@@ -7,6 +7,7 @@
 //! - Lifecycle changes are sent as [`BuildEvent`]s on the channel given at construction.
 //! - `stop` ends a running build (deletes the pod / kills the process group).
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use sd_protocol::StartMessage;
@@ -22,14 +23,105 @@ pub enum Launched {
     AlreadyRunning,
 }
 
+/// Why an executor could not do what was asked. Whether trying the same build again can help is
+/// [`ExecError::is_permanent`]'s call, and only its: the launcher retries or fails a build by it.
+///
+/// Plain conditions are `Transient`/`Rejected` messages; a failure that has an underlying error
+/// keeps it as its [`source`](std::error::Error::source). The texts are what users read (in
+/// logs, `/readyz`, `sd-agent check`, and a rejected build's failure reason).
 #[derive(Debug, thiserror::Error)]
 pub enum ExecError {
     /// Worth retrying (API unreachable, throttled, conflict on a transient state).
+    ///
+    /// Kubernetes API errors come here (and to `Rejected`) as text on purpose, never as a
+    /// source: a `kube::Error` can echo the pod's command line and so the build's token, so its
+    /// text goes through [`scrub_tokens`], and a `{:#}` or error-chain printer given the raw
+    /// error would print it unscrubbed.
     #[error("{0}")]
     Transient(String),
-    /// Will not get better by retrying this build (invalid spec, rejected by the API).
+    /// Will not get better by retrying this build (invalid spec, rejected by the API). Kubernetes
+    /// API errors are scrubbed text here too, for the reason given at `Transient`.
     #[error("{0}")]
     Rejected(String),
+    /// The build cannot be encoded for the launcher's environment (process executor).
+    #[error("build {build_id} cannot be encoded: {source}")]
+    Encode {
+        build_id: u64,
+        #[source]
+        source: serde_json::Error,
+    },
+    /// `executor.kubernetes.kubeconfig` does not load.
+    #[error("executor.kubernetes.kubeconfig {}: {source}", path.display())]
+    Kubeconfig {
+        path: PathBuf,
+        #[source]
+        source: kube::config::KubeconfigError,
+    },
+    /// No Kubernetes configuration could be inferred (`KUBECONFIG`, `~/.kube/config`, the
+    /// in-cluster service account).
+    #[error(
+        "no Kubernetes configuration found (set executor.kubernetes.kubeconfig or KUBECONFIG, or run in a pod with a service account): {0}"
+    )]
+    NoKubeconfig(#[source] kube::config::InferConfigError),
+    /// The Kubernetes client cannot be built from its configuration (TLS, proxy). Kept as a
+    /// source, unlike API errors: it comes before any request, so no build's token is in it.
+    #[error("cannot build a Kubernetes client for {url}: {source}")]
+    KubeClient {
+        url: String,
+        #[source]
+        source: kube::Error,
+    },
+    /// The launcher cannot be started on this host (process executor): its program, its work
+    /// dir, the build's log file, or the start itself.
+    #[error(transparent)]
+    Launcher(#[from] process::LauncherError),
+    /// The local Redis failed while reading or writing a launch marker (process executor).
+    #[error(transparent)]
+    Marker(#[from] process::MarkerError),
+    /// The launch marker just written is not on the local Redis's disk yet (process executor).
+    #[error("launch marker of build {build_id} is not confirmed on disk yet: {source}")]
+    MarkerNotDurable {
+        build_id: u64,
+        #[source]
+        source: crate::local::LocalError,
+    },
+    /// The outbox in the local Redis cannot be read (process executor).
+    #[error("local Redis: {0}")]
+    Outbox(#[from] crate::outbox::OutboxError),
+    /// The local Redis cannot be set up from `redis.url` (process executor); `context` says
+    /// what failed.
+    #[error("{context}: {source}")]
+    Redis {
+        context: &'static str,
+        #[source]
+        source: redis::RedisError,
+    },
+    /// The local Redis does not answer (process executor's check).
+    #[error("local Redis does not answer ({0}): check redis.url and that redis-server runs")]
+    RedisDown(#[source] redis::RedisError),
+}
+
+impl ExecError {
+    /// Whether trying the same build again cannot help: `Rejected` (the build's spec, what the
+    /// API said of its pod, a setting no build can run with) and a build that cannot be encoded.
+    /// Everything else — an API or a Redis that does not answer, this host's launcher or files —
+    /// may recover meanwhile, so the build waits and is tried again rather than failed. (Errors
+    /// of an executor's construction and `check` are reported, not retried.)
+    pub fn is_permanent(&self) -> bool {
+        match self {
+            ExecError::Rejected(_) | ExecError::Encode { .. } => true,
+            ExecError::Transient(_)
+            | ExecError::Kubeconfig { .. }
+            | ExecError::NoKubeconfig(_)
+            | ExecError::KubeClient { .. }
+            | ExecError::Launcher(_)
+            | ExecError::Marker(_)
+            | ExecError::MarkerNotDurable { .. }
+            | ExecError::Outbox(_)
+            | ExecError::Redis { .. }
+            | ExecError::RedisDown(_) => false,
+        }
+    }
 }
 
 /// The executor chosen by `executor.kind`.
@@ -143,6 +235,74 @@ impl Timing {
             grace,
             backstop: timeout + grace + limits.timeout_margin,
         }
+    }
+}
+
+#[cfg(test)]
+mod error_tests {
+    use std::error::Error as _;
+    use std::io;
+
+    use super::process::LauncherError;
+    use super::*;
+
+    fn not_found() -> io::Error {
+        io::Error::from(io::ErrorKind::NotFound)
+    }
+
+    #[test]
+    fn only_the_builds_own_faults_are_permanent() {
+        assert!(ExecError::Rejected("invalid pod".into()).is_permanent());
+        let encode = serde_json::from_str::<u64>("x").unwrap_err();
+        assert!(
+            ExecError::Encode {
+                build_id: 7,
+                source: encode
+            }
+            .is_permanent()
+        );
+        assert!(!ExecError::Transient("API unreachable".into()).is_permanent());
+        let launcher = LauncherError::Unusable {
+            path: "/opt/sd/launch".into(),
+            source: not_found(),
+        };
+        assert!(!ExecError::from(launcher).is_permanent());
+        let redis = redis::RedisError::from(io::Error::from(io::ErrorKind::ConnectionRefused));
+        assert!(!ExecError::RedisDown(redis).is_permanent());
+    }
+
+    #[test]
+    fn underlying_errors_are_kept_as_sources_with_the_same_text() {
+        let e = ExecError::from(LauncherError::Spawn {
+            program: "/opt/sd/launch".into(),
+            source: not_found(),
+        });
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "cannot start launcher /opt/sd/launch: {} (fix executor.process.command)",
+                not_found()
+            )
+        );
+        assert!(e.source().is_some_and(|s| s.is::<io::Error>()), "{e:?}");
+        let e = ExecError::from(LauncherError::WorkDirNotWritable {
+            path: "/var/sd".into(),
+            source: not_found(),
+        });
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "work dir /var/sd is not writable by this user ({}): fix its owner or set executor.process.work_dir",
+                not_found()
+            )
+        );
+        assert!(e.source().is_some_and(|s| s.is::<io::Error>()), "{e:?}");
+        // Kubernetes API errors stay scrubbed text: nothing behind them to print unscrubbed.
+        assert!(
+            ExecError::Transient("cannot create pod sd-7: ***".into())
+                .source()
+                .is_none()
+        );
     }
 }
 

@@ -320,19 +320,18 @@ async fn review_permissions(
 async fn connect_client(config: &KubernetesConfig) -> Result<(Client, String), ExecError> {
     let kube_config = match &config.kubeconfig {
         Some(path) => {
-            let bad = |e: &dyn std::fmt::Display| {
-                ExecError::Transient(format!("executor.kubernetes.kubeconfig {}: {e}", path.display()))
+            let bad = |source| ExecError::Kubeconfig {
+                path: path.clone(),
+                source,
             };
-            let file = kube::config::Kubeconfig::read_from(path).map_err(|e| bad(&e))?;
+            let file = kube::config::Kubeconfig::read_from(path).map_err(bad)?;
             kube::Config::from_custom_kubeconfig(file, &kube::config::KubeConfigOptions::default())
                 .await
-                .map_err(|e| bad(&e))?
+                .map_err(bad)?
         }
-        None => kube::Config::infer().await.map_err(|e| {
-            ExecError::Transient(format!(
-                "no Kubernetes configuration found (set executor.kubernetes.kubeconfig or KUBECONFIG, or run in a pod with a service account): {e}"
-            ))
-        })?,
+        None => kube::Config::infer()
+            .await
+            .map_err(ExecError::NoKubeconfig)?,
     };
     let url = kube_config.cluster_url.to_string();
     let mut kube_config = kube_config;
@@ -341,8 +340,9 @@ async fn connect_client(config: &KubernetesConfig) -> Result<(Client, String), E
         axum::http::header::USER_AGENT,
         axum::http::HeaderValue::from_static(USER_AGENT),
     ));
-    let client = Client::try_from(kube_config).map_err(|e| {
-        ExecError::Transient(format!("cannot build a Kubernetes client for {url}: {e}"))
+    let client = Client::try_from(kube_config).map_err(|source| ExecError::KubeClient {
+        url: url.clone(),
+        source,
     })?;
     Ok((client, url))
 }

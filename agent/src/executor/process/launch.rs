@@ -50,11 +50,13 @@ impl Inner {
         };
         // Not on disk: start nothing. The marker stays ours and `Starting`, so the retry of this
         // launch resumes it.
-        self.markers.confirm().await.map_err(|e| {
-            ExecError::Transient(format!(
-                "launch marker of build {id} is not confirmed on disk yet: {e}"
-            ))
-        })?;
+        self.markers
+            .confirm()
+            .await
+            .map_err(|source| ExecError::MarkerNotDurable {
+                build_id: id,
+                source,
+            })?;
         let child = match self.spawner.spawn(build, &timing, &marker.launch_id) {
             Ok(child) => child,
             Err(e) => {

@@ -25,7 +25,6 @@ use sd_queue::markers::MarkerScripts;
 use serde::{Deserialize, Serialize};
 use tracing::warn;
 
-use crate::executor::ExecError;
 use crate::local::{Durability, LocalError};
 
 /// buildId → [`Marker`] JSON.
@@ -121,19 +120,15 @@ pub enum MarkerState {
 
 // === impl Markers ===
 
+/// A launch marker could not be read or written. Worth retrying (see
+/// [`ExecError::is_permanent`](crate::executor::ExecError::is_permanent)): Redis may answer
+/// again, and a marker is ours to encode.
 #[derive(Debug, thiserror::Error)]
-pub(super) enum MarkerError {
+pub enum MarkerError {
     #[error("local Redis: {0}")]
     Redis(#[from] redis::RedisError),
     #[error("launch marker cannot be encoded: {0}")]
     Json(#[from] serde_json::Error),
-}
-
-impl From<MarkerError> for ExecError {
-    /// Both are worth retrying: Redis may answer again, and a marker is ours to encode.
-    fn from(e: MarkerError) -> Self {
-        ExecError::Transient(e.to_string())
-    }
 }
 
 type Result<T> = std::result::Result<T, MarkerError>;

@@ -65,11 +65,11 @@ mod sys;
 
 pub use markers::{
     ACTIVE_KEY, ENDED_KEY, HOSTS_KEY, LAUNCH_ID_VAR, LAUNCHES_KEY, MARKER_RETENTION, Marker,
-    MarkerState, Owner, STOP_KEY,
+    MarkerError, MarkerState, Owner, STOP_KEY,
 };
 pub use outcome::{STOP_REASON, backstop_reason};
 pub use recovery::{HOST_GONE_AFTER, RESTART_REASON, host_gone_reason};
-pub use spawn::check_command;
+pub use spawn::{LauncherError, check_command};
 
 use markers::Markers;
 use runs::Runs;
@@ -168,11 +168,11 @@ impl ProcessExecutor {
     /// answers.
     pub async fn check(&self) -> Result<String, ExecError> {
         let program = self.inner.spawner.check()?;
-        self.inner.markers.ping().await.map_err(|e| {
-            ExecError::Transient(format!(
-                "local Redis does not answer ({e}): check redis.url and that redis-server runs"
-            ))
-        })?;
+        self.inner
+            .markers
+            .ping()
+            .await
+            .map_err(ExecError::RedisDown)?;
         Ok(format!(
             "launcher {} is executable, local Redis answers, {} build(s) running",
             program.display(),
@@ -201,15 +201,21 @@ impl Drop for ProcessExecutor {
 /// The local Redis, connected lazily, with short timeouts: a launch fails fast (and is retried)
 /// rather than hanging on an unreachable server.
 fn connect(redis_url: &str) -> Result<ConnectionManager, ExecError> {
-    let client = redis::Client::open(redis_url)
-        .map_err(|e| ExecError::Rejected(format!("redis.url is not a valid Redis URL: {e}")))?;
+    let client = redis::Client::open(redis_url).map_err(|source| ExecError::Redis {
+        context: "redis.url is not a valid Redis URL",
+        source,
+    })?;
     let redis_config = ConnectionManagerConfig::new()
         .set_connection_timeout(Some(Duration::from_secs(2)))
         .set_response_timeout(Some(Duration::from_secs(2)))
         .set_number_of_retries(2)
         .set_max_delay(Duration::from_secs(1));
-    ConnectionManager::new_lazy_with_config(client, redis_config)
-        .map_err(|e| ExecError::Rejected(format!("local Redis: {e}")))
+    ConnectionManager::new_lazy_with_config(client, redis_config).map_err(|source| {
+        ExecError::Redis {
+            context: "local Redis",
+            source,
+        }
+    })
 }
 
 /// Looks for orphans every [`SWEEP_INTERVAL`] while the executor lives (it holds no strong

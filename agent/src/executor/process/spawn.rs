@@ -3,6 +3,7 @@
 //! parent shell ([`EXIT_WRAPPER`]) that leaves the launcher's exit status for an agent that was
 //! not there to see it end.
 
+use std::ffi::OsString;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -25,6 +26,64 @@ pub(super) const EXIT_WRAPPER: &str =
 /// Why a config without a launcher is refused.
 const EMPTY_COMMAND: &str =
     "executor.process.command is empty: set the launcher argv, e.g. [\"/usr/local/bin/sd-launch\"]";
+
+/// Why the launcher cannot be started on this host: its program, its work dir, the build's log
+/// file, or the start itself. A launch that meets it is retried (nothing started, and the host
+/// may be fixed meanwhile); at start-up and in `sd-agent check` it says what to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum LauncherError {
+    /// A relative launcher path cannot be pinned to the agent's own directory.
+    #[error("cannot resolve launcher {}: {source}", program.display())]
+    Resolve {
+        program: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A bare launcher name matches no executable file in `PATH`.
+    #[error(
+        "launcher {} is not found in PATH ({}): install it or set executor.process.command to its absolute path",
+        program.display(),
+        path.to_string_lossy()
+    )]
+    NotInPath { program: PathBuf, path: OsString },
+    #[error("launcher {} cannot be used ({source}): fix executor.process.command", path.display())]
+    Unusable {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("launcher {} is not a file: fix executor.process.command", path.display())]
+    NotAFile { path: PathBuf },
+    #[error("launcher {} is not executable: chmod +x it", path.display())]
+    NotExecutable { path: PathBuf },
+    #[error("cannot create work dir {} (executor.process.work_dir): {source}", path.display())]
+    WorkDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "work dir {} is not writable by this user ({source}): fix its owner or set executor.process.work_dir",
+        path.display()
+    )]
+    WorkDirNotWritable {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot open build log {}: {source}", path.display())]
+    BuildLog {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot start launcher {}: {source} (fix executor.process.command)", program.display())]
+    Spawn {
+        program: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
 
 /// How this executor starts the launcher, and where a build's files go.
 pub(super) struct Spawner {
@@ -53,11 +112,9 @@ impl Spawner {
         let mut program = PathBuf::from(program);
         // The child runs in the work dir: pin a relative path to the agent's own directory.
         if program.components().count() > 1 && program.is_relative() {
-            let cwd = std::env::current_dir().map_err(|e| {
-                ExecError::Rejected(format!(
-                    "cannot resolve launcher {}: {e}",
-                    program.display()
-                ))
+            let cwd = std::env::current_dir().map_err(|source| LauncherError::Resolve {
+                program: program.clone(),
+                source,
             })?;
             program = cwd.join(program);
         }
@@ -97,7 +154,8 @@ impl Spawner {
     }
 
     /// Starts the launcher of `build` in its own process group under the [`EXIT_WRAPPER`],
-    /// appending to the build's log. Every error is worth retrying: the launch is not done.
+    /// appending to the build's log. Every error but an unencodable build is worth retrying: the
+    /// launch is not done.
     pub(super) fn spawn(
         &self,
         build: &StartMessage,
@@ -107,7 +165,7 @@ impl Spawner {
         let id = build.build_id;
         // The shell would start even without a launcher: find out here, while the launch can
         // still be retried (the marker is dropped) instead of failing the build.
-        resolve_program(&self.program).map_err(|e| ExecError::Transient(e.to_string()))?;
+        resolve_program(&self.program)?;
         let exit_file = self.exit_path(launch_id);
         let _ = std::fs::remove_file(&exit_file);
         let log_path = self.log_path(id);
@@ -116,11 +174,13 @@ impl Spawner {
             .append(true)
             .mode(0o600)
             .open(&log_path)
-            .map_err(|e| {
-                ExecError::Transient(format!("cannot open build log {}: {e}", log_path.display()))
+            .map_err(|source| LauncherError::BuildLog {
+                path: log_path.clone(),
+                source,
             })?;
-        let stderr = log.try_clone().map_err(|e| {
-            ExecError::Transient(format!("cannot open build log {}: {e}", log_path.display()))
+        let stderr = log.try_clone().map_err(|source| LauncherError::BuildLog {
+            path: log_path.clone(),
+            source,
         })?;
         let mut cmd = Command::new("/bin/sh");
         cmd.arg("-c")
@@ -141,12 +201,11 @@ impl Spawner {
             }
         }
         cmd.envs(self.build_env(build, timing, launch_id)?);
-        cmd.spawn().map_err(|e| {
-            ExecError::Transient(format!(
-                "cannot start launcher {}: {e} (fix executor.process.command)",
-                self.program.display()
-            ))
-        })
+        let child = cmd.spawn().map_err(|source| LauncherError::Spawn {
+            program: self.program.clone(),
+            source,
+        })?;
+        Ok(child)
     }
 
     /// The launcher's environment: its `SD_*` variables, and what Screwdriver's Kubernetes
@@ -159,8 +218,9 @@ impl Spawner {
         timing: &Timing,
         launch_id: &str,
     ) -> Result<Vec<(&'static str, String)>, ExecError> {
-        let mut config = serde_json::to_value(build).map_err(|e| {
-            ExecError::Rejected(format!("build {} cannot be encoded: {e}", build.build_id))
+        let mut config = serde_json::to_value(build).map_err(|source| ExecError::Encode {
+            build_id: build.build_id,
+            source,
         })?;
         if let Some(object) = config.as_object_mut() {
             object.remove("token");
@@ -226,11 +286,9 @@ pub fn check_command(config: &ProcessConfig) -> Result<String, ExecError> {
         .mode(0o600)
         .open(&probe)
         .and_then(|_| std::fs::remove_file(&probe))
-        .map_err(|e| {
-            ExecError::Rejected(format!(
-                "work dir {} is not writable by this user ({e}): fix its owner or set executor.process.work_dir",
-                work_dir.display()
-            ))
+        .map_err(|source| LauncherError::WorkDirNotWritable {
+            path: work_dir.clone(),
+            source,
         })?;
     Ok(format!(
         "launcher {} is executable; work dir {} is writable",
@@ -241,7 +299,7 @@ pub fn check_command(config: &ProcessConfig) -> Result<String, ExecError> {
 
 /// `executor.process.work_dir` (default: a folder under the system temp dir), created private
 /// to the agent's user when missing.
-fn prepare_work_dir(config: &ProcessConfig) -> Result<PathBuf, ExecError> {
+fn prepare_work_dir(config: &ProcessConfig) -> Result<PathBuf, LauncherError> {
     let work_dir = config
         .work_dir
         .clone()
@@ -250,52 +308,43 @@ fn prepare_work_dir(config: &ProcessConfig) -> Result<PathBuf, ExecError> {
         .recursive(true)
         .mode(0o700)
         .create(&work_dir)
-        .map_err(|e| {
-            ExecError::Rejected(format!(
-                "cannot create work dir {} (executor.process.work_dir): {e}",
-                work_dir.display()
-            ))
+        .map_err(|source| LauncherError::WorkDir {
+            path: work_dir.clone(),
+            source,
         })?;
     Ok(work_dir)
 }
 
 /// The program to run: `program` itself when it names a path, else the first executable match
 /// in `PATH`. The error says what to fix.
-fn resolve_program(program: &Path) -> Result<PathBuf, ExecError> {
+fn resolve_program(program: &Path) -> Result<PathBuf, LauncherError> {
     if program.components().count() > 1 {
         return check_executable(program).map(|()| program.to_owned());
     }
     let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
+    let found = std::env::split_paths(&path)
         .map(|dir| dir.join(program))
-        .find(|candidate| check_executable(candidate).is_ok())
-        .ok_or_else(|| {
-            ExecError::Rejected(format!(
-                "launcher {} is not found in PATH ({}): install it or set executor.process.command to its absolute path",
-                program.display(),
-                path.to_string_lossy()
-            ))
-        })
+        .find(|candidate| check_executable(candidate).is_ok());
+    found.ok_or_else(|| LauncherError::NotInPath {
+        program: program.to_owned(),
+        path,
+    })
 }
 
-fn check_executable(path: &Path) -> Result<(), ExecError> {
-    let meta = std::fs::metadata(path).map_err(|e| {
-        ExecError::Rejected(format!(
-            "launcher {} cannot be used ({e}): fix executor.process.command",
-            path.display()
-        ))
+fn check_executable(path: &Path) -> Result<(), LauncherError> {
+    let meta = std::fs::metadata(path).map_err(|source| LauncherError::Unusable {
+        path: path.to_owned(),
+        source,
     })?;
     if !meta.is_file() {
-        return Err(ExecError::Rejected(format!(
-            "launcher {} is not a file: fix executor.process.command",
-            path.display()
-        )));
+        return Err(LauncherError::NotAFile {
+            path: path.to_owned(),
+        });
     }
     if meta.permissions().mode() & 0o111 == 0 {
-        return Err(ExecError::Rejected(format!(
-            "launcher {} is not executable: chmod +x it",
-            path.display()
-        )));
+        return Err(LauncherError::NotExecutable {
+            path: path.to_owned(),
+        });
     }
     Ok(())
 }
