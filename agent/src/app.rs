@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{Notify, mpsc};
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, ConfigError, ExecutorKind};
@@ -152,8 +153,6 @@ pub async fn run(
     let background = CancellationToken::new();
     let executor = Arc::new(executor(&config, events_tx.clone(), background.clone()).await?);
     let status = Arc::new(Status::default());
-    let capacity = Arc::new(Notify::new());
-
     let health = HealthState::new(
         Arc::clone(&status),
         local.clone(),
@@ -168,46 +167,13 @@ pub async fn run(
                 .await;
         }
     });
-
-    let fetching = CancellationToken::new();
-    let mut fetcher = tokio::spawn(
-        Fetcher {
-            client: client.clone(),
-            local: local.clone(),
-            executor: Arc::clone(&executor),
-            status: Arc::clone(&status),
-            wait: config.poll.wait,
-            max_jobs: config.poll.max_jobs,
-            max_in_flight: config.executor.max_in_flight,
-            capacity: Arc::clone(&capacity),
-        }
-        .run(fetching.clone()),
-    );
-    // One outbox: the launcher keeps the events it makes itself, the reporter all the others.
-    let outbox = Outbox::new(local.queues().connection());
-    let launching = CancellationToken::new();
-    let mut launcher = tokio::spawn(
-        Launcher {
-            local: local.clone(),
-            outbox: outbox.clone(),
-            executor: Arc::clone(&executor),
-            events: events_tx,
-            max_in_flight: config.executor.max_in_flight,
-        }
-        .run(launching.clone()),
-    );
-    let mut reporter = tokio::spawn(
-        Reporter {
-            client: client.clone(),
-            local: local.clone(),
-            outbox,
-            http: reqwest::Client::builder()
-                .timeout(Duration::from_secs(10))
-                .build()
-                .unwrap_or_default(),
-            capacity,
-        }
-        .run(events_rx),
+    let mut loops = Loops::start(
+        &config,
+        &client,
+        &local,
+        &executor,
+        &status,
+        (events_tx, events_rx),
     );
     tracing::info!(cluster = %config.cluster.name, scheduler = %config.scheduler.url, health = %config.health.listen, "sd-agent running");
     ready("READY");
@@ -216,46 +182,135 @@ pub async fn run(
     // moves no builds: exit instead, and let systemd or the DaemonSet restart it.
     let died = tokio::select! {
         () = signals.wait_for_shutdown(&config_path, &config, &client, &ready) => None,
-        (result, index, _) = futures::future::select_all([&mut fetcher, &mut launcher, &mut reporter]) => {
-            Some((["fetcher", "launcher", "reporter"][index], result))
-        }
+        died = loops.first_to_end() => Some(died),
     };
     ready("STOPPING");
-    if let Some((task, result)) = died {
-        let how = match result {
-            Err(e) if e.is_panic() => "panicked",
-            _ => "stopped on its own",
-        };
+    if let Some((task, how)) = died {
         tracing::error!(
             task,
             how,
             "a loop of the agent ended; exiting so it is restarted"
         );
-        fetching.cancel();
-        launching.cancel();
+        loops.abort();
         background.cancel();
-        for handle in [&fetcher, &launcher, &reporter] {
-            handle.abort();
-        }
         return Err(RunError::LoopEnded { task, how });
     }
-    tracing::info!(timeout = ?config.shutdown_timeout, "draining: no new polls; finishing transfers in flight");
-    fetching.cancel();
-    launching.cancel();
-    let drain = async {
-        let _ = fetcher.await;
-        let _ = launcher.await;
-    };
-    let second_signal = signals.next_stop();
-    tokio::select! {
-        () = drain => tracing::info!("drained"),
-        () = tokio::time::sleep(config.shutdown_timeout) => tracing::warn!("shutdown_timeout reached; exiting with work in flight (it will be redelivered)"),
-        () = second_signal => tracing::warn!("second signal: exiting at once"),
-    }
+    loops
+        .drain(config.shutdown_timeout, signals.next_stop())
+        .await;
     background.cancel();
-    reporter.abort();
     let _ = tokio::time::timeout(Duration::from_secs(1), server).await;
     Ok(())
+}
+
+/// The agent's three loops: fetcher (scheduler → local queue), launcher (local queue →
+/// executor) and reporter (events → scheduler and Screwdriver).
+struct Loops {
+    fetcher: JoinHandle<()>,
+    launcher: JoinHandle<()>,
+    reporter: JoinHandle<()>,
+    /// Stops the fetcher's polls.
+    fetching: CancellationToken,
+    /// Stops the launcher taking local jobs.
+    launching: CancellationToken,
+}
+
+impl Loops {
+    fn start(
+        config: &Config,
+        client: &SchedulerClient,
+        local: &LocalQueue,
+        executor: &Arc<Executor>,
+        status: &Arc<Status>,
+        (events_tx, events_rx): (Events, mpsc::UnboundedReceiver<crate::events::BuildEvent>),
+    ) -> Self {
+        let capacity = Arc::new(Notify::new());
+        let fetching = CancellationToken::new();
+        let fetcher = tokio::spawn(
+            Fetcher {
+                client: client.clone(),
+                local: local.clone(),
+                executor: Arc::clone(executor),
+                status: Arc::clone(status),
+                wait: config.poll.wait,
+                max_jobs: config.poll.max_jobs,
+                max_in_flight: config.executor.max_in_flight,
+                capacity: Arc::clone(&capacity),
+            }
+            .run(fetching.clone()),
+        );
+        // One outbox: the launcher keeps the events it makes itself, the reporter all others.
+        let outbox = Outbox::new(local.queues().connection());
+        let launching = CancellationToken::new();
+        let launcher = tokio::spawn(
+            Launcher {
+                local: local.clone(),
+                outbox: outbox.clone(),
+                executor: Arc::clone(executor),
+                events: events_tx,
+                max_in_flight: config.executor.max_in_flight,
+            }
+            .run(launching.clone()),
+        );
+        let reporter = tokio::spawn(
+            Reporter {
+                client: client.clone(),
+                local: local.clone(),
+                outbox,
+                http: reqwest::Client::builder()
+                    .timeout(Duration::from_secs(10))
+                    .build()
+                    .unwrap_or_default(),
+                capacity,
+            }
+            .run(events_rx),
+        );
+        Self {
+            fetcher,
+            launcher,
+            reporter,
+            fetching,
+            launching,
+        }
+    }
+
+    /// Waits for any loop to end on its own (they only end when stopped): which one, and how.
+    async fn first_to_end(&mut self) -> (&'static str, &'static str) {
+        let handles = [&mut self.fetcher, &mut self.launcher, &mut self.reporter];
+        let (result, index, _) = futures::future::select_all(handles).await;
+        let how = match result {
+            Err(e) if e.is_panic() => "panicked",
+            _ => "stopped on its own",
+        };
+        (["fetcher", "launcher", "reporter"][index], how)
+    }
+
+    fn abort(&self) {
+        self.fetching.cancel();
+        self.launching.cancel();
+        for handle in [&self.fetcher, &self.launcher, &self.reporter] {
+            handle.abort();
+        }
+    }
+
+    /// SIGTERM: no new polls, transfers and launches in flight finish, within `timeout` or
+    /// until a second signal; the reporter stops last (what it has not sent stays in the
+    /// outbox for the next agent).
+    async fn drain(self, timeout: Duration, second_signal: impl Future<Output = ()>) {
+        tracing::info!(timeout = ?timeout, "draining: no new polls; finishing transfers in flight");
+        self.fetching.cancel();
+        self.launching.cancel();
+        let drain = async {
+            let _ = self.fetcher.await;
+            let _ = self.launcher.await;
+        };
+        tokio::select! {
+            () = drain => tracing::info!("drained"),
+            () = tokio::time::sleep(timeout) => tracing::warn!("shutdown_timeout reached; exiting with work in flight (it will be redelivered)"),
+            () = second_signal => tracing::warn!("second signal: exiting at once"),
+        }
+        self.reporter.abort();
+    }
 }
 
 /// SIGTERM, SIGINT and SIGHUP, registered once so a second signal is seen too.
