@@ -158,6 +158,9 @@ async fn submit(url: String, keys: PathBuf, count: u64) -> Result<()> {
     Ok(())
 }
 
+/// The benchmark as a script: register the clusters, run each phase in order, print the
+/// table. Longer than other functions on purpose: it reads top to bottom as the run does, and
+/// the parts used more than once are functions of their own (`phase`, `wake_latency`).
 async fn run(url: String, keys: PathBuf, concurrency: usize, duration: Duration) -> Result<()> {
     let api = RsaKeys {
         private_pem: std::fs::read_to_string(keys.join("api.key.pem")).context("api.key.pem")?,
