@@ -151,18 +151,14 @@ impl Outbox {
     /// Takes up to `max` entries that are due, for `lease`: nobody else claims them meanwhile.
     pub async fn claim(&self, max: usize, lease: Duration) -> Result<Vec<Entry>> {
         let mut conn = self.conn.clone();
-        let claimed = self.entries.claim(&mut conn, max, lease).await?;
-        let mut entries = Vec::with_capacity(claimed.len());
-        for (id, body) in claimed {
-            match serde_json::from_str::<Entry>(&body) {
-                Ok(e) => entries.push(e),
-                Err(e) => {
-                    tracing::error!(build_id = %id, error = %e, "unreadable build event in the outbox; dropping it");
-                    self.entries.forget(&mut conn, &id).await?;
-                }
-            }
+        let claimed = self
+            .entries
+            .claim_json::<Entry>(&mut conn, max, lease)
+            .await?;
+        for (id, e) in claimed.dropped {
+            tracing::error!(build_id = %id, error = %e, "unreadable build event in the outbox; dropped it");
         }
-        Ok(entries)
+        Ok(claimed.items)
     }
 
     /// Keeps the claims of entries still being reported, `(build id, status)`, for `lease`.

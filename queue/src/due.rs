@@ -11,6 +11,12 @@ use redis::aio::ConnectionManager;
 
 use crate::{QueueError, millis, timed_script};
 
+/// What [`DueSet::claim_json`] claimed: the items, and the fields dropped as unreadable.
+pub struct Claimed<T> {
+    pub items: Vec<T>,
+    pub dropped: Vec<(String, serde_json::Error)>,
+}
+
 /// One due set: a HASH of items (field → body) and a ZSET of when each may be claimed.
 #[derive(Clone)]
 pub struct DueSet {
@@ -77,6 +83,30 @@ impl DueSet {
             .invoke_async(conn)
             .await?;
         Ok(crate::pairs(flat))
+    }
+
+    /// Up to `max` due items decoded as JSON `T`, each claimed for `lease`. Items that do not
+    /// decode are dropped (they never would) and returned with why, for the caller to log.
+    pub async fn claim_json<T: serde::de::DeserializeOwned>(
+        &self,
+        conn: &mut ConnectionManager,
+        max: usize,
+        lease: Duration,
+    ) -> Result<Claimed<T>, QueueError> {
+        let mut claimed = Claimed {
+            items: Vec::new(),
+            dropped: Vec::new(),
+        };
+        for (field, body) in self.claim(conn, max, lease).await? {
+            match serde_json::from_str::<T>(&body) {
+                Ok(item) => claimed.items.push(item),
+                Err(e) => {
+                    self.forget(conn, &field).await?;
+                    claimed.dropped.push((field, e));
+                }
+            }
+        }
+        Ok(claimed)
     }
 
     /// Drops `field`: done, or unreadable.

@@ -215,3 +215,28 @@ async fn claim_takes_at_most_max_earliest_due_first() {
     assert_eq!(claimed, fields, "earliest due first");
     assert_eq!(set.len(&mut conn).await.unwrap(), 5);
 }
+
+/// `claim_json` decodes what it claims; an item that never will decode is dropped (and named),
+/// not claimed again after every lease.
+#[tokio::test]
+async fn claim_json_decodes_and_drops_the_unreadable() {
+    let (_redis, set, mut conn) = start().await;
+    set.keep(&mut conn, "a", "{\"n\":1}", Duration::ZERO)
+        .await
+        .unwrap();
+    set.keep(&mut conn, "b", "not json", Duration::ZERO)
+        .await
+        .unwrap();
+    #[derive(serde::Deserialize, Debug, PartialEq)]
+    struct Item {
+        n: u32,
+    }
+    let claimed = set.claim_json::<Item>(&mut conn, 10, ms(1)).await.unwrap();
+    assert_eq!(claimed.items, vec![Item { n: 1 }]);
+    let dropped: Vec<&str> = claimed.dropped.iter().map(|(f, _)| f.as_str()).collect();
+    assert_eq!(dropped, vec!["b"]);
+    assert_eq!(set.len(&mut conn).await.unwrap(), 1, "b is gone, a is kept");
+    pass(&mut conn, ms(2)).await;
+    let again = set.claim_json::<Item>(&mut conn, 10, LONG).await.unwrap();
+    assert_eq!((again.items.len(), again.dropped.len()), (1, 0));
+}

@@ -195,18 +195,14 @@ impl Reporter {
 
     async fn claim_due(&self, lease: Duration) -> Result<Vec<Pending>, StoreError> {
         let mut conn = self.redis.clone();
-        let claimed = self.reports.claim(&mut conn, CLAIM_BATCH, lease).await?;
-        let mut due = Vec::with_capacity(claimed.len());
-        for (field, body) in claimed {
-            match serde_json::from_str::<Pending>(&body) {
-                Ok(p) => due.push(p),
-                Err(e) => {
-                    tracing::error!(report = %field, error = %e, "unreadable status report dropped");
-                    self.reports.forget(&mut conn, &field).await?;
-                }
-            }
+        let claimed = self
+            .reports
+            .claim_json::<Pending>(&mut conn, CLAIM_BATCH, lease)
+            .await?;
+        for (field, e) in claimed.dropped {
+            tracing::error!(report = %field, error = %e, "unreadable status report dropped");
         }
-        Ok(due)
+        Ok(claimed.items)
     }
 
     async fn forget(&self, pending: &Pending) -> Result<(), StoreError> {
