@@ -19,7 +19,7 @@ use crate::fetcher::Fetcher;
 use crate::health::{self, HealthState};
 use crate::launcher::Launcher;
 use crate::local::LocalQueue;
-use crate::outbox::Outbox;
+use crate::outbox::{EventSink, Outbox};
 use crate::reporter::Reporter;
 use crate::scheduler_client::SchedulerClient;
 use crate::signer::Signer;
@@ -241,13 +241,13 @@ impl Loops {
         );
         // One outbox: the launcher keeps the events it makes itself, the reporter all others.
         let outbox = Outbox::new(local.queues().connection());
+        let sink = EventSink::new(outbox.clone(), events_tx);
         let launching = CancellationToken::new();
         let launcher = tokio::spawn(
             Launcher {
                 local: local.clone(),
-                outbox: outbox.clone(),
                 executor: Arc::clone(executor),
-                events: events_tx,
+                events: sink,
                 max_in_flight: config.executor.max_in_flight,
             }
             .run(launching.clone()),

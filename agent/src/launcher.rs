@@ -10,15 +10,15 @@ use sd_protocol::{JobKind, QueueMessage, StartMessage};
 use sd_queue::{Cancelled, Lease};
 use tokio_util::sync::CancellationToken;
 
-use crate::executor::{BuildEvent, BuildStatus, Events, Executor, Launched};
+use crate::executor::{BuildEvent, BuildStatus, Executor, Launched};
 use crate::local::LocalQueue;
-use crate::outbox::Outbox;
+use crate::outbox::EventSink;
 
 pub struct Launcher {
     pub local: LocalQueue,
-    pub outbox: Outbox,
     pub executor: Arc<Executor>,
-    pub events: Events,
+    /// Where the launcher's own events go (a build it cannot start, one it stopped).
+    pub events: EventSink,
     pub max_in_flight: u32,
 }
 
@@ -177,18 +177,10 @@ impl Launcher {
         .await
     }
 
-    /// Keeps an event the launcher itself produced in the outbox (its job is about to be
-    /// settled, so nothing else would bring it back), then hands it to the watcher.
+    /// Keeps an event the launcher itself produced (its job is about to be settled, so nothing
+    /// else would bring it back), then hands it to the reporter.
     async fn keep_and_send(&self, event: BuildEvent) -> bool {
-        let kept = match self.outbox.record(&event).await {
-            Ok(_) => true,
-            Err(e) => {
-                tracing::warn!(build_id = event.build_id, error = %e, "cannot keep the build event");
-                false
-            }
-        };
-        let _ = self.events.send(event);
-        kept
+        self.events.record(event).await
     }
 
     async fn stop(&self, message: &QueueMessage, attempt: u32) -> bool {

@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use sd_protocol::Event;
 
-use crate::events::{BuildEvent, BuildStatus};
+use crate::events::{BuildEvent, BuildStatus, Events};
 
 const EVENTS_KEY: &str = "{sd-agent}:events";
 const DUE_KEY: &str = "{sd-agent}:events:due";
@@ -245,5 +245,53 @@ impl Outbox {
             .invoke_async(&mut conn)
             .await?;
         Ok(())
+    }
+}
+
+/// The one way into the agent's event path: an event is kept in the outbox (durably, once per
+/// build and status) and handed to the reporter, which reports what the outbox holds. Makers
+/// that settle a job or end a launch marker next `keep` first and must not go on until it
+/// is kept; the Kubernetes watch, which can always see a pod again, only `notify`s, and the
+/// reporter keeps it.
+#[derive(Clone)]
+pub struct EventSink {
+    outbox: Outbox,
+    reporter: Events,
+}
+
+impl EventSink {
+    pub fn new(outbox: Outbox, reporter: Events) -> Self {
+        Self { outbox, reporter }
+    }
+
+    /// Keeps the event in the outbox.
+    pub async fn keep(&self, event: &BuildEvent) -> Result<Recorded> {
+        self.outbox.record(event).await
+    }
+
+    /// Hands the event to the reporter (it keeps it too, so a notification alone is enough
+    /// for events that can be seen again).
+    pub fn notify(&self, event: BuildEvent) {
+        if self.reporter.send(event).is_err() {
+            tracing::debug!("build event not handed on: the reporter has stopped");
+        }
+    }
+
+    /// [`keep`](Self::keep), then [`notify`](Self::notify); whether it was kept.
+    pub async fn record(&self, event: BuildEvent) -> bool {
+        let kept = match self.keep(&event).await {
+            Ok(_) => true,
+            Err(e) => {
+                tracing::warn!(build_id = event.build_id, error = %e, "cannot keep the build event");
+                false
+            }
+        };
+        self.notify(event);
+        kept
+    }
+
+    /// How the build ended, if an end was kept (see [`Outbox::end_of`]).
+    pub async fn end_of(&self, build_id: u64) -> Result<Option<BuildStatus>> {
+        self.outbox.end_of(build_id).await
     }
 }

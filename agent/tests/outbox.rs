@@ -361,10 +361,12 @@ async fn a_start_message_the_agent_cannot_use_is_reported_failed_with_the_reason
     let stop = tokio_util::sync::CancellationToken::new();
     let launcher = tokio::spawn(
         sd_agent::launcher::Launcher {
-            outbox: Outbox::new(local.queues().connection()),
             local: local.clone(),
             executor: Arc::new(sd_agent::executor::Executor::Process(executor)),
-            events,
+            events: sd_agent::outbox::EventSink::new(
+                Outbox::new(local.queues().connection()),
+                events,
+            ),
             max_in_flight: 5,
         }
         .run(stop.clone()),

@@ -140,9 +140,11 @@ impl Agent {
         tokio::spawn(
             Launcher {
                 local: local.clone(),
-                outbox: Outbox::new(local.queues().connection()),
                 executor: Arc::clone(&executor),
-                events: events_tx,
+                events: sd_agent::outbox::EventSink::new(
+                    Outbox::new(local.queues().connection()),
+                    events_tx,
+                ),
                 max_in_flight: 50,
             }
             .run(self.stop.clone()),

@@ -256,8 +256,8 @@ impl Inner {
         // directly meanwhile (Redis down), it is still kept once Redis is back: the direct
         // report may not outlive this agent.
         if !*kept {
-            self.outbox
-                .record(end)
+            self.events
+                .keep(end)
                 .await
                 .map_err(|e| ("cannot keep the build's end", e.to_string()))?;
             *kept = true;
@@ -278,9 +278,7 @@ impl Inner {
     }
 
     pub(super) fn send(&self, build_id: u64, status: BuildStatus) {
-        if self.events.send(BuildEvent { build_id, status }).is_err() {
-            debug!(build_id, "build event dropped: nobody listens");
-        }
+        self.events.notify(BuildEvent { build_id, status });
     }
 
     /// Whether a stop was requested for the build by an executor that does not own it (`false`

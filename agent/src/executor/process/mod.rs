@@ -50,7 +50,7 @@ use tracing::{info, warn};
 
 use super::{Events, ExecError, Launched, TimeLimits};
 use crate::config::{ProcessConfig, ScrewdriverConfig};
-use crate::outbox::Outbox;
+use crate::outbox::{EventSink, Outbox};
 
 mod end;
 mod kill;
@@ -97,10 +97,10 @@ pub struct ProcessExecutor {
 struct Inner {
     spawner: Spawner,
     limits: TimeLimits,
-    events: Events,
     markers: Markers,
-    /// Where a build's end is kept before its marker ends, so the report outlives this agent.
-    outbox: Outbox,
+    /// Where build events go: a build's end is kept there before its marker ends, so the
+    /// report outlives this agent.
+    events: EventSink,
     host: String,
     boot_id: String,
     me: Owner,
@@ -132,8 +132,8 @@ impl ProcessExecutor {
         let inner = Arc::new(Inner {
             spawner,
             limits: config.limits(),
-            events,
-            outbox: Outbox::new(redis.clone()),
+            // Its own outbox on the executor's Redis connection (short timeouts, see `connect`).
+            events: EventSink::new(Outbox::new(redis.clone()), events),
             markers: Markers::new(redis),
             host,
             boot_id: sys::boot_id(),

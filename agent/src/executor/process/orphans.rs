@@ -154,6 +154,6 @@ impl Inner {
 
     /// How the build ended, if its end was kept in the outbox (pending or reported).
     async fn known_end(&self, id: u64) -> Result<Option<BuildStatus>, ExecError> {
-        Ok(self.outbox.end_of(id).await?)
+        Ok(self.events.end_of(id).await?)
     }
 }
