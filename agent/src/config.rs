@@ -422,13 +422,6 @@ mod defaults {
     pub fn launch_lease() -> Duration {
         Duration::from_secs(120)
     }
-    pub fn timeout_margin() -> Duration {
-        Duration::from_secs(10 * 60)
-    }
-    /// Screwdriver's default.
-    pub fn termination_grace_period() -> Duration {
-        Duration::from_secs(30)
-    }
 }
 
 impl Default for PollConfig {
@@ -445,10 +438,10 @@ impl Default for ProcessConfig {
         Self {
             command: Vec::new(),
             work_dir: None,
-            default_timeout: Duration::from_secs(90 * 60),
-            max_timeout: Duration::from_secs(120 * 60),
-            timeout_margin: defaults::timeout_margin(),
-            termination_grace_period: defaults::termination_grace_period(),
+            default_timeout: TimeLimits::DEFAULT.default_timeout,
+            max_timeout: TimeLimits::DEFAULT.max_timeout,
+            timeout_margin: TimeLimits::DEFAULT.timeout_margin,
+            termination_grace_period: TimeLimits::DEFAULT.termination_grace_period,
         }
     }
 }
@@ -491,10 +484,10 @@ impl Default for KubernetesConfig {
             dind_image: "docker:20.10-dind".into(),
             cpu: ResourceTable::CPU,
             ram: ResourceTable::RAM,
-            default_timeout: Duration::from_secs(90 * 60),
-            max_timeout: Duration::from_secs(120 * 60),
-            timeout_margin: defaults::timeout_margin(),
-            termination_grace_period: defaults::termination_grace_period(),
+            default_timeout: TimeLimits::DEFAULT.default_timeout,
+            max_timeout: TimeLimits::DEFAULT.max_timeout,
+            timeout_margin: TimeLimits::DEFAULT.timeout_margin,
+            termination_grace_period: TimeLimits::DEFAULT.termination_grace_period,
             pending_timeout: Duration::from_secs(10 * 60),
             image_pull_grace: Duration::from_secs(2 * 60),
             finished_pod_ttl: Duration::from_secs(3600),
@@ -644,6 +637,17 @@ pub struct TimeLimits {
     pub timeout_margin: Duration,
     /// The default grace period; `screwdriver.cd/terminationGracePeriodSeconds` may raise it.
     pub termination_grace_period: Duration,
+}
+
+impl TimeLimits {
+    /// Both executors' defaults: Screwdriver's timeouts (90 min, at most 120) and grace period
+    /// (30 s), and a 10 min margin before the agent's backstop.
+    pub const DEFAULT: TimeLimits = TimeLimits {
+        default_timeout: Duration::from_secs(90 * 60),
+        max_timeout: Duration::from_secs(120 * 60),
+        timeout_margin: Duration::from_secs(10 * 60),
+        termination_grace_period: Duration::from_secs(30),
+    };
 }
 
 impl KubernetesConfig {

@@ -321,12 +321,7 @@ mod timing_tests {
         StartMessage::from_json(m).unwrap()
     }
 
-    const LIMITS: TimeLimits = TimeLimits {
-        default_timeout: Duration::from_secs(90 * 60),
-        max_timeout: Duration::from_secs(120 * 60),
-        timeout_margin: Duration::from_secs(600),
-        termination_grace_period: Duration::from_secs(30),
-    };
+    const LIMITS: TimeLimits = TimeLimits::DEFAULT;
 
     #[test]
     fn the_launcher_times_out_first_and_the_backstop_comes_later() {

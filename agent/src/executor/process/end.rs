@@ -371,12 +371,7 @@ mod tests {
         }
     }
 
-    const LIMITS: TimeLimits = TimeLimits {
-        default_timeout: Duration::from_secs(90 * 60),
-        max_timeout: Duration::from_secs(120 * 60),
-        timeout_margin: Duration::from_secs(600),
-        termination_grace_period: Duration::from_secs(30),
-    };
+    const LIMITS: TimeLimits = TimeLimits::DEFAULT;
 
     #[test]
     fn an_adopted_run_keeps_the_backstop_its_marker_records() {
