@@ -475,6 +475,11 @@ async fn operations_endpoints(backend: Backend) {
 
     h.call(Method::GET, "/v4/buildclusters", Some(&h.user()), None)
         .await;
+    // Made-up methods (answered 405) must not each become a label value: one series for all.
+    for made_up in ["FOOBAR", "BREWCOFFEE"] {
+        let method = Method::from_bytes(made_up.as_bytes()).unwrap();
+        h.call(method, "/v4/buildclusters", None, None).await;
+    }
     let text = h
         .http
         .get(format!("{}/metrics", h.base))
@@ -486,6 +491,11 @@ async fn operations_endpoints(backend: Backend) {
         .unwrap();
     assert!(text.contains("sd_scheduler_http_requests_total"), "{text}");
     assert!(text.contains("route=\"/v4/buildclusters\""), "{text}");
+    assert!(text.contains("method=\"other\""), "{text}");
+    assert!(
+        !text.contains("FOOBAR") && !text.contains("BREWCOFFEE"),
+        "a client's made-up method became a label: {text}"
+    );
 
     let (status, body) = h.call(Method::GET, "/no/such/thing", None, None).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
