@@ -159,14 +159,17 @@ pub async fn run(
         Arc::clone(&executor),
         sd_telemetry::metrics_handle(Some(sd_telemetry::LATENCY_BUCKETS)),
     );
-    let server = tokio::spawn({
-        let stop = background.clone();
-        async move {
-            let _ = axum::serve(listener, health::router(health))
-                .with_graceful_shutdown(stop.cancelled_owned())
-                .await;
-        }
-    });
+    // The health port's clients are probes and Prometheus: a few connections are plenty.
+    let limits = sd_http::Limits {
+        max_connections: 64,
+        ..sd_http::Limits::default()
+    };
+    let server = tokio::spawn(sd_http::serve(
+        listener,
+        health::router(health),
+        limits,
+        background.clone(),
+    ));
     let mut loops = Loops::start(
         &config,
         &client,

@@ -211,13 +211,16 @@ fn spawn_tasks(
 }
 
 /// Serves the API until `shutdown`, letting requests in flight finish.
+/// The API, with a bound on connections and on the time a client may take to send its
+/// request headers (a slow client cannot hold the scheduler's connections).
 async fn serve(listener: TcpListener, state: Arc<AppState>, shutdown: CancellationToken) {
-    let served = axum::serve(listener, api::router(state))
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await;
-    if let Err(e) = served {
-        tracing::error!(error = %e, "HTTP server stopped");
-    }
+    sd_http::serve(
+        listener,
+        api::router(state),
+        sd_http::Limits::default(),
+        shutdown,
+    )
+    .await;
 }
 
 /// Binds `listen` and returns the address really bound (port 0 picks a free port: tests).

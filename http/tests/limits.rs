@@ -1,0 +1,115 @@
+//! The two bounds against real TCP clients on loopback: a client that sends half a header is
+//! disconnected after the header-read timeout, and connections past the cap wait until one
+//! is let go — while a well-behaved client is answered as usual.
+
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::routing::get;
+use sd_http::{Limits, serve};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+
+async fn start(
+    limits: Limits,
+) -> (
+    std::net::SocketAddr,
+    CancellationToken,
+    tokio::task::JoinHandle<()>,
+) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let stop = CancellationToken::new();
+    let app = Router::new().route("/", get(|| async { "ok" }));
+    let task = tokio::spawn(serve(listener, app, limits, stop.clone()));
+    (addr, stop, task)
+}
+
+/// A whole request and its answer's status line.
+async fn get_root(addr: std::net::SocketAddr) -> String {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).await.unwrap();
+    answer.lines().next().unwrap_or_default().to_owned()
+}
+
+/// Half a request header, then silence.
+async fn slow_client(addr: std::net::SocketAddr) -> TcpStream {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n").await.unwrap();
+    s
+}
+
+/// Whether the server closed `s` (EOF or reset) within `within`.
+async fn closed_within(s: &mut TcpStream, within: Duration) -> bool {
+    let mut buf = [0u8; 256];
+    match tokio::time::timeout(within, s.read(&mut buf)).await {
+        Ok(Ok(0)) | Ok(Err(_)) => true,
+        Ok(Ok(_)) => true, // an error answer (408) then close also lets go of the client
+        Err(_) => false,
+    }
+}
+
+#[tokio::test]
+async fn a_client_that_never_finishes_its_header_is_let_go() {
+    let limits = Limits {
+        header_read_timeout: Duration::from_millis(300),
+        max_connections: 16,
+    };
+    let (addr, stop, task) = start(limits).await;
+    let mut slow = slow_client(addr).await;
+    let started = Instant::now();
+    assert!(
+        closed_within(&mut slow, Duration::from_secs(5)).await,
+        "a half-sent header must not hold the connection"
+    );
+    assert!(
+        started.elapsed() >= Duration::from_millis(250),
+        "not before the timeout"
+    );
+    assert!(get_root(addr).await.contains("200"), "others are served");
+    stop.cancel();
+    task.await.unwrap();
+}
+
+#[tokio::test]
+async fn connections_past_the_cap_wait_for_one_to_go() {
+    let limits = Limits {
+        header_read_timeout: Duration::from_millis(400),
+        max_connections: 2,
+    };
+    let (addr, stop, task) = start(limits).await;
+    let _a = slow_client(addr).await;
+    let _b = slow_client(addr).await;
+    // Both slots are held: a good request waits until the slow clients are let go.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let started = Instant::now();
+    let status = get_root(addr).await;
+    assert!(status.contains("200"), "{status}");
+    assert!(
+        started.elapsed() >= Duration::from_millis(250),
+        "served while both slots were held ({:?})",
+        started.elapsed()
+    );
+    stop.cancel();
+    task.await.unwrap();
+}
+
+#[tokio::test]
+async fn shutdown_stops_accepting_and_returns() {
+    let (addr, stop, task) = start(Limits::default()).await;
+    assert!(get_root(addr).await.contains("200"));
+    stop.cancel();
+    tokio::time::timeout(Duration::from_secs(5), task)
+        .await
+        .expect("serve returns after shutdown")
+        .unwrap();
+    assert!(
+        TcpStream::connect(addr).await.is_err(),
+        "the port is closed"
+    );
+}
