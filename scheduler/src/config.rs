@@ -20,6 +20,7 @@ const SECTIONS: &[&str] = &[
     "ha",
     "reconciler",
     "screwdriver",
+    "http",
     "log",
 ];
 
@@ -36,7 +37,28 @@ pub struct Config {
     pub ha: HaConfig,
     pub reconciler: ReconcilerConfig,
     pub screwdriver: ScrewdriverConfig,
+    pub http: HttpConfig,
     pub log: LogConfig,
+}
+
+/// What one client may take of the HTTP API.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// Requests handled at once, long-polls aside; past it: 503 with `Retry-After`.
+    pub max_in_flight: usize,
+    /// Longest a request may take, long-polls aside (they wait by design); past it: 503.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            max_in_flight: 1024,
+            request_timeout: Duration::from_secs(30),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -143,6 +165,7 @@ impl Default for Config {
             ha: HaConfig::default(),
             reconciler: ReconcilerConfig::default(),
             screwdriver: ScrewdriverConfig::default(),
+            http: HttpConfig::default(),
             log: LogConfig::default(),
         }
     }
@@ -330,6 +353,12 @@ impl Config {
         }
         if self.screwdriver.report_attempts == 0 {
             return Err(invalid("screwdriver.report_attempts", "must be at least 1"));
+        }
+        if self.http.max_in_flight == 0 {
+            return Err(invalid("http.max_in_flight", "must be at least 1"));
+        }
+        if self.http.request_timeout < Duration::from_secs(1) {
+            return Err(invalid("http.request_timeout", "must be at least 1s"));
         }
         if let Err(reason) = self.log.check_level() {
             return Err(invalid("log.level", &reason));

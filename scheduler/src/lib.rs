@@ -140,6 +140,7 @@ impl Scheduler {
             metrics: sd_telemetry::metrics_handle(None),
             shutdown: shutdown.clone(),
             max_wait: config.queue.max_wait,
+            http: config.http.clone(),
             registry_sync,
         });
         let (listener, addr) = bind(config.listen).await?;

@@ -35,6 +35,8 @@ pub struct AppState {
     pub shutdown: CancellationToken,
     /// Longest long-poll a worker may ask for.
     pub max_wait: Duration,
+    /// Requests in flight (long-polls aside) and how long each may take.
+    pub http: crate::config::HttpConfig,
     /// Reloads the cache after a registry write and tells the other replicas.
     pub(crate) registry_sync: Arc<RegistrySync>,
 }

@@ -40,6 +40,10 @@ pub fn router(state: Arc<AppState>) -> Router {
             "/{name}",
             get(get_cluster).put(update_cluster).delete(delete_cluster),
         );
+    let slots = Bounds {
+        slots: Arc::new(tokio::sync::Semaphore::new(state.http.max_in_flight)),
+        timeout: state.http.request_timeout,
+    };
     Router::new()
         .nest("/v4/buildclusters", clusters.clone())
         // The seed's paths, kept as aliases.
@@ -49,7 +53,6 @@ pub fn router(state: Arc<AppState>) -> Router {
             axum::routing::post(start_build).delete(stop_build),
         )
         .route("/v1/builds/{build_id}", get(get_build))
-        .route("/v1/jobs/{cluster}", get(workers::poll))
         .route("/v1/jobs/{cluster}/ack", axum::routing::post(workers::ack))
         .route(
             "/v1/jobs/{cluster}/nack",
@@ -67,6 +70,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_text))
         .route("/openapi.json", get(openapi))
+        // Every route above: a bounded number at once, each for a bounded time. The long-poll
+        // (added below) waits by design; its own bounds are the worker protocol's.
+        .route_layer(middleware::from_fn_with_state(slots, bounded))
+        .route("/v1/jobs/{cluster}", get(workers::poll))
         .route_layer(middleware::from_fn(track))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
@@ -544,6 +551,37 @@ async fn openapi() -> impl IntoResponse {
     )
 }
 
+/// The in-flight cap and the request timeout.
+#[derive(Clone)]
+struct Bounds {
+    slots: Arc<tokio::sync::Semaphore>,
+    timeout: std::time::Duration,
+}
+
+/// Answers 503 with `Retry-After` when `http.max_in_flight` requests are already in flight or
+/// this one outlives `http.request_timeout`: a flood or a stuck dependency costs bounded
+/// memory and time, and clients (Screwdriver's retries, the agents' back-off) come back later.
+async fn bounded(State(bounds): State<Bounds>, req: Request, next: Next) -> Response {
+    let Ok(_slot) = bounds.slots.try_acquire() else {
+        return busy("too many requests in flight; retry shortly".into());
+    };
+    match tokio::time::timeout(bounds.timeout, next.run(req)).await {
+        Ok(response) => response,
+        Err(_) => busy(format!(
+            "the request took longer than {}s (http.request_timeout); retry shortly",
+            bounds.timeout.as_secs()
+        )),
+    }
+}
+
+fn busy(message: String) -> Response {
+    let mut response = ApiError::new(StatusCode::SERVICE_UNAVAILABLE, message).into_response();
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+    response
+}
+
 /// A request's method as a metric label: HTTP's own methods by name, anything a client made
 /// up as `other`, so no client can add label values (and series) at will.
 fn method_label(method: &axum::http::Method) -> &'static str {
@@ -580,8 +618,65 @@ async fn track(req: Request, next: Next) -> Response {
 
 #[cfg(test)]
 mod tests {
-    use super::method_label;
-    use axum::http::Method;
+    use super::{Bounds, bounded, method_label};
+    use axum::Router;
+    use axum::body::Body;
+    use axum::http::{Method, Request, StatusCode, header};
+    use axum::routing::get;
+    use std::sync::Arc;
+    use std::time::Duration;
+    use tower::ServiceExt;
+
+    fn app(bounds: Bounds) -> Router {
+        Router::new()
+            .route(
+                "/slow",
+                get(|| async {
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    "done"
+                }),
+            )
+            .route("/fast", get(|| async { "done" }))
+            .route_layer(axum::middleware::from_fn_with_state(bounds, bounded))
+    }
+
+    async fn call(app: Router, path: &str) -> (StatusCode, Option<String>) {
+        let request = Request::get(path).body(Body::empty()).unwrap();
+        let response = app.oneshot(request).await.unwrap();
+        let retry = response
+            .headers()
+            .get(header::RETRY_AFTER)
+            .map(|v| v.to_str().unwrap().to_owned());
+        (response.status(), retry)
+    }
+
+    #[tokio::test]
+    async fn a_request_past_its_time_is_answered_503_with_retry_after() {
+        let bounds = Bounds {
+            slots: Arc::new(tokio::sync::Semaphore::new(4)),
+            timeout: Duration::from_millis(50),
+        };
+        assert_eq!(
+            call(app(bounds.clone()), "/slow").await,
+            (StatusCode::SERVICE_UNAVAILABLE, Some("1".into()))
+        );
+        assert_eq!(call(app(bounds), "/fast").await, (StatusCode::OK, None));
+    }
+
+    #[tokio::test]
+    async fn past_the_in_flight_cap_requests_are_answered_503_at_once() {
+        let bounds = Bounds {
+            slots: Arc::new(tokio::sync::Semaphore::new(1)),
+            timeout: Duration::from_secs(5),
+        };
+        let held = Arc::clone(&bounds.slots).acquire_owned().await.unwrap();
+        assert_eq!(
+            call(app(bounds.clone()), "/fast").await,
+            (StatusCode::SERVICE_UNAVAILABLE, Some("1".into()))
+        );
+        drop(held);
+        assert_eq!(call(app(bounds), "/fast").await, (StatusCode::OK, None));
+    }
 
     #[test]
     fn made_up_methods_share_one_label() {
