@@ -626,6 +626,9 @@ impl Config {
     }
 }
 
+/// The longest grace period: the most a config may set or a build's annotation may raise it to.
+pub const MAX_GRACE: Duration = Duration::from_secs(3600);
+
 /// An executor's time settings (both executors' config sections carry the same four).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TimeLimits {
@@ -686,7 +689,7 @@ fn check_margin(key: &str, margin: Duration) -> Result<(), ConfigError> {
 
 /// The launcher's SIGTERM trap sleeps `SD_TERMINATION_GRACE_PERIOD_SECONDS - 1`.
 fn check_grace(key: &str, grace: Duration) -> Result<(), ConfigError> {
-    if grace < Duration::from_secs(2) || grace > Duration::from_secs(3600) {
+    if grace < Duration::from_secs(2) || grace > MAX_GRACE {
         return Err(invalid(
             key,
             "must be from 2s to 1h (the launcher needs it to abort the step, run teardown and report)",

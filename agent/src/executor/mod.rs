@@ -195,10 +195,7 @@ pub fn scrub_tokens(text: &str, known: Option<&str>) -> String {
     out
 }
 
-pub use crate::config::TimeLimits;
-
-/// The most a build's annotation may raise its grace period to.
-pub const MAX_GRACE: Duration = Duration::from_secs(3600);
+pub use crate::config::{MAX_GRACE, TimeLimits};
 
 /// How long one build may run, and who enforces what. The launcher owns the timeout (`run.sh`'s
 /// timeout argument, whole minutes): at it, it aborts the step, runs teardown and reports the

@@ -257,6 +257,27 @@ pub const PERMISSIONS: &[(&str, &str, &str)] = &[
     ("list", "events", ""),
 ];
 
+/// [`PERMISSIONS`] as a person reads them: `pods (create, get, …) and events (list)`.
+fn permissions_text() -> String {
+    let mut by_resource: Vec<(String, Vec<&str>)> = Vec::new();
+    for (verb, resource, sub) in PERMISSIONS {
+        let what = if sub.is_empty() {
+            (*resource).to_owned()
+        } else {
+            format!("{resource}/{sub}")
+        };
+        match by_resource.iter_mut().find(|(r, _)| *r == what) {
+            Some((_, verbs)) => verbs.push(verb),
+            None => by_resource.push((what, vec![verb])),
+        }
+    }
+    by_resource
+        .iter()
+        .map(|(what, verbs)| format!("{what} ({})", verbs.join(", ")))
+        .collect::<Vec<_>>()
+        .join(" and ")
+}
+
 /// Asks the API server (SelfSubjectAccessReview) whether this identity may do each thing the
 /// executor does, so a missing RBAC rule shows up in `sd-agent check`, not at the first build.
 async fn review_permissions(
@@ -355,7 +376,8 @@ async fn check_pods(
     timeout: Duration,
 ) -> Result<String, ExecError> {
     let rbac = format!(
-        "the agent's service account needs RBAC for pods (create, get, list, watch, delete) and events (list) in namespace {ns}"
+        "the agent's service account needs RBAC for {} in namespace {ns}",
+        permissions_text()
     );
     let result =
         match tokio::time::timeout(timeout, pods.list(&ListParams::default().limit(1))).await {
@@ -433,5 +455,16 @@ fn describe(e: &kube::Error) -> String {
             }
             text
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_rbac_hint_lists_exactly_the_permissions_used() {
+        assert_eq!(
+            super::permissions_text(),
+            "pods (create, get, list, watch, delete) and events (list)"
+        );
     }
 }
