@@ -23,8 +23,17 @@ pub struct Launcher {
 }
 
 impl Launcher {
+    /// Launches local jobs until `stop`; holds the local doorbell's subscription meanwhile.
     pub async fn run(self, stop: CancellationToken) {
+        let relay = self.local.relay_doorbell(stop.clone().cancelled_owned());
+        tokio::join!(relay, self.launch_until(&stop));
+    }
+
+    async fn launch_until(&self, stop: &CancellationToken) {
+        let mut bell = self.local.listen();
         while !stop.is_cancelled() {
+            // Armed before looking: a push while we look rings this bell.
+            bell.arm();
             let room = (self.max_in_flight as usize).saturating_sub(self.executor.in_flight());
             let leases = if room == 0 {
                 Ok(Vec::new())
@@ -42,7 +51,7 @@ impl Launcher {
                 Ok(_) => {
                     // Nothing to do (or full): wait for a push, or re-check shortly.
                     tokio::select! {
-                        _ = self.local.wait(Duration::from_secs(2)) => {}
+                        _ = bell.rung(Duration::from_secs(2)) => {}
                         () = stop.cancelled() => return,
                     }
                 }

@@ -13,7 +13,8 @@ use redis::AsyncCommands;
 use redis::aio::ConnectionManager;
 use sd_protocol::{JobKind, QueueMessage, StartMessage};
 use sd_queue::{
-    Cancelled, Enqueued, Holds, Lease, LeaseOp, LeaseOutcome, QueueError, QueueSettings, Queues,
+    Cancelled, Doorbell, Enqueued, Holds, Lease, LeaseOp, LeaseOutcome, Listener, QueueError,
+    QueueSettings, Queues,
 };
 
 pub const TAG: &str = "sd-agent";
@@ -46,6 +47,8 @@ pub struct LocalQueue {
     settings: QueueSettings,
     durability: Durability,
     records: String,
+    /// Rung by every push (one subscription to the local Redis, held by the launcher).
+    doorbell: Doorbell,
 }
 
 /// Whether the local Redis can confirm a write on disk (WAITAOF: Redis ≥ 7.2 with appendonly
@@ -147,6 +150,7 @@ impl LocalQueue {
             settings,
             durability: Durability::default(),
             records,
+            doorbell: Doorbell::default(),
         };
         // Finds out about durability now when Redis is up, so the warning comes at start-up.
         let _ = local
@@ -256,10 +260,15 @@ impl LocalQueue {
         Ok(self.queues.cancel(&self.cluster, build_id).await?)
     }
 
-    /// Waits for the local doorbell (a push) for at most `timeout`.
-    pub async fn wait(&self, timeout: Duration) -> Result<(), LocalError> {
-        self.queues.wait_doorbell(&self.cluster, timeout).await?;
-        Ok(())
+    /// An ear on the local doorbell, rung by every push; heard only while
+    /// [`relay_doorbell`](Self::relay_doorbell) runs.
+    pub fn listen(&self) -> Listener {
+        self.doorbell.listen(&self.cluster)
+    }
+
+    /// Holds the doorbell's subscription to the local Redis until `stop` resolves.
+    pub async fn relay_doorbell(&self, stop: impl Future<Output = ()>) {
+        self.queues.relay_doorbell(&self.doorbell, stop).await;
     }
 
     /// Messages accepted from the scheduler and not yet launched.

@@ -10,9 +10,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+pub mod doorbell;
 pub mod due;
 pub mod markers;
 pub mod outbox;
+pub use doorbell::{Doorbell, Listener};
 pub use due::DueSet;
 
 /// Every timed script's first lines: Redis's clock as `now` (ms). Shared, so no script reads
@@ -47,7 +49,6 @@ pub struct ClusterKeys {
     pub jobs: String,
     pub meta: String,
     pub dead: String,
-    pub wake: String,
 }
 
 /// Every key name under one hash tag.
@@ -67,6 +68,9 @@ pub struct Keys {
     pub lease_seq: String,
     /// cluster → Redis time (ms) of its last authenticated poll.
     pub heartbeat: String,
+    /// The doorbell channel (not a key): scripts publish a cluster's name on it when work
+    /// becomes ready there.
+    pub bell: String,
 }
 
 impl Keys {
@@ -81,6 +85,7 @@ impl Keys {
             blocked: key("blocked"),
             lease_seq: key("lease-seq"),
             heartbeat: key("heartbeat"),
+            bell: doorbell::channel(tag),
         }
     }
 
@@ -94,7 +99,6 @@ impl Keys {
             jobs: key("jobs"),
             meta: key("meta"),
             dead: key("dead"),
-            wake: key("wake"),
         }
     }
 }
@@ -330,7 +334,6 @@ impl Queues {
             .key(&keys.ready)
             .key(&keys.jobs)
             .key(&keys.meta)
-            .key(&keys.wake)
             .key(&self.keys.acked)
             .key(&self.keys.where_)
             .key(&self.keys.newest)
@@ -343,6 +346,7 @@ impl Queues {
             .arg(if holds.collapse { "1" } else { "0" })
             .arg(u64::try_from(holds.same_job_wait.as_millis()).unwrap_or(u64::MAX))
             .arg(if force { "1" } else { "0" })
+            .arg(&self.keys.bell)
             .invoke_async(&mut conn)
             .await?;
         match code {
@@ -536,7 +540,8 @@ impl Queues {
                 .key(&keys.delayed)
                 .key(&keys.ready)
                 .key(&keys.meta)
-                .key(&keys.wake);
+                .arg(&self.keys.bell)
+                .arg(&cluster);
             for id in &ids {
                 invocation.arg(id);
             }
@@ -561,11 +566,11 @@ impl Queues {
             .key(&d.ready)
             .key(&d.jobs)
             .key(&d.meta)
-            .key(&d.wake)
             .key(&self.keys.where_)
             .arg(id)
             .arg(src)
             .arg(dst)
+            .arg(&self.keys.bell)
             .invoke_async(&mut conn)
             .await?;
         Ok(match what.as_str() {
@@ -609,27 +614,11 @@ impl Queues {
         Ok(secs * 1000 + micros / 1000)
     }
 
-    /// Waits for the cluster's doorbell for at most `timeout` on a connection of its own (a
-    /// blocking command must not hold up the shared one). `true` when it rang.
-    pub async fn wait_doorbell(
-        &self,
-        cluster: &str,
-        timeout: Duration,
-    ) -> Result<bool, QueueError> {
-        let config = redis::AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(2)))
-            .set_response_timeout(None);
-        let mut conn = self
-            .client
-            .get_multiplexed_async_connection_with_config(&config)
-            .await?;
-        let secs = timeout.as_secs_f64().max(0.01);
-        let rang: Option<(String, String)> = redis::cmd("BLPOP")
-            .arg(self.keys.cluster(cluster).wake)
-            .arg(secs)
-            .query_async(&mut conn)
-            .await?;
-        Ok(rang.is_some())
+    /// Holds this process's doorbell subscription until `stop` resolves (see [`Doorbell::run`]).
+    pub async fn relay_doorbell(&self, doorbell: &Doorbell, stop: impl Future<Output = ()>) {
+        doorbell
+            .run(self.client.clone(), self.keys.bell.clone(), stop)
+            .await;
     }
 
     /// Sizes of a cluster's ready, leased, delayed and dead sets (one round trip).

@@ -3,10 +3,10 @@
 -- pinned ones (re-queued after their cluster acknowledged them: its agent may still run them).
 --   {'moved', dst} | {'leased', src} | {'pinned', src} | {'elsewhere', owner} | {'absent', ''}
 -- KEYS: src ready, src delayed, src leased, src jobs, src meta, dst ready, dst jobs, dst meta,
---       dst wake, where
--- ARGV: id, src, dst
+--       where
+-- ARGV: id, src, dst, doorbell channel
 local id = ARGV[1]
-local owner = redis.call('HGET', KEYS[10], id)
+local owner = redis.call('HGET', KEYS[9], id)
 if owner ~= ARGV[2] then return {'elsewhere', owner or ''} end
 if redis.call('ZSCORE', KEYS[3], id) then return {'leased', ARGV[2]} end
 local score = redis.call('ZSCORE', KEYS[1], id) or redis.call('ZSCORE', KEYS[2], id)
@@ -21,7 +21,6 @@ redis.call('HDEL', KEYS[5], id)
 redis.call('HSET', KEYS[7], id, message)
 redis.call('HSET', KEYS[8], id, meta)
 redis.call('ZADD', KEYS[6], score, id)
-redis.call('HSET', KEYS[10], id, ARGV[3])
-redis.call('RPUSH', KEYS[9], id)
-redis.call('LTRIM', KEYS[9], -64, -1)
+redis.call('HSET', KEYS[9], id, ARGV[3])
+redis.call('PUBLISH', ARGV[4], ARGV[3])
 return {'moved', ARGV[3]}

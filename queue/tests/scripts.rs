@@ -4,7 +4,7 @@
 //!
 //! Every script takes its time from Redis (`TIME`), so the waits are short: leases, back-offs
 //! and re-checks last tens of milliseconds, and [`pass`] waits until Redis's clock has moved past
-//! them. Raw reads (`HGET`, `ZSCORE`, `LRANGE`) use `Queues::connection` and the key names
+//! them. Raw reads (`HGET`, `ZSCORE`) use `Queues::connection` and the key names
 //! `Queues::keys` gives.
 
 use std::time::Duration;
@@ -170,26 +170,6 @@ async fn zscore(q: &Queues, key: &str, member: &str) -> Option<f64> {
         .unwrap()
 }
 
-async fn lrange(q: &Queues, key: &str) -> Vec<String> {
-    let mut conn = q.connection();
-    redis::cmd("LRANGE")
-        .arg(key)
-        .arg(0)
-        .arg(-1)
-        .query_async(&mut conn)
-        .await
-        .unwrap()
-}
-
-async fn del(q: &Queues, key: &str) {
-    let mut conn = q.connection();
-    let _: i64 = redis::cmd("DEL")
-        .arg(key)
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-}
-
 /// The build `{tag}:running` says runs for `job`.
 async fn running(q: &Queues, job: u64) -> Option<String> {
     hget(q, &q.keys().running, &job.to_string()).await
@@ -225,21 +205,43 @@ async fn assert_due(q: &Queues, key: &str, id: &str, (before, after): (i64, i64)
     );
 }
 
-/// Whether `cluster`'s doorbell holds `id`.
-async fn rang(q: &Queues, cluster: &str, id: &str) -> bool {
-    lrange(q, &q.keys().cluster(cluster).wake)
-        .await
-        .iter()
-        .any(|x| x == id)
+/// What the doorbell channel carries, heard on a subscription of the test's own.
+struct Rings {
+    _sink: redis::aio::PubSubSink,
+    stream: redis::aio::PubSubStream,
+}
+
+/// Starts hearing the doorbell of `q`.
+async fn rings(redis: &RedisServer, q: &Queues) -> Rings {
+    let client = redis::Client::open(redis.url()).unwrap();
+    let (mut sink, stream) = client.get_async_pubsub().await.unwrap().split();
+    sink.subscribe(&q.keys().bell).await.unwrap();
+    Rings {
+        _sink: sink,
+        stream,
+    }
+}
+
+impl Rings {
+    /// The clusters rung since the last call, in order (until 200 ms pass without a ring).
+    async fn heard(&mut self) -> Vec<String> {
+        use futures::StreamExt;
+        let mut clusters = Vec::new();
+        while let Ok(Some(message)) = tokio::time::timeout(ms(200), self.stream.next()).await {
+            clusters.push(message.get_payload::<String>().unwrap());
+        }
+        clusters
+    }
 }
 
 // === enqueue ===
 
 #[tokio::test]
 async fn enqueue_is_idempotent_and_keeps_a_build_on_one_queue() {
-    let (_redis, q) = start("sd");
+    let (redis, q) = start("sd");
+    let mut bell = rings(&redis, &q).await;
     put(&q, "a", 7, 1, &Holds::default()).await;
-    assert!(rang(&q, "a", "7").await, "enqueue rings the doorbell");
+    assert_eq!(bell.heard().await, ["a"], "enqueue rings the doorbell");
 
     let other = message(7, 99);
     assert_eq!(
@@ -848,15 +850,15 @@ async fn nack_backs_off_doubling_per_delivery_up_to_the_maximum() {
 
 #[tokio::test]
 async fn release_promotes_the_builds_deferred_behind_a_job_on_every_cluster() {
-    let (_redis, q) = start("sd");
+    let (redis, q) = start("sd");
     put(&q, "a", 100, 1, &Holds::default()).await;
     lease_one(&q, "a", "100", &settings()).await;
     put(&q, "a", 200, 2, &blocked_by(&[1])).await;
     put(&q, "b", 300, 3, &blocked_by(&[1])).await;
     for cluster in ["a", "b"] {
         assert!(fetch(&q, cluster, 10, &settings()).await.leases.is_empty());
-        del(&q, &q.keys().cluster(cluster).wake).await;
     }
+    let mut bell = rings(&redis, &q).await;
     assert_eq!(blocked_behind(&q, 1).await, ["a\t200", "b\t300"]);
 
     assert_eq!(q.release(1, 100).await.unwrap(), 2);
@@ -866,8 +868,7 @@ async fn release_promotes_the_builds_deferred_behind_a_job_on_every_cluster() {
     assert_eq!(q.ready("b").await.unwrap(), ["300"]);
     assert!(q.delayed("a").await.unwrap().is_empty());
     assert!(q.delayed("b").await.unwrap().is_empty());
-    assert_eq!(lrange(&q, &q.keys().cluster("a").wake).await, ["200"]);
-    assert_eq!(lrange(&q, &q.keys().cluster("b").wake).await, ["300"]);
+    assert_eq!(bell.heard().await, ["a", "b"], "each cluster's bell, once");
     lease_one(&q, "a", "200", &settings()).await;
     lease_one(&q, "b", "300", &settings()).await;
     assert_eq!(
@@ -901,18 +902,18 @@ async fn release_of_another_build_keeps_the_job_running() {
 
 #[tokio::test]
 async fn promote_skips_builds_that_are_no_longer_deferred() {
-    let (_redis, q) = start("sd");
+    let (redis, q) = start("sd");
     put(&q, "a", 100, 1, &Holds::default()).await;
     lease_one(&q, "a", "100", &settings()).await;
     put(&q, "a", 200, 2, &blocked_by(&[1])).await;
     put(&q, "a", 300, 3, &blocked_by(&[1])).await;
     assert_eq!(fetch(&q, "a", 10, &settings()).await.blocked.len(), 2);
     assert_eq!(q.cancel("a", 200).await.unwrap(), Cancelled::Removed);
-    del(&q, &q.keys().cluster("a").wake).await;
+    let mut bell = rings(&redis, &q).await;
 
     assert_eq!(q.release(1, 100).await.unwrap(), 1);
     assert_eq!(q.ready("a").await.unwrap(), ["300"]);
-    assert_eq!(lrange(&q, &q.keys().cluster("a").wake).await, ["300"]);
+    assert_eq!(bell.heard().await, ["a"]);
     assert_eq!(
         q.owner("200").await.unwrap(),
         None,
@@ -927,13 +928,13 @@ async fn promote_skips_builds_that_are_no_longer_deferred() {
     assert_eq!(fetch(&q, "b", 10, &settings()).await.blocked.len(), 1);
     assert_eq!(q.cancel("a", 400).await.unwrap(), Cancelled::Removed);
     assert_eq!(q.cancel("b", 500).await.unwrap(), Cancelled::Removed);
-    del(&q, &q.keys().cluster("a").wake).await;
+    bell.heard().await;
     assert_eq!(
         settle(&q, LeaseOp::Ack, "a", &lease).await,
         LeaseOutcome::Done
     );
     assert_eq!(q.release(3, 300).await.unwrap(), 0);
-    assert!(lrange(&q, &q.keys().cluster("a").wake).await.is_empty());
+    assert!(bell.heard().await.is_empty());
     assert!(q.ready("a").await.unwrap().is_empty());
 }
 
@@ -941,13 +942,13 @@ async fn promote_skips_builds_that_are_no_longer_deferred() {
 
 #[tokio::test]
 async fn move_takes_a_waiting_build_to_another_cluster_with_its_place() {
-    let (_redis, q) = start("sd");
+    let (redis, q) = start("sd");
     put(&q, "a", 2, 2, &Holds::default()).await;
     next_ms(&q).await;
     put(&q, "b", 1, 1, &Holds::default()).await;
     let score = zscore(&q, &q.keys().cluster("a").ready, "2").await;
     let before = meta(&q, "a", "2").await;
-    del(&q, &q.keys().cluster("b").wake).await;
+    let mut bell = rings(&redis, &q).await;
 
     assert_eq!(q.move_waiting("2", "a", "b").await.unwrap(), Moved::Moved);
     assert_eq!(q.owner("2").await.unwrap().as_deref(), Some("b"));
@@ -958,7 +959,7 @@ async fn move_takes_a_waiting_build_to_another_cluster_with_its_place() {
     assert!(q.ready("a").await.unwrap().is_empty());
     assert_eq!(q.message("a", "2").await.unwrap(), None);
     assert!(hget(&q, &q.keys().cluster("a").meta, "2").await.is_none());
-    assert_eq!(lrange(&q, &q.keys().cluster("b").wake).await, ["2"]);
+    assert_eq!(bell.heard().await, ["b"]);
 
     // Asked again from the old cluster, or for a build on no queue.
     let again = q.move_waiting("2", "a", "c").await.unwrap();

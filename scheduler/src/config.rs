@@ -50,6 +50,9 @@ pub struct HttpConfig {
     /// Longest a request may take, long-polls aside (they wait by design); past it: 503.
     #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,
+    /// Connections served at once, waiting long-polls included; more wait in the kernel's
+    /// backlog. The process's open-files limit is raised to fit at start.
+    pub max_connections: usize,
 }
 
 impl Default for HttpConfig {
@@ -57,6 +60,7 @@ impl Default for HttpConfig {
         Self {
             max_in_flight: 1024,
             request_timeout: Duration::from_secs(30),
+            max_connections: 16_384,
         }
     }
 }
@@ -80,6 +84,10 @@ pub struct QueueConfig {
     /// Longest long-poll a worker may ask for (`?wait=`).
     #[serde(with = "humantime_serde")]
     pub max_wait: Duration,
+    /// Long-polls of one cluster waiting at once on a replica; past it: 429 with `Retry-After`.
+    pub max_polls_per_cluster: usize,
+    /// Long-polls of one token waiting at once on a replica (an agent needs one).
+    pub max_polls_per_token: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -180,6 +188,8 @@ impl Default for QueueConfig {
             nack_backoff: Duration::from_secs(1),
             nack_backoff_max: Duration::from_secs(60),
             max_wait: Duration::from_secs(60),
+            max_polls_per_cluster: 64,
+            max_polls_per_token: 4,
         }
     }
 }
@@ -339,6 +349,12 @@ impl Config {
         if q.max_wait > Duration::from_secs(300) {
             return Err(invalid("queue.max_wait", "must be at most 300s"));
         }
+        if q.max_polls_per_cluster == 0 {
+            return Err(invalid("queue.max_polls_per_cluster", "must be at least 1"));
+        }
+        if q.max_polls_per_token == 0 {
+            return Err(invalid("queue.max_polls_per_token", "must be at least 1"));
+        }
         if self.ha.cluster_dead_after < Duration::from_secs(1) {
             return Err(invalid("ha.cluster_dead_after", "must be at least 1s"));
         }
@@ -359,6 +375,9 @@ impl Config {
         }
         if self.http.request_timeout < Duration::from_secs(1) {
             return Err(invalid("http.request_timeout", "must be at least 1s"));
+        }
+        if self.http.max_connections == 0 {
+            return Err(invalid("http.max_connections", "must be at least 1"));
         }
         if let Err(reason) = self.log.check_level() {
             return Err(invalid("log.level", &reason));

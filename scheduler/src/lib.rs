@@ -14,6 +14,7 @@ pub mod config;
 pub mod db;
 pub mod ha;
 pub mod intake;
+pub mod poll_limits;
 /// The master queues: sd-queue under the hash tag `{sd}`.
 pub mod queue {
     pub use sd_queue::*;
@@ -47,7 +48,8 @@ use crate::config::{AuthConfig, Config, QueueConfig};
 use crate::db::{Db, DbError};
 use crate::ha::Health;
 use crate::intake::Intake;
-use crate::queue::{QueueError, QueueSettings, Queues};
+use crate::poll_limits::{PollCaps, PollLimits};
+use crate::queue::{Doorbell, QueueError, QueueSettings, Queues};
 use crate::registry::{ClusterCache, Registry, RegistryError};
 use crate::registry_sync::RegistrySync;
 use crate::reporter::Reporter;
@@ -107,6 +109,7 @@ impl Scheduler {
         );
         let workers = Workers {
             queues: queues.clone(),
+            doorbell: Doorbell::default(),
             builds,
             cache: cache.clone(),
             health: Arc::clone(&health),
@@ -140,6 +143,10 @@ impl Scheduler {
             metrics: sd_telemetry::metrics_handle(None),
             shutdown: shutdown.clone(),
             max_wait: config.queue.max_wait,
+            poll_limits: PollLimits::new(PollCaps {
+                per_cluster: config.queue.max_polls_per_cluster,
+                per_token: config.queue.max_polls_per_token,
+            }),
             http: config.http.clone(),
             registry_sync,
         });
@@ -188,7 +195,22 @@ fn spawn_tasks(
     shutdown: &CancellationToken,
 ) -> JoinSet<()> {
     let mut tasks = JoinSet::new();
-    tasks.spawn(serve(listener, Arc::clone(state), shutdown.clone()));
+    tasks.spawn(serve(
+        listener,
+        Arc::clone(state),
+        config.http.max_connections,
+        shutdown.clone(),
+    ));
+    let (queues, doorbell, stop) = (
+        state.queues.clone(),
+        state.workers.doorbell.clone(),
+        shutdown.clone(),
+    );
+    tasks.spawn(async move {
+        queues
+            .relay_doorbell(&doorbell, stop.cancelled_owned())
+            .await;
+    });
     tasks.spawn(Arc::clone(&state.registry_sync).run(shutdown.clone()));
     tasks.spawn(Arc::clone(&state.intake).run(
         Arc::clone(&reroute),
@@ -211,17 +233,37 @@ fn spawn_tasks(
     tasks
 }
 
-/// Serves the API until `shutdown`, letting requests in flight finish.
-/// The API, with a bound on connections and on the time a client may take to send its
-/// request headers (a slow client cannot hold the scheduler's connections).
-async fn serve(listener: TcpListener, state: Arc<AppState>, shutdown: CancellationToken) {
-    sd_http::serve(
-        listener,
-        api::router(state),
-        sd_http::Limits::default(),
-        shutdown,
-    )
-    .await;
+/// Serves the API until `shutdown`, letting requests in flight finish, with a bound on
+/// connections and on the time a client may take to send its request headers (a slow client
+/// cannot hold the scheduler's connections).
+async fn serve(
+    listener: TcpListener,
+    state: Arc<AppState>,
+    max_connections: usize,
+    shutdown: CancellationToken,
+) {
+    check_open_files(max_connections);
+    let limits = sd_http::Limits {
+        max_connections,
+        ..sd_http::Limits::default()
+    };
+    sd_http::serve(listener, api::router(state), limits, shutdown).await;
+}
+
+/// Raises the open-files limit and warns when it still cannot hold `max_connections` (each
+/// connection is a file descriptor; past the limit, accepting fails).
+fn check_open_files(max_connections: usize) {
+    /// Descriptors the process needs besides connections: Redis, the database, logs.
+    const SPARE: u64 = 256;
+    match sd_http::raise_open_files_limit() {
+        Ok(limit) if limit < max_connections as u64 + SPARE => tracing::warn!(
+            limit,
+            max_connections,
+            "the open-files limit is below http.max_connections; raise it (LimitNOFILE=, ulimit -n) or lower http.max_connections"
+        ),
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot read or raise the open-files limit"),
+    }
 }
 
 /// Binds `listen` and returns the address really bound (port 0 picks a free port: tests).

@@ -12,6 +12,7 @@ use crate::cluster_auth::{ClusterVerifier, EnvLookup};
 use crate::db::Db;
 use crate::ha::Health;
 use crate::intake::Intake;
+use crate::poll_limits::PollLimits;
 use crate::queue::Queues;
 use crate::registry::{ClusterCache, Registry};
 use crate::registry_sync::RegistrySync;
@@ -35,6 +36,8 @@ pub struct AppState {
     pub shutdown: CancellationToken,
     /// Longest long-poll a worker may ask for.
     pub max_wait: Duration,
+    /// Caps on the long-polls waiting at once, per cluster and per token.
+    pub poll_limits: Arc<PollLimits>,
     /// Requests in flight (long-polls aside) and how long each may take.
     pub http: crate::config::HttpConfig,
     /// Reloads the cache after a registry write and tells the other replicas.

@@ -11,13 +11,14 @@ use crate::builds::{BuildState, Builds};
 use crate::db::DbError;
 use crate::ha::Health;
 use crate::queue::{
-    Fetched, LeaseOp, LeaseOutcome, QueueError, QueueSettings, Queues, parse_delivery_id,
+    Doorbell, Fetched, LeaseOp, LeaseOutcome, QueueError, QueueSettings, Queues, parse_delivery_id,
 };
 use crate::registry::ClusterCache;
 use crate::reporter::{ReportTarget, Reporter};
 
 /// Longest single wait on the doorbell; a poll re-fetches at least this often, which also
-/// catches due delayed messages and lapsed leases of its cluster.
+/// catches due delayed messages and lapsed leases of its cluster, and bounds what a ring lost
+/// while the doorbell's subscription reconnects can cost.
 const DOORBELL_SLICE: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
@@ -37,6 +38,8 @@ pub use sd_protocol::workers::{Event, LeaseReport};
 
 pub struct Workers {
     pub queues: Queues,
+    /// Wakes waiting polls when their cluster's queue gets work (one subscription per replica).
+    pub doorbell: Doorbell,
     pub builds: Builds,
     pub cache: ClusterCache,
     pub health: Arc<Health>,
@@ -58,7 +61,10 @@ impl Workers {
             tracing::warn!(cluster, error = %e, "could not record heartbeat");
         }
         let deadline = Instant::now() + wait;
+        let mut bell = self.doorbell.listen(cluster);
         loop {
+            // Armed before the fetch: work made ready while it runs rings this bell.
+            bell.arm();
             let mut next_due = None;
             if self.is_active(cluster) {
                 let fetched = self.queues.fetch(cluster, max, &self.settings).await?;
@@ -77,7 +83,7 @@ impl Workers {
                 slice = slice.min(due.max(Duration::from_millis(10)));
             }
             tokio::select! {
-                rang = self.queues.wait_doorbell(cluster, slice) => { rang?; }
+                _ = bell.rung(slice) => {}
                 () = shutdown.cancelled() => return Ok(Vec::new()),
             }
         }

@@ -88,6 +88,8 @@ pub fn router(state: Arc<AppState>) -> Router {
 pub struct ApiError {
     status: StatusCode,
     message: String,
+    /// Seconds a client should wait before trying again (`Retry-After`), for 429 and 503.
+    retry_after: Option<u32>,
 }
 
 impl ApiError {
@@ -95,7 +97,14 @@ impl ApiError {
         Self {
             status,
             message: message.into(),
+            retry_after: None,
         }
+    }
+
+    /// Tells the client to come back after `secs` seconds.
+    pub fn retry_after(mut self, secs: u32) -> Self {
+        self.retry_after = Some(secs);
+        self
     }
 }
 
@@ -106,7 +115,13 @@ impl IntoResponse for ApiError {
             error: self.status.canonical_reason().unwrap_or("Error").to_owned(),
             message: self.message,
         };
-        (self.status, Json(body)).into_response()
+        let mut response = (self.status, Json(body)).into_response();
+        if let Some(secs) = self.retry_after {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from(secs));
+        }
+        response
     }
 }
 
@@ -575,11 +590,9 @@ async fn bounded(State(bounds): State<Bounds>, req: Request, next: Next) -> Resp
 }
 
 fn busy(message: String) -> Response {
-    let mut response = ApiError::new(StatusCode::SERVICE_UNAVAILABLE, message).into_response();
-    response
-        .headers_mut()
-        .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
-    response
+    ApiError::new(StatusCode::SERVICE_UNAVAILABLE, message)
+        .retry_after(1)
+        .into_response()
 }
 
 /// A request's method as a metric label: HTTP's own methods by name, anything a client made

@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use axum::Json;
 use axum::extract::{FromRequestParts, Path, Query, State};
-use axum::http::StatusCode;
 use axum::http::request::Parts;
+use axum::http::{HeaderMap, StatusCode};
 use sd_protocol::ErrorBody;
 use sd_protocol::workers::{AckBody, LeaseReport, NackBody};
 pub use sd_protocol::workers::{EventBody, Jobs};
@@ -84,6 +84,10 @@ impl From<WorkerError> for ApiError {
     }
 }
 
+/// How long a poll turned away for a cap is told to wait: long enough for waiting polls to
+/// answer, short enough that builds do not wait on it.
+const POLL_RETRY_AFTER_SECS: u32 = 5;
+
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 pub struct PollQuery {
     /// Seconds to wait when no job is ready (0–`queue.max_wait`, default 30).
@@ -93,10 +97,12 @@ pub struct PollQuery {
 }
 
 #[utoipa::path(get, path = "/v1/jobs/{cluster}", tag = "workers", params(("cluster" = String, Path), PollQuery),
-    responses((status = 200, body = Jobs), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
+    responses((status = 200, body = Jobs), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 422, body = ErrorBody), (status = 429, description = "too many long-polls of this cluster or token wait on this replica; `Retry-After` says when to come back", body = ErrorBody)))]
 pub async fn poll(
     State(state): State<Arc<AppState>>,
     ClusterCaller(cluster): ClusterCaller,
+    headers: HeaderMap,
     Query(query): Query<PollQuery>,
 ) -> Result<Json<Jobs>, ApiError> {
     let wait = bounded(
@@ -107,6 +113,16 @@ pub async fn poll(
         state.max_wait.as_secs(),
     )?;
     let max = bounded("max", query.max.as_deref(), 10, 1, 100)?;
+    // Held until the poll answers: the place of one waiting poll.
+    let _slot = state
+        .poll_limits
+        .enter(&cluster, bearer(&headers).unwrap_or_default())
+        .map_err(|refused| {
+            metrics::counter!("sd_scheduler_polls_refused_total", "cap" => refused.label())
+                .increment(1);
+            ApiError::new(StatusCode::TOO_MANY_REQUESTS, refused.to_string())
+                .retry_after(POLL_RETRY_AFTER_SECS)
+        })?;
     let jobs = state
         .workers
         .poll(
