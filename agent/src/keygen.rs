@@ -101,17 +101,9 @@ pub fn write_private(path: &Path, pem: &str) -> Result<(), KeygenError> {
 }
 
 /// Names of the scheduler-side variables for a cluster: (`authKey`, `signOption`).
+/// The registry refuses a second name with the same stem, so these never collide.
 pub fn variable_names(cluster: &str) -> (String, String) {
-    let stem: String = cluster
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() {
-                c.to_ascii_uppercase()
-            } else {
-                '_'
-            }
-        })
-        .collect();
+    let stem = sd_protocol::cluster::cluster_name_key(cluster);
     (
         format!("SD_CLUSTER_{stem}_PUBLIC_KEY"),
         format!("SD_CLUSTER_{stem}_SIGN_OPTIONS"),

@@ -132,6 +132,9 @@ impl StartMessage {
         for (i, job) in self.blocked_by.iter().enumerate() {
             positive(&format!("blockedBy[{i}]"), *job)?;
         }
+        if let Some(id) = self.event_id {
+            positive("eventId", id)?;
+        }
         for key in [ANNOTATION_BUILD_CLUSTER, ANNOTATION_BUILD_CLUSTER_SHORT] {
             match self.annotations.get(key) {
                 None | Some(Value::String(_)) => {}
@@ -181,9 +184,18 @@ impl StopRequest {
     }
 }
 
-fn positive(field: &str, value: u64) -> Result<(), FieldError> {
-    if value == 0 {
-        return Err(FieldError::new(field, "must be a positive integer"));
+/// The largest id any part of the system keeps exactly: the database stores ids as BIGINT,
+/// so a larger one would be clamped there while Redis kept it whole, and the two would name
+/// different builds.
+pub const MAX_ID: u64 = i64::MAX as u64;
+
+/// An id as Screwdriver issues them: 1 to [`MAX_ID`].
+pub fn positive(field: &str, value: u64) -> Result<(), FieldError> {
+    if value == 0 || value > MAX_ID {
+        return Err(FieldError::new(
+            field,
+            "must be a positive integer of at most 9223372036854775807 (2^63-1)",
+        ));
     }
     Ok(())
 }

@@ -75,10 +75,22 @@ impl SignOptions {
         300
     }
 
+    /// Parses the JSON a cluster's `signOption` variable holds. The text is a secret's
+    /// neighbour and reaches logs and answers only through these errors, so they name what is
+    /// wrong (the field, the position) and never quote the text.
     pub fn from_json(text: &str) -> Result<Self, FieldError> {
-        let value: serde_json::Value = serde_json::from_str(text)
-            .map_err(|e| FieldError::new("signOption", format!("invalid JSON: {e}")))?;
-        let options: Self = crate::error::from_value(value)?;
+        let value: serde_json::Value = serde_json::from_str(text).map_err(|e| {
+            FieldError::new(
+                "signOption",
+                format!("not JSON (line {}, column {})", e.line(), e.column()),
+            )
+        })?;
+        let options: Self = crate::error::from_value(value).map_err(|e| {
+            FieldError::new(
+                e.field,
+                "missing, or not a value sign options accept (algorithm: RS256, RS384, RS512, PS256, PS384, PS512, ES256, ES384 or EdDSA; expiresIn: seconds; issuer, audience: strings)",
+            )
+        })?;
         if options.expires_in == 0 || options.expires_in > 86_400 {
             return Err(FieldError::new(
                 "expiresIn",
@@ -131,6 +143,20 @@ mod tests {
         );
         assert!(SignOptions::from_json(r#"{"expiresIn":0}"#).is_err());
         assert!(SignOptions::from_json(r#"{"expires":5}"#).is_err());
+    }
+
+    #[test]
+    fn sign_option_errors_never_quote_the_variable() {
+        for text in [
+            r#""hunter2-secret""#,
+            r#"{"algorithm":"hunter2-secret"}"#,
+            r#"{"issuer":["hunter2-secret"]}"#,
+            "hunter2-secret",
+            r#"{"expiresIn":"hunter2-secret"}"#,
+        ] {
+            let e = SignOptions::from_json(text).unwrap_err();
+            assert!(!e.to_string().contains("hunter2"), "{text}: {e}");
+        }
     }
 
     #[test]

@@ -407,6 +407,21 @@ pub fn check_cluster_name(name: &str) -> Result<(), FieldError> {
     check_token("name", name, 100)
 }
 
+/// What makes two cluster names one cluster: names that differ only in case or in `-`, `.`
+/// and `_` would share their key variables (`SD_CLUSTER_<key>_PUBLIC_KEY`, spelled from this),
+/// so the registry keeps one of them at most.
+pub fn cluster_name_key(name: &str) -> String {
+    name.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_uppercase()
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
 /// Names that end up in Redis keys and URLs: `^[A-Za-z0-9_.-]+$`.
 fn check_token(field: &str, value: &str, max: usize) -> Result<(), FieldError> {
     check_text(field, value, max)?;
@@ -506,6 +521,16 @@ mod tests {
         assert_eq!(c.managed_by, ManagedBy::Screwdriver);
         assert_eq!(c.managed_by_email, "ops@example.com");
         assert_eq!(c.scm_organizations, vec!["org1", "org2"]);
+    }
+
+    #[test]
+    fn names_that_share_key_variables_share_a_key() {
+        let key = cluster_name_key("ios-farm");
+        assert_eq!(key, "IOS_FARM");
+        for other in ["ios.farm", "IOS_FARM", "Ios-Farm", "ios_farm"] {
+            assert_eq!(cluster_name_key(other), key, "{other}");
+        }
+        assert_ne!(cluster_name_key("iosfarm"), key);
     }
 
     #[test]

@@ -134,6 +134,7 @@ impl EventBody {
     }
 
     pub fn validate(&self) -> Result<(), FieldError> {
+        crate::build::positive("buildId", self.build_id)?;
         if self
             .status_message
             .as_deref()
@@ -405,6 +406,12 @@ mod tests {
         );
         let err = refuse(json!({"buildId": 1, "event": "running", "extra": true}));
         assert!(err.reason.contains("unknown field `extra`"), "{err}");
+        for id in [0, 1 << 63] {
+            assert_eq!(
+                refuse(json!({"buildId": id, "event": "running"})).field,
+                "buildId"
+            );
+        }
     }
 
     #[test]

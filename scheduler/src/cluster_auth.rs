@@ -8,7 +8,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
-use sd_protocol::{Cluster, ClusterClaims, SignOptions, SigningAlgorithm};
+use sd_protocol::error::FieldError;
+use sd_protocol::{Cluster, ClusterClaims, NewCluster, SignOptions, SigningAlgorithm};
 
 use crate::auth::{pem_blocks, unix_now};
 
@@ -46,12 +47,59 @@ pub enum ClusterAuthError {
 type ParsedKeys = (String, Arc<Vec<DecodingKey>>);
 
 /// Parsed keys per environment variable, re-parsed only when the variable's value changes.
-#[derive(Default)]
+/// Only variables under `prefix` are ever read: a record naming `PATH` or a cloud secret reads
+/// nothing, whoever registered it.
 pub struct ClusterVerifier {
+    prefix: String,
     keys: Mutex<HashMap<String, ParsedKeys>>,
 }
 
+/// The default `registry.variable_prefix`, the one `sd-agent keygen` spells names with.
+pub const DEFAULT_PREFIX: &str = "SD_CLUSTER_";
+
+impl Default for ClusterVerifier {
+    fn default() -> Self {
+        Self::new(DEFAULT_PREFIX)
+    }
+}
+
 impl ClusterVerifier {
+    pub fn new(prefix: &str) -> Self {
+        Self {
+            prefix: prefix.to_owned(),
+            keys: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// At registration: both variables a record names are under the prefix, set on this
+    /// replica, and parse (keys for the record's algorithm). The error names the field and the
+    /// variable, never its value.
+    pub fn check_record(&self, env: &EnvLookup, record: &NewCluster) -> Result<(), FieldError> {
+        let options = self.sign_options(env, record.sign_option.as_deref())?;
+        self.keys(env, &record.auth_key, jwt_algorithm(options.algorithm))
+            .map(|_| ())
+    }
+
+    /// A variable's value, if `var` is under the prefix and set.
+    fn read(&self, env: &EnvLookup, field: &str, var: &str) -> Result<String, FieldError> {
+        if !var.starts_with(&self.prefix) {
+            return Err(FieldError::new(
+                field,
+                format!(
+                    "{var} is not a cluster key variable: their names start with {} (registry.variable_prefix)",
+                    self.prefix
+                ),
+            ));
+        }
+        env(var).ok_or_else(|| {
+            FieldError::new(
+                field,
+                format!(
+                    "{var} is not set on this scheduler replica; set it on every replica first"
+                ),
+            )
+        })
+    }
     /// Verifies `token` for the cluster named in the path. `records` are the registry records
     /// with that name (one per scmContext); any of them may verify it.
     pub fn verify(
@@ -98,11 +146,13 @@ impl ClusterVerifier {
             cluster: cluster.to_owned(),
             reason,
         };
-        let options = sign_options(env, record).map_err(misconfigured)?;
+        let options = self
+            .sign_options(env, record.fields.sign_option.as_deref())
+            .map_err(|e| misconfigured(e.to_string()))?;
         let algorithm = jwt_algorithm(options.algorithm);
         let keys = self
             .keys(env, &record.fields.auth_key, algorithm)
-            .map_err(misconfigured)?;
+            .map_err(|e| misconfigured(e.to_string()))?;
 
         let header =
             jsonwebtoken::decode_header(token).map_err(|e| invalid(format!("malformed: {e}")))?;
@@ -130,14 +180,28 @@ impl ClusterVerifier {
         Err(invalid(last))
     }
 
+    /// The cluster's sign options: the JSON in the variable its `signOption` names, else the
+    /// defaults (RS256, 300 s).
+    fn sign_options(&self, env: &EnvLookup, var: Option<&str>) -> Result<SignOptions, FieldError> {
+        let Some(var) = var else {
+            return Ok(SignOptions::default());
+        };
+        let text = self.read(env, "signOption", var)?;
+        SignOptions::from_json(&text).map_err(|e| {
+            FieldError::new(
+                "signOption",
+                format!("{var} holds no valid sign options: {e}"),
+            )
+        })
+    }
+
     fn keys(
         &self,
         env: &EnvLookup,
         var: &str,
         algorithm: Algorithm,
-    ) -> Result<Arc<Vec<DecodingKey>>, String> {
-        let value =
-            env(var).ok_or_else(|| format!("environment variable {var} (authKey) is not set"))?;
+    ) -> Result<Arc<Vec<DecodingKey>>, FieldError> {
+        let value = self.read(env, "authKey", var)?;
         let cache_key = format!("{var}/{algorithm:?}");
         let mut cache = self
             .keys
@@ -150,15 +214,21 @@ impl ClusterVerifier {
         }
         let blocks = pem_blocks(&value);
         if blocks.is_empty() {
-            return Err(format!(
-                "environment variable {var} (authKey) holds no PEM public key"
+            return Err(FieldError::new(
+                "authKey",
+                format!("{var} holds no PEM public key"),
             ));
         }
         let keys = blocks
             .iter()
             .map(|pem| decoding_key(pem, algorithm))
             .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| format!("environment variable {var} (authKey): {e}"))?;
+            .map_err(|e| {
+                FieldError::new(
+                    "authKey",
+                    format!("{var} holds no public key usable with {algorithm:?} ({e})"),
+                )
+            })?;
         let keys = Arc::new(keys);
         cache.insert(cache_key, (value, Arc::clone(&keys)));
         Ok(keys)
@@ -180,18 +250,6 @@ fn decoding_key(
 pub fn jwt_algorithm(a: SigningAlgorithm) -> Algorithm {
     // Every SigningAlgorithm name is a jsonwebtoken name; the fallback is unreachable.
     a.as_str().parse().unwrap_or(Algorithm::RS256)
-}
-
-/// The cluster's sign options: the JSON in the variable its `signOption` names, else the
-/// defaults (RS256, 300 s).
-fn sign_options(env: &EnvLookup, record: &Cluster) -> Result<SignOptions, String> {
-    let Some(var) = &record.fields.sign_option else {
-        return Ok(SignOptions::default());
-    };
-    let text =
-        env(var).ok_or_else(|| format!("environment variable {var} (signOption) is not set"))?;
-    SignOptions::from_json(&text)
-        .map_err(|e| format!("environment variable {var} (signOption): {e}"))
 }
 
 /// What the signature check requires: `exp` and `iat` always, `aud`/`iss` when the cluster

@@ -155,6 +155,9 @@ pub struct RegistryConfig {
     /// Safety-net reload of the cluster cache; writes also invalidate it at once via pub/sub.
     #[serde(with = "humantime_serde")]
     pub reload_interval: Duration,
+    /// The only environment variables a record's `authKey`/`signOption` may name start with
+    /// this, so whoever registers clusters cannot make the scheduler read `PATH` or a secret.
+    pub variable_prefix: String,
 }
 
 pub use sd_telemetry::{LogConfig, LogFormat};
@@ -252,6 +255,7 @@ impl Default for RegistryConfig {
     fn default() -> Self {
         Self {
             reload_interval: Duration::from_secs(30),
+            variable_prefix: crate::cluster_auth::DEFAULT_PREFIX.to_owned(),
         }
     }
 }
@@ -375,6 +379,18 @@ impl Config {
         }
         if self.http.request_timeout < Duration::from_secs(1) {
             return Err(invalid("http.request_timeout", "must be at least 1s"));
+        }
+        let prefix = &self.registry.variable_prefix;
+        if prefix.len() < 3
+            || !prefix
+                .bytes()
+                .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_')
+            || prefix.as_bytes()[0].is_ascii_digit()
+        {
+            return Err(invalid(
+                "registry.variable_prefix",
+                "must be at least 3 of A-Z, 0-9 and '_', not starting with a digit (e.g. SD_CLUSTER_)",
+            ));
         }
         if self.http.max_connections == 0 {
             return Err(invalid("http.max_connections", "must be at least 1"));

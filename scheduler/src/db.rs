@@ -31,16 +31,25 @@ pub enum DbError {
     Query(#[from] sqlx::Error),
 }
 
-const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[(
-    1,
-    "init",
-    include_str!("../migrations/sqlite/0001_init.sql"),
-)];
-const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[(
-    1,
-    "init",
-    include_str!("../migrations/postgres/0001_init.sql"),
-)];
+/// Written once for both backends.
+const CLUSTER_IDENTITY: &str = include_str!("../migrations/shared/0002_cluster_identity.sql");
+
+const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[
+    (
+        1,
+        "init",
+        include_str!("../migrations/sqlite/0001_init.sql"),
+    ),
+    (2, "cluster identity", CLUSTER_IDENTITY),
+];
+const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
+    (
+        1,
+        "init",
+        include_str!("../migrations/postgres/0001_init.sql"),
+    ),
+    (2, "cluster identity", CLUSTER_IDENTITY),
+];
 
 impl Db {
     /// Connects (creating a SQLite file on first start) and applies pending migrations.

@@ -138,7 +138,7 @@ impl Scheduler {
             verifier,
             workers,
             health,
-            cluster_verifier: ClusterVerifier::default(),
+            cluster_verifier: ClusterVerifier::new(&config.registry.variable_prefix),
             env,
             metrics: sd_telemetry::metrics_handle(None),
             shutdown: shutdown.clone(),

@@ -6,6 +6,7 @@
 
 use std::sync::{Arc, RwLock};
 
+use sd_protocol::cluster::cluster_name_key;
 use sd_protocol::{Cluster, ManagedBy, NewCluster};
 use sqlx::Row;
 use sqlx::any::AnyRow;
@@ -17,8 +18,22 @@ pub const INVALIDATION_CHANNEL: &str = "{sd}:registry";
 
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
-    #[error("a cluster named {name} already exists for scmContext {scm_context}")]
-    Duplicate { name: String, scm_context: String },
+    /// Names are one cluster's identity (its queue, its heartbeat, its builds), unique across
+    /// scmContexts and up to what would share key variables.
+    #[error(
+        "the name {name} is taken: cluster {existing} (scmContext {scm_context}) already has it{alike}; cluster names are unique across scmContexts",
+        alike = if name == existing { "" } else { ", and the two names would share key variables" }
+    )]
+    NameTaken {
+        name: String,
+        existing: String,
+        scm_context: String,
+    },
+    /// A key variable verifies one cluster only: a record cannot borrow another's key.
+    #[error(
+        "authKey {auth_key} is already the key of cluster {cluster}; every cluster has a key of its own"
+    )]
+    AuthKeyTaken { auth_key: String, cluster: String },
     #[error(transparent)]
     Db(#[from] DbError),
     #[error("stored cluster row {id} is corrupt: {reason}")]
@@ -71,8 +86,9 @@ impl Registry {
         let row = sqlx::query(
             "INSERT INTO buildClusters (name, scm_context, scm_organizations, is_active, auth_key, \
              sign_option, managed_by, managed_by_email, weightage, cluster_group, description, \
-             created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $12) \
-             ON CONFLICT (name, scm_context) DO NOTHING RETURNING id",
+             created_at, updated_at, name_key) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $12, $13) \
+             ON CONFLICT DO NOTHING RETURNING id",
         )
         .bind(&c.name)
         .bind(&c.scm_context)
@@ -86,6 +102,7 @@ impl Registry {
         .bind(&c.group)
         .bind(c.description.as_deref())
         .bind(now)
+        .bind(cluster_name_key(&c.name))
         .fetch_optional(&self.db.pool)
         .await?;
         match row {
@@ -93,10 +110,37 @@ impl Registry {
                 id: row.try_get(0)?,
                 fields: c.clone(),
             }),
-            None => Err(RegistryError::Duplicate {
+            None => Err(self.conflict(c, None).await),
+        }
+    }
+
+    /// Which uniqueness rule `c` broke (the database's unique indexes decided; this finds the
+    /// record in the way to say so), ignoring the record `except`.
+    async fn conflict(&self, c: &NewCluster, except: Option<i64>) -> RegistryError {
+        let others = match self.list().await {
+            Ok(all) => all,
+            Err(e) => return e,
+        };
+        let others = || others.iter().filter(|o| Some(o.id) != except);
+        let key = cluster_name_key(&c.name);
+        if let Some(o) = others().find(|o| cluster_name_key(&o.fields.name) == key) {
+            return RegistryError::NameTaken {
                 name: c.name.clone(),
+                existing: o.fields.name.clone(),
+                scm_context: o.fields.scm_context.clone(),
+            };
+        }
+        match others().find(|o| o.fields.auth_key == c.auth_key) {
+            Some(o) => RegistryError::AuthKeyTaken {
+                auth_key: c.auth_key.clone(),
+                cluster: o.fields.name.clone(),
+            },
+            // Gone again since: the write raced another; it was refused all the same.
+            None => RegistryError::NameTaken {
+                name: c.name.clone(),
+                existing: c.name.clone(),
                 scm_context: c.scm_context.clone(),
-            }),
+            },
         }
     }
 
@@ -128,10 +172,7 @@ impl Registry {
                 fields: c.clone(),
             })),
             Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
-                Err(RegistryError::Duplicate {
-                    name: c.name.clone(),
-                    scm_context: c.scm_context.clone(),
-                })
+                Err(self.conflict(c, Some(id)).await)
             }
             Err(e) => Err(e.into()),
         }

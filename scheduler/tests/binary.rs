@@ -178,7 +178,7 @@ async fn two_scheduler_processes_deliver_each_build_once() {
             "SD_SCHEDULER_AUTH_PRIVATE_KEY_FILE",
             launcher.display().to_string(),
         ),
-        ("SHARED_PUBLIC_KEY", cluster.public_pem.clone()),
+        ("SD_CLUSTER_SHARED_PUBLIC_KEY", cluster.public_pem.clone()),
     ];
     let a = spawn_scheduler(&env);
     let b = spawn_scheduler(&env);
@@ -196,7 +196,7 @@ async fn two_scheduler_processes_deliver_each_build_once() {
         .bearer_auth(api.api_token(&["admin"]))
         .json(
             &json!({"name": "shared", "scmContext": "github:github.com", "managedBy": "screwdriver",
-            "managedByEmail": "ops@example.com", "authKey": "SHARED_PUBLIC_KEY"}),
+            "managedByEmail": "ops@example.com", "authKey": "SD_CLUSTER_SHARED_PUBLIC_KEY"}),
         )
         .send()
         .await
@@ -267,4 +267,88 @@ async fn two_scheduler_processes_deliver_each_build_once() {
     }
     assert_eq!(seen.len() as u64, n, "every build delivered: {seen:?}");
     assert!(seen.values().all(|c| *c == 1), "none twice: {seen:?}");
+}
+
+/// Log injection: what a client puts in a path never starts a line of the scheduler's text log
+/// (names are checked before they are logged, and user input is logged escaped).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_cannot_forge_log_lines() {
+    let redis = RedisServer::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let mut child = tokio::process::Command::new(BIN)
+        .current_dir(dir.path())
+        .env_remove("SD_SCHEDULER_CONFIG")
+        .env_remove("RUST_LOG")
+        .env("SD_SCHEDULER_LISTEN", format!("127.0.0.1:{port}"))
+        .env("SD_SCHEDULER_REDIS_URL", redis.url())
+        .env("SD_SCHEDULER_LOG_FORMAT", "text")
+        .env("SD_SCHEDULER_LOG_LEVEL", "debug")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let http = reqwest::Client::new();
+    let base = format!("http://127.0.0.1:{port}");
+    eventually(Duration::from_secs(20), || async {
+        let r = http.get(format!("{base}/readyz")).send().await.ok()?;
+        r.status().is_success().then_some(())
+    })
+    .await
+    .expect("ready");
+    let forged = "%0D%0A2026-01-01T00:00:00Z%20ERROR%20forged%3A%20admin%20logged%20in";
+    for path in [
+        format!("/v1/jobs/c1{forged}"),
+        format!("/v1/jobs/c1{forged}/ack"),
+        format!("/v4/buildclusters/c1{forged}"),
+        format!("/v1/queue/message/{forged}"),
+        format!("/nowhere{forged}"),
+    ] {
+        let r = http
+            .get(format!("{base}{path}"))
+            .bearer_auth("x.y.z")
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_client_error(), "{path}: {}", r.status());
+    }
+    // A well-formed name that is not registered is logged, by name.
+    let r = http
+        .get(format!("{base}/v1/jobs/nosuch"))
+        .bearer_auth("x.y.z")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), reqwest::StatusCode::NOT_FOUND);
+
+    let pid = libc::pid_t::try_from(child.id().unwrap()).unwrap();
+    // SAFETY: kill(2) only sends a signal; the pid is our own child, not yet reaped.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    tokio::time::timeout(Duration::from_secs(10), child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    let mut logs = String::new();
+    use tokio::io::AsyncReadExt;
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut logs)
+        .await
+        .unwrap();
+    assert!(
+        logs.contains("nosuch"),
+        "the control request was logged: {logs}"
+    );
+    for line in logs.lines() {
+        assert!(
+            !line.trim_start().starts_with("2026-01-01"),
+            "forged line: {line}"
+        );
+        assert!(
+            !line.trim_start().starts_with("ERROR forged"),
+            "forged line: {line}"
+        );
+    }
 }

@@ -139,6 +139,16 @@ async fn bad_build_requests_change_nothing(backend: Backend) {
     let cases = [
         ("buildId", json!("abc"), "buildId"),
         ("buildId", json!(0), "buildId"),
+        // Above 2^63-1 the database would clamp what Redis keeps whole.
+        ("buildId", json!(9_223_372_036_854_775_808_u64), "buildId"),
+        ("buildId", json!(u64::MAX), "buildId"),
+        ("jobId", json!(9_223_372_036_854_775_808_u64), "jobId"),
+        ("eventId", json!(9_223_372_036_854_775_808_u64), "eventId"),
+        (
+            "blockedBy",
+            json!([9_223_372_036_854_775_808_u64]),
+            "blockedBy[0]",
+        ),
         (
             "pipeline",
             json!({"id": 7, "name": "noslash", "scmContext": CTX}),
@@ -217,6 +227,17 @@ async fn bad_build_requests_change_nothing(backend: Backend) {
         )
         .await;
     assert_eq!(status, StatusCode::FORBIDDEN);
+    let (status, _) = h
+        .call(
+            Method::DELETE,
+            "/v1/queue/message",
+            Some(&h.sdapi()),
+            Some(&json!({"buildId": 9_223_372_036_854_775_808_u64})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    let (status, _) = get_build(&h, 9_223_372_036_854_775_808).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
     assert_eq!(h.snapshot().await, before);
 }
 

@@ -28,7 +28,7 @@ fn redis_clients(redis: &RedisServer) -> u64 {
 async fn register(h: &Harness, name: &str) -> ClusterKeys {
     let keys = ClusterKeys::generate(Algorithm::ES256);
     let mut body = cluster(name, "screwdriver", &[]);
-    let sign = format!("{}_SIGN", name.to_uppercase());
+    let sign = format!("SD_CLUSTER_{}_SIGN", name.to_uppercase());
     body["signOption"] = json!(sign);
     h.set_env(&sign, r#"{"algorithm":"ES256"}"#);
     h.set_env(body["authKey"].as_str().unwrap(), &keys.public_pem);

@@ -13,7 +13,8 @@ both_backends!(
     tokens_and_scopes,
     invalid_bodies_change_nothing,
     oversize_body_is_413_and_changes_nothing,
-    ambiguous_name_needs_scm_context,
+    one_identity_per_cluster,
+    key_variables_are_checked_and_never_leak,
     aliases_serve_the_same_registry,
 );
 
@@ -79,14 +80,41 @@ async fn crud_round_trip(backend: Backend) {
     }
 }
 
-/// The design seed's sample records: keyed on (name, scmContext), its inactive second copy of
-/// `identity` is a duplicate.
+/// The design seed's sample records: its inactive second copy of `identity` is a duplicate.
+/// Its key variables predate the `SD_CLUSTER_` prefix: moved under it (as an operator would
+/// rename them), every other record registers.
 async fn seed_fixture_and_its_inactive_duplicate(backend: Backend) {
     let h = Harness::start(backend).await;
     let seed: Vec<Value> =
         serde_json::from_str(include_str!("../../tests/fixtures/seed-clusters.json")).unwrap();
+    let (status, body) = h
+        .call(
+            Method::POST,
+            "/v4/buildclusters",
+            Some(&h.admin()),
+            Some(&seed[0]),
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("authKey: GQ1_PUBLIC_KEY is not a cluster key variable"),
+        "{body}"
+    );
     let mut statuses = Vec::new();
     for record in &seed {
+        let mut record = record.clone();
+        record["authKey"] = json!(format!(
+            "SD_CLUSTER_{}",
+            record["authKey"].as_str().unwrap()
+        ));
+        h.set_env(
+            record["authKey"].as_str().unwrap(),
+            &sd_testkit::shared_keys("other").public_pem,
+        );
+        let record = &record;
         let (status, body) = h
             .call(
                 Method::POST,
@@ -312,39 +340,215 @@ async fn oversize_body_is_413_and_changes_nothing(backend: Backend) {
     assert_eq!(h.snapshot().await, before);
 }
 
-async fn ambiguous_name_needs_scm_context(backend: Backend) {
+/// A name is one cluster's identity (queue, heartbeat, builds): unique across scmContexts and
+/// up to what would share key variables; a key variable belongs to one cluster. A record that
+/// tried to borrow a name or a key is refused and changes nothing, so its key never verifies.
+async fn one_identity_per_cluster(backend: Backend) {
     let h = Harness::start(backend).await;
-    h.register(&cluster("k8s", "screwdriver", &[])).await;
-    let mut other = cluster("k8s", "screwdriver", &[]);
-    other["scmContext"] = json!("gitlab:gitlab.com");
-    h.register(&other).await;
-    let (status, body) = h
-        .call(Method::GET, "/v4/buildclusters/k8s", Some(&h.user()), None)
+    let c1 = h.cluster_with_key(&cluster("c1", "screwdriver", &[])).await;
+    h.register(&cluster("ios-farm", "external", &["mobile"]))
         .await;
-    assert_eq!(status, StatusCode::BAD_REQUEST);
-    assert!(body["message"].as_str().unwrap().contains("scmContext"));
+    let before = h.snapshot().await;
+
+    // The same name under another scmContext, with a key of its own.
+    let intruder = sd_testkit::ClusterKeys::generate(jsonwebtoken::Algorithm::RS256);
+    let mut twin = cluster("c1", "screwdriver", &[]);
+    twin["scmContext"] = json!("gitlab:gitlab.com");
+    twin["authKey"] = json!("SD_CLUSTER_C1_GITLAB_PUBLIC_KEY");
+    h.set_env("SD_CLUSTER_C1_GITLAB_PUBLIC_KEY", &intruder.public_pem);
+    let refused = |name: &str, body: &Value| {
+        let m = body["message"].as_str().unwrap_or_default().to_owned();
+        assert!(m.contains("is taken") && m.contains(name), "{body}");
+    };
     let (status, body) = h
         .call(
-            Method::GET,
-            "/v4/buildclusters/k8s?scmContext=gitlab:gitlab.com",
-            Some(&h.user()),
-            None,
+            Method::POST,
+            "/v4/buildclusters",
+            Some(&h.admin()),
+            Some(&twin),
         )
         .await;
-    assert_eq!(status, StatusCode::OK);
-    assert_eq!(body["scmContext"], "gitlab:gitlab.com");
-    let path = format!("/v4/buildclusters/k8s?scmContext={CTX}");
-    let (status, _) = h.call(Method::DELETE, &path, Some(&h.admin()), None).await;
-    assert_eq!(status, StatusCode::NO_CONTENT);
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    refused("c1", &body);
+    // Names whose key variables would be spelled alike.
+    for alike in ["ios.farm", "IOS_FARM", "Ios-Farm"] {
+        let mut body = cluster(alike, "external", &["mobile"]);
+        body["authKey"] = json!(format!("SD_CLUSTER_OTHER_{}", alike.len()));
+        h.set_env(body["authKey"].as_str().unwrap(), &intruder.public_pem);
+        let (status, answer) = h
+            .call(
+                Method::POST,
+                "/v4/buildclusters",
+                Some(&h.admin()),
+                Some(&body),
+            )
+            .await;
+        assert_eq!(status, StatusCode::CONFLICT, "{alike}: {answer}");
+        assert!(
+            answer["message"]
+                .as_str()
+                .unwrap()
+                .contains("share key variables"),
+            "{answer}"
+        );
+    }
+    // Another cluster naming c1's key variable, at registration or by an update.
+    let mut borrower = cluster("borrower", "screwdriver", &[]);
+    borrower["authKey"] = json!("SD_CLUSTER_C1_PUBLIC_KEY");
     let (status, body) = h
-        .call(Method::GET, "/v4/buildclusters/k8s", Some(&h.user()), None)
+        .call(
+            Method::POST,
+            "/v4/buildclusters",
+            Some(&h.admin()),
+            Some(&borrower),
+        )
         .await;
-    assert_eq!(status, StatusCode::OK);
-    assert_eq!(body["scmContext"], "gitlab:gitlab.com");
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("already the key of cluster c1"),
+        "{body}"
+    );
+    let (status, body) = h
+        .call(
+            Method::PUT,
+            "/v4/buildclusters/ios-farm",
+            Some(&h.admin()),
+            Some(&json!({"authKey": "SD_CLUSTER_C1_PUBLIC_KEY"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert_eq!(h.snapshot().await, before, "refused records change nothing");
+
+    // So a github build for c1 goes to c1's agent only: the intruder's key pulls nothing.
+    let (status, _) = h
+        .submit(&common::build(
+            7,
+            "org/repo",
+            json!({"screwdriver.cd/buildCluster": "c1"}),
+        ))
+        .await;
+    assert_eq!(status, StatusCode::CREATED);
+    let (status, _) = h
+        .worker_poll(&h.base, "c1", &intruder.token("c1", 60), 0, 10)
+        .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        h.ready("c1").await,
+        ["7"],
+        "still waiting for c1's own agent"
+    );
+    let jobs = h.poll("c1", &c1, 0, 10).await;
+    assert_eq!(common::delivered_build(&jobs[0]), 7);
+}
+
+/// `authKey`/`signOption` may name only variables under `registry.variable_prefix`, which must
+/// exist and parse; no answer ever quotes a variable's value, whoever asks.
+async fn key_variables_are_checked_and_never_leak(backend: Backend) {
+    let h = Harness::start(backend).await;
+    let secret = "hunter2-secret";
+    for var in [
+        "PATH",
+        "AWS_SECRET_ACCESS_KEY",
+        "SD_CLUSTER_SECRET",
+        "SD_CLUSTER_SIGN_SECRET",
+    ] {
+        h.set_env(var, secret);
+    }
+    h.set_env("SD_CLUSTER_SIGN_QUOTED", &format!("\"{secret}\""));
+    h.set_env(
+        "SD_CLUSTER_GOOD_KEY",
+        &sd_testkit::shared_keys("other").public_pem,
+    );
+    let attempt = |auth: &str, sign: Option<&str>| {
+        let mut body = cluster("c1", "screwdriver", &[]);
+        body["authKey"] = json!(auth);
+        if let Some(sign) = sign {
+            body["signOption"] = json!(sign);
+        }
+        body
+    };
+    for (body, field, says) in [
+        (
+            attempt("PATH", None),
+            "authKey",
+            "not a cluster key variable",
+        ),
+        (
+            attempt("AWS_SECRET_ACCESS_KEY", None),
+            "authKey",
+            "SD_CLUSTER_",
+        ),
+        (
+            attempt("SD_CLUSTER_UNSET", None),
+            "authKey",
+            "SD_CLUSTER_UNSET is not set",
+        ),
+        (
+            attempt("SD_CLUSTER_SECRET", None),
+            "authKey",
+            "holds no PEM public key",
+        ),
+        (
+            attempt("SD_CLUSTER_GOOD_KEY", Some("PATH")),
+            "signOption",
+            "not a cluster key variable",
+        ),
+        (
+            attempt("SD_CLUSTER_GOOD_KEY", Some("SD_CLUSTER_SIGN_SECRET")),
+            "signOption",
+            "holds no valid sign options",
+        ),
+        (
+            attempt("SD_CLUSTER_GOOD_KEY", Some("SD_CLUSTER_SIGN_QUOTED")),
+            "signOption",
+            "holds no valid sign options",
+        ),
+    ] {
+        let (status, answer) = h
+            .call(
+                Method::POST,
+                "/v4/buildclusters",
+                Some(&h.admin()),
+                Some(&body),
+            )
+            .await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}: {answer}");
+        let message = answer["message"].as_str().unwrap();
+        assert!(
+            message.starts_with(&format!("{field}: ")) && message.contains(says),
+            "{answer}"
+        );
+        assert!(!answer.to_string().contains("hunter2"), "{answer}");
+    }
+    let (_, list) = h
+        .call(Method::GET, "/v4/buildclusters", Some(&h.user()), None)
+        .await;
+    assert_eq!(list, json!([]), "nothing registered");
+
+    // Registered while good, then the variable goes bad: any caller, whatever its bearer
+    // string, gets a generic 500; the detail is the operator's.
+    h.register(&attempt("SD_CLUSTER_GOOD_KEY", None)).await;
+    h.set_env("SD_CLUSTER_GOOD_KEY", secret);
+    for token in ["x", "a.b.c", &h.admin()] {
+        let (status, answer) = h.worker_poll(&h.base, "c1", token, 0, 1).await;
+        assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR, "{answer}");
+        let text = answer.to_string();
+        assert!(
+            !text.contains("hunter2") && !text.contains("SD_CLUSTER_GOOD_KEY"),
+            "{answer}"
+        );
+    }
 }
 
 async fn aliases_serve_the_same_registry(backend: Backend) {
     let h = Harness::start(backend).await;
+    h.set_env(
+        "SD_CLUSTER_BF1_KEY",
+        &sd_testkit::shared_keys("other").public_pem,
+    );
     let (status, _) = h
         .call(
             Method::POST,
@@ -352,7 +556,7 @@ async fn aliases_serve_the_same_registry(backend: Backend) {
             Some(&h.admin()),
             Some(&json!({
                 "name": "bf1", "scmContext": CTX, "isActive": 1, "managedByScrewdriver": true,
-                "maintainer": "sd@example.com", "authKey": "BF1_KEY",
+                "maintainer": "sd@example.com", "authKey": "SD_CLUSTER_BF1_KEY",
             })),
         )
         .await;

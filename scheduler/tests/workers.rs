@@ -30,12 +30,15 @@ async fn jwt_attack_matrix_dequeues_nothing() {
     let beta = h
         .cluster_with_key(&cluster("beta", "screwdriver", &[]))
         .await;
-    h.set_env("ALPHA_SIGN", r#"{"algorithm":"RS256","expiresIn":300}"#);
+    h.set_env(
+        "SD_CLUSTER_ALPHA_SIGN",
+        r#"{"algorithm":"RS256","expiresIn":300}"#,
+    );
     h.call(
         Method::PUT,
         "/v4/buildclusters/alpha",
         Some(&h.admin()),
-        Some(&json!({"signOption": "ALPHA_SIGN", "weightage": 100})),
+        Some(&json!({"signOption": "SD_CLUSTER_ALPHA_SIGN", "weightage": 100})),
     )
     .await;
     h.call(
@@ -182,10 +185,10 @@ async fn every_cluster_algorithm_rotation_issuer_and_audience() {
     ] {
         let keys = ClusterKeys::generate(alg);
         let mut body = cluster(name, "screwdriver", &[]);
-        body["signOption"] = json!(format!("{}_SIGN", name.to_uppercase()));
+        body["signOption"] = json!(format!("SD_CLUSTER_{}_SIGN", name.to_uppercase()));
         h.set_env(body["authKey"].as_str().unwrap(), &keys.public_pem);
         h.set_env(
-            &format!("{}_SIGN", name.to_uppercase()),
+            &format!("SD_CLUSTER_{}_SIGN", name.to_uppercase()),
             &format!(r#"{{"algorithm":"{label}"}}"#),
         );
         h.register(&body).await;
@@ -198,13 +201,13 @@ async fn every_cluster_algorithm_rotation_issuer_and_audience() {
     let old = ClusterKeys::generate(Algorithm::RS256);
     let new = ClusterKeys::generate(Algorithm::RS256);
     let mut body = cluster("rot", "screwdriver", &[]);
-    body["signOption"] = json!("ROT_SIGN");
+    body["signOption"] = json!("SD_CLUSTER_ROT_SIGN");
     h.set_env(
-        "ROT_PUBLIC_KEY",
+        "SD_CLUSTER_ROT_PUBLIC_KEY",
         &format!("{}\n{}", old.public_pem, new.public_pem),
     );
     h.set_env(
-        "ROT_SIGN",
+        "SD_CLUSTER_ROT_SIGN",
         r#"{"algorithm":"RS256","issuer":"sd-agent","audience":"sd-scheduler"}"#,
     );
     h.register(&body).await;
@@ -233,22 +236,22 @@ async fn every_cluster_algorithm_rotation_issuer_and_audience() {
         assert_eq!(status, StatusCode::UNAUTHORIZED, "{claims}");
     }
     // After rotation drops the old key, its tokens stop working.
-    h.set_env("ROT_PUBLIC_KEY", &new.public_pem);
+    h.set_env("SD_CLUSTER_ROT_PUBLIC_KEY", &new.public_pem);
     let (status, _) = h
         .worker_poll(&h.base, "rot", &old.sign_as(Algorithm::RS256, &good), 0, 1)
         .await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
-    // A key variable the scheduler lacks is a clear 500, not a silent refusal.
-    h.set_env("ROT_PUBLIC_KEY", "");
-    h.env.lock().unwrap().remove("ROT_PUBLIC_KEY");
+    // A key variable the scheduler lacks is a 500, not a silent refusal; which variable is for
+    // the operator's log, not for whoever holds a token.
+    h.set_env("SD_CLUSTER_ROT_PUBLIC_KEY", "");
+    h.env.lock().unwrap().remove("SD_CLUSTER_ROT_PUBLIC_KEY");
     let (status, body) = h
         .worker_poll(&h.base, "rot", &new.sign_as(Algorithm::RS256, &good), 0, 1)
         .await;
     assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
-    assert!(
-        body["message"].as_str().unwrap().contains("ROT_PUBLIC_KEY"),
-        "{body}"
-    );
+    let message = body["message"].as_str().unwrap();
+    assert!(message.contains("scheduler's log"), "{body}");
+    assert!(!message.contains("SD_CLUSTER_ROT_PUBLIC_KEY"), "{body}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -383,7 +383,8 @@ impl World {
             .iter()
             .map(|_| ClusterKeys::generate(jsonwebtoken::Algorithm::RS256))
             .collect();
-        let key_var = |name: &str| format!("{}_KEY", name.to_uppercase().replace('-', "_"));
+        let key_var =
+            |name: &str| format!("SD_CLUSTER_{}_KEY", name.to_uppercase().replace('-', "_"));
 
         let mut schedulers = Vec::new();
         for (i, port) in ports.iter().enumerate() {

@@ -140,7 +140,9 @@ impl From<TokenError> for ApiError {
 impl From<RegistryError> for ApiError {
     fn from(e: RegistryError) -> Self {
         match e {
-            RegistryError::Duplicate { .. } => ApiError::new(StatusCode::CONFLICT, e.to_string()),
+            RegistryError::NameTaken { .. } | RegistryError::AuthKeyTaken { .. } => {
+                ApiError::new(StatusCode::CONFLICT, e.to_string())
+            }
             other => unavailable("database", &other),
         }
     }
@@ -251,7 +253,7 @@ fn require(caller: &Caller, scopes: &[Scope]) -> Result<(), ApiError> {
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[serde(rename_all = "camelCase")]
 pub struct ClusterQuery {
-    /// Needed when the name exists in several SCM contexts.
+    /// Optional: when given, the record must be of this SCM context.
     scm_context: Option<String>,
 }
 
@@ -274,39 +276,31 @@ async fn create_cluster(
 ) -> Result<(StatusCode, Json<Cluster>), ApiError> {
     require(&caller, &[Scope::Admin])?;
     let record = NewCluster::from_json(body)?;
+    state.cluster_verifier.check_record(&state.env, &record)?;
     let created = state.registry.insert(&record).await?;
     tracing::info!(cluster = %created.fields.name, scm_context = %created.fields.scm_context, by = caller.username.as_deref().unwrap_or("?"), "cluster registered");
     state.registry_changed().await;
     Ok((StatusCode::CREATED, Json(created)))
 }
 
-/// The one record a name (and optional scmContext) designates.
+/// The record a name designates (names are unique across scmContexts); `?scmContext=`, when
+/// given, must match it.
 async fn find_one(state: &AppState, name: &str, query: &ClusterQuery) -> Result<Cluster, ApiError> {
-    let mut found = state.registry.by_name(name).await?;
-    if let Some(ctx) = &query.scm_context {
-        found.retain(|c| &c.fields.scm_context == ctx);
-    }
-    match found.len() {
-        0 => Err(ApiError::new(
+    let found = state.registry.by_name(name).await?.into_iter().find(|c| {
+        query
+            .scm_context
+            .as_ref()
+            .is_none_or(|ctx| &c.fields.scm_context == ctx)
+    });
+    found.ok_or_else(|| {
+        ApiError::new(
             StatusCode::NOT_FOUND,
             match &query.scm_context {
                 Some(ctx) => format!("no build cluster named {name} for scmContext {ctx}"),
                 None => format!("no build cluster named {name}"),
             },
-        )),
-        1 => Ok(found.remove(0)),
-        _ => Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            format!(
-                "build cluster {name} exists in several SCM contexts ({}); add ?scmContext=",
-                found
-                    .iter()
-                    .map(|c| c.fields.scm_context.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
-        )),
-    }
+        )
+    })
 }
 
 #[utoipa::path(get, path = "/v4/buildclusters/{name}", tag = "registry", params(("name" = String, Path), ClusterQuery),
@@ -335,6 +329,12 @@ async fn update_cluster(
     let patch = ClusterPatch::from_json(body)?;
     let current = find_one(&state, &name, &query).await?;
     let next = patch.apply(&current.fields)?;
+    // Checked when they change: pausing a cluster whose variable went away must still work.
+    if (&next.auth_key, &next.sign_option)
+        != (&current.fields.auth_key, &current.fields.sign_option)
+    {
+        state.cluster_verifier.check_record(&state.env, &next)?;
+    }
     let updated = state
         .registry
         .update(current.id, &next)
@@ -445,12 +445,16 @@ async fn get_build(
     Path(build_id): Path<String>,
 ) -> Result<Json<BuildView>, ApiError> {
     require(&caller, &[Scope::SdApi, Scope::User, Scope::Admin])?;
-    let build_id: u64 = build_id.parse().map_err(|_| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "buildId must be a positive integer",
-        )
-    })?;
+    let build_id: u64 = build_id
+        .parse()
+        .ok()
+        .filter(|id| sd_protocol::build::positive("buildId", *id).is_ok())
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "buildId must be a positive integer of at most 2^63-1",
+            )
+        })?;
     let row = state
         .intake
         .builds()

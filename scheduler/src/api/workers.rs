@@ -33,6 +33,14 @@ impl FromRequestParts<Arc<AppState>> for ClusterCaller {
             .await
             .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
         let cluster = params.get("cluster").cloned().unwrap_or_default();
+        // Checked before it reaches a log line, a metric or a lookup; echoed only escaped.
+        if let Err(e) = sd_protocol::check_cluster_name(&cluster) {
+            tracing::debug!(cluster = ?cluster, "refused a worker call for an impossible cluster name");
+            return Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                format!("no build cluster can be named so ({})", e.reason),
+            ));
+        }
         let result = match bearer(&parts.headers) {
             None => Err(ClusterAuthError::Missing),
             Some(token) => {
@@ -63,11 +71,17 @@ impl FromRequestParts<Arc<AppState>> for ClusterCaller {
                         (StatusCode::INTERNAL_SERVER_ERROR, "misconfigured")
                     }
                 };
-                // The reason, never the token.
+                // The reason, never the token; the configuration's details for the operator only.
                 tracing::warn!(cluster = %cluster, error = %e, "refused cluster worker");
                 metrics::counter!("sd_scheduler_worker_auth_refused_total", "reason" => label)
                     .increment(1);
-                Err(ApiError::new(status, e.to_string()))
+                let message = match e {
+                    ClusterAuthError::Misconfigured { cluster, .. } => format!(
+                        "the scheduler cannot verify tokens of build cluster {cluster}: its registration names key variables this replica cannot use (the operator finds why in the scheduler's log)"
+                    ),
+                    other => other.to_string(),
+                };
+                Err(ApiError::new(status, message))
             }
         }
     }

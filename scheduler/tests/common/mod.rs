@@ -192,7 +192,14 @@ impl Harness {
         call_at(&self.http, &self.base, method, path, token, body).await
     }
 
+    /// Registers `body`; its `authKey` variable gets a (shared) public key unless the test set
+    /// one, since registration checks that the variable exists and parses.
     pub async fn register(&self, body: &Value) -> Value {
+        if let Some(var) = body["authKey"].as_str()
+            && !self.env.lock().unwrap().contains_key(var)
+        {
+            self.set_env(var, &shared_keys("other").public_pem);
+        }
         let (status, created) = self
             .call(
                 Method::POST,
@@ -326,7 +333,7 @@ pub fn cluster(name: &str, managed_by: &str, orgs: &[&str]) -> Value {
         "scmOrganizations": orgs,
         "managedBy": managed_by,
         "managedByEmail": "team@example.com",
-        "authKey": format!("{}_PUBLIC_KEY", name.to_uppercase().replace(['-', '.'], "_")),
+        "authKey": format!("SD_CLUSTER_{}_PUBLIC_KEY", sd_protocol::cluster::cluster_name_key(name)),
     })
 }
 

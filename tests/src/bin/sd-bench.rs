@@ -38,7 +38,7 @@ enum Cmd {
         #[arg(long, default_value_t = 5)]
         seconds: u64,
     },
-    /// Register the `bench-agent` cluster (authKey `BENCH_KEY`) and submit COUNT builds naming
+    /// Register the `bench-agent` cluster (authKey `SD_CLUSTER_BENCH_AGENT_PUBLIC_KEY`) and submit COUNT builds naming
     /// it, for measuring an agent under load.
     Submit {
         #[arg(long)]
@@ -129,7 +129,7 @@ async fn submit(url: String, keys: PathBuf, count: u64) -> Result<()> {
         .post(format!("{url}/v4/buildclusters"))
         .bearer_auth(api.api_token(&["admin"]))
         .json(&json!({"name": "bench-agent", "scmContext": "github:github.com", "managedBy": "screwdriver",
-            "managedByEmail": "bench@example.com", "authKey": "BENCH_KEY", "weightage": 0}))
+            "managedByEmail": "bench@example.com", "authKey": "SD_CLUSTER_BENCH_AGENT_PUBLIC_KEY", "weightage": 0}))
         .send()
         .await?;
     if !(resp.status().is_success() || resp.status() == reqwest::StatusCode::CONFLICT) {
@@ -172,12 +172,17 @@ async fn run(url: String, keys: PathBuf, concurrency: usize, duration: Duration)
         .pool_max_idle_per_host(concurrency)
         .build()?;
 
-    for (name, weight) in [("bench-a", 50), ("bench-b", 50)] {
+    for (name, weight, key) in [
+        ("bench-a", 50, "SD_CLUSTER_BENCH_A_PUBLIC_KEY"),
+        ("bench-b", 50, "SD_CLUSTER_BENCH_B_PUBLIC_KEY"),
+    ] {
         let resp = http
             .post(format!("{url}/v4/buildclusters"))
             .bearer_auth(&admin)
-            .json(&json!({"name": name, "scmContext": "github:github.com", "managedBy": "screwdriver",
-                "managedByEmail": "bench@example.com", "authKey": "BENCH_KEY", "weightage": weight}))
+            .json(
+                &json!({"name": name, "scmContext": "github:github.com", "managedBy": "screwdriver",
+                "managedByEmail": "bench@example.com", "authKey": key, "weightage": weight}),
+            )
             .send()
             .await?;
         if !(resp.status().is_success() || resp.status() == reqwest::StatusCode::CONFLICT) {
@@ -260,7 +265,7 @@ async fn run(url: String, keys: PathBuf, concurrency: usize, duration: Duration)
     http.post(format!("{url}/v4/buildclusters"))
         .bearer_auth(&admin)
         .json(&json!({"name": "bench-agent", "scmContext": "github:github.com", "managedBy": "screwdriver",
-            "managedByEmail": "bench@example.com", "authKey": "BENCH_KEY", "weightage": 0}))
+            "managedByEmail": "bench@example.com", "authKey": "SD_CLUSTER_BENCH_AGENT_PUBLIC_KEY", "weightage": 0}))
         .send()
         .await?;
     let cycles =
