@@ -137,7 +137,8 @@ pub fn instructions(
          1. On every scheduler replica, export (e.g. in /etc/sd-scheduler/env):\n\n\
          {auth_key}='{public}'\n{sign_option}='{sign}'\n\n\
          2. Register the cluster (an admin token of the Screwdriver API; adjust scmContext,\n   \
-         scmOrganizations, managedBy, email):\n\n\
+         scmOrganizations, managedBy, email). The scheduler refuses it (409) when another cluster\n   \
+         has a name that differs only in case or '-', '.', '_' (it would share these variables):\n\n\
          curl -X POST \"$SCHEDULER/v4/buildclusters\" -H \"Authorization: Bearer $ADMIN_TOKEN\" \\\n     \
          -H 'Content-Type: application/json' -d '{registration}'\n\n\
          3. Point the agent at it (agent.toml: cluster.name = \"{cluster}\", auth.algorithm = \"{alg}\") and run\n   \
