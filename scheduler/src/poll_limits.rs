@@ -73,6 +73,7 @@ impl PollLimits {
         admit(self.caps, by_cluster, by_token)?;
         *counts.clusters.entry(cluster.to_owned()).or_default() += 1;
         *counts.tokens.entry(key).or_default() += 1;
+        metrics::gauge!("sd_scheduler_polls_waiting").increment(1);
         Ok(PollSlot {
             limits: Arc::clone(self),
             cluster: cluster.to_owned(),
@@ -104,6 +105,7 @@ fn admit(caps: PollCaps, by_cluster: usize, by_token: usize) -> Result<(), PollR
 impl Drop for PollSlot {
     fn drop(&mut self) {
         let mut counts = self.limits.lock();
+        metrics::gauge!("sd_scheduler_polls_waiting").decrement(1);
         release(&mut counts.clusters, &self.cluster);
         release(&mut counts.tokens, &self.token);
     }

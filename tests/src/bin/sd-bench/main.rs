@@ -7,6 +7,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+mod polls;
+
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use futures::StreamExt;
@@ -47,6 +49,30 @@ enum Cmd {
         keys: PathBuf,
         #[arg(long, default_value_t = 1000)]
         count: u64,
+    },
+    /// What waiting long-polls cost: register CLUSTERS clusters, hold each of COUNTS polls
+    /// waiting over them, and read the scheduler's memory, its Redis connections and intake
+    /// throughput meanwhile (scripts/bench --polls).
+    Polls {
+        #[arg(long)]
+        url: String,
+        #[arg(long)]
+        keys: PathBuf,
+        #[arg(long, default_value_t = 1000)]
+        clusters: usize,
+        /// Waiting polls to measure with, in order (0 is always measured first).
+        #[arg(long, value_delimiter = ',', default_value = "1000,10000")]
+        counts: Vec<usize>,
+        #[arg(long, default_value_t = 32)]
+        concurrency: usize,
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+        /// The scheduler's pid, for its resident memory.
+        #[arg(long)]
+        scheduler_pid: u32,
+        /// The scheduler's Redis, for its connection count.
+        #[arg(long)]
+        redis_url: String,
     },
     /// Serve the fake Kubernetes pods API (sd_testkit::kube_api) until killed, writing its URL
     /// to URL_FILE, and play the kubelet: every pod created starts running.
@@ -96,6 +122,28 @@ async fn main() -> Result<()> {
         } => run(url, keys, concurrency, Duration::from_secs(seconds)).await,
         Cmd::Submit { url, keys, count } => submit(url, keys, count).await,
         Cmd::Kube { url_file } => kube(url_file).await,
+        Cmd::Polls {
+            url,
+            keys,
+            clusters,
+            counts,
+            concurrency,
+            seconds,
+            scheduler_pid,
+            redis_url,
+        } => {
+            polls::run(polls::Args {
+                url,
+                keys,
+                clusters,
+                counts,
+                concurrency,
+                duration: Duration::from_secs(seconds),
+                scheduler_pid,
+                redis_url,
+            })
+            .await
+        }
     }
 }
 
