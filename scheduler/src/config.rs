@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use sd_screwdriver::ApiUris;
 use serde::Deserialize;
 
 /// Prefix of the environment variables that override config keys.
@@ -108,11 +109,25 @@ pub struct ReconcilerConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ScrewdriverConfig {
+    /// Base URL(s) of the Screwdriver API. A build whose `apiUri` is not one of them (or below
+    /// one) is refused: its freshly minted token would go wherever the message says. Required.
+    #[serde(deserialize_with = "sd_protocol::env::one_or_many")]
+    pub api_uris: Vec<String>,
+    /// Lets `api_uris` (and so `apiUri`) be plain `http://`: for tests and demos on one host.
+    pub allow_http: bool,
     /// Attempts per status report to the Screwdriver API (`PUT /v4/builds/{id}`).
     pub report_attempts: u32,
     /// Timeout of one report request.
     #[serde(with = "humantime_serde")]
     pub report_timeout: Duration,
+}
+
+impl ScrewdriverConfig {
+    /// The Screwdriver APIs builds may name, or why `api_uris` is unusable.
+    pub fn allowed_apis(&self) -> Result<ApiUris, ConfigError> {
+        ApiUris::new(&self.api_uris, self.allow_http)
+            .map_err(|e| ConfigError::invalid("screwdriver.api_uris", e.to_string()))
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -205,6 +220,8 @@ impl Default for ReconcilerConfig {
 impl Default for ScrewdriverConfig {
     fn default() -> Self {
         Self {
+            api_uris: Vec::new(),
+            allow_http: false,
             report_attempts: 5,
             report_timeout: Duration::from_secs(10),
         }
@@ -351,6 +368,7 @@ impl Config {
         if self.reconciler.interval < Duration::from_millis(100) {
             return Err(invalid("reconciler.interval", "must be at least 100ms"));
         }
+        self.screwdriver.allowed_apis()?;
         if self.screwdriver.report_attempts == 0 {
             return Err(invalid("screwdriver.report_attempts", "must be at least 1"));
         }
@@ -371,14 +389,21 @@ impl Config {
 mod tests {
     use super::*;
 
+    const API_VAR: &str = "SD_SCHEDULER_SCREWDRIVER_API_URIS";
+
+    /// Loads `text` with `vars`, and an allowed API unless the test sets `api_uris` itself.
     fn load(text: &str, vars: &[(&str, &str)]) -> Result<Config, ConfigError> {
         let dir = tempfile_dir();
         let path = dir.join("scheduler.toml");
         std::fs::write(&path, text).unwrap();
-        Config::load(
-            Some(&path),
-            vars.iter().map(|(k, v)| ((*k).into(), (*v).into())),
-        )
+        let mut vars: Vec<(String, String)> = vars
+            .iter()
+            .map(|(k, v)| ((*k).into(), (*v).into()))
+            .collect();
+        if !text.contains("api_uris") && !vars.iter().any(|(k, _)| k == API_VAR) {
+            vars.push((API_VAR.into(), "https://api.screwdriver.example".into()));
+        }
+        Config::load(Some(&path), vars)
     }
 
     fn tempfile_dir() -> PathBuf {
@@ -392,8 +417,13 @@ mod tests {
     }
 
     #[test]
-    fn defaults_need_no_file() {
-        let c = Config::load(None, Vec::new()).unwrap();
+    fn defaults_need_no_file_but_the_api() {
+        let c = Config::load(
+            None,
+            vec![(API_VAR.into(), "https://api.screwdriver.example".into())],
+        )
+        .unwrap();
+        assert_eq!(c.screwdriver.api_uris, ["https://api.screwdriver.example"]);
         assert_eq!(c.database.url, "sqlite://sd-scheduler.db");
         assert_eq!(c.listen.port(), 8080);
         assert_eq!(c.auth.launcher_token_ttl, Duration::from_secs(43200));
@@ -409,6 +439,39 @@ mod tests {
             .collect::<Vec<_>>()
             .join("\n");
         load(&text, &[]).unwrap();
+    }
+
+    #[test]
+    fn the_allowed_apis_are_required_and_https_unless_allowed() {
+        let refused = |text: &str, vars: &[(&str, &str)]| match load(text, vars) {
+            Err(ConfigError::Invalid { key, reason }) => {
+                assert_eq!(key, "screwdriver.api_uris", "{reason}");
+                reason
+            }
+            other => panic!("{text} {vars:?}: {other:?}"),
+        };
+        assert!(Config::load(None, Vec::new()).is_err(), "no API configured");
+        assert!(refused("[screwdriver]\napi_uris = []\n", &[]).contains("empty"));
+        assert!(refused("", &[(API_VAR, "http://127.0.0.1:9")]).contains("https"));
+        assert!(refused("", &[(API_VAR, "https://u:p@api.example")]).contains('@'));
+        let c = load(
+            "[screwdriver]\napi_uris = [\"http://127.0.0.1:9\"]\nallow_http = true\n",
+            &[],
+        )
+        .unwrap();
+        assert!(
+            c.screwdriver
+                .allowed_apis()
+                .unwrap()
+                .check("http://127.0.0.1:9")
+                .is_ok()
+        );
+        let c = load(
+            "",
+            &[(API_VAR, "[\"https://a.example\", \"https://b.example\"]")],
+        )
+        .unwrap();
+        assert_eq!(c.screwdriver.api_uris.len(), 2);
     }
 
     #[test]

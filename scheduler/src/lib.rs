@@ -52,6 +52,7 @@ use crate::registry::{ClusterCache, Registry, RegistryError};
 use crate::registry_sync::RegistrySync;
 use crate::reporter::Reporter;
 use crate::workers::Workers;
+use sd_screwdriver::BuildUpdates;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -63,6 +64,10 @@ pub enum StartError {
     Queue(#[from] QueueError),
     #[error(transparent)]
     Key(#[from] KeyError),
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    #[error(transparent)]
+    Screwdriver(#[from] sd_screwdriver::ClientError),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -89,6 +94,13 @@ impl Scheduler {
     pub async fn start_with_env(config: Config, env: EnvLookup) -> Result<Self, StartError> {
         let verifier = api_verifier(&config.auth)?;
         let tokens = launcher_tokens(&config.auth)?;
+        // Checked by `Config::load` too; a config built in code is held to the same rule.
+        let apis = config.screwdriver.allowed_apis()?;
+        let updates = BuildUpdates::new(
+            apis.clone(),
+            config.screwdriver.report_timeout,
+            concat!("sd-scheduler/", env!("CARGO_PKG_VERSION")),
+        )?;
         let db = Db::connect(&config.database.url, config.database.max_connections).await?;
         let queues = Queues::connect(&config.redis.url, queue::TAG)?;
         let registry = Registry::new(db.clone());
@@ -104,6 +116,7 @@ impl Scheduler {
             queues.clone(),
             Arc::clone(&health),
             tokens,
+            apis,
         );
         let workers = Workers {
             queues: queues.clone(),
@@ -111,6 +124,7 @@ impl Scheduler {
             cache: cache.clone(),
             health: Arc::clone(&health),
             reporter: Reporter::new(
+                updates,
                 config.screwdriver.report_timeout,
                 config.screwdriver.report_attempts,
                 queues.connection(),

@@ -4,9 +4,9 @@ mod common;
 
 use std::time::Duration;
 
-use common::{CTX, Harness, build, cluster, redis_dump};
+use common::{API_URI, CTX, Harness, allow_api, build, cluster, redis_dump};
 use reqwest::{Method, StatusCode};
-use sd_testkit::{Backend, eventually};
+use sd_testkit::{Backend, CountingServer, FakeScrewdriver, eventually};
 use serde_json::{Value, json};
 
 both_backends!(
@@ -20,6 +20,7 @@ both_backends!(
     operations_endpoints,
     redis_outage_then_retry_loses_nothing,
     token_in_body_is_used_as_is,
+    a_foreign_api_is_refused_and_sent_nothing,
 );
 
 fn ann(cluster: &str) -> Value {
@@ -94,6 +95,55 @@ async fn routed_build_is_queued_once_with_a_minted_token(backend: Backend) {
     // The token is never stored in the database.
     let (_, builds, _) = h.snapshot().await;
     assert_eq!(builds, 1);
+}
+
+/// A start message naming an API the scheduler does not allow would have the build's fresh
+/// token sent there (status reports, the launcher): refused with 422 naming `apiUri`, nothing
+/// kept, nothing sent — lookalikes of the allowed API included.
+async fn a_foreign_api_is_refused_and_sent_nothing(backend: Backend) {
+    let api = FakeScrewdriver::start().await;
+    let foreign = CountingServer::start().await;
+    let h = Harness::start_with(backend, |c| allow_api(c, &api.url)).await;
+    h.register(&cluster("sd1", "screwdriver", &[])).await;
+    let before = h.snapshot().await;
+    let foreign_host = foreign.url.trim_start_matches("http://");
+    let lookalikes = [
+        foreign.url.clone(),
+        format!("{}@{foreign_host}", api.url),
+        format!("{API_URI}.evil.example"),
+        format!("{API_URI}@evil.example"),
+        format!("{API_URI}:8443"),
+        API_URI.replace("https://", "http://"),
+    ];
+    for api_uri in &lookalikes {
+        let mut body = build(8609, "org/repo", json!({}));
+        body["apiUri"] = json!(api_uri);
+        let (status, resp) = h.submit(&body).await;
+        assert_eq!(
+            status,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "{api_uri}: {resp}"
+        );
+        let msg = resp["message"].as_str().unwrap();
+        assert!(msg.starts_with("apiUri:"), "{msg} should name apiUri");
+    }
+    assert_eq!(
+        h.snapshot().await,
+        before,
+        "a refused build leaves no trace"
+    );
+
+    // The allowed APIs are taken; a repeat naming a foreign API is refused all the same.
+    for (id, api_uri) in [(1, API_URI), (2, api.url.as_str())] {
+        let mut body = build(id, "org/repo", json!({}));
+        body["apiUri"] = json!(api_uri);
+        assert_eq!(h.submit(&body).await.0, StatusCode::CREATED, "{api_uri}");
+    }
+    let mut repeat = build(1, "org/repo", json!({}));
+    repeat["apiUri"] = json!(foreign.url);
+    assert_eq!(h.submit(&repeat).await.0, StatusCode::UNPROCESSABLE_ENTITY);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(foreign.hits(), 0, "something was sent to the foreign API");
 }
 
 async fn organization_rule_refuses_with_403_and_changes_nothing(backend: Backend) {
