@@ -149,12 +149,32 @@ pub struct RedisConfig {
 pub struct AuthConfig {
     /// PEM public key(s) of the Screwdriver API; verifies RS256 tokens of the API and admins.
     pub api_public_key_file: Option<PathBuf>,
+    /// Longest `exp - iat` an API token may have. Screwdriver's own: 2 h for users and admins,
+    /// 12 h for the `sdapi` token that comes with each build.
+    #[serde(with = "humantime_serde")]
+    pub max_token_lifetime: Duration,
+    /// When set, API tokens must carry this `iss` (Screwdriver sets none).
+    pub issuer: Option<String>,
+    /// When set, API tokens must carry this `aud` (Screwdriver sets none).
+    pub audience: Option<String>,
+    /// When set, API tokens must carry this `environment` (Screwdriver's `jwtEnvironment`,
+    /// e.g. `prod`), and minted launcher tokens carry it too, as its queue-service's do.
+    pub environment: Option<String>,
     /// PEM RSA private key the scheduler mints launcher tokens with (trusted by the API).
     pub private_key_file: Option<PathBuf>,
-    /// Lifetime of minted launcher tokens.
+    /// Lifetime of minted launcher tokens; at most [`MAX_LAUNCHER_TOKEN_TTL`].
     #[serde(with = "humantime_serde")]
     pub launcher_token_ttl: Duration,
 }
+
+/// The longest `auth.max_token_lifetime`: twice the longest token Screwdriver sends (12 h).
+pub const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+
+/// The longest `auth.launcher_token_ttl`: twice Screwdriver's 12 h for the same token, room
+/// for a build that waits long in a queue and then runs to its timeout. The token is in the
+/// build's pod spec and environment, where the build's own code can read it, and stays valid
+/// after the build ended: a longer one outlives any build it could be needed for.
+pub const MAX_LAUNCHER_TOKEN_TTL: Duration = Duration::from_secs(24 * 3600);
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -249,6 +269,10 @@ impl Default for AuthConfig {
     fn default() -> Self {
         Self {
             api_public_key_file: None,
+            max_token_lifetime: Duration::from_secs(12 * 3600),
+            issuer: None,
+            audience: None,
+            environment: None,
             private_key_file: None,
             launcher_token_ttl: Duration::from_secs(12 * 3600),
         }
@@ -328,8 +352,34 @@ impl Config {
                 });
             }
         }
-        if self.auth.launcher_token_ttl < Duration::from_secs(60) {
-            return Err(invalid("auth.launcher_token_ttl", "must be at least 60s"));
+        let auth = &self.auth;
+        if auth.max_token_lifetime < Duration::from_secs(60)
+            || auth.max_token_lifetime > MAX_TOKEN_LIFETIME
+        {
+            return Err(invalid(
+                "auth.max_token_lifetime",
+                "must be from 1m to 24h (Screwdriver's tokens live 2h, its sdapi tokens 12h)",
+            ));
+        }
+        for (key, value) in [
+            ("auth.issuer", &auth.issuer),
+            ("auth.audience", &auth.audience),
+            ("auth.environment", &auth.environment),
+        ] {
+            if value.as_deref().is_some_and(|v| v.trim().is_empty()) {
+                return Err(invalid(
+                    key,
+                    "must not be empty; leave it out to not check it",
+                ));
+            }
+        }
+        if auth.launcher_token_ttl < Duration::from_secs(60)
+            || auth.launcher_token_ttl > MAX_LAUNCHER_TOKEN_TTL
+        {
+            return Err(invalid(
+                "auth.launcher_token_ttl",
+                "must be from 60s to 24h (Screwdriver's queue-service mints 12h)",
+            ));
         }
         if self.registry.reload_interval < Duration::from_secs(1) {
             return Err(invalid("registry.reload_interval", "must be at least 1s"));
@@ -472,6 +522,44 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.screwdriver.api_uris.len(), 2);
+    }
+
+    #[test]
+    fn token_lifetimes_are_capped() {
+        let c = load("", &[]).unwrap();
+        assert_eq!(c.auth.max_token_lifetime, Duration::from_secs(12 * 3600));
+        for (text, key) in [
+            (
+                "[auth]\nlauncher_token_ttl = \"25h\"\n",
+                "auth.launcher_token_ttl",
+            ),
+            (
+                "[auth]\nlauncher_token_ttl = \"30s\"\n",
+                "auth.launcher_token_ttl",
+            ),
+            (
+                "[auth]\nmax_token_lifetime = \"2d\"\n",
+                "auth.max_token_lifetime",
+            ),
+            (
+                "[auth]\nmax_token_lifetime = \"10s\"\n",
+                "auth.max_token_lifetime",
+            ),
+            ("[auth]\nenvironment = \"\"\n", "auth.environment"),
+            ("[auth]\nissuer = \" \"\n", "auth.issuer"),
+        ] {
+            match load(text, &[]) {
+                Err(ConfigError::Invalid { key: k, .. }) => assert_eq!(k, key, "{text}"),
+                other => panic!("{text}: {other:?}"),
+            }
+        }
+        let c = load(
+            "[auth]\nlauncher_token_ttl = \"24h\"\nmax_token_lifetime = \"24h\"\nenvironment = \"prod\"\n",
+            &[],
+        )
+        .unwrap();
+        assert_eq!(c.auth.launcher_token_ttl, MAX_LAUNCHER_TOKEN_TTL);
+        assert_eq!(c.auth.environment.as_deref(), Some("prod"));
     }
 
     #[test]

@@ -40,7 +40,7 @@ use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::auth::{ApiVerifier, KeyError, LauncherTokens};
+use crate::auth::{ApiVerifier, KeyError, LauncherTokens, TokenPolicy};
 use crate::builds::Builds;
 use crate::cluster_auth::{ClusterVerifier, EnvLookup};
 use crate::config::{AuthConfig, Config, QueueConfig};
@@ -252,8 +252,14 @@ async fn bind(listen: SocketAddr) -> Result<(TcpListener, SocketAddr), StartErro
 /// The verifier of Screwdriver-API tokens. Without a key the scheduler still starts (so the
 /// workers' side and `/healthz` work) but refuses every authenticated call.
 fn api_verifier(auth: &AuthConfig) -> Result<ApiVerifier, KeyError> {
+    let policy = TokenPolicy {
+        max_lifetime: auth.max_token_lifetime,
+        issuer: auth.issuer.clone(),
+        audience: auth.audience.clone(),
+        environment: auth.environment.clone(),
+    };
     match &auth.api_public_key_file {
-        Some(path) => ApiVerifier::from_file(path),
+        Some(path) => ApiVerifier::from_file(path, policy),
         None => {
             tracing::warn!(
                 "auth.api_public_key_file is not set: every authenticated call will be refused with 401"
@@ -270,6 +276,7 @@ fn launcher_tokens(auth: &AuthConfig) -> Result<Option<LauncherTokens>, KeyError
         Some(path) => Ok(Some(LauncherTokens::from_file(
             path,
             auth.launcher_token_ttl,
+            auth.environment.clone(),
         )?)),
         None => {
             tracing::warn!(

@@ -92,9 +92,86 @@ async fn routed_build_is_queued_once_with_a_minted_token(backend: Backend) {
     assert_eq!(claims["scope"], json!(["temporal"]));
     let lifetime = claims["exp"].as_u64().unwrap() - claims["iat"].as_u64().unwrap();
     assert_eq!(lifetime, 12 * 3600);
+    // Each minted token has an id of its own (a UUID, as Screwdriver's), and no environment
+    // unless auth.environment is set.
+    let jti = claims["jti"].as_str().expect("jti");
+    assert_eq!(jti.len(), 36, "{jti}");
+    assert_eq!(jti.as_bytes()[14], b'4', "a version 4 UUID: {jti}");
+    assert!(claims.get("environment").is_none(), "{claims}");
+    h.submit(&build(8610, "screwdriver-cd/ui", json!({}))).await;
+    let other = h
+        .scheduler
+        .state()
+        .queues
+        .message("sd1", "8610")
+        .await
+        .unwrap()
+        .unwrap();
+    let other = serde_json::to_value(&other).unwrap();
+    let other_claims = jsonwebtoken::decode::<Value>(
+        other["buildConfig"]["token"].as_str().unwrap(),
+        &key,
+        &jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::RS256),
+    )
+    .unwrap()
+    .claims;
+    assert_ne!(other_claims["jti"], claims["jti"], "two tokens, one jti");
     // The token is never stored in the database.
     let (_, builds, _) = h.snapshot().await;
-    assert_eq!(builds, 1);
+    assert_eq!(builds, 2);
+}
+
+/// With `auth.environment` set, the minted launcher token carries it, as Screwdriver's
+/// queue-service puts its `jwtEnvironment` in the tokens it mints; API tokens must carry it too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn minted_tokens_carry_the_configured_environment() {
+    let h = Harness::start_with(Backend::Sqlite, |c| {
+        c.auth.environment = Some("prod".into())
+    })
+    .await;
+    let now = sd_testkit::unix_now();
+    let admin = h
+        .api
+        .sign(&json!({"scope": ["admin"], "environment": "prod", "iat": now, "exp": now + 600}));
+    let (status, resp) = h
+        .call(
+            Method::POST,
+            "/v4/buildclusters",
+            Some(&admin),
+            Some(&cluster("sd1", "screwdriver", &[])),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{resp}");
+    let sdapi = h
+        .api
+        .sign(&json!({"scope": ["sdapi"], "environment": "prod", "iat": now, "exp": now + 600}));
+    let (status, resp) = h
+        .call(
+            Method::POST,
+            "/v1/queue/message",
+            Some(&sdapi),
+            Some(&build(1, "org/repo", json!({}))),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{resp}");
+    let msg = h
+        .scheduler
+        .state()
+        .queues
+        .message("sd1", "1")
+        .await
+        .unwrap()
+        .unwrap();
+    let msg = serde_json::to_value(&msg).unwrap();
+    let key = jsonwebtoken::DecodingKey::from_rsa_pem(h.launcher.public_pem.as_bytes()).unwrap();
+    let claims = jsonwebtoken::decode::<Value>(
+        msg["buildConfig"]["token"].as_str().unwrap(),
+        &key,
+        &jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::RS256),
+    )
+    .unwrap()
+    .claims;
+    assert_eq!(claims["environment"], "prod");
 }
 
 /// A start message naming an API the scheduler does not allow would have the build's fresh
