@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use sd_screwdriver::BuildUpdates;
 use tokio::sync::{Notify, mpsc};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -48,6 +49,10 @@ pub enum RunError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Screwdriver(#[from] sd_screwdriver::ClientError),
 }
 
 pub fn signer(config: &Config) -> Result<Signer, crate::signer::SignerError> {
@@ -77,6 +82,15 @@ pub fn client(config: &Config, signer: Arc<Signer>) -> Result<SchedulerClient, R
         config.scheduler.request_timeout,
     )
     .map_err(RunError::from)
+}
+
+/// The Screwdriver API client: to the APIs `screwdriver.api_uris` allows, no redirects.
+pub fn build_updates(config: &Config) -> Result<BuildUpdates, RunError> {
+    Ok(BuildUpdates::new(
+        config.screwdriver.allowed_apis()?,
+        Duration::from_secs(10),
+        concat!("sd-agent/", env!("CARGO_PKG_VERSION")),
+    )?)
 }
 
 /// The scheduler client `run` needs, built before anything binds: a private key that does not
@@ -136,6 +150,7 @@ pub async fn run(
     // Registered before anything is served: a SIGTERM that arrives once /healthz answers must
     // drain gracefully, not kill the process with the default action.
     let mut signals = Signals::new();
+    let updates = build_updates(&config)?;
     // Bind first: a second agent on the same port must fail before it touches any build.
     let listener = tokio::net::TcpListener::bind(config.health.listen)
         .await
@@ -177,6 +192,7 @@ pub async fn run(
         &executor,
         &status,
         (events_tx, events_rx),
+        updates,
     );
     tracing::info!(cluster = %config.cluster.name, scheduler = %config.scheduler.url, health = %config.health.listen, "sd-agent running");
     ready("READY");
@@ -226,6 +242,7 @@ impl Loops {
         executor: &Arc<Executor>,
         status: &Arc<Status>,
         (events_tx, events_rx): (Events, mpsc::UnboundedReceiver<crate::events::BuildEvent>),
+        updates: BuildUpdates,
     ) -> Self {
         let capacity = Arc::new(Notify::new());
         let fetching = CancellationToken::new();
@@ -252,6 +269,7 @@ impl Loops {
                 executor: Arc::clone(executor),
                 events: sink,
                 max_in_flight: config.executor.max_in_flight,
+                apis: updates.allowed().clone(),
             }
             .run(launching.clone()),
         );
@@ -260,10 +278,7 @@ impl Loops {
                 client: client.clone(),
                 local: local.clone(),
                 outbox,
-                http: reqwest::Client::builder()
-                    .timeout(Duration::from_secs(10))
-                    .build()
-                    .unwrap_or_default(),
+                updates,
                 capacity,
             }
             .run(events_rx),

@@ -384,12 +384,27 @@ pub struct ProcessConfig {
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ScrewdriverConfig {
+    /// Base URL(s) of the Screwdriver API. Each build names its API (`apiUri`) and gets it,
+    /// with its token, on the launcher's command line; a build naming any other is refused.
+    /// Required.
+    #[serde(deserialize_with = "sd_protocol::env::one_or_many")]
+    pub api_uris: Vec<String>,
+    /// Lets `api_uris` (and so `apiUri`) be plain `http://`: for tests and demos on one host.
+    pub allow_http: bool,
     /// Passed to the launcher; the API URL comes with each build.
     pub store_uri: String,
     pub ui_uri: String,
     /// Prometheus pushgateway the launcher pushes build metrics to (`SD_PUSHGATEWAY_URL`;
     /// Screwdriver's `ecosystem.pushgatewayUrl`); empty: none.
     pub pushgateway_url: String,
+}
+
+impl ScrewdriverConfig {
+    /// The Screwdriver APIs builds may name, or why `api_uris` is unusable.
+    pub fn allowed_apis(&self) -> Result<sd_screwdriver::ApiUris, ConfigError> {
+        sd_screwdriver::ApiUris::new(&self.api_uris, self.allow_http)
+            .map_err(|e| invalid("screwdriver.api_uris", e.to_string()))
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -615,6 +630,7 @@ impl Config {
         if self.executor.launch_lease < Duration::from_secs(5) {
             return Err(invalid("executor.launch_lease", "must be at least 5s"));
         }
+        self.screwdriver.allowed_apis()?;
         if let Err(reason) = self.log.check_level() {
             return Err(invalid("log.level", reason));
         }
@@ -962,7 +978,7 @@ mod tests {
 
     fn minimal(key: &Path) -> String {
         format!(
-            "[cluster]\nname = \"ios-farm\"\n[scheduler]\nurl = \"https://sched.example\"\n[auth]\nprivate_key_file = \"{}\"\n[executor]\nkind = \"process\"\n[executor.process]\ncommand = [\"/bin/true\"]\n",
+            "[cluster]\nname = \"ios-farm\"\n[scheduler]\nurl = \"https://sched.example\"\n[auth]\nprivate_key_file = \"{}\"\n[executor]\nkind = \"process\"\n[executor.process]\ncommand = [\"/bin/true\"]\n[screwdriver]\napi_uris = [\"https://api.sd.example\"]\n",
             key.display()
         )
     }
@@ -983,6 +999,37 @@ mod tests {
         assert_eq!(c.auth.algorithm, SigningAlgorithm::RS256);
         assert_eq!(c.executor.max_in_flight, 50);
         assert_eq!(c.shutdown_timeout, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn the_allowed_apis_are_required_and_https_unless_allowed() {
+        let key = key_file();
+        let base = minimal(key.path());
+        let refused = |text: String| match parse(&text, &[]) {
+            Err(ConfigError::Invalid { key, reason }) => {
+                assert_eq!(key, "screwdriver.api_uris", "{reason}");
+                reason
+            }
+            other => panic!("{text}: {other:?}"),
+        };
+        let without = base.replace("api_uris = [\"https://api.sd.example\"]\n", "");
+        assert!(refused(without.clone()).contains("empty"));
+        let http = base.replace("https://api.sd.example", "http://127.0.0.1:9");
+        assert!(refused(http.clone()).contains("https"));
+        let c = parse(&format!("{http}allow_http = true\n"), &[]).unwrap();
+        assert!(
+            c.screwdriver
+                .allowed_apis()
+                .unwrap()
+                .check("http://127.0.0.1:9/")
+                .is_ok()
+        );
+        let c = parse(
+            &without,
+            &[("SD_AGENT_SCREWDRIVER_API_URIS", "https://api.other.example")],
+        )
+        .unwrap();
+        assert_eq!(c.screwdriver.api_uris, ["https://api.other.example"]);
     }
 
     #[test]

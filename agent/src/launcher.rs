@@ -6,8 +6,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use sd_protocol::{JobKind, QueueMessage, StartMessage};
+use sd_protocol::{FieldError, JobKind, QueueMessage, StartMessage};
 use sd_queue::{Cancelled, Lease};
+use sd_screwdriver::ApiUris;
 use tokio_util::sync::CancellationToken;
 
 use crate::executor::{BuildEvent, BuildStatus, Executor, Launched};
@@ -20,6 +21,8 @@ pub struct Launcher {
     /// Where the launcher's own events go (a build it cannot start, one it stopped).
     pub events: EventSink,
     pub max_in_flight: u32,
+    /// The Screwdriver APIs a build may name: its token goes to its `apiUri`.
+    pub apis: ApiUris,
 }
 
 impl Launcher {
@@ -93,11 +96,14 @@ impl Launcher {
     async fn start(&self, message: &QueueMessage) -> bool {
         let build = match &message.build_config {
             serde_json::Value::Object(map) => StartMessage::from_json(map.clone()),
-            _ => Err(sd_protocol::FieldError::new(
-                "buildConfig",
-                "must be a JSON object",
-            )),
+            _ => Err(FieldError::new("buildConfig", "must be a JSON object")),
         };
+        // Checked before the build is recorded or launched: the launcher would send its token
+        // to this address, and so would a FAILURE report.
+        let build = build.and_then(|b| match self.apis.check(&b.api_uri) {
+            Ok(_) => Ok(b),
+            Err(e) => Err(FieldError::new("apiUri", e.to_string())),
+        });
         let build = match build {
             Ok(b) => b,
             Err(e) => return self.refuse(message, &e.to_string()).await,
@@ -151,8 +157,10 @@ impl Launcher {
     }
 
     /// A start message that cannot be used (the scheduler validated it, so the local Redis or
-    /// a mismatched scheduler version changed it): the build fails with the reason, reported
-    /// where its own fields say, rather than vanishing. Without a build id nothing can be said.
+    /// a mismatched scheduler version changed it, or it names an API this agent does not
+    /// allow): the build fails with the reason rather than vanishing. The scheduler hears it;
+    /// Screwdriver too, where the build's own fields say, when that is an allowed API.
+    /// Without a build id nothing can be said.
     async fn refuse(&self, message: &QueueMessage, why: &str) -> bool {
         let config = &message.build_config;
         let Some(build_id) = config.get("buildId").and_then(serde_json::Value::as_u64) else {
@@ -162,7 +170,8 @@ impl Launcher {
         tracing::error!(build_id, error = %why, "start message is not usable");
         metrics::counter!("sd_agent_builds_failed_total").increment(1);
         let text = |key: &str| config.get(key).and_then(serde_json::Value::as_str);
-        if let Some(api_uri) = text("apiUri") {
+        let allowed_api = text("apiUri").filter(|uri| self.apis.check(uri).is_ok());
+        if let Some(api_uri) = allowed_api {
             let record = crate::local::BuildRecord {
                 job_id: config
                     .get("jobId")
@@ -180,7 +189,7 @@ impl Launcher {
             build_id,
             status: BuildStatus::Failed {
                 reason: format!("Build could not be started: its queue message is invalid: {why}"),
-                report: true,
+                report: allowed_api.is_some(),
             },
         })
         .await

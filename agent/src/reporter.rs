@@ -42,7 +42,8 @@ pub struct Reporter {
     pub client: SchedulerClient,
     pub local: LocalQueue,
     pub outbox: Outbox,
-    pub http: reqwest::Client,
+    /// `PUT {apiUri}/v4/builds/{id}`, to allowed APIs only.
+    pub updates: BuildUpdates,
     /// Rung when a build ends: the fetcher may have room again.
     pub capacity: Arc<Notify>,
 }
@@ -305,9 +306,8 @@ impl Reporter {
             api_uri: record.api_uri,
             token,
         };
-        let updates = BuildUpdates::new(self.http.clone());
         let send = || async {
-            updates.put(&target, body).await.map_err(|e| {
+            self.updates.put(&target, body).await.map_err(|e| {
                 if e.retryable {
                     Put::Later(e.message)
                 } else {

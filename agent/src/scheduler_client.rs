@@ -81,8 +81,10 @@ impl SchedulerClient {
         ca_pem: Option<&[u8]>,
         timeout: Duration,
     ) -> Result<Self, ClientSetupError> {
+        // No redirects: an answer pointing elsewhere would take the cluster's token with it.
         let mut builder = reqwest::Client::builder()
             .user_agent(concat!("sd-agent/", env!("CARGO_PKG_VERSION")))
+            .redirect(reqwest::redirect::Policy::none())
             .connect_timeout(Duration::from_secs(5));
         if let Some(pem) = ca_pem {
             let cert = reqwest::Certificate::from_pem(pem).map_err(ClientSetupError::CaFile)?;
@@ -262,10 +264,9 @@ mod tests {
 
     use super::*;
 
-    #[test]
-    fn a_client_that_cannot_be_built_keeps_why() {
+    fn signer() -> Signer {
         let key = crate::keygen::generate(SigningAlgorithm::ES256).unwrap();
-        let signer = Signer::from_pem(
+        Signer::from_pem(
             "ios-farm",
             SigningAlgorithm::ES256,
             Duration::from_secs(300),
@@ -273,7 +274,36 @@ mod tests {
             None,
             key.private_pem.as_bytes(),
         )
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_redirect_from_the_scheduler_is_not_followed() {
+        let elsewhere = sd_testkit::CountingServer::start().await;
+        let scheduler = sd_testkit::CountingServer::redirecting_to(&elsewhere.url).await;
+        let client = SchedulerClient::new(
+            &scheduler.url,
+            "ios-farm",
+            Arc::new(signer()),
+            None,
+            Duration::from_secs(5),
+        )
         .unwrap();
+        let e = client
+            .event(7, Event::Running, None)
+            .await
+            .expect_err("a redirect is not an answer");
+        assert!(
+            matches!(e, ClientError::Rejected { status: 307, .. }),
+            "{e:?}"
+        );
+        assert_eq!(scheduler.hits(), 1);
+        assert_eq!(elsewhere.hits(), 0, "the token followed the redirect");
+    }
+
+    #[test]
+    fn a_client_that_cannot_be_built_keeps_why() {
+        let signer = signer();
         let bad_ca = b"-----BEGIN CERTIFICATE-----\n!!not base64!!\n-----END CERTIFICATE-----\n";
         let Err(e) = SchedulerClient::new(
             "http://127.0.0.1:1",

@@ -32,6 +32,7 @@ fn config(dir: &Path, key: &Path, health: u16, extra: &str) -> std::path::PathBu
         .algorithm("ES256")
         .command(["/bin/true"])
         .health_port(health)
+        .screwdriver_api("https://api.sd.example")
         .extra_toml(extra)
         .write(&path)
 }

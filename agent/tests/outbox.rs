@@ -163,6 +163,7 @@ async fn fake_scheduler() -> (String, Arc<Received>) {
 async fn watcher(
     scheduler: &str,
     redis: &RedisServer,
+    screwdriver: &str,
 ) -> (
     mpsc::UnboundedSender<BuildEvent>,
     tokio::task::JoinHandle<()>,
@@ -176,7 +177,7 @@ async fn watcher(
         client,
         outbox: Outbox::new(local.queues().connection()),
         local,
-        http: reqwest::Client::new(),
+        updates: common::updates(&[screwdriver]),
         capacity: Arc::new(Notify::new()),
     };
     let (tx, rx) = mpsc::unbounded_channel();
@@ -213,7 +214,7 @@ async fn an_end_kept_by_an_agent_that_died_is_reported_by_the_next_one_once() {
         .await
         .unwrap();
 
-    let (_tx, task) = watcher(&scheduler, &redis).await;
+    let (_tx, task) = watcher(&scheduler, &redis, &screwdriver.url).await;
     let update = screwdriver
         .wait_for(41, Duration::from_secs(10))
         .await
@@ -245,8 +246,8 @@ async fn replicas_seeing_the_same_ends_report_each_once() {
     let local = LocalQueue::connect(&redis.url(), CLUSTER, Duration::from_secs(30))
         .await
         .unwrap();
-    let (a, task_a) = watcher(&scheduler, &redis).await;
-    let (b, task_b) = watcher(&scheduler, &redis).await;
+    let (a, task_a) = watcher(&scheduler, &redis, &screwdriver.url).await;
+    let (b, task_b) = watcher(&scheduler, &redis, &screwdriver.url).await;
     let ids: Vec<u64> = (100..150).collect();
     for id in &ids {
         local.remember(&build(*id, &screwdriver.url)).await.unwrap();
@@ -303,7 +304,7 @@ async fn an_end_arriving_while_running_is_being_reported_follows_right_after_it(
     let redis = RedisServer::start().unwrap();
     let (scheduler, received) = fake_scheduler().await;
     *received.slow_running.lock().unwrap() = Duration::from_secs(2);
-    let (tx, task) = watcher(&scheduler, &redis).await;
+    let (tx, task) = watcher(&scheduler, &redis, "https://api.sd.example").await;
     tx.send(BuildEvent {
         build_id: 9,
         status: BuildStatus::Running,
@@ -328,7 +329,7 @@ async fn a_start_message_the_agent_cannot_use_is_reported_failed_with_the_reason
     let redis = RedisServer::start().unwrap();
     let screwdriver = FakeScrewdriver::start().await;
     let (scheduler, received) = fake_scheduler().await;
-    let (events, task) = watcher(&scheduler, &redis).await;
+    let (events, task) = watcher(&scheduler, &redis, &screwdriver.url).await;
     let local = LocalQueue::connect(&redis.url(), CLUSTER, Duration::from_secs(30))
         .await
         .unwrap();
@@ -368,6 +369,7 @@ async fn a_start_message_the_agent_cannot_use_is_reported_failed_with_the_reason
                 events,
             ),
             max_in_flight: 5,
+            apis: common::apis(&[&screwdriver.url]),
         }
         .run(stop.clone()),
     );

@@ -140,7 +140,7 @@ fn screwdriver() -> ScrewdriverConfig {
     ScrewdriverConfig {
         store_uri: "https://store.sd.example".into(),
         ui_uri: "https://ui.sd.example".into(),
-        pushgateway_url: String::new(),
+        ..Default::default()
     }
 }
 

@@ -22,7 +22,9 @@ use sd_agent::outbox::Outbox;
 use sd_agent::reporter::Reporter;
 use sd_protocol::{JobKind, QueueMessage};
 use sd_testkit::kube_api::FakeKube;
-use sd_testkit::{BuildUpdate, ClusterKeys, FakeScrewdriver, RedisServer, eventually};
+use sd_testkit::{
+    BuildUpdate, ClusterKeys, CountingServer, FakeScrewdriver, RedisServer, eventually,
+};
 use serde_json::{Value, json};
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
@@ -146,6 +148,7 @@ impl Agent {
                     events_tx,
                 ),
                 max_in_flight: 50,
+                apis: common::apis(&[&self.screwdriver.url]),
             }
             .run(self.stop.clone()),
         );
@@ -155,7 +158,7 @@ impl Agent {
                 client,
                 outbox: Outbox::new(local.queues().connection()),
                 local,
-                http: reqwest::Client::new(),
+                updates: common::updates(&[&self.screwdriver.url]),
                 capacity: Arc::new(Notify::new()),
             }
             .run(events_rx),
@@ -167,12 +170,17 @@ impl Agent {
 
     /// Puts a start message on the local queue, as the fetcher does after a poll.
     async fn submit(&self, id: u64) {
+        self.submit_to(id, &self.screwdriver.url).await;
+    }
+
+    /// As [`submit`](Self::submit), for a build naming `api` as its Screwdriver API.
+    async fn submit_to(&self, id: u64, api: &str) {
         let message = QueueMessage {
             job: JobKind::Start,
             build_config: json!({
                 "buildId": id, "jobId": 1000 + id, "eventId": 775, "jobName": "main",
                 "pipeline": {"id": 42, "name": "mobile/app", "scmContext": "github:github.com"},
-                "apiUri": self.screwdriver.url, "container": "node:20",
+                "apiUri": api, "container": "node:20",
                 "annotations": {}, "token": TOKEN,
             }),
             queued_at: None,
@@ -271,6 +279,48 @@ impl Drop for Agent {
 
 fn config() -> KubernetesConfig {
     common::kube_config()
+}
+
+/// A build naming a Screwdriver API this agent does not allow would hand its token to that
+/// address (the launcher's command line, a FAILURE report): it is refused before it is
+/// recorded or launched, the scheduler hears `failed` with the reason, and nothing at all is
+/// sent to the address it named.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_build_naming_an_api_not_allowed_is_refused_and_nothing_is_sent_there() {
+    let agent = Agent::start(config(), 1).await;
+    let foreign = CountingServer::start().await;
+    let lookalike = format!(
+        "{}@{}",
+        agent.screwdriver.url,
+        foreign.url.trim_start_matches("http://")
+    );
+    agent.submit_to(70, &foreign.url).await;
+    agent.submit_to(71, &lookalike).await;
+    for id in [70, 71] {
+        agent.wait_event(id, "failed").await;
+        let events = agent.events_of(id);
+        let reason = events[0].message.as_deref().unwrap_or_default();
+        assert!(reason.contains("apiUri"), "build {id}: {reason}");
+        assert!(
+            agent.kube.pod(&format!("sd-{id}")).is_none(),
+            "build {id} launched"
+        );
+    }
+    // Everything before a healthy build has been handled once it is through.
+    agent.healthy(1).await;
+    let drained = eventually(WAIT, || async {
+        (agent.outbox.pending().await.unwrap() == 0).then_some(())
+    })
+    .await;
+    assert!(drained.is_some(), "every report leaves the outbox");
+    assert_eq!(foreign.hits(), 0, "something was sent to the foreign API");
+    let sent: Vec<u64> = agent
+        .screwdriver
+        .updates()
+        .iter()
+        .map(|u| u.build_id)
+        .collect();
+    assert!(!sent.contains(&70) && !sent.contains(&71), "{sent:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -110,6 +110,7 @@ fn our_config(executor: &Value) -> (KubernetesConfig, ScrewdriverConfig) {
         store_uri: text(&ecosystem["store"]).unwrap(),
         ui_uri: text(&ecosystem["ui"]).unwrap(),
         pushgateway_url: text(&ecosystem["pushgatewayUrl"]).unwrap_or_default(),
+        ..Default::default()
     };
     (config, screwdriver)
 }

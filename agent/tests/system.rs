@@ -19,6 +19,8 @@ use sd_testkit::{
 use serde_json::{Value, json};
 
 const AGENT: &str = env!("CARGO_BIN_EXE_sd-agent");
+/// The Screwdriver API builds name here (nothing listens; the scheduler and agents allow it).
+const DEAD_API: &str = "http://127.0.0.1:9";
 
 struct World {
     scheduler: Option<Scheduler>,
@@ -48,6 +50,8 @@ impl World {
         config.redis.url = master.url();
         config.auth.api_public_key_file = Some(api_pub);
         config.auth.private_key_file = Some(launcher);
+        config.screwdriver.api_uris = vec![DEAD_API.to_owned()];
+        config.screwdriver.allow_http = true;
         config.queue.visibility_timeout = Duration::from_secs(3);
         let env = Arc::new(Mutex::new(HashMap::new()));
         let mut world = Self {
@@ -151,7 +155,7 @@ impl World {
         let body = json!({
             "buildId": id, "jobId": 10_000 + id, "blockedBy": [], "annotations": annotations,
             "pipeline": {"id": 1, "name": pipeline, "scmContext": "github:github.com"},
-            "apiUri": "http://127.0.0.1:9", "container": "node:22",
+            "apiUri": DEAD_API, "container": "node:22",
         });
         let (status, resp) = self
             .call(Method::POST, "/v1/queue/message", "sdapi", Some(body))
@@ -242,6 +246,7 @@ impl AgentSetup {
             .launcher(&script)
             .work_dir(&home.join("work"))
             .health_port(health)
+            .screwdriver_api(DEAD_API)
             .log_format("json")
             .log_level("info,sd_agent=debug")
             .write(&home.join("agent.toml"));
@@ -1177,7 +1182,7 @@ async fn a_stopped_build_ends_stopped_and_releases_its_job() {
             "buildId": id, "jobId": 777, "blockedBy": blocked_by,
             "annotations": {"test/sleep": sleep},
             "pipeline": {"id": 1, "name": "web/site", "scmContext": "github:github.com"},
-            "apiUri": "http://127.0.0.1:9", "container": "node:22",
+            "apiUri": DEAD_API, "container": "node:22",
         })
     };
     let (status, body) = world

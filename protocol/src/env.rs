@@ -128,6 +128,22 @@ pub fn parse_config<T: serde::de::DeserializeOwned>(
     })
 }
 
+/// A list key that also takes one string (`key = "a"` as `key = ["a"]`), so a single value
+/// can come from an environment variable without TOML brackets. Use with
+/// `#[serde(deserialize_with = "sd_protocol::env::one_or_many")]`.
+pub fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(serde::Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match serde::Deserialize::deserialize(d)? {
+        OneOrMany::One(one) => vec![one],
+        OneOrMany::Many(many) => many,
+    })
+}
+
 /// `url` safe to print or log: the password, if any, replaced by `***`.
 pub fn redact_url(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
@@ -150,6 +166,30 @@ mod tests {
         list.iter()
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
             .collect()
+    }
+
+    #[test]
+    fn a_list_key_takes_one_string_or_a_list() {
+        #[derive(serde::Deserialize)]
+        struct C {
+            #[serde(deserialize_with = "one_or_many")]
+            uris: Vec<String>,
+        }
+        let parse = |text: &str, env: &[(&str, &str)]| {
+            parse_config::<C>(text, std::path::Path::new("t"), "SD_X_", &[], vars(env))
+                .map(|c| c.uris)
+        };
+        assert_eq!(parse("uris = \"a\"", &[]).unwrap(), ["a"]);
+        assert_eq!(parse("uris = [\"a\", \"b\"]", &[]).unwrap(), ["a", "b"]);
+        assert_eq!(
+            parse("", &[("SD_X_URIS", "https://api.example")]).unwrap(),
+            ["https://api.example"]
+        );
+        assert_eq!(
+            parse("", &[("SD_X_URIS", "[\"https://a\", \"https://b\"]")]).unwrap(),
+            ["https://a", "https://b"]
+        );
+        assert!(parse("uris = 5", &[]).is_err());
     }
 
     #[test]

@@ -1,9 +1,18 @@
-//! Tokens of the Screwdriver API side: verifying the API's and admins' tokens (scopes), and
-//! minting the launcher token each build carries to its cluster.
+//! Tokens of the Screwdriver API side: verifying the API's and admins' tokens (scopes, and the
+//! claims [`TokenPolicy`] asks for), and minting the launcher token each build carries to its
+//! cluster.
+//!
+//! What Screwdriver puts in its tokens (its auth plugin's `generateProfile`/`generateToken`):
+//! RS256; `username`, `scmContext`, `scope` (a list: `user`, `admin`, `sdapi`, `temporal`,
+//! `build`, `pipeline`, and `guest` for its read-only guest logins, which carry `user` too);
+//! `environment` when the API's `jwtEnvironment` is set; `iat`, `exp` (2 h for users, 12 h for
+//! the `sdapi` token it hands the queue with each build) and a `jti` (a UUID). No `iss`, `aud`
+//! or `nbf`; they are checked only when configured (`nbf` whenever present).
 //!
 //! Tokens are never logged; errors say what is wrong with a token, not what it contains.
 
 use std::path::Path;
+use std::time::Duration;
 
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use sd_protocol::StartMessage;
@@ -20,7 +29,7 @@ pub enum KeyError {
     Parse { path: String, reason: String },
 }
 
-/// Why a request's token was refused (401).
+/// Why a request's token was refused: 401, but 403 for [`TokenError::Guest`].
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum TokenError {
     #[error("missing Authorization: Bearer token")]
@@ -31,7 +40,14 @@ pub enum TokenError {
     NotConfigured,
     #[error("invalid token: {0}")]
     Invalid(String),
+    /// A valid token of Screwdriver's read-only guest login: it carries `user` too, but a
+    /// guest has no business reading the registry or any build.
+    #[error("guest tokens (scope guest) are not accepted here; log in to Screwdriver")]
+    Guest,
 }
+
+/// Leeway for the clocks of the API and this host (`exp`, `nbf`, `iat`).
+const LEEWAY: u64 = 30;
 
 /// Scopes carried by Screwdriver API tokens.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,6 +73,13 @@ struct ApiClaims {
     scope: ScopeClaim,
     #[serde(default)]
     username: Option<serde_json::Value>,
+    iat: u64,
+    exp: u64,
+    #[serde(default)]
+    nbf: Option<u64>,
+    /// Screwdriver's `jwtEnvironment` (e.g. `prod`, `beta`), when its API sets one.
+    #[serde(default)]
+    environment: Option<String>,
 }
 
 /// Screwdriver sends a list; a single string is accepted too.
@@ -97,16 +120,108 @@ impl Caller {
     }
 }
 
+// === impl TokenPolicy ===
+
+/// What an API token must carry besides a good signature and an `exp` still ahead (`[auth]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenPolicy {
+    /// `exp - iat` at most this: a leaked long-lived token stays useful for long.
+    pub max_lifetime: Duration,
+    /// `iss` must be this, when set.
+    pub issuer: Option<String>,
+    /// `aud` must hold this, when set.
+    pub audience: Option<String>,
+    /// Screwdriver's `environment` claim must be this, when set: a `beta` API's tokens are
+    /// refused by a `prod` scheduler that trusts the same key.
+    pub environment: Option<String>,
+}
+
+impl Default for TokenPolicy {
+    fn default() -> Self {
+        Self {
+            max_lifetime: Duration::from_secs(12 * 3600),
+            issuer: None,
+            audience: None,
+            environment: None,
+        }
+    }
+}
+
+impl TokenPolicy {
+    /// What the signature check itself enforces: RS256, `exp` and `iat` present, `exp` ahead,
+    /// `iss`/`aud` when configured.
+    fn validation(&self) -> Validation {
+        let mut validation = Validation::new(Algorithm::RS256);
+        validation.leeway = LEEWAY;
+        // Checked in `check_claims`, with the rest of the time claims.
+        validation.validate_nbf = false;
+        let mut required = vec!["exp", "iat"];
+        if let Some(iss) = &self.issuer {
+            required.push("iss");
+            validation.set_issuer(&[iss]);
+        }
+        validation.validate_aud = self.audience.is_some();
+        if let Some(aud) = &self.audience {
+            required.push("aud");
+            validation.set_audience(&[aud]);
+        }
+        validation.set_required_spec_claims(&required);
+        validation
+    }
+
+    /// The claims of a token whose signature, `exp`, `iss` and `aud` hold (pure: `now` is
+    /// passed in): not usable before `nbf` or issued in the future, no longer-lived than
+    /// allowed, of the configured environment, and not a guest's.
+    fn check_claims(&self, claims: ApiClaims, now: u64) -> Result<Caller, TokenError> {
+        let invalid = |reason: String| Err(TokenError::Invalid(reason));
+        if let Some(nbf) = claims.nbf
+            && nbf > now + LEEWAY
+        {
+            return invalid("not valid yet (nbf is in the future)".into());
+        }
+        if claims.iat > now + LEEWAY {
+            return invalid("issued in the future (iat); check the clocks".into());
+        }
+        let lifetime = claims.exp.saturating_sub(claims.iat);
+        if lifetime > self.max_lifetime.as_secs() {
+            return invalid(format!(
+                "lifetime {lifetime}s (exp - iat) exceeds auth.max_token_lifetime ({}s)",
+                self.max_lifetime.as_secs()
+            ));
+        }
+        if let Some(want) = &self.environment
+            && claims.environment.as_deref() != Some(want.as_str())
+        {
+            return invalid(format!(
+                "environment claim is not {want:?} (auth.environment)"
+            ));
+        }
+        let scopes = match claims.scope {
+            ScopeClaim::List(list) => list,
+            ScopeClaim::One(one) => vec![one],
+        };
+        if scopes.iter().any(|s| s == "guest") {
+            return Err(TokenError::Guest);
+        }
+        let username = claims.username.map(|u| match u {
+            serde_json::Value::String(s) => s,
+            other => other.to_string(),
+        });
+        Ok(Caller { scopes, username })
+    }
+}
+
 // === impl ApiVerifier ===
 
 /// Verifies RS256 tokens issued by the Screwdriver API (several keys: a rotation window).
 #[derive(Clone, Default)]
 pub struct ApiVerifier {
     keys: Vec<DecodingKey>,
+    policy: TokenPolicy,
 }
 
 impl ApiVerifier {
-    pub fn from_file(path: &Path) -> Result<Self, KeyError> {
+    pub fn from_file(path: &Path, policy: TokenPolicy) -> Result<Self, KeyError> {
         let text = read(path)?;
         let blocks = pem_blocks(&text);
         if blocks.is_empty() {
@@ -124,37 +239,34 @@ impl ApiVerifier {
                 })
             })
             .collect::<Result<_, _>>()?;
-        Ok(Self { keys })
+        Ok(Self { keys, policy })
     }
 
     pub fn verify(&self, token: &str) -> Result<Caller, TokenError> {
         if self.keys.is_empty() {
             return Err(TokenError::NotConfigured);
         }
-        let mut validation = Validation::new(Algorithm::RS256);
-        validation.leeway = 30;
-        validation.validate_aud = false;
-        validation.set_required_spec_claims(&["exp"]);
+        let validation = self.policy.validation();
         let mut last = String::from("signature does not match any configured key");
         for key in &self.keys {
             match jsonwebtoken::decode::<ApiClaims>(token, key, &validation) {
-                Ok(data) => {
-                    let scopes = match data.claims.scope {
-                        ScopeClaim::List(list) => list,
-                        ScopeClaim::One(one) => vec![one],
-                    };
-                    let username = data.claims.username.map(|u| match u {
-                        serde_json::Value::String(s) => s,
-                        other => other.to_string(),
-                    });
-                    return Ok(Caller { scopes, username });
-                }
+                Ok(data) => return self.policy.check_claims(data.claims, unix_now()),
                 Err(e) => {
                     use jsonwebtoken::errors::ErrorKind;
                     match e.kind() {
                         ErrorKind::InvalidSignature => {}
                         ErrorKind::ExpiredSignature => {
                             return Err(TokenError::Invalid("expired".into()));
+                        }
+                        ErrorKind::InvalidIssuer => {
+                            return Err(TokenError::Invalid(
+                                "wrong issuer (iss; auth.issuer)".into(),
+                            ));
+                        }
+                        ErrorKind::InvalidAudience => {
+                            return Err(TokenError::Invalid(
+                                "wrong audience (aud; auth.audience)".into(),
+                            ));
                         }
                         _ => last = e.to_string(),
                     }
@@ -185,8 +297,14 @@ pub struct LauncherClaims {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pr_parent_job_id: Option<u64>,
     pub scope: Vec<String>,
+    /// Screwdriver's `jwtEnvironment`, as its queue-service puts it in the tokens it mints.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub environment: Option<String>,
     pub iat: u64,
     pub exp: u64,
+    /// A fresh UUID per token, as Screwdriver's minted tokens carry: each one can be told
+    /// apart (logs, revocation lists).
+    pub jti: String,
 }
 
 /// Mints launcher tokens with the scheduler's RSA key, which the Screwdriver API trusts.
@@ -194,10 +312,16 @@ pub struct LauncherClaims {
 pub struct LauncherTokens {
     key: EncodingKey,
     ttl_secs: u64,
+    environment: Option<String>,
 }
 
 impl LauncherTokens {
-    pub fn from_file(path: &Path, ttl: std::time::Duration) -> Result<Self, KeyError> {
+    /// Tokens living `ttl`, carrying `environment` when set (`auth.environment`).
+    pub fn from_file(
+        path: &Path,
+        ttl: Duration,
+        environment: Option<String>,
+    ) -> Result<Self, KeyError> {
         let text = read(path)?;
         let key = EncodingKey::from_rsa_pem(text.as_bytes()).map_err(|e| KeyError::Parse {
             path: path.display().to_string(),
@@ -206,6 +330,7 @@ impl LauncherTokens {
         Ok(Self {
             key,
             ttl_secs: ttl.as_secs(),
+            environment,
         })
     }
 
@@ -222,11 +347,28 @@ impl LauncherTokens {
             config_pipeline_id: build.pipeline.config_pipeline_id,
             pr_parent_job_id: build.pr_parent_job_id,
             scope: vec!["temporal".into()],
+            environment: self.environment.clone(),
             iat: now,
             exp: now + self.ttl_secs,
+            jti: uuid_v4(rand::random()),
         };
         jsonwebtoken::encode(&Header::new(Algorithm::RS256), &claims, &self.key)
     }
+}
+
+/// `bytes` as a version 4 (random) UUID, the form Screwdriver's `jti` has.
+fn uuid_v4(mut bytes: [u8; 16]) -> String {
+    bytes[6] = (bytes[6] & 0x0f) | 0x40;
+    bytes[8] = (bytes[8] & 0x3f) | 0x80;
+    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &hex[..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..]
+    )
 }
 
 // === helpers ===
@@ -277,6 +419,113 @@ mod tests {
         assert_eq!(blocks.len(), 2);
         assert!(blocks[1].contains("BBB"));
         assert!(pem_blocks("nothing").is_empty());
+    }
+
+    const NOW: u64 = 1_800_000_000;
+
+    fn claims(scope: &[&str], iat: u64, exp: u64) -> ApiClaims {
+        ApiClaims {
+            scope: ScopeClaim::List(scope.iter().map(|s| (*s).to_owned()).collect()),
+            username: Some(serde_json::json!("alice")),
+            iat,
+            exp,
+            nbf: None,
+            environment: None,
+        }
+    }
+
+    fn policy() -> TokenPolicy {
+        TokenPolicy {
+            max_lifetime: Duration::from_secs(7200),
+            ..TokenPolicy::default()
+        }
+    }
+
+    fn refusal(policy: &TokenPolicy, claims: ApiClaims) -> String {
+        match policy.check_claims(claims, NOW) {
+            Err(TokenError::Invalid(reason)) => reason,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_token_within_the_rules_is_a_caller() {
+        let caller = policy()
+            .check_claims(claims(&["user", "admin"], NOW, NOW + 7200), NOW)
+            .unwrap();
+        assert!(caller.has_any(&[Scope::Admin]));
+        assert_eq!(caller.username.as_deref(), Some("alice"));
+    }
+
+    #[test]
+    fn guests_are_refused_whatever_else_they_hold() {
+        for scope in [&["user", "guest"][..], &["guest"], &["admin", "guest"]] {
+            assert_eq!(
+                policy()
+                    .check_claims(claims(scope, NOW, NOW + 60), NOW)
+                    .unwrap_err(),
+                TokenError::Guest,
+                "{scope:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn not_before_and_issued_at_must_not_be_ahead() {
+        let mut early = claims(&["user"], NOW, NOW + 600);
+        early.nbf = Some(NOW + 300);
+        assert!(refusal(&policy(), early).contains("nbf"));
+        let mut within_leeway = claims(&["user"], NOW, NOW + 600);
+        within_leeway.nbf = Some(NOW + LEEWAY);
+        assert!(policy().check_claims(within_leeway, NOW).is_ok());
+        let future = claims(&["user"], NOW + 300, NOW + 600);
+        assert!(refusal(&policy(), future).contains("iat"));
+    }
+
+    #[test]
+    fn lifetimes_over_the_cap_are_refused() {
+        assert!(
+            policy()
+                .check_claims(claims(&["sdapi"], NOW, NOW + 7200), NOW)
+                .is_ok()
+        );
+        let reason = refusal(&policy(), claims(&["sdapi"], NOW, NOW + 7201));
+        assert!(reason.contains("auth.max_token_lifetime"), "{reason}");
+        // Issued long ago and valid for years: refused although `exp` is ahead.
+        let reason = refusal(
+            &policy(),
+            claims(&["admin"], NOW - 3600, NOW + 10 * 365 * 86400),
+        );
+        assert!(reason.contains("lifetime"), "{reason}");
+    }
+
+    #[test]
+    fn the_environment_is_checked_only_when_configured() {
+        let mut beta = claims(&["sdapi"], NOW, NOW + 60);
+        beta.environment = Some("beta".into());
+        assert!(
+            policy().check_claims(beta, NOW).is_ok(),
+            "unset: not checked"
+        );
+        let prod = TokenPolicy {
+            environment: Some("prod".into()),
+            ..policy()
+        };
+        let mut beta = claims(&["sdapi"], NOW, NOW + 60);
+        beta.environment = Some("beta".into());
+        assert!(refusal(&prod, beta).contains("auth.environment"));
+        assert!(refusal(&prod, claims(&["sdapi"], NOW, NOW + 60)).contains("environment"));
+        let mut good = claims(&["sdapi"], NOW, NOW + 60);
+        good.environment = Some("prod".into());
+        assert!(prod.check_claims(good, NOW).is_ok());
+    }
+
+    #[test]
+    fn uuids_are_version_4() {
+        let id = uuid_v4([0xff; 16]);
+        assert_eq!(id, "ffffffff-ffff-4fff-bfff-ffffffffffff");
+        assert_eq!(uuid_v4([0; 16]), "00000000-0000-4000-8000-000000000000");
+        assert_ne!(uuid_v4(rand::random()), uuid_v4(rand::random()));
     }
 
     #[test]

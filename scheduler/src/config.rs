@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use sd_screwdriver::ApiUris;
 use serde::Deserialize;
 
 /// Prefix of the environment variables that override config keys.
@@ -116,11 +117,25 @@ pub struct ReconcilerConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ScrewdriverConfig {
+    /// Base URL(s) of the Screwdriver API. A build whose `apiUri` is not one of them (or below
+    /// one) is refused: its freshly minted token would go wherever the message says. Required.
+    #[serde(deserialize_with = "sd_protocol::env::one_or_many")]
+    pub api_uris: Vec<String>,
+    /// Lets `api_uris` (and so `apiUri`) be plain `http://`: for tests and demos on one host.
+    pub allow_http: bool,
     /// Attempts per status report to the Screwdriver API (`PUT /v4/builds/{id}`).
     pub report_attempts: u32,
     /// Timeout of one report request.
     #[serde(with = "humantime_serde")]
     pub report_timeout: Duration,
+}
+
+impl ScrewdriverConfig {
+    /// The Screwdriver APIs builds may name, or why `api_uris` is unusable.
+    pub fn allowed_apis(&self) -> Result<ApiUris, ConfigError> {
+        ApiUris::new(&self.api_uris, self.allow_http)
+            .map_err(|e| ConfigError::invalid("screwdriver.api_uris", e.to_string()))
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -142,12 +157,32 @@ pub struct RedisConfig {
 pub struct AuthConfig {
     /// PEM public key(s) of the Screwdriver API; verifies RS256 tokens of the API and admins.
     pub api_public_key_file: Option<PathBuf>,
+    /// Longest `exp - iat` an API token may have. Screwdriver's own: 2 h for users and admins,
+    /// 12 h for the `sdapi` token that comes with each build.
+    #[serde(with = "humantime_serde")]
+    pub max_token_lifetime: Duration,
+    /// When set, API tokens must carry this `iss` (Screwdriver sets none).
+    pub issuer: Option<String>,
+    /// When set, API tokens must carry this `aud` (Screwdriver sets none).
+    pub audience: Option<String>,
+    /// When set, API tokens must carry this `environment` (Screwdriver's `jwtEnvironment`,
+    /// e.g. `prod`), and minted launcher tokens carry it too, as its queue-service's do.
+    pub environment: Option<String>,
     /// PEM RSA private key the scheduler mints launcher tokens with (trusted by the API).
     pub private_key_file: Option<PathBuf>,
-    /// Lifetime of minted launcher tokens.
+    /// Lifetime of minted launcher tokens; at most [`MAX_LAUNCHER_TOKEN_TTL`].
     #[serde(with = "humantime_serde")]
     pub launcher_token_ttl: Duration,
 }
+
+/// The longest `auth.max_token_lifetime`: twice the longest token Screwdriver sends (12 h).
+pub const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+
+/// The longest `auth.launcher_token_ttl`: twice Screwdriver's 12 h for the same token, room
+/// for a build that waits long in a queue and then runs to its timeout. The token is in the
+/// build's pod spec and environment, where the build's own code can read it, and stays valid
+/// after the build ended: a longer one outlives any build it could be needed for.
+pub const MAX_LAUNCHER_TOKEN_TTL: Duration = Duration::from_secs(24 * 3600);
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -218,6 +253,8 @@ impl Default for ReconcilerConfig {
 impl Default for ScrewdriverConfig {
     fn default() -> Self {
         Self {
+            api_uris: Vec::new(),
+            allow_http: false,
             report_attempts: 5,
             report_timeout: Duration::from_secs(10),
         }
@@ -245,6 +282,10 @@ impl Default for AuthConfig {
     fn default() -> Self {
         Self {
             api_public_key_file: None,
+            max_token_lifetime: Duration::from_secs(12 * 3600),
+            issuer: None,
+            audience: None,
+            environment: None,
             private_key_file: None,
             launcher_token_ttl: Duration::from_secs(12 * 3600),
         }
@@ -325,8 +366,34 @@ impl Config {
                 });
             }
         }
-        if self.auth.launcher_token_ttl < Duration::from_secs(60) {
-            return Err(invalid("auth.launcher_token_ttl", "must be at least 60s"));
+        let auth = &self.auth;
+        if auth.max_token_lifetime < Duration::from_secs(60)
+            || auth.max_token_lifetime > MAX_TOKEN_LIFETIME
+        {
+            return Err(invalid(
+                "auth.max_token_lifetime",
+                "must be from 1m to 24h (Screwdriver's tokens live 2h, its sdapi tokens 12h)",
+            ));
+        }
+        for (key, value) in [
+            ("auth.issuer", &auth.issuer),
+            ("auth.audience", &auth.audience),
+            ("auth.environment", &auth.environment),
+        ] {
+            if value.as_deref().is_some_and(|v| v.trim().is_empty()) {
+                return Err(invalid(
+                    key,
+                    "must not be empty; leave it out to not check it",
+                ));
+            }
+        }
+        if auth.launcher_token_ttl < Duration::from_secs(60)
+            || auth.launcher_token_ttl > MAX_LAUNCHER_TOKEN_TTL
+        {
+            return Err(invalid(
+                "auth.launcher_token_ttl",
+                "must be from 60s to 24h (Screwdriver's queue-service mints 12h)",
+            ));
         }
         if self.registry.reload_interval < Duration::from_secs(1) {
             return Err(invalid("registry.reload_interval", "must be at least 1s"));
@@ -371,6 +438,7 @@ impl Config {
         if self.reconciler.interval < Duration::from_millis(100) {
             return Err(invalid("reconciler.interval", "must be at least 100ms"));
         }
+        self.screwdriver.allowed_apis()?;
         if self.screwdriver.report_attempts == 0 {
             return Err(invalid("screwdriver.report_attempts", "must be at least 1"));
         }
@@ -406,14 +474,21 @@ impl Config {
 mod tests {
     use super::*;
 
+    const API_VAR: &str = "SD_SCHEDULER_SCREWDRIVER_API_URIS";
+
+    /// Loads `text` with `vars`, and an allowed API unless the test sets `api_uris` itself.
     fn load(text: &str, vars: &[(&str, &str)]) -> Result<Config, ConfigError> {
         let dir = tempfile_dir();
         let path = dir.join("scheduler.toml");
         std::fs::write(&path, text).unwrap();
-        Config::load(
-            Some(&path),
-            vars.iter().map(|(k, v)| ((*k).into(), (*v).into())),
-        )
+        let mut vars: Vec<(String, String)> = vars
+            .iter()
+            .map(|(k, v)| ((*k).into(), (*v).into()))
+            .collect();
+        if !text.contains("api_uris") && !vars.iter().any(|(k, _)| k == API_VAR) {
+            vars.push((API_VAR.into(), "https://api.screwdriver.example".into()));
+        }
+        Config::load(Some(&path), vars)
     }
 
     fn tempfile_dir() -> PathBuf {
@@ -427,8 +502,13 @@ mod tests {
     }
 
     #[test]
-    fn defaults_need_no_file() {
-        let c = Config::load(None, Vec::new()).unwrap();
+    fn defaults_need_no_file_but_the_api() {
+        let c = Config::load(
+            None,
+            vec![(API_VAR.into(), "https://api.screwdriver.example".into())],
+        )
+        .unwrap();
+        assert_eq!(c.screwdriver.api_uris, ["https://api.screwdriver.example"]);
         assert_eq!(c.database.url, "sqlite://sd-scheduler.db");
         assert_eq!(c.listen.port(), 8080);
         assert_eq!(c.auth.launcher_token_ttl, Duration::from_secs(43200));
@@ -444,6 +524,77 @@ mod tests {
             .collect::<Vec<_>>()
             .join("\n");
         load(&text, &[]).unwrap();
+    }
+
+    #[test]
+    fn the_allowed_apis_are_required_and_https_unless_allowed() {
+        let refused = |text: &str, vars: &[(&str, &str)]| match load(text, vars) {
+            Err(ConfigError::Invalid { key, reason }) => {
+                assert_eq!(key, "screwdriver.api_uris", "{reason}");
+                reason
+            }
+            other => panic!("{text} {vars:?}: {other:?}"),
+        };
+        assert!(Config::load(None, Vec::new()).is_err(), "no API configured");
+        assert!(refused("[screwdriver]\napi_uris = []\n", &[]).contains("empty"));
+        assert!(refused("", &[(API_VAR, "http://127.0.0.1:9")]).contains("https"));
+        assert!(refused("", &[(API_VAR, "https://u:p@api.example")]).contains('@'));
+        let c = load(
+            "[screwdriver]\napi_uris = [\"http://127.0.0.1:9\"]\nallow_http = true\n",
+            &[],
+        )
+        .unwrap();
+        assert!(
+            c.screwdriver
+                .allowed_apis()
+                .unwrap()
+                .check("http://127.0.0.1:9")
+                .is_ok()
+        );
+        let c = load(
+            "",
+            &[(API_VAR, "[\"https://a.example\", \"https://b.example\"]")],
+        )
+        .unwrap();
+        assert_eq!(c.screwdriver.api_uris.len(), 2);
+    }
+
+    #[test]
+    fn token_lifetimes_are_capped() {
+        let c = load("", &[]).unwrap();
+        assert_eq!(c.auth.max_token_lifetime, Duration::from_secs(12 * 3600));
+        for (text, key) in [
+            (
+                "[auth]\nlauncher_token_ttl = \"25h\"\n",
+                "auth.launcher_token_ttl",
+            ),
+            (
+                "[auth]\nlauncher_token_ttl = \"30s\"\n",
+                "auth.launcher_token_ttl",
+            ),
+            (
+                "[auth]\nmax_token_lifetime = \"2d\"\n",
+                "auth.max_token_lifetime",
+            ),
+            (
+                "[auth]\nmax_token_lifetime = \"10s\"\n",
+                "auth.max_token_lifetime",
+            ),
+            ("[auth]\nenvironment = \"\"\n", "auth.environment"),
+            ("[auth]\nissuer = \" \"\n", "auth.issuer"),
+        ] {
+            match load(text, &[]) {
+                Err(ConfigError::Invalid { key: k, .. }) => assert_eq!(k, key, "{text}"),
+                other => panic!("{text}: {other:?}"),
+            }
+        }
+        let c = load(
+            "[auth]\nlauncher_token_ttl = \"24h\"\nmax_token_lifetime = \"24h\"\nenvironment = \"prod\"\n",
+            &[],
+        )
+        .unwrap();
+        assert_eq!(c.auth.launcher_token_ttl, MAX_LAUNCHER_TOKEN_TTL);
+        assert_eq!(c.auth.environment.as_deref(), Some("prod"));
     }
 
     #[test]

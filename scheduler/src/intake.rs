@@ -16,6 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sd_protocol::{FieldError, JobKind, QueueMessage, StartMessage, StopRequest};
+use sd_screwdriver::ApiUris;
 use serde_json::Value;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -82,6 +83,8 @@ pub struct Intake {
     queues: Queues,
     health: Arc<Health>,
     tokens: Option<LauncherTokens>,
+    /// The Screwdriver APIs a build may name as `apiUri` (its token goes there).
+    apis: ApiUris,
 }
 
 impl Intake {
@@ -91,6 +94,7 @@ impl Intake {
         queues: Queues,
         health: Arc<Health>,
         tokens: Option<LauncherTokens>,
+        apis: ApiUris,
     ) -> Arc<Self> {
         Arc::new(Self {
             cache,
@@ -98,11 +102,16 @@ impl Intake {
             queues,
             health,
             tokens,
+            apis,
         })
     }
 
-    /// Accepts a build: idempotent per `buildId`.
+    /// Accepts a build: idempotent per `buildId`. An `apiUri` that is not an allowed API is
+    /// refused before anything is read or written.
     pub async fn start(&self, msg: StartMessage) -> Result<Accepted, IntakeError> {
+        self.apis
+            .check(&msg.api_uri)
+            .map_err(|e| FieldError::new("apiUri", e.to_string()))?;
         if let Some(row) = self.builds.get(msg.build_id).await? {
             return self.repeat(row).await;
         }

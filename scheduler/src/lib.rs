@@ -41,7 +41,7 @@ use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::auth::{ApiVerifier, KeyError, LauncherTokens};
+use crate::auth::{ApiVerifier, KeyError, LauncherTokens, TokenPolicy};
 use crate::builds::Builds;
 use crate::cluster_auth::{ClusterVerifier, EnvLookup};
 use crate::config::{AuthConfig, Config, QueueConfig};
@@ -54,6 +54,7 @@ use crate::registry::{ClusterCache, Registry, RegistryError};
 use crate::registry_sync::RegistrySync;
 use crate::reporter::Reporter;
 use crate::workers::Workers;
+use sd_screwdriver::BuildUpdates;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -65,6 +66,10 @@ pub enum StartError {
     Queue(#[from] QueueError),
     #[error(transparent)]
     Key(#[from] KeyError),
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    #[error(transparent)]
+    Screwdriver(#[from] sd_screwdriver::ClientError),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -91,6 +96,13 @@ impl Scheduler {
     pub async fn start_with_env(config: Config, env: EnvLookup) -> Result<Self, StartError> {
         let verifier = api_verifier(&config.auth)?;
         let tokens = launcher_tokens(&config.auth)?;
+        // Checked by `Config::load` too; a config built in code is held to the same rule.
+        let apis = config.screwdriver.allowed_apis()?;
+        let updates = BuildUpdates::new(
+            apis.clone(),
+            config.screwdriver.report_timeout,
+            concat!("sd-scheduler/", env!("CARGO_PKG_VERSION")),
+        )?;
         let db = Db::connect(&config.database.url, config.database.max_connections).await?;
         let queues = Queues::connect(&config.redis.url, queue::TAG)?;
         let registry = Registry::new(db.clone());
@@ -106,6 +118,7 @@ impl Scheduler {
             queues.clone(),
             Arc::clone(&health),
             tokens,
+            apis,
         );
         let workers = Workers {
             queues: queues.clone(),
@@ -114,6 +127,7 @@ impl Scheduler {
             cache: cache.clone(),
             health: Arc::clone(&health),
             reporter: Reporter::new(
+                updates,
                 config.screwdriver.report_timeout,
                 config.screwdriver.report_attempts,
                 queues.connection(),
@@ -280,8 +294,14 @@ async fn bind(listen: SocketAddr) -> Result<(TcpListener, SocketAddr), StartErro
 /// The verifier of Screwdriver-API tokens. Without a key the scheduler still starts (so the
 /// workers' side and `/healthz` work) but refuses every authenticated call.
 fn api_verifier(auth: &AuthConfig) -> Result<ApiVerifier, KeyError> {
+    let policy = TokenPolicy {
+        max_lifetime: auth.max_token_lifetime,
+        issuer: auth.issuer.clone(),
+        audience: auth.audience.clone(),
+        environment: auth.environment.clone(),
+    };
     match &auth.api_public_key_file {
-        Some(path) => ApiVerifier::from_file(path),
+        Some(path) => ApiVerifier::from_file(path, policy),
         None => {
             tracing::warn!(
                 "auth.api_public_key_file is not set: every authenticated call will be refused with 401"
@@ -298,6 +318,7 @@ fn launcher_tokens(auth: &AuthConfig) -> Result<Option<LauncherTokens>, KeyError
         Some(path) => Ok(Some(LauncherTokens::from_file(
             path,
             auth.launcher_token_ttl,
+            auth.environment.clone(),
         )?)),
         None => {
             tracing::warn!(

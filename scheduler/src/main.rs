@@ -10,7 +10,8 @@ use sd_scheduler::{Scheduler, systemd};
 /// Keeps the registry of build clusters (/v4/buildclusters), accepts builds from the Screwdriver
 /// API (/v1/queue/message), routes each to a cluster and queues it there for that cluster's
 /// agent. Without --config it runs on embedded defaults: SQLite file ./sd-scheduler.db, Redis on
-/// 127.0.0.1:6379, listening on 127.0.0.1:8080. Every config key can be overridden with an
+/// 127.0.0.1:6379, listening on 127.0.0.1:8080; only the Screwdriver API's URL has no default
+/// (SD_SCHEDULER_SCREWDRIVER_API_URIS). Every config key can be overridden with an
 /// environment variable SD_SCHEDULER_<SECTION>_<KEY>, e.g. SD_SCHEDULER_REDIS_URL.
 #[derive(Parser)]
 #[command(version, about, long_about)]

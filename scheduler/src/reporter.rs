@@ -88,14 +88,15 @@ pub struct Reporter {
 }
 
 impl Reporter {
-    pub fn new(timeout: Duration, attempts: u32, redis: ConnectionManager) -> Self {
-        let http = reqwest::Client::builder()
-            .timeout(timeout)
-            .user_agent(concat!("sd-scheduler/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .unwrap_or_default();
+    /// Sends through `updates` (the allowed APIs, no redirects), each try within `timeout`.
+    pub fn new(
+        updates: BuildUpdates,
+        timeout: Duration,
+        attempts: u32,
+        redis: ConnectionManager,
+    ) -> Self {
         Self {
-            updates: BuildUpdates::new(http),
+            updates,
             attempts,
             timeout,
             redis,

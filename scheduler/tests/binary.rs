@@ -43,7 +43,17 @@ fn invalid_configuration_exits_64_naming_the_key() {
     let (code, text) = run(&["--config", "/nonexistent/scheduler.toml"], &[]);
     assert_eq!(code, 64);
     assert!(text.contains("/nonexistent/scheduler.toml"), "{text}");
+
+    // Builds' tokens go to the API a build names: without an allow-list it does not start.
+    let (code, text) = run(&["--check-config"], &[]);
+    assert_eq!(code, 64, "{text}");
+    assert!(text.contains("screwdriver.api_uris"), "{text}");
+    let (code, text) = run(&["--check-config"], &[(API_VAR, "https://api.example")]);
+    assert_eq!(code, 0, "{text}");
 }
+
+/// The Screwdriver API every scheduler here allows.
+const API_VAR: &str = "SD_SCHEDULER_SCREWDRIVER_API_URIS";
 
 #[test]
 fn example_config_passes_check() {
@@ -71,7 +81,7 @@ fn help_explains() {
 }
 
 #[tokio::test]
-async fn starts_on_defaults_serves_and_stops_on_sigterm() {
+async fn starts_on_defaults_and_its_api_serves_and_stops_on_sigterm() {
     let redis = RedisServer::start().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
@@ -80,6 +90,7 @@ async fn starts_on_defaults_serves_and_stops_on_sigterm() {
         .env_remove("SD_SCHEDULER_CONFIG")
         .env("SD_SCHEDULER_LISTEN", format!("127.0.0.1:{port}"))
         .env("SD_SCHEDULER_REDIS_URL", redis.url())
+        .env(API_VAR, "https://api.example")
         .env("SD_SCHEDULER_LOG_FORMAT", "json")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -141,6 +152,7 @@ fn spawn_scheduler(env: &[(&str, String)]) -> Process {
     let child = Command::new(BIN)
         .env_remove("SD_SCHEDULER_CONFIG")
         .env("SD_SCHEDULER_LISTEN", format!("127.0.0.1:{port}"))
+        .env(API_VAR, "https://api.example")
         .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
         .stdout(Stdio::null())
         .stderr(Stdio::null())

@@ -4,9 +4,9 @@ mod common;
 
 use std::time::Duration;
 
-use common::{CTX, Harness, build, cluster, redis_dump};
+use common::{API_URI, CTX, Harness, allow_api, build, cluster, redis_dump};
 use reqwest::{Method, StatusCode};
-use sd_testkit::{Backend, eventually};
+use sd_testkit::{Backend, CountingServer, FakeScrewdriver, eventually};
 use serde_json::{Value, json};
 
 both_backends!(
@@ -20,6 +20,7 @@ both_backends!(
     operations_endpoints,
     redis_outage_then_retry_loses_nothing,
     token_in_body_is_used_as_is,
+    a_foreign_api_is_refused_and_sent_nothing,
 );
 
 fn ann(cluster: &str) -> Value {
@@ -91,9 +92,135 @@ async fn routed_build_is_queued_once_with_a_minted_token(backend: Backend) {
     assert_eq!(claims["scope"], json!(["temporal"]));
     let lifetime = claims["exp"].as_u64().unwrap() - claims["iat"].as_u64().unwrap();
     assert_eq!(lifetime, 12 * 3600);
+    // Each minted token has an id of its own (a UUID, as Screwdriver's), and no environment
+    // unless auth.environment is set.
+    let jti = claims["jti"].as_str().expect("jti");
+    assert_eq!(jti.len(), 36, "{jti}");
+    assert_eq!(jti.as_bytes()[14], b'4', "a version 4 UUID: {jti}");
+    assert!(claims.get("environment").is_none(), "{claims}");
+    h.submit(&build(8610, "screwdriver-cd/ui", json!({}))).await;
+    let other = h
+        .scheduler
+        .state()
+        .queues
+        .message("sd1", "8610")
+        .await
+        .unwrap()
+        .unwrap();
+    let other = serde_json::to_value(&other).unwrap();
+    let other_claims = jsonwebtoken::decode::<Value>(
+        other["buildConfig"]["token"].as_str().unwrap(),
+        &key,
+        &jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::RS256),
+    )
+    .unwrap()
+    .claims;
+    assert_ne!(other_claims["jti"], claims["jti"], "two tokens, one jti");
     // The token is never stored in the database.
     let (_, builds, _) = h.snapshot().await;
-    assert_eq!(builds, 1);
+    assert_eq!(builds, 2);
+}
+
+/// With `auth.environment` set, the minted launcher token carries it, as Screwdriver's
+/// queue-service puts its `jwtEnvironment` in the tokens it mints; API tokens must carry it too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn minted_tokens_carry_the_configured_environment() {
+    let h = Harness::start_with(Backend::Sqlite, |c| {
+        c.auth.environment = Some("prod".into())
+    })
+    .await;
+    let now = sd_testkit::unix_now();
+    let admin = h
+        .api
+        .sign(&json!({"scope": ["admin"], "environment": "prod", "iat": now, "exp": now + 600}));
+    let (status, resp) = h
+        .call(
+            Method::POST,
+            "/v4/buildclusters",
+            Some(&admin),
+            Some(&cluster("sd1", "screwdriver", &[])),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{resp}");
+    let sdapi = h
+        .api
+        .sign(&json!({"scope": ["sdapi"], "environment": "prod", "iat": now, "exp": now + 600}));
+    let (status, resp) = h
+        .call(
+            Method::POST,
+            "/v1/queue/message",
+            Some(&sdapi),
+            Some(&build(1, "org/repo", json!({}))),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{resp}");
+    let msg = h
+        .scheduler
+        .state()
+        .queues
+        .message("sd1", "1")
+        .await
+        .unwrap()
+        .unwrap();
+    let msg = serde_json::to_value(&msg).unwrap();
+    let key = jsonwebtoken::DecodingKey::from_rsa_pem(h.launcher.public_pem.as_bytes()).unwrap();
+    let claims = jsonwebtoken::decode::<Value>(
+        msg["buildConfig"]["token"].as_str().unwrap(),
+        &key,
+        &jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::RS256),
+    )
+    .unwrap()
+    .claims;
+    assert_eq!(claims["environment"], "prod");
+}
+
+/// A start message naming an API the scheduler does not allow would have the build's fresh
+/// token sent there (status reports, the launcher): refused with 422 naming `apiUri`, nothing
+/// kept, nothing sent — lookalikes of the allowed API included.
+async fn a_foreign_api_is_refused_and_sent_nothing(backend: Backend) {
+    let api = FakeScrewdriver::start().await;
+    let foreign = CountingServer::start().await;
+    let h = Harness::start_with(backend, |c| allow_api(c, &api.url)).await;
+    h.register(&cluster("sd1", "screwdriver", &[])).await;
+    let before = h.snapshot().await;
+    let foreign_host = foreign.url.trim_start_matches("http://");
+    let lookalikes = [
+        foreign.url.clone(),
+        format!("{}@{foreign_host}", api.url),
+        format!("{API_URI}.evil.example"),
+        format!("{API_URI}@evil.example"),
+        format!("{API_URI}:8443"),
+        API_URI.replace("https://", "http://"),
+    ];
+    for api_uri in &lookalikes {
+        let mut body = build(8609, "org/repo", json!({}));
+        body["apiUri"] = json!(api_uri);
+        let (status, resp) = h.submit(&body).await;
+        assert_eq!(
+            status,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "{api_uri}: {resp}"
+        );
+        let msg = resp["message"].as_str().unwrap();
+        assert!(msg.starts_with("apiUri:"), "{msg} should name apiUri");
+    }
+    assert_eq!(
+        h.snapshot().await,
+        before,
+        "a refused build leaves no trace"
+    );
+
+    // The allowed APIs are taken; a repeat naming a foreign API is refused all the same.
+    for (id, api_uri) in [(1, API_URI), (2, api.url.as_str())] {
+        let mut body = build(id, "org/repo", json!({}));
+        body["apiUri"] = json!(api_uri);
+        assert_eq!(h.submit(&body).await.0, StatusCode::CREATED, "{api_uri}");
+    }
+    let mut repeat = build(1, "org/repo", json!({}));
+    repeat["apiUri"] = json!(foreign.url);
+    assert_eq!(h.submit(&repeat).await.0, StatusCode::UNPROCESSABLE_ENTITY);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(foreign.hits(), 0, "something was sent to the foreign API");
 }
 
 async fn organization_rule_refuses_with_403_and_changes_nothing(backend: Backend) {

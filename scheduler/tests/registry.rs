@@ -4,7 +4,7 @@ mod common;
 
 use common::{CTX, Harness, cluster};
 use reqwest::{Method, StatusCode};
-use sd_testkit::Backend;
+use sd_testkit::{Backend, unix_now};
 use serde_json::{Value, json};
 
 both_backends!(
@@ -218,6 +218,177 @@ async fn tokens_and_scopes(backend: Backend) {
         h.call(Method::GET, "/v4/buildclusters", None, None).await.0,
         StatusCode::UNAUTHORIZED
     );
+}
+
+/// `(status, message)` of `GET path` with `token`.
+async fn get_with(h: &Harness, path: &str, token: &str) -> (StatusCode, String) {
+    let (status, body) = h.call(Method::GET, path, Some(token), None).await;
+    let message = body["message"].as_str().unwrap_or_default().to_owned();
+    (status, message)
+}
+
+/// Screwdriver's guest login carries `user` too: refused on every route all the same, with
+/// 403 (a valid token that may not), as a missing scope is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guest_tokens_are_refused_on_every_route() {
+    let h = Harness::start(Backend::Sqlite).await;
+    h.register(&cluster("sd1", "screwdriver", &[])).await;
+    h.submit(&common::build(5, "org/repo", json!({}))).await;
+    let before = h.snapshot().await;
+    let guest = h.api.api_token(&["user", "guest"]);
+    for path in ["/v4/buildclusters", "/v4/buildclusters/sd1", "/v1/builds/5"] {
+        let (status, message) = get_with(&h, path, &guest).await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{path}: {message}");
+        assert!(message.contains("guest"), "{path}: {message}");
+        // The same token without `guest` reads.
+        let user = h.api.api_token(&["user"]);
+        assert_eq!(get_with(&h, path, &user).await.0, StatusCode::OK, "{path}");
+    }
+    for (method, path, scopes, body) in [
+        (
+            Method::POST,
+            "/v4/buildclusters",
+            ["admin", "guest"],
+            cluster("sd2", "screwdriver", &[]),
+        ),
+        (
+            Method::POST,
+            "/v1/queue/message",
+            ["sdapi", "guest"],
+            common::build(6, "org/repo", json!({})),
+        ),
+        (
+            Method::DELETE,
+            "/v1/queue/message",
+            ["sdapi", "guest"],
+            json!({"buildId": 5}),
+        ),
+    ] {
+        let token = h.api.api_token(&scopes);
+        let (status, resp) = h.call(method, path, Some(&token), Some(&body)).await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{path}: {resp}");
+    }
+    assert_eq!(h.snapshot().await, before, "guests changed something");
+}
+
+/// Time and lifetime claims: not before `nbf`, not issued in the future, `iat` present, no
+/// longer-lived than `auth.max_token_lifetime` (12 h by default, Screwdriver's longest).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn time_claims_and_lifetime_are_checked() {
+    let h = Harness::start(Backend::Sqlite).await;
+    let now = unix_now();
+    let token = |extra: Value| {
+        let mut claims =
+            json!({"username": "alice", "scope": ["user"], "iat": now, "exp": now + 600});
+        for (k, v) in extra.as_object().unwrap() {
+            if v.is_null() {
+                claims.as_object_mut().unwrap().remove(k);
+            } else {
+                claims[k] = v.clone();
+            }
+        }
+        h.api.sign(&claims)
+    };
+    let refused = [
+        (json!({"nbf": now + 3600}), "nbf"),
+        (json!({"iat": now + 3600, "exp": now + 7200}), "iat"),
+        (json!({"iat": null}), "iat"),
+        (json!({"exp": now + 12 * 3600 + 1}), "max_token_lifetime"),
+        (
+            json!({"iat": now - 3600, "exp": now + 365 * 86400}),
+            "lifetime",
+        ),
+    ];
+    for (extra, words) in refused {
+        let (status, message) = get_with(&h, "/v4/buildclusters", &token(extra.clone())).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{extra}: {message}");
+        assert!(
+            message.contains(words),
+            "{extra}: {message} should mention {words}"
+        );
+    }
+    for extra in [
+        json!({"nbf": now - 60}),
+        json!({"exp": now + 12 * 3600}),
+        json!({"jti": "2b0f6c4e-0000-4000-8000-000000000000"}),
+    ] {
+        let (status, message) = get_with(&h, "/v4/buildclusters", &token(extra.clone())).await;
+        assert_eq!(status, StatusCode::OK, "{extra}: {message}");
+    }
+
+    // A tighter cap is the operator's to set.
+    let tight = Harness::start_with(Backend::Sqlite, |c| {
+        c.auth.max_token_lifetime = std::time::Duration::from_secs(300);
+    })
+    .await;
+    let (status, message) = get_with(&tight, "/v4/buildclusters", &tight.user()).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{message}");
+    assert!(message.contains("300s"), "{message}");
+}
+
+/// `iss`, `aud` and Screwdriver's `environment` are checked when configured (a token of the
+/// `beta` API is refused by a `prod` scheduler trusting the same key), ignored when not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issuer_audience_and_environment_when_configured() {
+    let now = unix_now();
+    let sign = |h: &Harness, extra: Value| {
+        let mut claims =
+            json!({"username": "alice", "scope": ["user"], "iat": now, "exp": now + 600});
+        for (k, v) in extra.as_object().unwrap() {
+            claims[k] = v.clone();
+        }
+        h.api.sign(&claims)
+    };
+    let good = json!({"iss": "sd-api", "aud": "sd-scheduler", "environment": "prod"});
+    let with = |k: &str, v: Value| {
+        let mut claims = good.clone();
+        match v {
+            Value::Null => {
+                claims.as_object_mut().unwrap().remove(k);
+            }
+            v => claims[k] = v,
+        }
+        claims
+    };
+
+    let strict = Harness::start_with(Backend::Sqlite, |c| {
+        c.auth.issuer = Some("sd-api".into());
+        c.auth.audience = Some("sd-scheduler".into());
+        c.auth.environment = Some("prod".into());
+    })
+    .await;
+    let (status, message) =
+        get_with(&strict, "/v4/buildclusters", &sign(&strict, good.clone())).await;
+    assert_eq!(status, StatusCode::OK, "{message}");
+    let refused = [
+        (with("iss", json!("someone-else")), "iss"),
+        (with("iss", Value::Null), "iss"),
+        (with("aud", json!("another-service")), "aud"),
+        (with("aud", Value::Null), "aud"),
+        (with("environment", json!("beta")), "environment"),
+        (with("environment", Value::Null), "environment"),
+    ];
+    for (claims, words) in refused {
+        let (status, message) =
+            get_with(&strict, "/v4/buildclusters", &sign(&strict, claims.clone())).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{claims}: {message}");
+        assert!(
+            message.contains(words),
+            "{claims}: {message} should mention {words}"
+        );
+    }
+
+    // Unset, none of them is looked at: Screwdriver's tokens carry no iss or aud.
+    let h = Harness::start(Backend::Sqlite).await;
+    for claims in [
+        json!({}),
+        with("iss", json!("someone-else")),
+        with("aud", json!("another-service")),
+        with("environment", json!("beta")),
+    ] {
+        let (status, message) = get_with(&h, "/v4/buildclusters", &sign(&h, claims.clone())).await;
+        assert_eq!(status, StatusCode::OK, "{claims}: {message}");
+    }
 }
 
 async fn invalid_bodies_change_nothing(backend: Backend) {

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use base64::Engine;
-use common::{Harness, build, cluster, delivered_build};
+use common::{Harness, allow_api, build, cluster, delivered_build};
 use jsonwebtoken::Algorithm;
 use reqwest::{Method, StatusCode};
 use sd_testkit::{Backend, ClusterKeys, FakeScrewdriver, RedisServer, eventually, unix_now};
@@ -312,6 +312,7 @@ async fn lapsed_lease_is_redelivered_and_a_stale_token_cannot_ack() {
 async fn dead_letter_after_max_attempts_is_reported_failure() {
     let api = FakeScrewdriver::start().await;
     let h = Harness::start_with(Backend::Sqlite, |c| {
+        allow_api(c, &api.url);
         c.queue.visibility_timeout = Duration::from_millis(300);
         c.queue.max_attempts = 2;
     })
@@ -362,6 +363,7 @@ async fn dead_letter_after_max_attempts_is_reported_failure() {
 async fn a_status_report_outlives_the_replica_that_made_it() {
     let api = FakeScrewdriver::start().await;
     let mut h = Harness::start_with(Backend::Sqlite, |c| {
+        allow_api(c, &api.url);
         c.queue.visibility_timeout = Duration::from_millis(300);
         c.queue.max_attempts = 1;
         c.screwdriver.report_timeout = Duration::from_secs(1);
@@ -524,7 +526,7 @@ async fn long_poll_wakes_on_enqueue_and_paused_clusters_get_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn blocked_by_is_released_by_the_finish_event_and_older_waits_collapse() {
     let api = FakeScrewdriver::start().await;
-    let h = Harness::start(Backend::Sqlite).await;
+    let h = Harness::start_with(Backend::Sqlite, |c| allow_api(c, &api.url)).await;
     let keys = h
         .cluster_with_key(&cluster("sd1", "screwdriver", &[]))
         .await;

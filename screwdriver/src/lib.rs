@@ -1,9 +1,16 @@
 //! The one call both binaries make to the Screwdriver API: `PUT {apiUri}/v4/builds/{id}` with
 //! the build's own token — the scheduler for builds it ends or holds itself (dead-lettered,
 //! collapsed, blocked), the agent for builds whose launcher could not report (and a pod's
-//! stats). One client, so both sides agree on the URL, the token and what is worth retrying.
+//! stats). One client, so both sides agree on the URL, the token, where a token may go
+//! ([`ApiUris`]), that no redirect takes it elsewhere, and what is worth retrying.
+
+mod allowed;
+
+use std::time::Duration;
 
 use serde_json::Value;
+
+pub use allowed::{AllowListError, ApiBase, ApiUris, UriError};
 
 /// Where and as whom to tell Screwdriver about one build.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -13,17 +20,6 @@ pub struct BuildTarget {
     pub api_uri: String,
     /// The build's own (launcher) token.
     pub token: String,
-}
-
-impl BuildTarget {
-    /// `{apiUri}/v4/builds/{id}`, whatever trailing slashes `apiUri` has.
-    pub fn url(&self) -> String {
-        format!(
-            "{}/v4/builds/{}",
-            self.api_uri.trim_end_matches('/'),
-            self.build_id
-        )
-    }
 }
 
 /// A refused or failed update; `retryable` when another try may succeed.
@@ -40,25 +36,52 @@ pub fn retryable(status: u16) -> bool {
     (500..600).contains(&status) || status == 429 || status == 408
 }
 
-/// `PUT {apiUri}/v4/builds/{id}` with `body` (`{status, statusMessage}` or `{stats}`).
+/// [`BuildUpdates`] cannot be set up: the HTTP client does not build (TLS back-end).
+#[derive(Debug, thiserror::Error)]
+#[error("cannot build the HTTP client for the Screwdriver API: {0}")]
+pub struct ClientError(#[source] reqwest::Error);
+
+/// `PUT {apiUri}/v4/builds/{id}` with `body` (`{status, statusMessage}` or `{stats}`), only to
+/// an allowed API.
 #[derive(Debug, Clone)]
 pub struct BuildUpdates {
     http: reqwest::Client,
+    allowed: ApiUris,
 }
 
 impl BuildUpdates {
-    /// Uses `http` as configured by the caller (timeouts, TLS, user agent).
-    pub fn new(http: reqwest::Client) -> Self {
-        Self { http }
+    /// The client follows no redirect: an answer pointing elsewhere would take the build's
+    /// token with it, past the allow-list. Each request may take `timeout`.
+    pub fn new(allowed: ApiUris, timeout: Duration, user_agent: &str) -> Result<Self, ClientError> {
+        let http = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .timeout(timeout)
+            .user_agent(user_agent)
+            .build()
+            .map_err(ClientError)?;
+        Ok(Self { http, allowed })
     }
 
-    /// One try. Transport failures are retryable; URLs in errors stay out of transport
-    /// messages (they would repeat the API's address in every log line).
+    /// The APIs this client sends to.
+    pub fn allowed(&self) -> &ApiUris {
+        &self.allowed
+    }
+
+    /// One try. An `apiUri` that is not allowed is refused for good, before anything is sent.
+    /// Transport failures are retryable; URLs stay out of transport messages (they would
+    /// repeat the API's address in every log line).
     pub async fn put(&self, target: &BuildTarget, body: &Value) -> Result<(), UpdateError> {
-        let url = target.url();
+        let url = self
+            .allowed
+            .check(&target.api_uri)
+            .map_err(|e| UpdateError {
+                retryable: false,
+                message: format!("apiUri {e}; nothing sent"),
+            })?
+            .build_url(target.build_id);
         let answer = self
             .http
-            .put(&url)
+            .put(url.clone())
             .bearer_auth(&target.token)
             .json(body)
             .send()
@@ -90,15 +113,5 @@ mod tests {
         for status in [400, 401, 403, 404, 409, 422] {
             assert!(!retryable(status), "{status}");
         }
-    }
-
-    #[test]
-    fn the_url_ignores_trailing_slashes() {
-        let target = BuildTarget {
-            build_id: 8609,
-            api_uri: "https://api.sd.example//".into(),
-            token: "t".into(),
-        };
-        assert_eq!(target.url(), "https://api.sd.example/v4/builds/8609");
     }
 }

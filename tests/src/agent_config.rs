@@ -24,6 +24,7 @@ pub struct AgentConfig {
     health_port: Option<u16>,
     log_format: Option<String>,
     log_level: Option<String>,
+    screwdriver_apis: Vec<String>,
     extra: String,
 }
 
@@ -48,6 +49,7 @@ impl AgentConfig {
             health_port: None,
             log_format: None,
             log_level: None,
+            screwdriver_apis: Vec::new(),
             extra: String::new(),
         }
     }
@@ -136,6 +138,13 @@ impl AgentConfig {
         self
     }
 
+    /// Adds `url` to `screwdriver.api_uris` (the agent requires at least one); a plain
+    /// `http://` one also sets `screwdriver.allow_http`.
+    pub fn screwdriver_api(mut self, url: &str) -> Self {
+        self.screwdriver_apis.push(url.to_owned());
+        self
+    }
+
     /// TOML appended as is after everything else (so it starts with a `[table]` header, of a
     /// table not rendered already).
     pub fn extra_toml(mut self, toml: &str) -> Self {
@@ -190,6 +199,18 @@ impl AgentConfig {
             }
             if let Some(dir) = &self.work_dir {
                 line(&mut s, "work_dir", &path(dir));
+            }
+        }
+        if !self.screwdriver_apis.is_empty() {
+            s.push_str("[screwdriver]\n");
+            let urls: Vec<String> = self.screwdriver_apis.iter().map(|u| string(u)).collect();
+            line(&mut s, "api_uris", &format!("[{}]", urls.join(", ")));
+            if self
+                .screwdriver_apis
+                .iter()
+                .any(|u| u.starts_with("http://"))
+            {
+                line(&mut s, "allow_http", "true");
             }
         }
         if let Some(port) = self.health_port {
@@ -289,6 +310,8 @@ mod tests {
             .work_dir(Path::new("/h/work"))
             .shutdown_timeout(Duration::from_secs(10))
             .health_port(4001)
+            .screwdriver_api("http://127.0.0.1:9")
+            .screwdriver_api("https://api.sd.example")
             .log_format("json")
             .log_level("info,sd_agent=debug")
             .render();
@@ -316,6 +339,14 @@ mod tests {
         assert_eq!(command, ["/bin/sh", "/h/launch.sh"]);
         assert_eq!(executor["process"]["work_dir"].as_str(), Some("/h/work"));
         assert_eq!(v["health"]["listen"].as_str(), Some("127.0.0.1:4001"));
+        let apis: Vec<&str> = v["screwdriver"]["api_uris"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|u| u.as_str().unwrap())
+            .collect();
+        assert_eq!(apis, ["http://127.0.0.1:9", "https://api.sd.example"]);
+        assert_eq!(v["screwdriver"]["allow_http"].as_bool(), Some(true));
         assert_eq!(v["log"]["format"].as_str(), Some("json"));
         assert_eq!(v["log"]["level"].as_str(), Some("info,sd_agent=debug"));
     }

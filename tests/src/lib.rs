@@ -568,6 +568,62 @@ impl Drop for FakeScrewdriver {
     }
 }
 
+// === CountingServer ===
+
+/// An HTTP server that answers every request (any method, any path) the same way and counts
+/// them: the address a test proves nothing was sent to, or a redirect to one.
+pub struct CountingServer {
+    pub url: String,
+    hits: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl CountingServer {
+    /// Answers `200 {}`.
+    pub async fn start() -> Self {
+        Self::answering(axum::http::StatusCode::OK, None).await
+    }
+
+    /// Answers `307 Temporary Redirect` to `location` (a redirect that keeps method and body).
+    pub async fn redirecting_to(location: &str) -> Self {
+        Self::answering(
+            axum::http::StatusCode::TEMPORARY_REDIRECT,
+            Some(location.to_owned()),
+        )
+        .await
+    }
+
+    async fn answering(status: axum::http::StatusCode, location: Option<String>) -> Self {
+        use std::sync::atomic::Ordering;
+        let hits = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = std::sync::Arc::clone(&hits);
+        let app = axum::Router::new().fallback(move || {
+            let location = location.clone();
+            counted.fetch_add(1, Ordering::SeqCst);
+            async move {
+                let mut headers = axum::http::HeaderMap::new();
+                if let Some(to) = location.and_then(|l| l.parse().ok()) {
+                    headers.insert(axum::http::header::LOCATION, to);
+                }
+                (status, headers, axum::Json(serde_json::json!({})))
+            }
+        });
+        let (url, task) = serve(app).await;
+        Self { url, hits, task }
+    }
+
+    /// Requests received so far.
+    pub fn hits(&self) -> usize {
+        self.hits.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Drop for CountingServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

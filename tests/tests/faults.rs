@@ -430,6 +430,8 @@ impl World {
                     "SD_SCHEDULER_SCREWDRIVER_REPORT_TIMEOUT".into(),
                     "5s".into(),
                 ),
+                ("SD_SCHEDULER_SCREWDRIVER_API_URIS".into(), fake.url.clone()),
+                ("SD_SCHEDULER_SCREWDRIVER_ALLOW_HTTP".into(), "true".into()),
                 ("SD_SCHEDULER_LOG_FORMAT".into(), "json".into()),
                 ("SD_SCHEDULER_LOG_LEVEL".into(), "info".into()),
             ];
@@ -488,8 +490,10 @@ impl World {
                 .await
                 .expect("register cluster");
             assert_eq!(resp.status(), 201, "{:?}", resp.text().await);
-            clusters
-                .push(Cluster::prepare(dir.path(), name, org, key, &replicas, &agent_bin).await);
+            clusters.push(
+                Cluster::prepare(dir.path(), name, org, key, &replicas, &agent_bin, &fake.url)
+                    .await,
+            );
         }
         for c in &clusters {
             lock(&c.agent).start();
@@ -671,6 +675,7 @@ impl Cluster {
         keys: &ClusterKeys,
         schedulers: &[std::net::SocketAddr],
         agent_bin: &Path,
+        screwdriver: &str,
     ) -> Self {
         let local = RedisServer::start_with_aof().expect("local redis-server");
         let local_addr = format!("127.0.0.1:{}", local.port()).parse().expect("addr");
@@ -696,6 +701,7 @@ impl Cluster {
             .launcher(&script)
             .work_dir(&home.join("work"))
             .health_port(free_port())
+            .screwdriver_api(screwdriver)
             .log_format("json")
             .log_level("info")
             .write(&home.join("agent.toml"));

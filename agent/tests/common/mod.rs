@@ -9,6 +9,7 @@ use sd_agent::config::KubernetesConfig;
 use sd_agent::scheduler_client::SchedulerClient;
 use sd_agent::signer::Signer;
 use sd_protocol::SigningAlgorithm;
+use sd_screwdriver::{ApiUris, BuildUpdates};
 
 pub const HOUR: Duration = Duration::from_secs(3600);
 
@@ -25,6 +26,16 @@ pub fn kube_config() -> KubernetesConfig {
         finished_pod_ttl: HOUR,
         ..Default::default()
     }
+}
+
+/// The Screwdriver APIs an agent under test allows (plain HTTP allowed, as the fakes speak it).
+pub fn apis(urls: &[&str]) -> ApiUris {
+    ApiUris::new(urls, true).unwrap()
+}
+
+/// The reporter's client for the Screwdriver APIs at `urls`.
+pub fn updates(urls: &[&str]) -> BuildUpdates {
+    BuildUpdates::new(apis(urls), Duration::from_secs(10), "sd-agent-test").unwrap()
 }
 
 /// A scheduler client for `cluster` at `url`, signing ES256 tokens with `private_pem`.

@@ -132,8 +132,14 @@ impl From<FieldError> for ApiError {
 }
 
 impl From<TokenError> for ApiError {
+    /// 401: no usable token; 403: a valid token of a caller who may not (a guest), as a
+    /// missing scope is answered.
     fn from(e: TokenError) -> Self {
-        ApiError::new(StatusCode::UNAUTHORIZED, e.to_string())
+        let status = match e {
+            TokenError::Guest => StatusCode::FORBIDDEN,
+            _ => StatusCode::UNAUTHORIZED,
+        };
+        ApiError::new(status, e.to_string())
     }
 }
 

@@ -14,6 +14,14 @@ use sd_testkit::{Backend, ClusterKeys, RedisServer, RsaKeys, TestDb, shared_keys
 use serde_json::{Value, json};
 
 pub const CTX: &str = "github:github.com";
+/// The Screwdriver API the harness allows, and the one [`build`] names.
+pub const API_URI: &str = "https://api.screwdriver.example";
+
+/// Also allows the (plain-HTTP, local) API at `url`, e.g. a `FakeScrewdriver`'s.
+pub fn allow_api(config: &mut Config, url: &str) {
+    config.screwdriver.api_uris.push(url.to_owned());
+    config.screwdriver.allow_http = true;
+}
 
 pub struct Harness {
     pub scheduler: Scheduler,
@@ -51,6 +59,7 @@ impl Harness {
         config.redis.url = redis.url();
         config.auth.api_public_key_file = Some(api_pub);
         config.auth.private_key_file = Some(launcher_key);
+        config.screwdriver.api_uris = vec![API_URI.to_owned()];
         // Long, so tests prove the pub/sub invalidation rather than the periodic reload.
         config.registry.reload_interval = Duration::from_secs(3600);
         tweak(&mut config);
@@ -349,7 +358,7 @@ pub fn build(build_id: u64, pipeline: &str, annotations: Value) -> Value {
         "annotations": annotations,
         "blockedBy": [100 + build_id],
         "pipeline": {"id": 7, "name": pipeline, "scmContext": CTX, "configPipelineId": null},
-        "apiUri": "https://api.screwdriver.example",
+        "apiUri": API_URI,
         "container": "node:22",
         "isPR": false,
         "prParentJobId": null,
