@@ -85,29 +85,34 @@ pub async fn run(args: Args) -> Result<()> {
             );
         }
     }
+    // A token per poll, as every agent signs its own (the scheduler caps polls per token).
     let now = sd_testkit::unix_now();
-    let tokens: Vec<String> = (0..args.clusters)
-        .map(|i| {
-            cluster_key
-                .sign(&json!({"buildCluster": poll_cluster(i).0, "iat": now, "exp": now + 300}))
-        })
-        .collect();
+    let sign = |poll: usize| {
+        let cluster = poll_cluster(poll % args.clusters).0;
+        cluster_key
+            .sign(&json!({"buildCluster": cluster, "iat": now, "exp": now + 300, "poll": poll}))
+    };
 
     let next_build = AtomicU64::new(5_000_000_000 + u64::from(rand::random::<u32>()));
     let mut polls = tokio::task::JoinSet::new();
     let mut rows = Vec::new();
     for &count in std::iter::once(&0).chain(&args.counts) {
         while polls.len() < count {
-            let i = polls.len() % args.clusters;
-            let poll = format!("{url}/v1/jobs/{}?wait=60&max=1", poll_cluster(i).0);
-            let (http, token) = (http.clone(), tokens[i].clone());
+            let i = polls.len();
+            let poll = format!(
+                "{url}/v1/jobs/{}?wait=60&max=1",
+                poll_cluster(i % args.clusters).0
+            );
+            let (http, token) = (http.clone(), sign(i));
             polls.spawn(async move {
                 loop {
-                    // Answered (or refused) polls go out again: the count stays waiting.
-                    if let Ok(r) = http.get(&poll).bearer_auth(&token).send().await {
-                        let _ = r.bytes().await;
-                    } else {
-                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    // Answered polls go out again at once, so the count stays waiting; refused
+                    // ones after a pause.
+                    match http.get(&poll).bearer_auth(&token).send().await {
+                        Ok(r) if r.status().is_success() => {
+                            let _ = r.bytes().await;
+                        }
+                        _ => tokio::time::sleep(Duration::from_secs(1)).await,
                     }
                 }
             });
