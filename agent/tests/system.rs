@@ -107,7 +107,7 @@ impl World {
     /// Registers `name` (external for `org`, or managed) and prepares an agent for it.
     async fn cluster(&self, name: &str, org: Option<&str>) -> AgentSetup {
         let keys = sd_testkit::ClusterKeys::generate(jsonwebtoken::Algorithm::RS256);
-        let var = format!("{}_KEY", name.to_uppercase().replace('-', "_"));
+        let var = format!("SD_CLUSTER_{}_KEY", name.to_uppercase().replace('-', "_"));
         self.env
             .lock()
             .unwrap()
@@ -868,12 +868,11 @@ async fn sighup_rotates_the_key_and_sigterm_drains() {
     world.wait_finished(&[1], Duration::from_secs(30)).await;
     // Rotation: the scheduler trusts old and new keys, the agent switches, the old key goes.
     let new = sd_testkit::ClusterKeys::generate(jsonwebtoken::Algorithm::RS256);
-    let old_pub = world.env.lock().unwrap()["LINUX_KEY"].clone();
-    world
-        .env
-        .lock()
-        .unwrap()
-        .insert("LINUX_KEY".into(), format!("{old_pub}\n{}", new.public_pem));
+    let old_pub = world.env.lock().unwrap()["SD_CLUSTER_LINUX_KEY"].clone();
+    world.env.lock().unwrap().insert(
+        "SD_CLUSTER_LINUX_KEY".into(),
+        format!("{old_pub}\n{}", new.public_pem),
+    );
     std::fs::write(agent.config.with_file_name("private.pem"), &new.private_pem).unwrap();
     agent.signal(libc::SIGHUP);
     let reloaded = eventually(Duration::from_secs(10), || {
@@ -894,7 +893,7 @@ async fn sighup_rotates_the_key_and_sigterm_drains() {
         .env
         .lock()
         .unwrap()
-        .insert("LINUX_KEY".into(), new.public_pem.clone());
+        .insert("SD_CLUSTER_LINUX_KEY".into(), new.public_pem.clone());
     world.submit(2, "web/site", None, 0).await;
     world.wait_finished(&[2], Duration::from_secs(30)).await;
     let metrics = reqwest::get(format!("http://127.0.0.1:{}/metrics", agent.health))

@@ -296,6 +296,7 @@ async fn a_client_cannot_forge_log_lines() {
         .env("SD_SCHEDULER_REDIS_URL", redis.url())
         .env("SD_SCHEDULER_LOG_FORMAT", "text")
         .env("SD_SCHEDULER_LOG_LEVEL", "debug")
+        .env(API_VAR, "https://api.screwdriver.example")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()

@@ -133,6 +133,10 @@ async fn minted_tokens_carry_the_configured_environment() {
     let admin = h
         .api
         .sign(&json!({"scope": ["admin"], "environment": "prod", "iat": now, "exp": now + 600}));
+    h.set_env(
+        "SD_CLUSTER_SD1_PUBLIC_KEY",
+        &sd_testkit::shared_keys("other").public_pem,
+    );
     let (status, resp) = h
         .call(
             Method::POST,
