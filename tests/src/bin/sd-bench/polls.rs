@@ -28,6 +28,7 @@ pub struct Args {
 struct Row {
     waiting: usize,
     rss_kib: u64,
+    open_files: usize,
     redis_clients: u64,
     intake: Phase,
 }
@@ -133,6 +134,7 @@ pub async fn run(args: Args) -> Result<()> {
         rows.push(Row {
             waiting: count,
             rss_kib: rss_kib(args.scheduler_pid)?,
+            open_files: std::fs::read_dir(format!("/proc/{}/fd", args.scheduler_pid))?.count(),
             redis_clients: redis_clients(&args.redis_url)?,
             intake,
         });
@@ -197,14 +199,22 @@ fn report(rows: &[Row], clusters: usize) {
     let base = rows.first().map_or(1.0, |r| r.intake.rps());
     println!();
     println!(
-        "{:<16} {:>12} {:>14} {:>12} {:>9} {:>9} {:>12}",
-        "waiting polls", "RSS MiB", "Redis clients", "intake/s", "p50 ms", "p99 ms", "vs none"
+        "{:<16} {:>9} {:>11} {:>14} {:>10} {:>9} {:>9} {:>10}",
+        "waiting polls",
+        "RSS MiB",
+        "open files",
+        "Redis clients",
+        "intake/s",
+        "p50 ms",
+        "p99 ms",
+        "vs none"
     );
     for r in rows {
         println!(
-            "{:<16} {:>12.1} {:>14} {:>12.0} {:>9.2} {:>9.2} {:>11.3}x",
+            "{:<16} {:>9.1} {:>11} {:>14} {:>10.0} {:>9.2} {:>9.2} {:>9.3}x",
             r.waiting,
             r.rss_kib as f64 / 1024.0,
+            r.open_files,
             r.redis_clients,
             r.intake.rps(),
             r.intake.percentile(0.5).as_secs_f64() * 1e3,
@@ -215,7 +225,7 @@ fn report(rows: &[Row], clusters: usize) {
     let json: Vec<_> = rows
         .iter()
         .map(|r| {
-            json!({"waitingPolls": r.waiting, "clusters": clusters, "rssKiB": r.rss_kib,
+            json!({"waitingPolls": r.waiting, "clusters": clusters, "rssKiB": r.rss_kib, "openFiles": r.open_files,
                 "redisClients": r.redis_clients, "intakePerSecond": r.intake.rps().round(),
                 "intakeVsNone": ((r.intake.rps() / base) * 1000.0).round() / 1000.0})
         })
