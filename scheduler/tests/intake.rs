@@ -653,6 +653,46 @@ async fn operations_endpoints(backend: Backend) {
     assert_eq!(status, StatusCode::NOT_FOUND);
     assert_eq!(body["statusCode"], 404);
 
+    // However many made-up methods, paths and cluster names: the series count stays put.
+    let series = |h: &Harness| {
+        let (http, url) = (h.http.clone(), format!("{}/metrics", h.base));
+        async move {
+            let text = http.get(url).send().await.unwrap().text().await.unwrap();
+            text.lines()
+                .filter(|l| l.starts_with("sd_scheduler_http_"))
+                .count()
+        }
+    };
+    let hostile_round = |round: usize| {
+        let h = &h;
+        async move {
+            for i in 0..20 {
+                let made_up = Method::from_bytes(format!("X{round}M{i}").as_bytes()).unwrap();
+                h.call(made_up, "/v4/buildclusters", None, None).await;
+                h.call(Method::GET, &format!("/made/up/{round}/{i}"), None, None)
+                    .await;
+                h.call(
+                    Method::GET,
+                    &format!("/v1/jobs/nosuch-{round}-{i}"),
+                    Some("x"),
+                    None,
+                )
+                .await;
+                h.call(
+                    Method::GET,
+                    &format!("/v4/buildclusters/nosuch-{round}-{i}"),
+                    None,
+                    None,
+                )
+                .await;
+            }
+        }
+    };
+    hostile_round(0).await;
+    let before = series(&h).await;
+    hostile_round(1).await;
+    assert_eq!(series(&h).await, before, "a client added metric series");
+
     h.redis.kill();
     let (status, body) = h.call(Method::GET, "/readyz", None, None).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
