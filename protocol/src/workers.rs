@@ -406,7 +406,7 @@ mod tests {
         );
         let err = refuse(json!({"buildId": 1, "event": "running", "extra": true}));
         assert!(err.reason.contains("unknown field `extra`"), "{err}");
-        for id in [0, 1 << 63] {
+        for id in [0_u64, 1 << 63] {
             assert_eq!(
                 refuse(json!({"buildId": id, "event": "running"})).field,
                 "buildId"
