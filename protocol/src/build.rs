@@ -19,9 +19,13 @@ pub const ANNOTATION_BUILD_CLUSTER_SHORT: &str = "buildCluster";
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct PipelineRef {
+    #[schema(minimum = 1, maximum = 9223372036854775807_u64)]
     pub id: u64,
     /// `organization/repository`; the organization decides which external clusters may run it.
+    #[schema(schema_with = crate::schema::pipeline_name)]
     pub name: String,
+    /// `type:host`, e.g. `github:github.com`: must hold a `:`.
+    #[schema(pattern = ":")]
     pub scm_context: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub config_pipeline_id: Option<u64>,
@@ -33,27 +37,40 @@ pub struct PipelineRef {
     pub extra: Map<String, Value>,
 }
 
-/// `POST /v1/queue/message`: Screwdriver's executor start payload.
+/// `POST /v1/queue/message`: Screwdriver's executor start payload. Fields not named here are
+/// kept and passed to the agent. Integers are written as integers (`1`, not `1.0`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct StartMessage {
+    #[schema(minimum = 1, maximum = 9223372036854775807_u64)]
     pub build_id: u64,
+    #[schema(minimum = 1, maximum = 9223372036854775807_u64)]
     pub job_id: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1, maximum = 9223372036854775807_u64)]
     pub event_id: Option<u64>,
     /// Screwdriver sends it at the top level in some versions; `pipeline.id` is the fallback.
+    /// When given, it must equal `pipeline.id`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1, maximum = 9223372036854775807_u64)]
     pub pipeline_id: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub job_name: Option<String>,
     pub pipeline: PipelineRef,
+    /// The Screwdriver API the build reports to: an `http://` or `https://` URL that must also
+    /// be one of the scheduler's `screwdriver.api_uris` (scheme, host, port, path prefix), else
+    /// 422.
+    #[schema(pattern = "^https?://")]
     pub api_uri: String,
     /// The image the build runs in.
+    #[schema(schema_with = crate::schema::container)]
     pub container: String,
     #[serde(default)]
+    #[schema(schema_with = crate::schema::start_annotations)]
     pub annotations: BTreeMap<String, Value>,
     /// Job ids whose running builds hold this one back.
     #[serde(default)]
+    #[schema(schema_with = crate::schema::blocked_by)]
     pub blocked_by: Vec<u64>,
     #[serde(default, rename = "isPR")]
     pub is_pr: bool,
@@ -63,6 +80,8 @@ pub struct StartMessage {
     /// normally minted by the scheduler; one present in the body is used as is.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token: Option<String>,
+    /// The cluster asked for when no annotation names one (empty: none); as the annotation, it
+    /// must exist (422) and admit the organization (403).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub build_cluster_name: Option<String>,
     /// Everything else Screwdriver sends (`jobState`, `causeMessage`, `build`, …), kept verbatim.
@@ -71,10 +90,12 @@ pub struct StartMessage {
     pub extra: Map<String, Value>,
 }
 
-/// `DELETE /v1/queue/message`: stop a build.
+/// `DELETE /v1/queue/message`: stop a build. Fields not named here are kept and passed to the
+/// agent. Integers are written as integers (`1`, not `1.0`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct StopRequest {
+    #[schema(minimum = 1, maximum = 9223372036854775807_u64)]
     pub build_id: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub job_id: Option<u64>,

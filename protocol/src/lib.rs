@@ -11,6 +11,7 @@ pub mod cluster;
 pub mod env;
 pub mod error;
 pub mod queue;
+pub mod schema;
 pub mod workers;
 
 pub use build::{PipelineRef, StartMessage, StopRequest};
@@ -18,4 +19,5 @@ pub use claims::{ClusterClaims, SignOptions, SigningAlgorithm};
 pub use cluster::{Cluster, ClusterPatch, ManagedBy, NewCluster, check_cluster_name};
 pub use error::{ErrorBody, FieldError};
 pub use queue::{Delivery, JobKind, QueueMessage};
+pub use schema::{ClusterCreate, ClusterUpdate};
 pub use workers::{AckBody, Event, EventBody, Jobs, LeaseReport, NackBody};

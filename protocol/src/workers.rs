@@ -108,10 +108,12 @@ impl TryFrom<&str> for Event {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct EventBody {
+    #[schema(minimum = 1, maximum = 9223372036854775807_u64)]
     pub build_id: u64,
     pub event: Event,
-    // At most MAX_MESSAGE_CHARS characters.
+    /// At most 1000 characters ([`MAX_MESSAGE_CHARS`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(max_length = 1000)]
     pub status_message: Option<String>,
 }
 

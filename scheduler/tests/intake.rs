@@ -129,6 +129,11 @@ async fn minted_tokens_carry_the_configured_environment() {
         c.auth.environment = Some("prod".into())
     })
     .await;
+    // Registration checks the key variable, as `Harness::register` would set it.
+    h.set_env(
+        "SD_CLUSTER_SD1_PUBLIC_KEY",
+        &sd_testkit::shared_keys("other").public_pem,
+    );
     let now = sd_testkit::unix_now();
     let admin = h
         .api

@@ -15,8 +15,10 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use sd_protocol::{
-    Cluster, ClusterPatch, ErrorBody, FieldError, NewCluster, StartMessage, StopRequest,
+    Cluster, ClusterCreate, ClusterPatch, ClusterUpdate, ErrorBody, FieldError, NewCluster,
+    StartMessage, StopRequest,
 };
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use utoipa::OpenApi;
@@ -82,6 +84,20 @@ pub fn router(state: Arc<AppState>) -> Router {
 }
 
 // === errors ===
+
+/// The document's descriptions of responses many operations share: when each is answered.
+pub(crate) mod doc {
+    pub const UNAUTHORIZED: &str = "No usable Screwdriver API token: missing, not a JWT, expired, not yet valid, signed by another key, failing the configured checks (issuer, audience, environment, lifetime), or the scheduler has no API key to check it with.";
+    pub const BAD_BODY: &str =
+        "The body is not a JSON object (malformed JSON, another JSON value) or could not be read.";
+    pub const TOO_LARGE: &str = "The body is larger than 1 MiB.";
+    pub const BUSY: &str = "The scheduler is busy (`http.max_in_flight` requests in flight) or the request outlived `http.request_timeout`, with `Retry-After`.";
+    pub const BUSY_OR_DOWN: &str = "The scheduler is busy (`http.max_in_flight` requests in flight) or the request outlived `http.request_timeout`, with `Retry-After`; or its database or Redis is unavailable (no `Retry-After`): retry.";
+    pub const CLUSTER_UNAUTHORIZED: &str = "No valid token of this cluster: missing, malformed, expired, too long-lived, or not signed by a key its `authKey` variable holds with its sign options' algorithm.";
+    pub const CLUSTER_NOT_FOUND: &str =
+        "No cluster of this name is registered, or no cluster can be named so.";
+    pub const CLUSTER_MISCONFIGURED: &str = "The scheduler cannot verify this cluster's tokens: a variable its record names is missing or unusable on this replica (the operator finds why in the log).";
+}
 
 /// An error response: `{"statusCode","error","message"}`.
 #[derive(Debug)]
@@ -216,6 +232,36 @@ impl<S: Send + Sync> FromRequest<S> for JsonObject {
     }
 }
 
+/// [`Path`], refused as every other error is: an [`ErrorBody`] (400 for a parameter that
+/// cannot be read, e.g. invalid percent-encoding), not axum's plain text.
+pub struct ApiPath<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned + Send> FromRequestParts<S> for ApiPath<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        Path::<T>::from_request_parts(parts, state)
+            .await
+            .map(|Path(value)| ApiPath(value))
+            .map_err(|e| ApiError::new(e.status(), e.body_text()))
+    }
+}
+
+/// [`Query`], refused as every other error is: an [`ErrorBody`] (400 for a query string that
+/// cannot be read, e.g. a parameter given twice).
+pub struct ApiQuery<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for ApiQuery<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|Query(value)| ApiQuery(value))
+            .map_err(|e| ApiError::new(e.status(), e.body_text()))
+    }
+}
+
 impl FromRequestParts<Arc<AppState>> for Caller {
     type Rejection = ApiError;
 
@@ -258,13 +304,24 @@ fn require(caller: &Caller, scopes: &[Scope]) -> Result<(), ApiError> {
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[serde(rename_all = "camelCase")]
+#[into_params(parameter_in = Query)]
 pub struct ClusterQuery {
     /// Optional: when given, the record must be of this SCM context.
+    #[param(value_type = String, required = false)]
     scm_context: Option<String>,
 }
 
+/// Lists the registered clusters.
+///
+/// Also served at `/buildClusters`, the seed's path.
 #[utoipa::path(get, path = "/v4/buildclusters", tag = "registry",
-    responses((status = 200, body = [Cluster]), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)))]
+    responses(
+        (status = 200, body = [Cluster], description = "Every registered cluster."),
+        (status = 401, body = ErrorBody, description = doc::UNAUTHORIZED),
+        (status = 403, body = ErrorBody, description = "The token has neither scope `user` nor `admin`, or is a guest's."),
+        (status = 503, body = ErrorBody, description = doc::BUSY_OR_DOWN,
+            headers(("Retry-After" = u32, description = "Seconds to wait before retrying; sent when the scheduler is busy, not when a dependency is down."))),
+    ))]
 async fn list_clusters(
     State(state): State<Arc<AppState>>,
     caller: Caller,
@@ -273,8 +330,21 @@ async fn list_clusters(
     Ok(Json(state.registry.list().await?))
 }
 
-#[utoipa::path(post, path = "/v4/buildclusters", tag = "registry", request_body = NewCluster,
-    responses((status = 201, body = Cluster), (status = 409, body = ErrorBody), (status = 413, body = ErrorBody), (status = 422, body = ErrorBody)))]
+/// Registers a cluster.
+///
+/// Also served at `/buildClusters`, the seed's path.
+#[utoipa::path(post, path = "/v4/buildclusters", tag = "registry", request_body = ClusterCreate,
+    responses(
+        (status = 201, body = Cluster, description = "Registered."),
+        (status = 400, body = ErrorBody, description = doc::BAD_BODY),
+        (status = 401, body = ErrorBody, description = doc::UNAUTHORIZED),
+        (status = 403, body = ErrorBody, description = "The token has no scope `admin`, or is a guest's."),
+        (status = 409, body = ErrorBody, description = "A cluster of this name (or of a name sharing its key variables) exists, or another cluster uses this `authKey`."),
+        (status = 413, body = ErrorBody, description = doc::TOO_LARGE),
+        (status = 422, body = ErrorBody, description = "A field breaks a rule of `ClusterCreate` (the message names it), or a variable it names is not usable on the scheduler."),
+        (status = 503, body = ErrorBody, description = doc::BUSY_OR_DOWN,
+            headers(("Retry-After" = u32, description = "Seconds to wait before retrying; sent when the scheduler is busy, not when a dependency is down."))),
+    ))]
 async fn create_cluster(
     State(state): State<Arc<AppState>>,
     caller: Caller,
@@ -309,26 +379,51 @@ async fn find_one(state: &AppState, name: &str, query: &ClusterQuery) -> Result<
     })
 }
 
+/// One cluster.
+///
+/// Also served at `/buildClusters/{name}`, the seed's path.
 #[utoipa::path(get, path = "/v4/buildclusters/{name}", tag = "registry", params(("name" = String, Path), ClusterQuery),
-    responses((status = 200, body = Cluster), (status = 404, body = ErrorBody)))]
+    responses(
+        (status = 200, body = Cluster, description = "The cluster."),
+        (status = 400, body = ErrorBody, description = "The path or the query cannot be read (invalid percent-encoding, `scmContext` given twice)."),
+        (status = 401, body = ErrorBody, description = doc::UNAUTHORIZED),
+        (status = 403, body = ErrorBody, description = "The token has neither scope `user` nor `admin`, or is a guest's."),
+        (status = 404, body = ErrorBody, description = "No cluster of this name (of this `scmContext`, when given)."),
+        (status = 503, body = ErrorBody, description = doc::BUSY_OR_DOWN,
+            headers(("Retry-After" = u32, description = "Seconds to wait before retrying; sent when the scheduler is busy, not when a dependency is down."))),
+    ))]
 async fn get_cluster(
     State(state): State<Arc<AppState>>,
     caller: Caller,
-    Path(name): Path<String>,
-    Query(query): Query<ClusterQuery>,
+    ApiPath(name): ApiPath<String>,
+    ApiQuery(query): ApiQuery<ClusterQuery>,
 ) -> Result<Json<Cluster>, ApiError> {
     require(&caller, &[Scope::User, Scope::Admin])?;
     Ok(Json(find_one(&state, &name, &query).await?))
 }
 
+/// Changes some fields of a cluster, e.g. `{"isActive":false}` pauses routing to it.
+///
+/// Also served at `/buildClusters/{name}`, the seed's path.
 #[utoipa::path(put, path = "/v4/buildclusters/{name}", tag = "registry", params(("name" = String, Path), ClusterQuery),
-    request_body(content = Object, description = "Any subset of the record's fields, e.g. {\"isActive\":false}"),
-    responses((status = 200, body = Cluster), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)))]
+    request_body = ClusterUpdate,
+    responses(
+        (status = 200, body = Cluster, description = "The cluster after the update."),
+        (status = 400, body = ErrorBody, description = "The body is not a JSON object, or the path or the query cannot be read (invalid percent-encoding, `scmContext` given twice)."),
+        (status = 401, body = ErrorBody, description = doc::UNAUTHORIZED),
+        (status = 403, body = ErrorBody, description = "The token has no scope `admin`, or is a guest's."),
+        (status = 404, body = ErrorBody, description = "No cluster of this name (of this `scmContext`, when given), or it was deleted meanwhile."),
+        (status = 409, body = ErrorBody, description = "The new `authKey` is another cluster's."),
+        (status = 413, body = ErrorBody, description = doc::TOO_LARGE),
+        (status = 422, body = ErrorBody, description = "A field breaks a rule of `ClusterUpdate`, or the record after the update would break one of `ClusterCreate` (the message names the field)."),
+        (status = 503, body = ErrorBody, description = doc::BUSY_OR_DOWN,
+            headers(("Retry-After" = u32, description = "Seconds to wait before retrying; sent when the scheduler is busy, not when a dependency is down."))),
+    ))]
 async fn update_cluster(
     State(state): State<Arc<AppState>>,
     caller: Caller,
-    Path(name): Path<String>,
-    Query(query): Query<ClusterQuery>,
+    ApiPath(name): ApiPath<String>,
+    ApiQuery(query): ApiQuery<ClusterQuery>,
     JsonObject(body): JsonObject,
 ) -> Result<Json<Cluster>, ApiError> {
     require(&caller, &[Scope::Admin])?;
@@ -356,13 +451,24 @@ async fn update_cluster(
     Ok(Json(updated))
 }
 
+/// Removes a cluster; its waiting builds move to clusters routing picks, or are held.
+///
+/// Also served at `/buildClusters/{name}`, the seed's path.
 #[utoipa::path(delete, path = "/v4/buildclusters/{name}", tag = "registry", params(("name" = String, Path), ClusterQuery),
-    responses((status = 204), (status = 404, body = ErrorBody)))]
+    responses(
+        (status = 204, description = "Deleted."),
+        (status = 400, body = ErrorBody, description = "The path or the query cannot be read (invalid percent-encoding, `scmContext` given twice)."),
+        (status = 401, body = ErrorBody, description = doc::UNAUTHORIZED),
+        (status = 403, body = ErrorBody, description = "The token has no scope `admin`, or is a guest's."),
+        (status = 404, body = ErrorBody, description = "No cluster of this name (of this `scmContext`, when given)."),
+        (status = 503, body = ErrorBody, description = doc::BUSY_OR_DOWN,
+            headers(("Retry-After" = u32, description = "Seconds to wait before retrying; sent when the scheduler is busy, not when a dependency is down."))),
+    ))]
 async fn delete_cluster(
     State(state): State<Arc<AppState>>,
     caller: Caller,
-    Path(name): Path<String>,
-    Query(query): Query<ClusterQuery>,
+    ApiPath(name): ApiPath<String>,
+    ApiQuery(query): ApiQuery<ClusterQuery>,
 ) -> Result<StatusCode, ApiError> {
     require(&caller, &[Scope::Admin])?;
     let current = find_one(&state, &name, &query).await?;
@@ -375,9 +481,11 @@ async fn delete_cluster(
 // === build intake ===
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct MessageQuery {
     /// Absent for builds; Screwdriver's other message types are not served yet.
     #[serde(rename = "type")]
+    #[param(value_type = String, required = false)]
     kind: Option<String>,
 }
 
@@ -393,13 +501,26 @@ fn only_builds(query: &MessageQuery) -> Result<(), ApiError> {
     }
 }
 
+/// Accepts a build (Screwdriver's executor start); idempotent per `buildId`.
 #[utoipa::path(post, path = "/v1/queue/message", tag = "builds", params(MessageQuery), request_body = StartMessage,
-    responses((status = 201, body = Accepted, description = "accepted now"), (status = 200, body = Accepted, description = "already accepted earlier"),
-        (status = 403, body = ErrorBody, description = "the named cluster refuses this organization"), (status = 422, body = ErrorBody), (status = 501, body = ErrorBody)))]
+    responses(
+        (status = 200, body = Accepted, description = "Already accepted earlier: the same answer."),
+        (status = 201, body = Accepted, description = "Accepted now: queued on a cluster, or held until one can take it."),
+        (status = 400, body = ErrorBody, description = "The body is not a JSON object, or the query cannot be read (`type` given twice)."),
+        (status = 401, body = ErrorBody, description = doc::UNAUTHORIZED),
+        (status = 403, body = ErrorBody, description = "The token has no scope `sdapi` (or is a guest's), or the cluster the build names is external and does not list its organization."),
+        (status = 404, body = ErrorBody, description = "The build's row vanished while a concurrent start for it was answered (a race with a delete of the database's rows)."),
+        (status = 413, body = ErrorBody, description = doc::TOO_LARGE),
+        (status = 422, body = ErrorBody, description = "A field breaks a rule of `StartMessage`, `apiUri` is not one of the scheduler's `screwdriver.api_uris`, or the cluster the build names does not exist for its `scmContext` (the message names the field)."),
+        (status = 500, body = ErrorBody, description = "The body carries no `token` and the scheduler cannot mint one (no `auth.private_key_file`)."),
+        (status = 501, body = ErrorBody, description = "`?type=` names a message type other than builds."),
+        (status = 503, body = ErrorBody, description = doc::BUSY_OR_DOWN,
+            headers(("Retry-After" = u32, description = "Seconds to wait before retrying; sent when the scheduler is busy, not when a dependency is down."))),
+    ))]
 async fn start_build(
     State(state): State<Arc<AppState>>,
     caller: Caller,
-    Query(query): Query<MessageQuery>,
+    ApiQuery(query): ApiQuery<MessageQuery>,
     JsonObject(body): JsonObject,
 ) -> Result<(StatusCode, Json<Accepted>), ApiError> {
     require(&caller, &[Scope::SdApi])?;
@@ -414,12 +535,24 @@ async fn start_build(
     Ok((status, Json(accepted)))
 }
 
+/// Stops a build: off its queue if it still waits, else a stop for its cluster's agent.
 #[utoipa::path(delete, path = "/v1/queue/message", tag = "builds", params(MessageQuery), request_body = StopRequest,
-    responses((status = 200, body = Stopped), (status = 404, body = ErrorBody)))]
+    responses(
+        (status = 200, body = Stopped, description = "What was done."),
+        (status = 400, body = ErrorBody, description = "The body is not a JSON object, or the query cannot be read (`type` given twice)."),
+        (status = 401, body = ErrorBody, description = doc::UNAUTHORIZED),
+        (status = 403, body = ErrorBody, description = "The token has no scope `sdapi`, or is a guest's."),
+        (status = 404, body = ErrorBody, description = "No build of this `buildId` is known to the scheduler."),
+        (status = 413, body = ErrorBody, description = doc::TOO_LARGE),
+        (status = 422, body = ErrorBody, description = "A field breaks a rule of `StopRequest` (the message names it)."),
+        (status = 501, body = ErrorBody, description = "`?type=` names a message type other than builds."),
+        (status = 503, body = ErrorBody, description = doc::BUSY_OR_DOWN,
+            headers(("Retry-After" = u32, description = "Seconds to wait before retrying; sent when the scheduler is busy, not when a dependency is down."))),
+    ))]
 async fn stop_build(
     State(state): State<Arc<AppState>>,
     caller: Caller,
-    Query(query): Query<MessageQuery>,
+    ApiQuery(query): ApiQuery<MessageQuery>,
     JsonObject(body): JsonObject,
 ) -> Result<Json<Stopped>, ApiError> {
     require(&caller, &[Scope::SdApi])?;
@@ -443,12 +576,22 @@ pub struct BuildView {
     updated_at: i64,
 }
 
-#[utoipa::path(get, path = "/v1/builds/{build_id}", tag = "builds", params(("build_id" = u64, Path)),
-    responses((status = 200, body = BuildView), (status = 404, body = ErrorBody)))]
+/// Where a build is, as the scheduler knows it.
+#[utoipa::path(get, path = "/v1/builds/{build_id}", tag = "builds",
+    params(("build_id" = u64, Path, minimum = 1, maximum = 9223372036854775807_u64)),
+    responses(
+        (status = 200, body = BuildView, description = "The build."),
+        (status = 400, body = ErrorBody, description = "`build_id` is not an integer from 1 to 2^63-1."),
+        (status = 401, body = ErrorBody, description = doc::UNAUTHORIZED),
+        (status = 403, body = ErrorBody, description = "The token has none of the scopes `sdapi`, `user`, `admin`, or is a guest's."),
+        (status = 404, body = ErrorBody, description = "No build of this id is known to the scheduler."),
+        (status = 503, body = ErrorBody, description = doc::BUSY_OR_DOWN,
+            headers(("Retry-After" = u32, description = "Seconds to wait before retrying; sent when the scheduler is busy, not when a dependency is down."))),
+    ))]
 async fn get_build(
     State(state): State<Arc<AppState>>,
     caller: Caller,
-    Path(build_id): Path<String>,
+    ApiPath(build_id): ApiPath<String>,
 ) -> Result<Json<BuildView>, ApiError> {
     require(&caller, &[Scope::SdApi, Scope::User, Scope::Admin])?;
     let build_id: u64 = build_id
@@ -487,13 +630,44 @@ async fn get_build(
 
 // === operations ===
 
-#[utoipa::path(get, path = "/healthz", tag = "operations", responses((status = 200, description = "the process is up")))]
+/// Liveness: the process answers.
+#[utoipa::path(get, path = "/healthz", tag = "operations",
+    responses(
+        (status = 200, body = Object, description = "The process is up: `{\"status\":\"ok\"}`."),
+        (status = 503, body = ErrorBody, description = doc::BUSY,
+            headers(("Retry-After" = u32, description = "Seconds to wait before retrying; sent when the scheduler is busy, not when a dependency is down."))),
+    ))]
 async fn healthz() -> Json<Value> {
     Json(serde_json::json!({"status": "ok"}))
 }
 
+/// Whether this replica's dependencies answer.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct Readiness {
+    /// Both answered.
+    ready: bool,
+    /// `ok`, or why not.
+    database: String,
+    /// `ok`, or why not.
+    redis: String,
+}
+
+/// A 503 of `/readyz`: a dependency is down, or the scheduler is busy.
+#[derive(Serialize, utoipa::ToSchema)]
+#[serde(untagged)]
+#[allow(dead_code)] // a schema only: the handler answers either body
+enum NotReady {
+    Down(Readiness),
+    Busy(ErrorBody),
+}
+
+/// Readiness: the database and Redis answer within 2 s.
 #[utoipa::path(get, path = "/readyz", tag = "operations",
-    responses((status = 200, description = "database and Redis reachable"), (status = 503, description = "a dependency is down; the body says which")))]
+    responses(
+        (status = 200, body = Readiness, description = "The database and Redis answer."),
+        (status = 503, body = NotReady, description = "A dependency is down (a `Readiness` saying which), or the scheduler is busy or too slow (an `ErrorBody`, with `Retry-After`).",
+            headers(("Retry-After" = u32, description = "Seconds to wait before retrying; sent when the scheduler is busy, not when a dependency is down."))),
+    ))]
 async fn readyz(State(state): State<Arc<AppState>>) -> Response {
     let deadline = std::time::Duration::from_secs(2);
     let db = match tokio::time::timeout(deadline, state.db.ping()).await {
@@ -514,11 +688,22 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Response {
     };
     (
         status,
-        Json(serde_json::json!({"ready": ready, "database": db, "redis": redis})),
+        Json(Readiness {
+            ready,
+            database: db,
+            redis,
+        }),
     )
         .into_response()
 }
 
+/// The scheduler's metrics in Prometheus' text format.
+#[utoipa::path(get, path = "/metrics", tag = "operations",
+    responses(
+        (status = 200, body = String, content_type = "text/plain; version=0.0.4", description = "Every metric of this replica."),
+        (status = 503, body = ErrorBody, description = doc::BUSY,
+            headers(("Retry-After" = u32, description = "Seconds to wait before retrying; sent when the scheduler is busy, not when a dependency is down."))),
+    ))]
 async fn metrics_text(State(state): State<Arc<AppState>>) -> impl IntoResponse {
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
@@ -547,14 +732,22 @@ async fn metrics_text(State(state): State<Arc<AppState>>) -> impl IntoResponse {
         workers::renew,
         workers::events,
         healthz,
-        readyz
+        readyz,
+        metrics_text,
+        openapi
     ),
+    modifiers(&SeedAliases),
     components(schemas(
         Cluster,
         NewCluster,
+        ClusterCreate,
+        ClusterUpdate,
         ErrorBody,
         StartMessage,
         StopRequest,
+        sd_protocol::AckBody,
+        sd_protocol::NackBody,
+        Readiness,
         Accepted,
         Stopped,
         BuildView,
@@ -569,6 +762,50 @@ async fn metrics_text(State(state): State<Arc<AppState>>) -> impl IntoResponse {
 )]
 pub struct ApiDoc;
 
+/// The registry's operations again under the seed's `/buildClusters` paths, which the router
+/// serves as aliases: the same operations, ids suffixed `_alias`.
+struct SeedAliases;
+
+impl utoipa::Modify for SeedAliases {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let aliases: Vec<_> = openapi
+            .paths
+            .paths
+            .iter()
+            .filter_map(|(path, item)| {
+                let rest = path.strip_prefix("/v4/buildclusters")?;
+                let mut item = item.clone();
+                for operation in [
+                    &mut item.get,
+                    &mut item.put,
+                    &mut item.post,
+                    &mut item.delete,
+                ]
+                .into_iter()
+                .flatten()
+                {
+                    operation.operation_id = operation
+                        .operation_id
+                        .take()
+                        .map(|id| format!("{id}_alias"));
+                    operation.description = Some(format!(
+                        "The seed's path for `{path}`, served as its alias."
+                    ));
+                }
+                Some((format!("/buildClusters{rest}"), item))
+            })
+            .collect();
+        openapi.paths.paths.extend(aliases);
+    }
+}
+
+/// This document.
+#[utoipa::path(get, path = "/openapi.json", tag = "operations",
+    responses(
+        (status = 200, body = Object, description = "The OpenAPI 3.1 document of this API."),
+        (status = 503, body = ErrorBody, description = doc::BUSY,
+            headers(("Retry-After" = u32, description = "Seconds to wait before retrying; sent when the scheduler is busy, not when a dependency is down."))),
+    ))]
 async fn openapi() -> impl IntoResponse {
     (
         [(header::CONTENT_TYPE, "application/json")],

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Json;
-use axum::extract::{FromRequestParts, Path, Query, State};
+use axum::extract::{FromRequestParts, Path, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode};
 use sd_protocol::ErrorBody;
@@ -13,7 +13,7 @@ use sd_protocol::workers::{AckBody, LeaseReport, NackBody};
 pub use sd_protocol::workers::{EventBody, Jobs};
 use serde::{Deserialize, Serialize};
 
-use super::{ApiError, JsonObject, bearer, unavailable};
+use super::{ApiError, ApiQuery, JsonObject, bearer, doc, unavailable};
 use crate::AppState;
 use crate::builds::BuildState;
 use crate::cluster_auth::ClusterAuthError;
@@ -103,21 +103,37 @@ impl From<WorkerError> for ApiError {
 const POLL_RETRY_AFTER_SECS: u32 = 5;
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct PollQuery {
     /// Seconds to wait when no job is ready (0–`queue.max_wait`, default 30).
+    #[param(value_type = u64, required = false, minimum = 0, maximum = 300)]
     wait: Option<String>,
     /// Most jobs to return (1–100, default 10).
+    #[param(value_type = u64, required = false, minimum = 1, maximum = 100)]
     max: Option<String>,
 }
 
+/// Long-poll: leases up to `max` ready jobs of the cluster, waiting up to `wait` seconds for
+/// one. Not bounded by `http.max_in_flight`/`http.request_timeout` (it waits by design); its
+/// bounds are `queue.max_polls_per_cluster` and `queue.max_polls_per_token`.
 #[utoipa::path(get, path = "/v1/jobs/{cluster}", tag = "workers", params(("cluster" = String, Path), PollQuery),
-    responses((status = 200, body = Jobs), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
-        (status = 422, body = ErrorBody), (status = 429, description = "too many long-polls of this cluster or token wait on this replica; `Retry-After` says when to come back", body = ErrorBody)))]
+    responses(
+        (status = 200, body = Jobs, description = "The jobs leased (none when `wait` ran out)."),
+        (status = 400, body = ErrorBody, description = "The path or the query cannot be read (invalid percent-encoding, a parameter given twice)."),
+        (status = 401, body = ErrorBody, description = doc::CLUSTER_UNAUTHORIZED),
+        (status = 403, body = ErrorBody, description = "The token is another cluster's."),
+        (status = 404, body = ErrorBody, description = doc::CLUSTER_NOT_FOUND),
+        (status = 422, body = ErrorBody, description = "`wait` is not an integer from 0 to `queue.max_wait` (seconds), or `max` not one from 1 to 100."),
+        (status = 429, body = ErrorBody, description = "Too many long-polls of this cluster or of this token wait on this replica (`queue.max_polls_per_cluster`, `queue.max_polls_per_token`); `Retry-After` says when to come back.",
+            headers(("Retry-After" = u32, description = "Seconds to wait before polling again."))),
+        (status = 500, body = ErrorBody, description = doc::CLUSTER_MISCONFIGURED),
+        (status = 503, body = ErrorBody, description = "The scheduler's Redis or database is unavailable; retry."),
+    ))]
 pub async fn poll(
     State(state): State<Arc<AppState>>,
     ClusterCaller(cluster): ClusterCaller,
     headers: HeaderMap,
-    Query(query): Query<PollQuery>,
+    ApiQuery(query): ApiQuery<PollQuery>,
 ) -> Result<Json<Jobs>, ApiError> {
     let wait = bounded(
         "wait",
@@ -170,9 +186,21 @@ fn bounded(
         })
 }
 
+/// Acknowledges deliveries: these transfers succeeded.
 #[utoipa::path(post, path = "/v1/jobs/{cluster}/ack", tag = "workers", params(("cluster" = String, Path)),
-    request_body(content = Object, description = "{\"deliveryIds\":[…]}: these transfers succeeded"),
-    responses((status = 200, body = LeaseReport), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)))]
+    request_body = AckBody,
+    responses(
+        (status = 200, body = LeaseReport, description = "Which ids were the current lease (`done`) and which not (`stale`)."),
+        (status = 400, body = ErrorBody, description = "The body is not a JSON object, or the path cannot be read (invalid percent-encoding)."),
+        (status = 401, body = ErrorBody, description = doc::CLUSTER_UNAUTHORIZED),
+        (status = 403, body = ErrorBody, description = "The token is another cluster's."),
+        (status = 404, body = ErrorBody, description = doc::CLUSTER_NOT_FOUND),
+        (status = 413, body = ErrorBody, description = doc::TOO_LARGE),
+        (status = 422, body = ErrorBody, description = "The body breaks a rule of `AckBody` (the message names the field)."),
+        (status = 500, body = ErrorBody, description = doc::CLUSTER_MISCONFIGURED),
+        (status = 503, body = ErrorBody, description = doc::BUSY_OR_DOWN,
+            headers(("Retry-After" = u32, description = "Seconds to wait before retrying; sent when the scheduler is busy, not when a dependency is down."))),
+    ))]
 pub async fn ack(
     State(state): State<Arc<AppState>>,
     ClusterCaller(cluster): ClusterCaller,
@@ -182,9 +210,21 @@ pub async fn ack(
     Ok(Json(state.workers.ack(&cluster, &body.delivery_ids).await?))
 }
 
+/// Gives leases back now (redelivered after a back-off).
 #[utoipa::path(post, path = "/v1/jobs/{cluster}/nack", tag = "workers", params(("cluster" = String, Path)),
-    request_body(content = Object, description = "{\"deliveryIds\":[…],\"reason\":\"…\"}: give these back now"),
-    responses((status = 200, body = LeaseReport), (status = 401, body = ErrorBody)))]
+    request_body = NackBody,
+    responses(
+        (status = 200, body = LeaseReport, description = "Which ids were the current lease (`done`) and which not (`stale`)."),
+        (status = 400, body = ErrorBody, description = "The body is not a JSON object, or the path cannot be read (invalid percent-encoding)."),
+        (status = 401, body = ErrorBody, description = doc::CLUSTER_UNAUTHORIZED),
+        (status = 403, body = ErrorBody, description = "The token is another cluster's."),
+        (status = 404, body = ErrorBody, description = doc::CLUSTER_NOT_FOUND),
+        (status = 413, body = ErrorBody, description = doc::TOO_LARGE),
+        (status = 422, body = ErrorBody, description = "The body breaks a rule of `NackBody` (the message names the field)."),
+        (status = 500, body = ErrorBody, description = doc::CLUSTER_MISCONFIGURED),
+        (status = 503, body = ErrorBody, description = doc::BUSY_OR_DOWN,
+            headers(("Retry-After" = u32, description = "Seconds to wait before retrying; sent when the scheduler is busy, not when a dependency is down."))),
+    ))]
 pub async fn nack(
     State(state): State<Arc<AppState>>,
     ClusterCaller(cluster): ClusterCaller,
@@ -199,9 +239,21 @@ pub async fn nack(
     ))
 }
 
+/// Extends leases by the visibility timeout.
 #[utoipa::path(post, path = "/v1/jobs/{cluster}/renew", tag = "workers", params(("cluster" = String, Path)),
-    request_body(content = Object, description = "{\"deliveryIds\":[…]}: extend these leases by the visibility timeout"),
-    responses((status = 200, body = LeaseReport), (status = 401, body = ErrorBody)))]
+    request_body = AckBody,
+    responses(
+        (status = 200, body = LeaseReport, description = "Which ids were the current lease (`done`) and which not (`stale`)."),
+        (status = 400, body = ErrorBody, description = "The body is not a JSON object, or the path cannot be read (invalid percent-encoding)."),
+        (status = 401, body = ErrorBody, description = doc::CLUSTER_UNAUTHORIZED),
+        (status = 403, body = ErrorBody, description = "The token is another cluster's."),
+        (status = 404, body = ErrorBody, description = doc::CLUSTER_NOT_FOUND),
+        (status = 413, body = ErrorBody, description = doc::TOO_LARGE),
+        (status = 422, body = ErrorBody, description = "The body breaks a rule of `AckBody` (the message names the field)."),
+        (status = 500, body = ErrorBody, description = doc::CLUSTER_MISCONFIGURED),
+        (status = 503, body = ErrorBody, description = doc::BUSY_OR_DOWN,
+            headers(("Retry-After" = u32, description = "Seconds to wait before retrying; sent when the scheduler is busy, not when a dependency is down."))),
+    ))]
 pub async fn renew(
     State(state): State<Arc<AppState>>,
     ClusterCaller(cluster): ClusterCaller,
@@ -220,8 +272,20 @@ pub struct EventAnswer {
     state: BuildState,
 }
 
+/// Reports a build's lifecycle event: running, finished, failed, stopped.
 #[utoipa::path(post, path = "/v1/jobs/{cluster}/events", tag = "workers", params(("cluster" = String, Path)), request_body = EventBody,
-    responses((status = 200, body = EventAnswer), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)))]
+    responses(
+        (status = 200, body = EventAnswer, description = "The build's state after the event."),
+        (status = 400, body = ErrorBody, description = "The body is not a JSON object, or the path cannot be read (invalid percent-encoding)."),
+        (status = 401, body = ErrorBody, description = doc::CLUSTER_UNAUTHORIZED),
+        (status = 403, body = ErrorBody, description = "The token is another cluster's, or the build is assigned to another cluster."),
+        (status = 404, body = ErrorBody, description = "No cluster of this name is registered (or can be named so), or no build of this `buildId` is known."),
+        (status = 413, body = ErrorBody, description = doc::TOO_LARGE),
+        (status = 422, body = ErrorBody, description = "The body breaks a rule of `EventBody` (the message names the field)."),
+        (status = 500, body = ErrorBody, description = doc::CLUSTER_MISCONFIGURED),
+        (status = 503, body = ErrorBody, description = doc::BUSY_OR_DOWN,
+            headers(("Retry-After" = u32, description = "Seconds to wait before retrying; sent when the scheduler is busy, not when a dependency is down."))),
+    ))]
 pub async fn events(
     State(state): State<Arc<AppState>>,
     ClusterCaller(cluster): ClusterCaller,
