@@ -37,18 +37,6 @@ async fn put(q: &Queues, cluster: &str, build: u64) {
     assert_eq!(got, Enqueued::Queued);
 }
 
-/// Clients connected to `redis`, as the server counts them.
-fn clients(redis: &RedisServer) -> u64 {
-    let info: String = redis::cmd("INFO")
-        .arg("clients")
-        .query(&mut redis.conn())
-        .unwrap();
-    info.lines()
-        .find_map(|l| l.strip_prefix("connected_clients:"))
-        .and_then(|n| n.trim().parse().ok())
-        .expect("connected_clients")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_enqueue_wakes_its_clusters_waiters_and_a_lost_subscription_comes_back() {
     let mut redis = RedisServer::start().unwrap();
@@ -71,12 +59,16 @@ async fn an_enqueue_wakes_its_clusters_waiters_and_a_lost_subscription_comes_bac
     assert!(!b.rung(SHORT).await, "and not b");
 
     // A thousand waiters of a hundred clusters share the one subscription.
-    let before = clients(&redis);
+    let before = redis.connected_clients();
     let many: Vec<_> = (0..1000)
         .map(|i| doorbell.listen(&format!("c{}", i % 100)))
         .collect();
     assert_eq!(doorbell.waiting_clusters(), 102);
-    assert_eq!(clients(&redis), before, "waiters cost no connection");
+    assert_eq!(
+        redis.connected_clients(),
+        before,
+        "waiters cost no connection"
+    );
     drop(many);
     assert_eq!(doorbell.waiting_clusters(), 2);
 

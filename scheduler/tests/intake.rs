@@ -637,15 +637,7 @@ async fn operations_endpoints(backend: Backend) {
         let method = Method::from_bytes(made_up.as_bytes()).unwrap();
         h.call(method, "/v4/buildclusters", None, None).await;
     }
-    let text = h
-        .http
-        .get(format!("{}/metrics", h.base))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = h.metrics().await;
     assert!(text.contains("sd_scheduler_http_requests_total"), "{text}");
     assert!(text.contains("route=\"/v4/buildclusters\""), "{text}");
     assert!(text.contains("method=\"other\""), "{text}");
@@ -659,14 +651,10 @@ async fn operations_endpoints(backend: Backend) {
     assert_eq!(body["statusCode"], 404);
 
     // However many made-up methods, paths and cluster names: the series count stays put.
-    let series = |h: &Harness| {
-        let (http, url) = (h.http.clone(), format!("{}/metrics", h.base));
-        async move {
-            let text = http.get(url).send().await.unwrap().text().await.unwrap();
-            text.lines()
-                .filter(|l| l.starts_with("sd_scheduler_http_"))
-                .count()
-        }
+    let series = |text: String| {
+        text.lines()
+            .filter(|l| l.starts_with("sd_scheduler_http_"))
+            .count()
     };
     let hostile_round = |round: usize| {
         let h = &h;
@@ -694,9 +682,13 @@ async fn operations_endpoints(backend: Backend) {
         }
     };
     hostile_round(0).await;
-    let before = series(&h).await;
+    let before = series(h.metrics().await);
     hostile_round(1).await;
-    assert_eq!(series(&h).await, before, "a client added metric series");
+    assert_eq!(
+        series(h.metrics().await),
+        before,
+        "a client added metric series"
+    );
 
     h.redis.kill();
     let (status, body) = h.call(Method::GET, "/readyz", None, None).await;

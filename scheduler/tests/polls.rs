@@ -16,17 +16,9 @@ use serde_json::json;
 /// multiplexed connection, the registry-invalidation subscription and the doorbell's.
 const REPLICA_REDIS_CONNECTIONS: u64 = 3;
 
-/// Clients connected to `redis`, as the server counts them, less this probe's own connection.
+/// Clients connected to `redis`, less this probe's own connection.
 fn redis_clients(redis: &RedisServer) -> u64 {
-    let info: String = redis::cmd("INFO")
-        .arg("clients")
-        .query(&mut redis.conn())
-        .unwrap();
-    info.lines()
-        .find_map(|l| l.strip_prefix("connected_clients:"))
-        .and_then(|n| n.trim().parse::<u64>().ok())
-        .expect("connected_clients")
-        - 1
+    redis.connected_clients() - 1
 }
 
 /// Registers `name` with a fresh ES256 key (quick to make) and returns it.
@@ -162,15 +154,7 @@ async fn a_token_past_its_cap_is_answered_429_with_retry_after() {
     // The same cluster with another token, and another cluster, are still served.
     assert!(h.poll("alpha", &alpha, 0, 1).await.is_empty());
     assert!(h.poll("beta", &beta, 0, 1).await.is_empty());
-    let metrics = h
-        .http
-        .get(format!("{}/metrics", h.base))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = h.metrics().await;
     assert!(
         metrics.contains(r#"sd_scheduler_polls_refused_total{cap="token"} 1"#),
         "{metrics}"

@@ -229,6 +229,18 @@ impl RedisServer {
         )
     }
 
+    /// Clients connected, as the server counts them (this call's own connection included).
+    pub fn connected_clients(&self) -> u64 {
+        let info: String = redis::cmd("INFO")
+            .arg("clients")
+            .query(&mut self.conn())
+            .expect("INFO clients");
+        info.lines()
+            .find_map(|l| l.strip_prefix("connected_clients:"))
+            .and_then(|n| n.trim().parse().ok())
+            .expect("connected_clients in INFO clients")
+    }
+
     /// A synchronous connection for assertions.
     pub fn conn(&self) -> redis::Connection {
         redis::Client::open(self.url())

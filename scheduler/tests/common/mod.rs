@@ -246,6 +246,16 @@ impl Harness {
         (clusters, builds, redis_dump(&self.redis))
     }
 
+    /// The scheduler's `/metrics` text.
+    pub async fn metrics(&self) -> String {
+        let response = self.http.get(format!("{}/metrics", self.base)).send().await;
+        response
+            .expect("GET /metrics")
+            .text()
+            .await
+            .expect("metrics text")
+    }
+
     /// Ids on a cluster's ready queue.
     pub async fn ready(&self, cluster: &str) -> Vec<String> {
         self.scheduler
