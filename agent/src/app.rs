@@ -269,6 +269,7 @@ impl Loops {
                 executor: Arc::clone(executor),
                 events: sink,
                 max_in_flight: config.executor.max_in_flight,
+                launch_concurrency: config.executor.launch_concurrency,
                 apis: updates.allowed().clone(),
             }
             .run(launching.clone()),

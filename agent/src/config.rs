@@ -122,6 +122,10 @@ pub struct ExecutorConfig {
     /// The launcher's lease on a local job; another replica takes over a crashed one's after it.
     #[serde(default = "defaults::launch_lease", with = "humantime_serde")]
     pub launch_lease: Duration,
+    /// Builds launched (or stopped) at once. A real API server answers a pod create in
+    /// 10–50 ms, so one at a time would cap a cluster at 20–100 launches/s.
+    #[serde(default = "defaults::launch_concurrency")]
+    pub launch_concurrency: u32,
     #[serde(default)]
     pub kubernetes: KubernetesConfig,
     #[serde(default)]
@@ -437,6 +441,9 @@ mod defaults {
     pub fn launch_lease() -> Duration {
         Duration::from_secs(120)
     }
+    pub fn launch_concurrency() -> u32 {
+        32
+    }
 }
 
 impl Default for PollConfig {
@@ -626,6 +633,12 @@ impl Config {
         }
         if self.executor.max_in_flight == 0 {
             return Err(invalid("executor.max_in_flight", "must be at least 1"));
+        }
+        if !(1..=1024).contains(&self.executor.launch_concurrency) {
+            return Err(invalid(
+                "executor.launch_concurrency",
+                "must be from 1 to 1024",
+            ));
         }
         if self.executor.launch_lease < Duration::from_secs(5) {
             return Err(invalid("executor.launch_lease", "must be at least 5s"));

@@ -21,6 +21,8 @@ pub struct Launcher {
     /// Where the launcher's own events go (a build it cannot start, one it stopped).
     pub events: EventSink,
     pub max_in_flight: u32,
+    /// Jobs handled at once (`executor.launch_concurrency`).
+    pub launch_concurrency: u32,
     /// The Screwdriver APIs a build may name: its token goes to its `apiUri`.
     pub apis: ApiUris,
 }
@@ -38,19 +40,14 @@ impl Launcher {
             // Armed before looking: a push while we look rings this bell.
             bell.arm();
             let room = (self.max_in_flight as usize).saturating_sub(self.executor.in_flight());
-            let leases = if room == 0 {
+            let batch = room.min(self.launch_concurrency as usize);
+            let leases = if batch == 0 {
                 Ok(Vec::new())
             } else {
-                self.local
-                    .take(u32::try_from(room.min(20)).unwrap_or(20))
-                    .await
+                self.local.take(u32::try_from(batch).unwrap_or(1)).await
             };
             match leases {
-                Ok(leases) if !leases.is_empty() => {
-                    for lease in leases {
-                        self.handle(lease).await;
-                    }
-                }
+                Ok(leases) if !leases.is_empty() => self.handle_all(leases).await,
                 Ok(_) => {
                     // Nothing to do (or full): wait for a push, or re-check shortly.
                     tokio::select! {
@@ -67,6 +64,21 @@ impl Launcher {
                 }
             }
         }
+    }
+
+    /// Handles a batch concurrently, build by build: the jobs of one build (its start, its
+    /// stop) run one after the other in the order taken, so a stop never overtakes its start;
+    /// different builds run at once. Each job is settled by its own `handle`, after the
+    /// executor did its part.
+    async fn handle_all(&self, leases: Vec<Lease>) {
+        use futures::StreamExt;
+        futures::stream::iter(by_build(leases))
+            .for_each_concurrent(self.launch_concurrency as usize, |jobs| async move {
+                for lease in jobs {
+                    self.handle(lease).await;
+                }
+            })
+            .await;
     }
 
     async fn handle(&self, lease: Lease) {
@@ -239,5 +251,61 @@ impl Launcher {
                 false
             }
         }
+    }
+}
+
+/// Leases grouped by the build they are about (`<id>` and `stop:<id>` together), groups and
+/// the jobs within each in the order taken.
+fn by_build(leases: Vec<Lease>) -> Vec<Vec<Lease>> {
+    let mut groups: Vec<Vec<Lease>> = Vec::new();
+    let mut index: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+    for lease in leases {
+        let build = lease
+            .id
+            .strip_prefix("stop:")
+            .unwrap_or(&lease.id)
+            .to_owned();
+        match index.get(&build) {
+            Some(&i) => groups[i].push(lease),
+            None => {
+                index.insert(build, groups.len());
+                groups.push(vec![lease]);
+            }
+        }
+    }
+    groups
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lease(id: &str) -> Lease {
+        Lease {
+            id: id.to_owned(),
+            token: "1".into(),
+            attempt: 1,
+            message: String::new(),
+        }
+    }
+
+    #[test]
+    fn a_builds_start_and_stop_stay_together_and_in_order() {
+        let ids = |groups: Vec<Vec<Lease>>| -> Vec<Vec<String>> {
+            groups
+                .into_iter()
+                .map(|g| g.into_iter().map(|l| l.id).collect())
+                .collect()
+        };
+        let taken = ["7", "8", "stop:7", "stop:9", "10", "stop:8"].map(lease);
+        assert_eq!(
+            ids(by_build(taken.to_vec())),
+            [
+                vec!["7", "stop:7"],
+                vec!["8", "stop:8"],
+                vec!["stop:9"],
+                vec!["10"]
+            ]
+        );
     }
 }

@@ -369,6 +369,7 @@ async fn a_start_message_the_agent_cannot_use_is_reported_failed_with_the_reason
                 events,
             ),
             max_in_flight: 5,
+            launch_concurrency: 4,
             apis: common::apis(&[&screwdriver.url]),
         }
         .run(stop.clone()),

@@ -148,6 +148,7 @@ impl Agent {
                     events_tx,
                 ),
                 max_in_flight: 50,
+                launch_concurrency: 8,
                 apis: common::apis(&[&self.screwdriver.url]),
             }
             .run(self.stop.clone()),
@@ -525,4 +526,57 @@ async fn a_scheduled_build_sends_its_node_to_screwdriver() {
         agent.failures(90).is_empty(),
         "a healthy build sends no status"
     );
+}
+
+/// A real API server takes tens of milliseconds per pod create, so the launcher creates pods
+/// for different builds at once — never more than `launch_concurrency` (8 here), each build's
+/// pod exactly once — and a stop taken in the same batch as its start runs after it: the pod
+/// is created, then deleted, and the build ends `stopped`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn launches_run_at_once_each_once_and_a_stop_follows_its_start() {
+    let agent = Agent::start(config(), 1).await;
+    agent.kube.set_create_latency(Duration::from_millis(300));
+    let builds: Vec<u64> = (200..224).collect();
+    for &id in &builds {
+        agent.submit(id).await;
+    }
+    agent.submit(300).await;
+    let stop = QueueMessage {
+        job: JobKind::Stop,
+        build_config: json!({"buildId": 300}),
+        queued_at: None,
+        received_at: None,
+    };
+    agent.local.push(&stop).await.unwrap();
+
+    for &id in &builds {
+        agent.wait_pod(id).await;
+    }
+    agent.wait_event(300, "stopped").await;
+    let most = agent.kube.max_concurrent_creates();
+    assert!(
+        (2..=8).contains(&most),
+        "{most} pod creates at once; want several, at most launch_concurrency"
+    );
+    let creates = |name: String| {
+        let path = format!("/api/v1/namespaces/{}/pods", config().namespace);
+        agent
+            .kube
+            .requests()
+            .iter()
+            .filter(|r| r.method == "POST" && r.path == path)
+            .filter(|r| {
+                r.body
+                    .as_ref()
+                    .is_some_and(|b| b["metadata"]["name"] == name)
+            })
+            .count()
+    };
+    for id in builds.iter().copied().chain([300]) {
+        assert_eq!(creates(format!("sd-{id}")), 1, "build {id}");
+    }
+    let gone = eventually(WAIT, || async {
+        agent.kube.pod("sd-300").is_none().then_some(())
+    });
+    assert!(gone.await.is_some(), "the stopped build's pod is deleted");
 }

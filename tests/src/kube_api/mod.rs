@@ -137,6 +137,30 @@ struct Shared {
     tx: broadcast::Sender<Broadcast>,
     /// Watch streams currently open.
     open_watches: AtomicUsize,
+    /// How long a pod create takes, as a real API server's admission and etcd write do.
+    create_latency: Mutex<Duration>,
+    /// Pod creates being answered now, and the most there have been at once.
+    creates_in_flight: AtomicUsize,
+    max_creates_in_flight: AtomicUsize,
+}
+
+/// Counts a pod create as in flight until its answer is ready.
+struct CreateInFlight<'a>(&'a Shared);
+
+impl<'a> CreateInFlight<'a> {
+    fn new(shared: &'a Shared) -> Self {
+        let now = shared.creates_in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        shared
+            .max_creates_in_flight
+            .fetch_max(now, Ordering::SeqCst);
+        Self(shared)
+    }
+}
+
+impl Drop for CreateInFlight<'_> {
+    fn drop(&mut self) {
+        self.0.creates_in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// Counts a watch stream as open until the server drops it (client gone, or stream ended).
@@ -218,6 +242,9 @@ impl FakeKube {
             store: Mutex::new(Store::default()),
             tx,
             open_watches: AtomicUsize::new(0),
+            create_latency: Mutex::new(Duration::ZERO),
+            creates_in_flight: AtomicUsize::new(0),
+            max_creates_in_flight: AtomicUsize::new(0),
         });
         let app = Router::new()
             .route("/api/v1/pods", get(list_all_pods))
@@ -251,7 +278,22 @@ impl FakeKube {
         Self { url, shared, task }
     }
 
+    /// Every pod create from now on takes `latency` before it is answered (a real API server
+    /// takes 10–50 ms).
+    pub fn set_create_latency(&self, latency: Duration) {
+        *self
+            .shared
+            .create_latency
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = latency;
+    }
+
     // --- assertions ---
+
+    /// The most pod creates that were being answered at the same moment.
+    pub fn max_concurrent_creates(&self) -> usize {
+        self.shared.max_creates_in_flight.load(Ordering::SeqCst)
+    }
 
     /// Every request so far, in order.
     pub fn requests(&self) -> Vec<KubeRequest> {
@@ -687,6 +729,14 @@ async fn create_pod(
     Query(q): Query<HashMap<String, String>>,
     body: Bytes,
 ) -> Response {
+    let _in_flight = CreateInFlight::new(&shared);
+    let latency = *shared
+        .create_latency
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if !latency.is_zero() {
+        tokio::time::sleep(latency).await;
+    }
     let directive = match Directive::from_param(q.get("fieldValidation").map(String::as_str)) {
         Ok(d) => d,
         Err(refusal) => return status::respond(refusal),
