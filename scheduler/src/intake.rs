@@ -40,7 +40,7 @@ pub enum IntakeError {
     )]
     NoTokenKey,
     #[error("could not mint the launcher token: {0}")]
-    Mint(#[from] jsonwebtoken::errors::Error),
+    Mint(#[from] crate::auth::MintError),
     #[error("no build {0} is known to the scheduler")]
     UnknownBuild(u64),
     #[error(transparent)]
