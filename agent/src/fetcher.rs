@@ -92,7 +92,6 @@ impl Fetcher {
     async fn room(&self) -> Result<u32, crate::local::LocalError> {
         let pending = self.local.pending().await?;
         let busy = pending.saturating_add(self.executor.in_flight() as u64);
-        metrics::gauge!("sd_agent_in_flight").set(self.executor.in_flight() as f64);
         metrics::gauge!("sd_agent_local_pending").set(pending as f64);
         Ok(u32::try_from(u64::from(self.max_in_flight).saturating_sub(busy)).unwrap_or(0))
     }

@@ -95,7 +95,10 @@ async fn readyz(State(state): State<Arc<HealthState>>) -> Response {
     (code, Json(body)).into_response()
 }
 
+/// Renders the metrics; builds in flight are read at this moment (a gauge set elsewhere would
+/// be as old as the last event that set it, e.g. the start of a 30 s long-poll).
 async fn metrics(State(state): State<Arc<HealthState>>) -> impl IntoResponse {
+    metrics::gauge!("sd_agent_in_flight").set(state.executor.in_flight() as f64);
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         state.metrics.render(),

@@ -536,6 +536,11 @@ async fn builds_run_on_the_cluster_routing_chose_exactly_once() {
             .unwrap_or_else(|| panic!("{name} missing from /metrics:\n{metrics}"));
         assert!(value >= at_least, "{name} = {value}");
     }
+    // Read when scraped, not when the fetcher last polled: every build has ended.
+    assert!(
+        metrics.lines().any(|l| l == "sd_agent_in_flight 0"),
+        "{metrics}"
+    );
     let _ = (&linux.name, &linux.local);
 }
 
