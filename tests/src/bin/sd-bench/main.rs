@@ -79,6 +79,9 @@ enum Cmd {
     Kube {
         #[arg(long)]
         url_file: PathBuf,
+        /// Milliseconds each pod create takes (a real API server: 10-50).
+        #[arg(long, default_value_t = 0)]
+        create_latency_ms: u64,
     },
 }
 
@@ -121,7 +124,10 @@ async fn main() -> Result<()> {
             seconds,
         } => run(url, keys, concurrency, Duration::from_secs(seconds)).await,
         Cmd::Submit { url, keys, count } => submit(url, keys, count).await,
-        Cmd::Kube { url_file } => kube(url_file).await,
+        Cmd::Kube {
+            url_file,
+            create_latency_ms,
+        } => kube(url_file, Duration::from_millis(create_latency_ms)).await,
         Cmd::Polls {
             url,
             keys,
@@ -147,8 +153,9 @@ async fn main() -> Result<()> {
     }
 }
 
-async fn kube(url_file: PathBuf) -> Result<()> {
+async fn kube(url_file: PathBuf, create_latency: Duration) -> Result<()> {
     let api = sd_testkit::kube_api::FakeKube::start().await;
+    api.set_create_latency(create_latency);
     // Written whole, then renamed: the script waiting for it never reads half a URL.
     let partial = url_file.with_extension("partial");
     std::fs::write(&partial, &api.url)?;
