@@ -270,6 +270,7 @@ impl Loops {
                 events: sink,
                 max_in_flight: config.executor.max_in_flight,
                 launch_concurrency: config.executor.launch_concurrency,
+                takeover_after: config.executor.takeover_after,
                 apis: updates.allowed().clone(),
             }
             .run(launching.clone()),

@@ -126,6 +126,10 @@ pub struct ExecutorConfig {
     /// 10–50 ms, so one at a time would cap a cluster at 20–100 launches/s.
     #[serde(default = "defaults::launch_concurrency")]
     pub launch_concurrency: u32,
+    /// An agent silent this long is dead: the local jobs it took are taken over by the others
+    /// (or by its own next run on the host) instead of waiting out `launch_lease`.
+    #[serde(default = "defaults::takeover_after", with = "humantime_serde")]
+    pub takeover_after: Duration,
     #[serde(default)]
     pub kubernetes: KubernetesConfig,
     #[serde(default)]
@@ -444,6 +448,9 @@ mod defaults {
     pub fn launch_concurrency() -> u32 {
         32
     }
+    pub fn takeover_after() -> Duration {
+        Duration::from_secs(5)
+    }
 }
 
 impl Default for PollConfig {
@@ -638,6 +645,14 @@ impl Config {
             return Err(invalid(
                 "executor.launch_concurrency",
                 "must be from 1 to 1024",
+            ));
+        }
+        if self.executor.takeover_after < Duration::from_secs(1)
+            || self.executor.takeover_after >= self.executor.launch_lease
+        {
+            return Err(invalid(
+                "executor.takeover_after",
+                "must be at least 1s and shorter than executor.launch_lease",
             ));
         }
         if self.executor.launch_lease < Duration::from_secs(5) {

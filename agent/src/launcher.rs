@@ -23,15 +23,19 @@ pub struct Launcher {
     pub max_in_flight: u32,
     /// Jobs handled at once (`executor.launch_concurrency`).
     pub launch_concurrency: u32,
+    /// Silence after which another agent's local jobs are taken over (`executor.takeover_after`).
+    pub takeover_after: Duration,
     /// The Screwdriver APIs a build may name: its token goes to its `apiUri`.
     pub apis: ApiUris,
 }
 
 impl Launcher {
-    /// Launches local jobs until `stop`; holds the local doorbell's subscription meanwhile.
+    /// Launches local jobs until `stop`; meanwhile holds the local doorbell's subscription and
+    /// beats (taking over the jobs of agents that stopped beating).
     pub async fn run(self, stop: CancellationToken) {
         let relay = self.local.relay_doorbell(stop.clone().cancelled_owned());
-        tokio::join!(relay, self.launch_until(&stop));
+        let alive = self.local.keep_alive(self.takeover_after, stop.clone());
+        tokio::join!(relay, alive, self.launch_until(&stop));
     }
 
     async fn launch_until(&self, stop: &CancellationToken) {

@@ -16,6 +16,7 @@ use sd_queue::{
     Cancelled, Doorbell, Enqueued, Holds, Lease, LeaseOp, LeaseOutcome, Listener, QueueError,
     QueueSettings, Queues,
 };
+use tokio_util::sync::CancellationToken;
 
 pub const TAG: &str = "sd-agent";
 
@@ -49,6 +50,9 @@ pub struct LocalQueue {
     records: String,
     /// Rung by every push (one subscription to the local Redis, held by the launcher).
     doorbell: Doorbell,
+    /// This agent process among those sharing the local Redis: it names itself on what it takes
+    /// and beats, so the others take its work over soon after it dies.
+    instance: Arc<str>,
 }
 
 /// Whether the local Redis can confirm a write on disk (WAITAOF: Redis ≥ 7.2 with appendonly
@@ -151,6 +155,12 @@ impl LocalQueue {
             durability: Durability::default(),
             records,
             doorbell: Doorbell::default(),
+            instance: format!(
+                "agent-{}-{:016x}",
+                std::process::id(),
+                rand::random::<u64>()
+            )
+            .into(),
         };
         // Finds out about durability now when Redis is up, so the warning comes at start-up.
         let _ = local
@@ -219,11 +229,51 @@ impl LocalQueue {
 
     /// Leases up to `max` local messages for the launcher.
     pub async fn take(&self, max: u32) -> Result<Vec<Lease>, LocalError> {
-        Ok(self
+        let leases = self
             .queues
             .fetch(&self.cluster, max, &self.settings)
             .await?
-            .leases)
+            .leases;
+        // Not naming itself only costs the quick takeover: the lease still lapses.
+        if let Err(e) = self
+            .queues
+            .hold(&self.cluster, &self.instance, &leases)
+            .await
+        {
+            tracing::warn!(error = %e, "could not name this agent as the holder of its local jobs");
+        }
+        Ok(leases)
+    }
+
+    /// This agent's instance name (what it holds local jobs as).
+    pub fn instance(&self) -> &str {
+        &self.instance
+    }
+
+    /// Until `stop`: beats every `lapse / 5`, and takes back at once the local jobs of any
+    /// instance silent for longer than `lapse` (a killed agent, this host's previous run).
+    pub async fn keep_alive(&self, lapse: Duration, stop: CancellationToken) {
+        let every = lapse / 5;
+        while !stop.is_cancelled() {
+            if let Err(e) = self.queues.beat(&self.instance).await {
+                tracing::warn!(error = %e, "could not beat in the local Redis");
+            }
+            match self.queues.reclaim(&self.cluster, lapse).await {
+                Ok(0) => {}
+                Ok(n) => {
+                    tracing::warn!(
+                        jobs = n,
+                        "took over the local jobs of an agent that stopped beating"
+                    );
+                    metrics::counter!("sd_agent_jobs_taken_over_total").increment(n);
+                }
+                Err(e) => tracing::warn!(error = %e, "could not look for silent agents"),
+            }
+            tokio::select! {
+                () = tokio::time::sleep(every) => {}
+                () = stop.cancelled() => return,
+            }
+        }
     }
 
     /// The launcher handled the message.

@@ -370,6 +370,7 @@ async fn a_start_message_the_agent_cannot_use_is_reported_failed_with_the_reason
             ),
             max_in_flight: 5,
             launch_concurrency: 4,
+            takeover_after: std::time::Duration::from_secs(5),
             apis: common::apis(&[&screwdriver.url]),
         }
         .run(stop.clone()),

@@ -149,6 +149,7 @@ impl Agent {
                 ),
                 max_in_flight: 50,
                 launch_concurrency: 8,
+                takeover_after: Duration::from_secs(5),
                 apis: common::apis(&[&self.screwdriver.url]),
             }
             .run(self.stop.clone()),

@@ -12,6 +12,7 @@ use std::time::Duration;
 
 pub mod doorbell;
 pub mod due;
+mod holders;
 pub mod markers;
 pub mod outbox;
 pub use doorbell::{Doorbell, Listener};
@@ -49,6 +50,8 @@ pub struct ClusterKeys {
     pub jobs: String,
     pub meta: String,
     pub dead: String,
+    /// id → the instance that leased it (`holders`).
+    pub holders: String,
 }
 
 /// Every key name under one hash tag.
@@ -68,6 +71,8 @@ pub struct Keys {
     pub lease_seq: String,
     /// cluster → Redis time (ms) of its last authenticated poll.
     pub heartbeat: String,
+    /// instance → Redis time (ms) of its last beat (`holders`).
+    pub instances: String,
     /// The doorbell channel (not a key): scripts publish a cluster's name on it when work
     /// becomes ready there.
     pub bell: String,
@@ -85,6 +90,7 @@ impl Keys {
             blocked: key("blocked"),
             lease_seq: key("lease-seq"),
             heartbeat: key("heartbeat"),
+            instances: key("instances"),
             bell: doorbell::channel(tag),
         }
     }
@@ -99,6 +105,7 @@ impl Keys {
             jobs: key("jobs"),
             meta: key("meta"),
             dead: key("dead"),
+            holders: key("holders"),
         }
     }
 }
@@ -219,6 +226,7 @@ pub struct Queues {
     client: Client,
     keys: Arc<Keys>,
     scripts: Arc<Scripts>,
+    holders: Arc<holders::HolderScripts>,
 }
 
 struct Scripts {
@@ -259,6 +267,7 @@ impl Queues {
                 promote: Script::new(include_str!("promote.lua")),
                 moves: Script::new(include_str!("move.lua")),
             }),
+            holders: Arc::default(),
         })
     }
 
