@@ -648,11 +648,11 @@ impl Config {
             ));
         }
         if self.executor.takeover_after < Duration::from_secs(1)
-            || self.executor.takeover_after >= self.executor.launch_lease
+            || self.executor.takeover_after > self.executor.launch_lease
         {
             return Err(invalid(
                 "executor.takeover_after",
-                "must be at least 1s and shorter than executor.launch_lease",
+                "must be at least 1s and at most executor.launch_lease",
             ));
         }
         if self.executor.launch_lease < Duration::from_secs(5) {
@@ -1122,6 +1122,20 @@ mod tests {
                 "executor.kind",
             ),
             (format!("{base}[poll]\nmax_jobs = 0\n"), "poll.max_jobs"),
+            (
+                base.replace(
+                    "kind = \"process\"",
+                    "kind = \"process\"\nlaunch_concurrency = 0",
+                ),
+                "executor.launch_concurrency",
+            ),
+            (
+                base.replace(
+                    "kind = \"process\"",
+                    "kind = \"process\"\nlaunch_lease = \"10s\"\ntakeover_after = \"20s\"",
+                ),
+                "executor.takeover_after",
+            ),
             (format!("{base}[poll]\nwait = \"5m\"\n"), "poll.wait"),
             (format!("{base}[poll]\nwait = \"0s\"\n"), "poll.wait"),
             (format!("{base}[log]\nlevel = \"inf\"\n"), "log.level"),
