@@ -3,8 +3,11 @@
 //! once the executor has done its part. Launch is idempotent per buildId, so a job taken again
 //! after a crash is never launched twice.
 
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
+
+use futures::StreamExt;
 
 use sd_protocol::{FieldError, JobKind, QueueMessage, StartMessage};
 use sd_queue::{Cancelled, Lease};
@@ -38,51 +41,59 @@ impl Launcher {
         tokio::join!(relay, alive, self.launch_until(&stop));
     }
 
+    /// Takes local jobs while fewer than `launch_concurrency` are being handled (a rolling
+    /// window: a slow launch holds one slot, not a whole batch), and handles them concurrently,
+    /// build by build: a job whose build already has one in hand waits behind it, so a stop
+    /// never overtakes its start. Each job is settled by its own `handle`, after the executor
+    /// did its part. At `stop`, what was taken is finished.
     async fn launch_until(&self, stop: &CancellationToken) {
         let mut bell = self.local.listen();
+        let mut window = Window::default();
         while !stop.is_cancelled() {
             // Armed before looking: a push while we look rings this bell.
             bell.arm();
             let room = (self.max_in_flight as usize).saturating_sub(self.executor.in_flight());
-            let batch = room.min(self.launch_concurrency as usize);
-            let leases = if batch == 0 {
+            let free = (self.launch_concurrency as usize).saturating_sub(window.running.len());
+            let want = room.min(free);
+            let leases = if want == 0 {
                 Ok(Vec::new())
             } else {
-                self.local.take(u32::try_from(batch).unwrap_or(1)).await
+                self.local.take(u32::try_from(want).unwrap_or(1)).await
             };
-            match leases {
-                Ok(leases) if !leases.is_empty() => self.handle_all(leases).await,
-                Ok(_) => {
-                    // Nothing to do (or full): wait for a push, or re-check shortly.
-                    tokio::select! {
-                        _ = bell.rung(Duration::from_secs(2)) => {}
-                        () = stop.cancelled() => return,
+            let pause = match leases {
+                Ok(leases) if !leases.is_empty() => {
+                    for lease in leases {
+                        window.admit(lease, |lease| self.handle_for(lease));
                     }
+                    continue;
                 }
+                // Nothing to do (or full): wait for a slot, a push, or re-check shortly.
+                Ok(_) => Duration::from_secs(2),
                 Err(e) => {
                     tracing::warn!(error = %e, "local queue unavailable");
-                    tokio::select! {
-                        () = tokio::time::sleep(Duration::from_secs(1)) => {}
-                        () = stop.cancelled() => return,
-                    }
+                    Duration::from_secs(1)
                 }
+            };
+            tokio::select! {
+                Some(build) = window.running.next(), if !window.running.is_empty() => {
+                    window.finished(&build, |lease| self.handle_for(lease));
+                }
+                _ = bell.rung(pause) => {}
+                () = stop.cancelled() => break,
             }
+        }
+        while let Some(build) = window.running.next().await {
+            window.finished(&build, |lease| self.handle_for(lease));
         }
     }
 
-    /// Handles a batch concurrently, build by build: the jobs of one build (its start, its
-    /// stop) run one after the other in the order taken, so a stop never overtakes its start;
-    /// different builds run at once. Each job is settled by its own `handle`, after the
-    /// executor did its part.
-    async fn handle_all(&self, leases: Vec<Lease>) {
-        use futures::StreamExt;
-        futures::stream::iter(by_build(leases))
-            .for_each_concurrent(self.launch_concurrency as usize, |jobs| async move {
-                for lease in jobs {
-                    self.handle(lease).await;
-                }
-            })
-            .await;
+    /// [`handle`](Self::handle), answering with the build the job was about.
+    fn handle_for(&self, lease: Lease) -> BoxFuture<'_, String> {
+        Box::pin(async move {
+            let build = build_of(&lease).to_owned();
+            self.handle(lease).await;
+            build
+        })
     }
 
     async fn handle(&self, lease: Lease) {
@@ -258,26 +269,43 @@ impl Launcher {
     }
 }
 
-/// Leases grouped by the build they are about (`<id>` and `stop:<id>` together), groups and
-/// the jobs within each in the order taken.
-fn by_build(leases: Vec<Lease>) -> Vec<Vec<Lease>> {
-    let mut groups: Vec<Vec<Lease>> = Vec::new();
-    let mut index: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
-    for lease in leases {
-        let build = lease
-            .id
-            .strip_prefix("stop:")
-            .unwrap_or(&lease.id)
-            .to_owned();
-        match index.get(&build) {
-            Some(&i) => groups[i].push(lease),
+/// The build a local job is about: `<id>` for its start, `stop:<id>` for its stop.
+fn build_of(lease: &Lease) -> &str {
+    lease.id.strip_prefix("stop:").unwrap_or(&lease.id)
+}
+
+type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
+
+/// The jobs being handled, at most one per build, and those waiting behind their build's.
+#[derive(Default)]
+struct Window<'a> {
+    running: futures::stream::FuturesUnordered<BoxFuture<'a, String>>,
+    /// Builds with a job in hand → their later jobs, in the order taken.
+    behind: HashMap<String, VecDeque<Lease>>,
+}
+
+impl<'a> Window<'a> {
+    /// Starts `lease` now, or queues it behind its build's job in hand.
+    fn admit(&mut self, lease: Lease, start: impl FnOnce(Lease) -> BoxFuture<'a, String>) {
+        match self.behind.get_mut(build_of(&lease)) {
+            Some(queue) => queue.push_back(lease),
             None => {
-                index.insert(build, groups.len());
-                groups.push(vec![lease]);
+                self.behind
+                    .insert(build_of(&lease).to_owned(), VecDeque::new());
+                self.running.push(start(lease));
             }
         }
     }
-    groups
+
+    /// `build`'s job is done: starts the next one behind it, if any.
+    fn finished(&mut self, build: &str, start: impl FnOnce(Lease) -> BoxFuture<'a, String>) {
+        match self.behind.get_mut(build).and_then(VecDeque::pop_front) {
+            Some(next) => self.running.push(start(next)),
+            None => {
+                self.behind.remove(build);
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -293,23 +321,32 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_builds_start_and_stop_stay_together_and_in_order() {
-        let ids = |groups: Vec<Vec<Lease>>| -> Vec<Vec<String>> {
-            groups
-                .into_iter()
-                .map(|g| g.into_iter().map(|l| l.id).collect())
-                .collect()
+    #[tokio::test]
+    async fn a_builds_later_jobs_wait_behind_the_one_in_hand() {
+        let started = std::sync::Mutex::new(Vec::new());
+        let start = |lease: Lease| -> BoxFuture<'_, String> {
+            started.lock().unwrap().push(lease.id.clone());
+            let build = build_of(&lease).to_owned();
+            Box::pin(async move { build })
         };
-        let taken = ["7", "8", "stop:7", "stop:9", "10", "stop:8"].map(lease);
+        let mut window = Window::default();
+        for id in ["7", "8", "stop:7", "stop:9"] {
+            window.admit(lease(id), start);
+        }
         assert_eq!(
-            ids(by_build(taken.to_vec())),
-            [
-                vec!["7", "stop:7"],
-                vec!["8", "stop:8"],
-                vec!["stop:9"],
-                vec!["10"]
-            ]
+            *started.lock().unwrap(),
+            ["7", "8", "stop:9"],
+            "stop:7 waits"
         );
+        window.finished("8", start);
+        assert_eq!(started.lock().unwrap().len(), 3, "nothing waited behind 8");
+        window.finished("7", start);
+        assert_eq!(
+            started.lock().unwrap().last().map(String::as_str),
+            Some("stop:7")
+        );
+        window.finished("7", start);
+        window.finished("9", start);
+        assert!(window.behind.is_empty(), "no build left in hand");
     }
 }
