@@ -1,6 +1,7 @@
 //! Crash takeover: the local jobs an agent took and did not settle are taken over by another
 //! agent sharing the local Redis as soon as the first stops beating — seconds, not the whole
-//! launch lease — and the dead one's late settle is refused (its fencing token is stale).
+//! launch lease. The dead one's late settle is refused (its fencing token is stale), and what
+//! it settled before it died is not taken again.
 
 use std::time::{Duration, Instant};
 
@@ -58,7 +59,8 @@ async fn a_silent_agents_jobs_are_taken_over_in_seconds_and_its_late_settle_is_s
         "taken from a live agent"
     );
 
-    // A stops beating, as a kill -9 leaves it.
+    // A settles one job, then stops beating, as a kill -9 leaves it.
+    assert!(a.done(&taken[0]).await.unwrap());
     a_stop.cancel();
     a_task.await.unwrap();
     let silent = Instant::now();
@@ -70,11 +72,11 @@ async fn a_silent_agents_jobs_are_taken_over_in_seconds_and_its_late_settle_is_s
     .expect("B takes A's jobs over long before the launch lease would lapse");
     let mut ids: Vec<_> = again.iter().map(|l| l.id.clone()).collect();
     ids.sort();
-    assert_eq!(ids, ["1", "2", "3"]);
+    assert_eq!(ids, ["2", "3"], "what A settled stays settled");
     println!("taken over {:?} after the last beat", silent.elapsed());
 
     // A's late settle is refused; B's is the one that counts.
-    assert!(!a.done(&taken[0]).await.unwrap(), "a dead holder settled");
+    assert!(!a.done(&taken[1]).await.unwrap(), "a dead holder settled");
     for lease in &again {
         assert!(b.done(lease).await.unwrap());
     }
