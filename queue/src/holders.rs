@@ -59,8 +59,9 @@ impl Queues {
         Ok(())
     }
 
-    /// Takes back the leases of `cluster` held by instances silent for longer than `lapse`;
-    /// returns how many.
+    /// Takes back the leases of `cluster` held by instances silent for longer than `lapse`,
+    /// and forgets holders of leases since settled (so the record holds only leases in hand);
+    /// returns how many were taken back.
     pub async fn reclaim(&self, cluster: &str, lapse: Duration) -> Result<u64, QueueError> {
         let keys = self.keys.cluster(cluster);
         let mut conn = self.conn.clone();

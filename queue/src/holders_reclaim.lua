@@ -1,23 +1,24 @@
--- Takes back the leases of instances that stopped beating: each such lease lapses now, so the
--- next fetch of any live instance returns it to ready (fencing tokens keep the dead holder's
--- late acks stale). Forgets the dead instances and their holdings; rings the doorbell when
--- something was taken back. Returns how many leases.
+-- Keeps the holders' record current and takes back the leases of instances that stopped
+-- beating. In one pass over the record: an entry whose lease is gone (settled) is dropped; a
+-- lease held by an instance silent for longer than the lapse lapses now, so the next fetch of
+-- any live instance returns it to ready (fencing tokens keep the dead holder's late settle
+-- stale). Forgets the dead instances; rings the doorbell when something was taken back.
+-- Returns how many leases were taken back.
 -- KEYS: instances, holders, leased
 -- ARGV: lapse ms (silence after which an instance is dead), doorbell channel, cluster
 local dead = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[1]))
-if #dead == 0 then return 0 end
 local gone = {}
 for _, instance in ipairs(dead) do gone[instance] = true end
 local held = redis.call('HGETALL', KEYS[2])
 local reclaimed = 0
 for i = 1, #held, 2 do
   local id, holder = held[i], held[i + 1]
-  if gone[holder] then
-    if redis.call('ZSCORE', KEYS[3], id) then
-      redis.call('ZADD', KEYS[3], now, id)
-      reclaimed = reclaimed + 1
-    end
+  if not redis.call('ZSCORE', KEYS[3], id) then
     redis.call('HDEL', KEYS[2], id)
+  elseif gone[holder] then
+    redis.call('ZADD', KEYS[3], now, id)
+    redis.call('HDEL', KEYS[2], id)
+    reclaimed = reclaimed + 1
   end
 end
 for _, instance in ipairs(dead) do redis.call('ZREM', KEYS[1], instance) end
