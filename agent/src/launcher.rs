@@ -52,7 +52,10 @@ impl Launcher {
         while !stop.is_cancelled() {
             // Armed before looking: a push while we look rings this bell.
             bell.arm();
-            let room = (self.max_in_flight as usize).saturating_sub(self.executor.in_flight());
+            // Jobs in hand count against the room before their launch shows in `in_flight`
+            // (one already launched is counted twice for a moment: the safe side).
+            let busy = self.executor.in_flight() + window.running.len();
+            let room = (self.max_in_flight as usize).saturating_sub(busy);
             let free = (self.launch_concurrency as usize).saturating_sub(window.running.len());
             let want = room.min(free);
             let leases = if want == 0 {

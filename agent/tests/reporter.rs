@@ -79,12 +79,18 @@ struct Agent {
     outbox: Outbox,
     stop: CancellationToken,
     redis: RedisServer,
+    /// Each replica's `executor.max_in_flight`.
+    max_in_flight: u32,
 }
 
 impl Agent {
     /// The shared pieces (local Redis, pods API, Screwdriver, scheduler stub) and `replicas`
     /// agents on them, each watching every build pod.
     async fn start(config: KubernetesConfig, replicas: usize) -> Self {
+        Self::start_with(config, replicas, 50).await
+    }
+
+    async fn start_with(config: KubernetesConfig, replicas: usize, max_in_flight: u32) -> Self {
         let redis = RedisServer::start().unwrap();
         let kube = FakeKube::start().await;
         let screwdriver = FakeScrewdriver::start().await;
@@ -103,6 +109,7 @@ impl Agent {
             local,
             stop: CancellationToken::new(),
             redis,
+            max_in_flight,
         };
         for _ in 0..replicas {
             agent.replica().await;
@@ -147,7 +154,7 @@ impl Agent {
                     Outbox::new(local.queues().connection()),
                     events_tx,
                 ),
-                max_in_flight: 50,
+                max_in_flight: self.max_in_flight,
                 launch_concurrency: 8,
                 takeover_after: Duration::from_secs(5),
                 apis: common::apis(&[&self.screwdriver.url]),
@@ -580,4 +587,27 @@ async fn launches_run_at_once_each_once_and_a_stop_follows_its_start() {
         agent.kube.pod("sd-300").is_none().then_some(())
     });
     assert!(gone.await.is_some(), "the stopped build's pod is deleted");
+}
+
+/// Jobs taken but not yet launched count against `max_in_flight`: with pod creates slow to
+/// answer, a launcher allowed 8 at once but 4 in flight creates 4 pods, not 8.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_in_hand_count_against_max_in_flight() {
+    let agent = Agent::start_with(config(), 1, 4).await;
+    agent.kube.set_create_latency(Duration::from_millis(300));
+    for id in 400..410 {
+        agent.submit(id).await;
+    }
+    eventually(WAIT, || async {
+        (agent.kube.pods().len() == 4).then_some(())
+    })
+    .await
+    .expect("four pods created");
+    // Nothing ends (no kubelet here), so no room opens: the count stays at the cap.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        agent.kube.pods().len(),
+        4,
+        "more launched than max_in_flight"
+    );
 }
