@@ -80,52 +80,76 @@ fn help_explains() {
     assert!(text.contains("--config"), "{text}");
 }
 
+/// A real `sd-scheduler` on a free port whose stderr (its log) the test reads after SIGTERM.
+struct Logged {
+    child: tokio::process::Child,
+    port: u16,
+    _redis: RedisServer,
+    dir: tempfile::TempDir,
+}
+
+impl Logged {
+    /// Starts on the defaults plus `env`, and waits until `/readyz` answers 200.
+    async fn start(env: &[(&str, &str)]) -> Self {
+        let redis = RedisServer::start().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let mut command = tokio::process::Command::new(BIN);
+        command
+            .current_dir(dir.path())
+            .env_remove("SD_SCHEDULER_CONFIG")
+            .env_remove("RUST_LOG")
+            .env("SD_SCHEDULER_LISTEN", format!("127.0.0.1:{port}"))
+            .env("SD_SCHEDULER_REDIS_URL", redis.url())
+            .env(API_VAR, "https://api.screwdriver.example")
+            .envs(env.iter().copied())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let child = command.spawn().unwrap();
+        let http = reqwest::Client::new();
+        let url = format!("http://127.0.0.1:{port}/readyz");
+        let ready = eventually(Duration::from_secs(20), || async {
+            let r = http.get(&url).send().await.ok()?;
+            r.status().is_success().then_some(())
+        })
+        .await;
+        assert!(ready.is_some(), "the scheduler became ready");
+        Self {
+            child,
+            port,
+            _redis: redis,
+            dir,
+        }
+    }
+
+    fn base(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// SIGTERM, then how it exited and everything it logged.
+    async fn stop(mut self) -> (std::process::ExitStatus, String) {
+        let pid = libc::pid_t::try_from(self.child.id().unwrap()).unwrap();
+        // SAFETY: kill(2) only sends a signal; the pid is our own child, not yet reaped.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0, "SIGTERM sent");
+        let status = tokio::time::timeout(Duration::from_secs(10), self.child.wait())
+            .await
+            .unwrap()
+            .unwrap();
+        let mut logs = String::new();
+        use tokio::io::AsyncReadExt;
+        let mut stderr = self.child.stderr.take().unwrap();
+        stderr.read_to_string(&mut logs).await.unwrap();
+        (status, logs)
+    }
+}
+
 #[tokio::test]
 async fn starts_on_defaults_and_its_api_serves_and_stops_on_sigterm() {
-    let redis = RedisServer::start().unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let mut child = tokio::process::Command::new(BIN)
-        .current_dir(dir.path())
-        .env_remove("SD_SCHEDULER_CONFIG")
-        .env("SD_SCHEDULER_LISTEN", format!("127.0.0.1:{port}"))
-        .env("SD_SCHEDULER_REDIS_URL", redis.url())
-        .env(API_VAR, "https://api.example")
-        .env("SD_SCHEDULER_LOG_FORMAT", "json")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let http = reqwest::Client::new();
-    let url = format!("http://127.0.0.1:{port}/readyz");
-    let ready = eventually(Duration::from_secs(20), || async {
-        match http.get(&url).send().await {
-            Ok(r) if r.status().is_success() => Some(()),
-            _ => None,
-        }
-    })
-    .await;
-    assert!(ready.is_some(), "scheduler became ready on its defaults");
+    let scheduler = Logged::start(&[("SD_SCHEDULER_LOG_FORMAT", "json")]).await;
     // The default database is a SQLite file created in the working directory.
-    assert!(dir.path().join("sd-scheduler.db").exists());
-
-    let pid = libc::pid_t::try_from(child.id().unwrap()).unwrap();
-    // SAFETY: kill(2) only sends a signal; the pid is our own child, not yet reaped.
-    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0, "SIGTERM sent");
-    let status = tokio::time::timeout(Duration::from_secs(10), child.wait())
-        .await
-        .unwrap()
-        .unwrap();
+    assert!(scheduler.dir.path().join("sd-scheduler.db").exists());
+    let (status, logs) = scheduler.stop().await;
     assert!(status.success(), "{status:?}");
-    let mut logs = String::new();
-    use tokio::io::AsyncReadExt;
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut logs)
-        .await
-        .unwrap();
     let first = logs
         .lines()
         .find(|l| l.contains("listening"))
@@ -285,30 +309,12 @@ async fn two_scheduler_processes_deliver_each_build_once() {
 /// (names are checked before they are logged, and user input is logged escaped).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_cannot_forge_log_lines() {
-    let redis = RedisServer::start().unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let mut child = tokio::process::Command::new(BIN)
-        .current_dir(dir.path())
-        .env_remove("SD_SCHEDULER_CONFIG")
-        .env_remove("RUST_LOG")
-        .env("SD_SCHEDULER_LISTEN", format!("127.0.0.1:{port}"))
-        .env("SD_SCHEDULER_REDIS_URL", redis.url())
-        .env("SD_SCHEDULER_LOG_FORMAT", "text")
-        .env("SD_SCHEDULER_LOG_LEVEL", "debug")
-        .env(API_VAR, "https://api.screwdriver.example")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let http = reqwest::Client::new();
-    let base = format!("http://127.0.0.1:{port}");
-    eventually(Duration::from_secs(20), || async {
-        let r = http.get(format!("{base}/readyz")).send().await.ok()?;
-        r.status().is_success().then_some(())
-    })
-    .await
-    .expect("ready");
+    let scheduler = Logged::start(&[
+        ("SD_SCHEDULER_LOG_FORMAT", "text"),
+        ("SD_SCHEDULER_LOG_LEVEL", "debug"),
+    ])
+    .await;
+    let (http, base) = (reqwest::Client::new(), scheduler.base());
     let forged = "%0D%0A2026-01-01T00:00:00Z%20ERROR%20forged%3A%20admin%20logged%20in";
     for path in [
         format!("/v1/jobs/c1{forged}"),
@@ -333,23 +339,7 @@ async fn a_client_cannot_forge_log_lines() {
         .await
         .unwrap();
     assert_eq!(r.status(), reqwest::StatusCode::NOT_FOUND);
-
-    let pid = libc::pid_t::try_from(child.id().unwrap()).unwrap();
-    // SAFETY: kill(2) only sends a signal; the pid is our own child, not yet reaped.
-    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
-    tokio::time::timeout(Duration::from_secs(10), child.wait())
-        .await
-        .unwrap()
-        .unwrap();
-    let mut logs = String::new();
-    use tokio::io::AsyncReadExt;
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut logs)
-        .await
-        .unwrap();
+    let (_, logs) = scheduler.stop().await;
     assert!(
         logs.contains("nosuch"),
         "the control request was logged: {logs}"
