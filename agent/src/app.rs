@@ -18,8 +18,9 @@ use crate::config::{Config, ConfigError, ExecutorKind};
 use crate::executor::{self, Events, Executor};
 use crate::fetcher::Fetcher;
 use crate::health::{self, HealthState};
+use crate::instance::InstanceLock;
 use crate::launcher::Launcher;
-use crate::local::LocalQueue;
+use crate::local::{LocalError, LocalQueue};
 use crate::outbox::{EventSink, Outbox};
 use crate::reporter::Reporter;
 use crate::scheduler_client::SchedulerClient;
@@ -32,6 +33,8 @@ pub enum RunError {
     Client(#[from] crate::scheduler_client::ClientSetupError),
     #[error(transparent)]
     Local(#[from] crate::local::LocalError),
+    #[error(transparent)]
+    Instance(#[from] crate::instance::InstanceError),
     #[error("executor: {0}")]
     Executor(#[from] executor::ExecError),
     #[error("cannot listen on {addr}: {source}")]
@@ -151,6 +154,15 @@ pub async fn run(
     // drain gracefully, not kill the process with the default action.
     let mut signals = Signals::new();
     let updates = build_updates(&config)?;
+    // Held until this function returns, i.e. for the process's life: the kernel releases it
+    // when the process dies, which is what lets the next run take back this run's jobs at once.
+    // A second agent on the same file fails here, before it touches any build.
+    let mut instance_lock = config
+        .executor
+        .instance_file
+        .as_deref()
+        .map(InstanceLock::acquire)
+        .transpose()?;
     // Bind first: a second agent on the same port must fail before it touches any build.
     let listener = tokio::net::TcpListener::bind(config.health.listen)
         .await
@@ -164,6 +176,16 @@ pub async fn run(
         config.executor.launch_lease,
     )
     .await?;
+    if let Some(lock) = &mut instance_lock {
+        match local.take_back_previous_run(lock).await {
+            Ok(_) => {}
+            Err(LocalError::Instance(e)) => return Err(e.into()),
+            Err(e) => tracing::warn!(
+                error = %e,
+                "could not take back the local jobs of this host's previous run now; they lapse after executor.takeover_after"
+            ),
+        }
+    }
     let (events_tx, events_rx) = mpsc::unbounded_channel();
     let background = CancellationToken::new();
     let executor = Arc::new(executor(&config, events_tx.clone(), background.clone()).await?);
@@ -219,6 +241,8 @@ pub async fn run(
         .await;
     background.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(1), server).await;
+    // Last: the next run may take back whatever this one still holds.
+    drop(instance_lock);
     Ok(())
 }
 

@@ -62,6 +62,7 @@ pub async fn run(config: &Config, config_path: &std::path::Path) -> Vec<Line> {
         },
     });
     lines.push(line("redis", redis(config).await));
+    lines.push(line("instance", instance(config)));
     lines.push(line("executor", executor(config).await));
     lines
 }
@@ -140,6 +141,39 @@ async fn redis(config: &Config) -> Result<String, String> {
             "{url} answers, but {} — fix the Redis configuration",
             warnings.join("; ")
         ))
+    }
+}
+
+/// `executor.instance_file`: that the agent can create, write and lock it, or that a running
+/// agent holds it. The lock is taken for a moment only, and no file is created.
+fn instance(config: &Config) -> Result<String, String> {
+    use crate::instance::{Probe, probe};
+    let Some(path) = &config.executor.instance_file else {
+        return Ok(format!(
+            "executor.instance_file is not set: a restarted agent takes back its previous run's local jobs only after executor.takeover_after ({:?})",
+            config.executor.takeover_after
+        ));
+    };
+    let file = path.display();
+    let previous = |name: Option<String>| match name {
+        Some(name) => format!("names instance {name}"),
+        None => "names no instance".to_owned(),
+    };
+    match probe(path) {
+        Ok(Probe::Absent) => Ok(format!(
+            "{file} does not exist yet; its directory is writable, the agent creates it"
+        )),
+        Ok(Probe::Free(name)) => Ok(format!(
+            "{file} is writable and lockable ({}); no agent holds it",
+            previous(name)
+        )),
+        Ok(Probe::Held(name)) => Ok(format!(
+            "{file} is held by a running agent ({}); another agent given this file would refuse to start",
+            previous(name)
+        )),
+        Err(e) => Err(format!(
+            "{e} — fix: point executor.instance_file at a file in a directory the agent's user may write (the unit's StateDirectory /var/lib/sd-agent, or the DaemonSet's emptyDir)"
+        )),
     }
 }
 

@@ -130,6 +130,13 @@ pub struct ExecutorConfig {
     /// (or by its own next run on the host) instead of waiting out `launch_lease`.
     #[serde(default = "defaults::takeover_after", with = "humantime_serde")]
     pub takeover_after: Duration,
+    /// A file on this host's own disk (systemd `StateDirectory`, a Kubernetes `emptyDir` that
+    /// outlives container restarts; not a network file system) that this agent holds locked
+    /// while it runs. Its lock proves the previous run dead, so a restarted agent takes back
+    /// the local jobs that run held at once. Unset: they wait out `takeover_after`. Each agent
+    /// needs its own: a second agent finding it locked refuses to start.
+    #[serde(default)]
+    pub instance_file: Option<PathBuf>,
     #[serde(default)]
     pub kubernetes: KubernetesConfig,
     #[serde(default)]
@@ -655,6 +662,14 @@ impl Config {
                 "must be at least 1s and at most executor.launch_lease",
             ));
         }
+        if let Some(file) = &self.executor.instance_file
+            && (file.as_os_str().is_empty() || file.is_dir())
+        {
+            return Err(invalid(
+                "executor.instance_file",
+                "must name a file (e.g. /var/lib/sd-agent/instance), not a directory",
+            ));
+        }
         if self.executor.launch_lease < Duration::from_secs(5) {
             return Err(invalid("executor.launch_lease", "must be at least 5s"));
         }
@@ -1026,6 +1041,10 @@ mod tests {
         assert_eq!(c.poll.max_jobs, 10);
         assert_eq!(c.auth.algorithm, SigningAlgorithm::RS256);
         assert_eq!(c.executor.max_in_flight, 50);
+        assert_eq!(
+            c.executor.instance_file, None,
+            "without it, the lapse applies"
+        );
         assert_eq!(c.shutdown_timeout, Duration::from_secs(30));
     }
 
@@ -1135,6 +1154,13 @@ mod tests {
                     "kind = \"process\"\nlaunch_lease = \"10s\"\ntakeover_after = \"20s\"",
                 ),
                 "executor.takeover_after",
+            ),
+            (
+                base.replace(
+                    "kind = \"process\"",
+                    "kind = \"process\"\ninstance_file = \"/\"",
+                ),
+                "executor.instance_file",
             ),
             (format!("{base}[poll]\nwait = \"5m\"\n"), "poll.wait"),
             (format!("{base}[poll]\nwait = \"0s\"\n"), "poll.wait"),
@@ -1287,7 +1313,13 @@ mod tests {
             "/etc/sd-agent/private.pem",
             &key.path().display().to_string(),
         );
-        parse(&text, &[]).unwrap();
+        let c = parse(&text, &[]).unwrap();
+        assert_eq!(
+            c.executor.instance_file.as_deref(),
+            Some(Path::new("/var/lib/sd-agent/instance")),
+            "in the unit's StateDirectory"
+        );
+        assert!(include_str!("../../systemd/sd-agent.service").contains("StateDirectory=sd-agent"));
     }
 
     #[test]
@@ -1315,6 +1347,14 @@ mod tests {
         .unwrap();
         assert_eq!(c.executor.kind, ExecutorKind::Kubernetes);
         assert_eq!(c.health.listen.port(), 8081);
+        // On an emptyDir: it outlives a restart of the container, so the restarted agent takes
+        // back what its previous run held at once.
+        assert_eq!(
+            c.executor.instance_file.as_deref(),
+            Some(Path::new("/var/lib/sd-agent/instance"))
+        );
+        assert!(manifest.contains("{name: state, mountPath: /var/lib/sd-agent}"));
+        assert!(manifest.contains("- {name: state, emptyDir: {}}"));
         assert!(manifest.contains("value: \"redis://:$(REDIS_PASSWORD)@sd-agent-redis"));
     }
 }

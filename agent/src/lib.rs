@@ -12,6 +12,7 @@ pub mod events;
 pub mod executor;
 pub mod fetcher;
 pub mod health;
+pub mod instance;
 pub mod keygen;
 pub mod kube_names;
 pub mod launcher;

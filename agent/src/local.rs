@@ -18,6 +18,8 @@ use sd_queue::{
 };
 use tokio_util::sync::CancellationToken;
 
+use crate::instance::InstanceLock;
+
 pub const TAG: &str = "sd-agent";
 
 #[derive(Debug, thiserror::Error)]
@@ -30,6 +32,8 @@ pub enum LocalError {
     Message(String),
     #[error("local Redis did not confirm the write on disk (WAITAOF)")]
     NotDurable,
+    #[error(transparent)]
+    Instance(#[from] crate::instance::InstanceError),
 }
 
 /// Where and as whom to report about a launched build.
@@ -248,6 +252,36 @@ impl LocalQueue {
     /// This agent's instance name (what it holds local jobs as).
     pub fn instance(&self) -> &str {
         &self.instance
+    }
+
+    /// Start-up with an instance file: its lock proves this host's previous run dead, so the
+    /// local jobs it held are taken back now rather than after `executor.takeover_after`; then
+    /// this run is named in the file for the next. Returns how many jobs were taken back.
+    ///
+    /// Call it before taking any job. A file that cannot be written is an error; a Redis that
+    /// cannot be reached is one too, but then the previous run's jobs still lapse as any silent
+    /// agent's do, and this run is named in the file all the same.
+    pub async fn take_back_previous_run(&self, lock: &mut InstanceLock) -> Result<u64, LocalError> {
+        let previous = lock
+            .previous()
+            .filter(|name| *name != self.instance())
+            .map(str::to_owned);
+        let taken = match &previous {
+            Some(name) => self.queues.reclaim_instance(&self.cluster, name).await,
+            None => Ok(0),
+        };
+        lock.record(self.instance())?;
+        let taken = taken?;
+        if let Some(previous) = previous {
+            tracing::info!(
+                jobs = taken,
+                previous = %previous,
+                file = %lock.path().display(),
+                "took back the local jobs of this host's previous run"
+            );
+        }
+        metrics::counter!("sd_agent_jobs_taken_over_total").increment(taken);
+        Ok(taken)
     }
 
     /// Until `stop`: beats every `lapse / 5`, and takes back at once the local jobs of any

@@ -28,7 +28,8 @@ struct Cli {
 enum Command {
     /// Run the agent (the default).
     Run,
-    /// Verify config, key, scheduler authentication, Redis and executor access; one line each.
+    /// Verify config, key, scheduler authentication, Redis, the instance file and executor
+    /// access; one line each.
     Check,
     /// Create the cluster's key pair and print what to register with the scheduler.
     Keygen {

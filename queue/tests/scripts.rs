@@ -1051,6 +1051,70 @@ async fn cancel_removes_a_waiting_build_but_never_a_leased_one() {
     assert_eq!(q.owner("7").await.unwrap(), None);
 }
 
+// === holders ===
+
+#[tokio::test]
+async fn an_instance_known_dead_loses_its_leases_at_once_and_no_other_does() {
+    let (redis, q) = start("sd-agent");
+    for build in 1..=4 {
+        put(&q, "a", build, build, &Holds::default()).await;
+    }
+    let leases = fetch(&q, "a", 10, &settings()).await.leases;
+    assert_eq!(leases.len(), 4);
+    q.beat("dead").await.unwrap();
+    q.beat("live").await.unwrap();
+    q.hold("a", "dead", &leases[..2]).await.unwrap();
+    q.hold("a", "live", &leases[2..]).await.unwrap();
+    // One of the dead instance's leases was settled before it died: nothing to take back there.
+    assert_eq!(
+        settle(&q, LeaseOp::Ack, "a", &leases[1]).await,
+        LeaseOutcome::Done
+    );
+    let mut bell = rings(&redis, &q).await;
+
+    // Both just beat: judged by silence, nobody is dead.
+    assert_eq!(q.reclaim("a", Duration::from_secs(60)).await.unwrap(), 0);
+    assert_eq!(q.reclaim_instance("a", "dead").await.unwrap(), 1);
+    assert_eq!(bell.heard().await, ["a"]);
+    let instances = &q.keys().instances;
+    assert_eq!(zscore(&q, instances, "dead").await, None, "forgotten");
+    assert!(zscore(&q, instances, "live").await.is_some());
+    let holders = &q.keys().cluster("a").holders;
+    for (id, holder) in [
+        ("1", None),
+        ("2", None),
+        ("3", Some("live")),
+        ("4", Some("live")),
+    ] {
+        assert_eq!(
+            hget(&q, holders, id).await.as_deref(),
+            holder,
+            "holder of {id}"
+        );
+    }
+
+    // Back on the queue now, though its 30 s lease has not run out; the dead holder's settle is
+    // stale, the live one's leases are untouched.
+    let again = lease_one(&q, "a", "1", &settings()).await;
+    assert_eq!(again.attempt, 2);
+    assert_eq!(
+        settle(&q, LeaseOp::Ack, "a", &leases[0]).await,
+        LeaseOutcome::Stale
+    );
+    assert_eq!(
+        settle(&q, LeaseOp::Ack, "a", &again).await,
+        LeaseOutcome::Done
+    );
+    for lease in &leases[2..] {
+        assert_eq!(
+            settle(&q, LeaseOp::Ack, "a", lease).await,
+            LeaseOutcome::Done
+        );
+    }
+    assert_eq!(q.reclaim_instance("a", "dead").await.unwrap(), 0);
+    assert!(bell.heard().await.is_empty(), "nothing taken back: no ring");
+}
+
 // === both tags ===
 
 #[tokio::test]
