@@ -28,7 +28,7 @@ mod watch;
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::{Body, Bytes};
@@ -39,7 +39,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use serde_json::{Value, json};
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, mpsc, watch as gate_watch};
 
 use authz::Attributes;
 use decode::Directive;
@@ -142,6 +142,22 @@ struct Shared {
     /// Pod creates being answered now, and the most there have been at once.
     creates_in_flight: AtomicUsize,
     max_creates_in_flight: AtomicUsize,
+    /// Holds pod creates back on demand (see [`FakeKube::hold_creates`]).
+    gate: gate_watch::Sender<Gate>,
+    /// Pod creates waiting at the gate now.
+    held_creates: AtomicUsize,
+    /// Told of every pod stored, with the moment (see [`FakeKube::creations`]).
+    creations: Mutex<Option<mpsc::UnboundedSender<(String, Instant)>>>,
+}
+
+/// The create gate: while `held`, creates wait; those that waited in an epoch up to
+/// `timed_out_to` are answered 504 when released, as an API server answers a request whose
+/// storage write did not finish in time.
+#[derive(Debug, Clone, Copy, Default)]
+struct Gate {
+    held: bool,
+    epoch: u64,
+    timed_out_to: Option<u64>,
 }
 
 /// Counts a pod create as in flight until its answer is ready.
@@ -245,6 +261,9 @@ impl FakeKube {
             create_latency: Mutex::new(Duration::ZERO),
             creates_in_flight: AtomicUsize::new(0),
             max_creates_in_flight: AtomicUsize::new(0),
+            gate: gate_watch::Sender::new(Gate::default()),
+            held_creates: AtomicUsize::new(0),
+            creations: Mutex::new(None),
         });
         let app = Router::new()
             .route("/api/v1/pods", get(list_all_pods))
@@ -286,6 +305,41 @@ impl FakeKube {
             .create_latency
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = latency;
+    }
+
+    /// Pod creates from now on wait (nothing stored) until [`FakeKube::release_creates`].
+    pub fn hold_creates(&self) {
+        self.shared.gate.send_modify(|g| g.held = true);
+    }
+
+    /// Lets held creates go on; with `time_out`, those held so far are answered
+    /// `504 Timeout` without storing anything (their client may be gone: an API server does
+    /// not commit a write it did not finish).
+    pub fn release_creates(&self, time_out: bool) {
+        self.shared.gate.send_modify(|g| {
+            if time_out {
+                g.timed_out_to = Some(g.epoch);
+            }
+            g.held = false;
+            g.epoch += 1;
+        });
+    }
+
+    /// Pod creates waiting at the gate now.
+    pub fn held_creates(&self) -> usize {
+        self.shared.held_creates.load(Ordering::SeqCst)
+    }
+
+    /// Every pod stored from now on, by name, with the moment it was stored (one receiver:
+    /// a second call replaces the first).
+    pub fn creations(&self) -> mpsc::UnboundedReceiver<(String, Instant)> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        *self
+            .shared
+            .creations
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(tx);
+        rx
     }
 
     // --- assertions ---
@@ -737,6 +791,14 @@ async fn create_pod(
     if !latency.is_zero() {
         tokio::time::sleep(latency).await;
     }
+    if !pass_gate(&shared).await {
+        return status::response(
+            504,
+            "Timeout",
+            "Timeout: request did not complete within requested timeout - context deadline exceeded",
+            None,
+        );
+    }
     let directive = match Directive::from_param(q.get("fieldValidation").map(String::as_str)) {
         Ok(d) => d,
         Err(refusal) => return status::respond(refusal),
@@ -784,6 +846,34 @@ async fn create_pod(
     created(&pod, &decoded.warnings)
 }
 
+/// Waits while the gate is held; false when the wait ended in a timeout.
+async fn pass_gate(shared: &Shared) -> bool {
+    let mut gate = shared.gate.subscribe();
+    let mine = {
+        let g = gate.borrow_and_update();
+        if !g.held {
+            return true;
+        }
+        g.epoch
+    };
+    shared.held_creates.fetch_add(1, Ordering::SeqCst);
+    let passed = loop {
+        if gate.changed().await.is_err() {
+            break false;
+        }
+        let g = *gate.borrow_and_update();
+        if g.timed_out_to.is_some_and(|to| to >= mine) {
+            break false;
+        }
+        // Released (perhaps held again since, in a later epoch).
+        if !g.held || g.epoch > mine {
+            break true;
+        }
+    };
+    shared.held_creates.fetch_sub(1, Ordering::SeqCst);
+    passed
+}
+
 /// Sets the namespace, and a name from generateName (its prefix and 5 characters) when there
 /// is none.
 fn name_pod(pod: &mut Value, ns: &str, store: &mut Store) {
@@ -810,6 +900,14 @@ fn store_pod(shared: &Shared, store: &mut Store, ns: &str, name: &str, pod: &mut
         .pods
         .insert((ns.to_owned(), name.to_owned()), pod.clone());
     shared.publish(store, "ADDED", ns, pod);
+    if let Some(tx) = shared
+        .creations
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .as_ref()
+    {
+        let _ = tx.send((name.to_owned(), Instant::now()));
+    }
 }
 
 /// 201 with the pod, and a `Warning` header per warning.

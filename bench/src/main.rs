@@ -7,7 +7,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+mod calls;
 mod polls;
+mod system;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
@@ -74,6 +76,10 @@ enum Cmd {
         #[arg(long)]
         redis_url: String,
     },
+    /// The whole system in one run (scripts/bench --system): this machine's Redis ceilings,
+    /// then the real scheduler and agent (Kubernetes executor against the fake API) measured
+    /// from intake to pod creation; fails only on lost or duplicated builds and errors.
+    System(system::Args),
     /// Serve the fake Kubernetes pods API (sd_testkit::kube_api) until killed, writing its URL
     /// to URL_FILE, and play the kubelet: every pod created starts running.
     Kube {
@@ -128,6 +134,7 @@ async fn main() -> Result<()> {
             url_file,
             create_latency_ms,
         } => kube(url_file, Duration::from_millis(create_latency_ms)).await,
+        Cmd::System(args) => system::run(args).await,
         Cmd::Polls {
             url,
             keys,
@@ -180,16 +187,15 @@ async fn submit(url: String, keys: PathBuf, count: u64) -> Result<()> {
         public_pem: String::new(),
     };
     let http = reqwest::Client::new();
-    let resp = http
-        .post(format!("{url}/v4/buildclusters"))
-        .bearer_auth(api.api_token(&["admin"]))
-        .json(&json!({"name": "bench-agent", "scmContext": "github:github.com", "managedBy": "screwdriver",
-            "managedByEmail": "bench@example.com", "authKey": "SD_CLUSTER_BENCH_AGENT_PUBLIC_KEY", "weightage": 0}))
-        .send()
-        .await?;
-    if !(resp.status().is_success() || resp.status() == reqwest::StatusCode::CONFLICT) {
-        bail!("registering bench-agent: {}", resp.status());
-    }
+    calls::register(
+        &http,
+        &url,
+        &api.api_token(&["admin"]),
+        "bench-agent",
+        "SD_CLUSTER_BENCH_AGENT_PUBLIC_KEY",
+        0,
+    )
+    .await?;
     let sdapi = api.api_token(&["sdapi"]);
     let first = 2_000_000 + u64::from(rand::random::<u16>()) * 10_000;
     let results = futures::stream::iter(first..first + count)
@@ -227,22 +233,11 @@ async fn run(url: String, keys: PathBuf, concurrency: usize, duration: Duration)
         .pool_max_idle_per_host(concurrency)
         .build()?;
 
-    for (name, weight, key) in [
-        ("bench-a", 50, "SD_CLUSTER_BENCH_A_PUBLIC_KEY"),
-        ("bench-b", 50, "SD_CLUSTER_BENCH_B_PUBLIC_KEY"),
+    for (name, key) in [
+        ("bench-a", "SD_CLUSTER_BENCH_A_PUBLIC_KEY"),
+        ("bench-b", "SD_CLUSTER_BENCH_B_PUBLIC_KEY"),
     ] {
-        let resp = http
-            .post(format!("{url}/v4/buildclusters"))
-            .bearer_auth(&admin)
-            .json(
-                &json!({"name": name, "scmContext": "github:github.com", "managedBy": "screwdriver",
-                "managedByEmail": "bench@example.com", "authKey": key, "weightage": weight}),
-            )
-            .send()
-            .await?;
-        if !(resp.status().is_success() || resp.status() == reqwest::StatusCode::CONFLICT) {
-            bail!("registering {name}: {}", resp.status());
-        }
+        calls::register(&http, &url, &admin, name, key, 50).await?;
     }
 
     let next_build = Arc::new(AtomicU64::new(1_000_000 + u64::from(rand::random::<u32>())));
@@ -317,12 +312,15 @@ async fn run(url: String, keys: PathBuf, concurrency: usize, duration: Duration)
     };
     // A cluster reached only by name (weightage 0), so its queue holds exactly what the
     // agent phases put there.
-    http.post(format!("{url}/v4/buildclusters"))
-        .bearer_auth(&admin)
-        .json(&json!({"name": "bench-agent", "scmContext": "github:github.com", "managedBy": "screwdriver",
-            "managedByEmail": "bench@example.com", "authKey": "SD_CLUSTER_BENCH_AGENT_PUBLIC_KEY", "weightage": 0}))
-        .send()
-        .await?;
+    calls::register(
+        &http,
+        &url,
+        &admin,
+        "bench-agent",
+        "SD_CLUSTER_BENCH_AGENT_PUBLIC_KEY",
+        0,
+    )
+    .await?;
     let cycles =
         fetch_ack_cycles(&http, &url, &sdapi, &agent_token, &next_build, concurrency).await?;
     let wake = wake_latency(&http, &url, &sdapi, &agent_token, &next_build).await?;

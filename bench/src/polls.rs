@@ -69,22 +69,7 @@ pub async fn run(args: Args) -> Result<()> {
         (name, var, 0)
     }));
     for (name, var, weight) in &records {
-        let r = http
-            .post(format!("{url}/v4/buildclusters"))
-            .bearer_auth(&admin)
-            .json(
-                &json!({"name": name, "scmContext": "github:github.com", "managedBy": "screwdriver",
-                "managedByEmail": "bench@example.com", "authKey": var, "weightage": weight}),
-            )
-            .send()
-            .await?;
-        if !r.status().is_success() {
-            bail!(
-                "registering {name}: {} {}",
-                r.status(),
-                r.text().await.unwrap_or_default()
-            );
-        }
+        crate::calls::register(&http, url, &admin, name, var, *weight).await?;
     }
     // A token per poll, as every agent signs its own (the scheduler caps polls per token).
     let now = sd_testkit::unix_now();
@@ -152,17 +137,13 @@ async fn wait_until_waiting(http: &reqwest::Client, url: &str, count: usize) -> 
     eprintln!("opening {count} waiting polls …");
     let started = Instant::now();
     loop {
-        let text = http
-            .get(format!("{url}/metrics"))
-            .send()
-            .await?
-            .text()
-            .await?;
-        let waiting = text
-            .lines()
-            .find_map(|l| l.strip_prefix("sd_scheduler_polls_waiting "))
-            .and_then(|v| v.trim().parse::<f64>().ok())
-            .unwrap_or(0.0) as usize;
+        let waiting = crate::calls::gauge(
+            http,
+            &format!("{url}/metrics"),
+            "sd_scheduler_polls_waiting",
+        )
+        .await?
+        .unwrap_or(0.0) as usize;
         if waiting >= count {
             return Ok(());
         }
