@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use backon::{ExponentialBuilder, Retryable};
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::{Notify, Semaphore, mpsc};
 
 use sd_screwdriver::{BuildTarget, BuildUpdates};
 
@@ -31,6 +31,10 @@ const RETRY_IN: Duration = Duration::from_secs(15);
 /// How often entries left by others (or by failed rounds) are looked for.
 const SWEEP_EVERY: Duration = Duration::from_secs(5);
 const CLAIM_BATCH: usize = 64;
+/// Reports at work at once, and stats updates sent at once. A burst of builds starting (1,000
+/// `running` events) must not become 1,000 requests open on the scheduler at the same moment:
+/// that fills its `http.max_in_flight` and every other client (intake, polls) is shed.
+const REPORTS_AT_ONCE: usize = 32;
 /// Report rounds after which the scheduler refusing an event (404/403: it does not know the
 /// build, or the build is no longer this cluster's) is taken as final.
 const REFUSALS_BEFORE_GIVING_UP: u32 = 20;
@@ -66,6 +70,7 @@ impl Reporter {
     pub async fn run(self, mut events: mpsc::UnboundedReceiver<BuildEvent>) {
         let this = Arc::new(self);
         let reporting: Reporting = Arc::new(Mutex::new(HashMap::new()));
+        let stats_slots = Arc::new(Semaphore::new(REPORTS_AT_ONCE));
         let mut sweep = tokio::time::interval(SWEEP_EVERY);
         // Rung when a report ends: a newer event of that build may be waiting behind it.
         let finished_one = Arc::new(Notify::new());
@@ -74,9 +79,9 @@ impl Reporter {
                 () = finished_one.notified() => {}
                 event = events.recv() => {
                     let Some(event) = event else { return };
-                    this.accept(event).await;
+                    this.accept(event, &stats_slots).await;
                     while let Ok(event) = events.try_recv() {
-                        this.accept(event).await;
+                        this.accept(event, &stats_slots).await;
                     }
                 }
                 _ = sweep.tick() => {
@@ -94,12 +99,17 @@ impl Reporter {
         }
     }
 
-    async fn accept(self: &Arc<Self>, event: BuildEvent) {
+    async fn accept(self: &Arc<Self>, event: BuildEvent, stats_slots: &Arc<Semaphore>) {
         let build_id = event.build_id;
         if let BuildStatus::Scheduled { node, at } = event.status {
             let this = Arc::clone(self);
+            let slots = Arc::clone(stats_slots);
             let stats = serde_json::json!({"stats": {"hostname": node, "imagePullStartTime": at}});
-            tokio::spawn(async move { this.send_stats(build_id, stats).await });
+            tokio::spawn(async move {
+                // The semaphore is never closed, so the permit always comes.
+                let _slot = slots.acquire_owned().await;
+                this.send_stats(build_id, stats).await
+            });
             return;
         }
         if event.status != BuildStatus::Running {
@@ -130,9 +140,15 @@ impl Reporter {
         }
     }
 
-    /// Claims the entries that are due and reports each in its own task.
+    /// Claims the entries that are due, as many as there is room for at work
+    /// ([`REPORTS_AT_ONCE`]), and reports each in its own task; the rest stay unclaimed in the
+    /// outbox until a report ends (which rings `finished_one` and drains again).
     async fn drain(self: &Arc<Self>, reporting: &Reporting, finished_one: &Arc<Notify>) {
-        let entries = match self.outbox.claim(CLAIM_BATCH, CLAIM_LEASE).await {
+        let room = REPORTS_AT_ONCE.saturating_sub(lock(reporting).len());
+        if room == 0 {
+            return;
+        }
+        let entries = match self.outbox.claim(room.min(CLAIM_BATCH), CLAIM_LEASE).await {
             Ok(entries) => entries,
             Err(e) => {
                 tracing::debug!(error = %e, "cannot read the build events outbox");

@@ -7,6 +7,7 @@
 
 mod common;
 
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -44,34 +45,49 @@ struct SchedulerEvent {
     message: Option<String>,
 }
 
+/// The scheduler stub's state: the events it received, how many requests it has open now and
+/// at most, and how long it takes to answer (a busy scheduler).
+#[derive(Default)]
+struct Stub {
+    seen: Mutex<Vec<SchedulerEvent>>,
+    open: AtomicUsize,
+    most_open: AtomicUsize,
+    answer_after_ms: AtomicU64,
+}
+
 /// `POST /v1/jobs/{cluster}/events`, recorded.
-async fn scheduler_stub() -> (String, Arc<Mutex<Vec<SchedulerEvent>>>) {
+async fn scheduler_stub() -> (String, Arc<Stub>) {
     async fn event(
-        State(seen): State<Arc<Mutex<Vec<SchedulerEvent>>>>,
+        State(stub): State<Arc<Stub>>,
         Path(cluster): Path<String>,
         axum::Json(body): axum::Json<Value>,
     ) -> (StatusCode, axum::Json<Value>) {
-        seen.lock().unwrap().push(SchedulerEvent {
+        let open = stub.open.fetch_add(1, Ordering::SeqCst) + 1;
+        stub.most_open.fetch_max(open, Ordering::SeqCst);
+        let delay = stub.answer_after_ms.load(Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(delay)).await;
+        stub.seen.lock().unwrap().push(SchedulerEvent {
             cluster,
             build_id: body["buildId"].as_u64().unwrap_or(0),
             event: body["event"].as_str().unwrap_or_default().to_owned(),
             message: body["statusMessage"].as_str().map(str::to_owned),
         });
+        stub.open.fetch_sub(1, Ordering::SeqCst);
         (StatusCode::OK, axum::Json(json!({})))
     }
-    let seen = Arc::new(Mutex::new(Vec::new()));
+    let stub = Arc::new(Stub::default());
     let app = axum::Router::new()
         .route("/v1/jobs/{cluster}/events", axum::routing::post(event))
-        .with_state(Arc::clone(&seen));
+        .with_state(Arc::clone(&stub));
     let (url, _task) = sd_testkit::serve(app).await;
-    (url, seen)
+    (url, stub)
 }
 
 /// The agent's launch-and-report half, wired as `app::run` wires it.
 struct Agent {
     kube: FakeKube,
     screwdriver: FakeScrewdriver,
-    scheduler: Arc<Mutex<Vec<SchedulerEvent>>>,
+    scheduler: Arc<Stub>,
     scheduler_url: String,
     keys: ClusterKeys,
     config: KubernetesConfig,
@@ -244,6 +260,7 @@ impl Agent {
 
     fn events_of(&self, id: u64) -> Vec<SchedulerEvent> {
         self.scheduler
+            .seen
             .lock()
             .unwrap()
             .iter()
@@ -610,4 +627,44 @@ async fn jobs_in_hand_count_against_max_in_flight() {
         4,
         "more launched than max_in_flight"
     );
+}
+
+/// A burst of builds starting is a burst of `running` events: the reporter keeps a bounded
+/// number of them open on a slow scheduler (32) instead of one request per build, which would
+/// fill the scheduler's `http.max_in_flight` and shed every other client; all still arrive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_events_keeps_a_bounded_number_of_requests_open() {
+    let agent = Agent::start_with(config(), 1, 500).await;
+    agent.scheduler.answer_after_ms.store(100, Ordering::SeqCst);
+    let ids: Vec<u64> = (1000..1200).collect();
+    for &id in &ids {
+        agent.submit(id).await;
+    }
+    eventually(WAIT, || async {
+        (agent.kube.pods().len() == ids.len()).then_some(())
+    })
+    .await
+    .expect("every build launched");
+    for &id in &ids {
+        agent.kube.set_phase(&format!("sd-{id}"), "Running");
+    }
+    eventually(Duration::from_secs(60), || async {
+        let running = agent
+            .scheduler
+            .seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|e| e.event == "running")
+            .count();
+        (running >= ids.len()).then_some(())
+    })
+    .await
+    .expect("every running event reaches the scheduler");
+    let most = agent.scheduler.most_open.load(Ordering::SeqCst);
+    assert!(
+        most <= 32,
+        "{most} event requests open on the scheduler at once"
+    );
+    assert!(most > 1, "the reports went one at a time ({most})");
 }
