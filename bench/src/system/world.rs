@@ -116,7 +116,15 @@ pub enum Incarnation {
 impl World {
     /// Starts everything but the agent, on `master` (where the ceilings were measured).
     pub async fn start(bins: &Path, launch_concurrency: u32, master: RedisServer) -> Result<Self> {
-        let work = tempfile::tempdir()?;
+        // SD_BENCH_KEEP=1 keeps the run's directory (logs, configs) to look at afterwards.
+        let keep = std::env::var_os("SD_BENCH_KEEP").is_some_and(|v| v == "1");
+        let work = tempfile::Builder::new()
+            .prefix("sd-bench-system.")
+            .disable_cleanup(keep)
+            .tempdir()?;
+        if keep {
+            eprintln!("keeping {}", work.path().display());
+        }
         let local = RedisServer::start_with_aof()?;
         let kube = Arc::new(FakeKube::start().await);
         let screwdriver = FakeScrewdriver::start().await;
@@ -225,6 +233,9 @@ impl World {
         let news = Arc::clone(&self.news);
         tokio::spawn(async move {
             while let Some((name, at)) = creations.recv().await {
+                // Running before anyone hears of the pod: a waiter that ends it at once must
+                // not see it set running again after (a new agent would adopt it as running).
+                kube.set_phase(&name, "Running");
                 if let Ok(id) = name.parse::<u64>() {
                     let mut c = created.lock().unwrap_or_else(PoisonError::into_inner);
                     if c.at.insert(id, at).is_some() {
@@ -232,7 +243,6 @@ impl World {
                     }
                     news.notify_one();
                 }
-                kube.set_phase(&name, "Running");
             }
         });
     }
@@ -458,9 +468,15 @@ level = "warn"
             self.kube.terminate(&id.to_string(), 0);
         }
         let deadline = Instant::now() + Duration::from_secs(120);
-        while self.in_flight().await? > 0 {
+        loop {
+            let n = self.in_flight().await?;
+            if n == 0 {
+                break;
+            }
             if Instant::now() > deadline {
-                bail!("builds still in flight 120 s after their pods ended");
+                bail!(
+                    "{n} builds still in flight 120 s after their pods ended (SD_BENCH_KEEP=1 keeps the logs)"
+                );
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
