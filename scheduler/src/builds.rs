@@ -1,9 +1,10 @@
 //! The `builds` table: one row per accepted build, the source of truth behind the queues.
 
-use sqlx::Row;
 use sqlx::any::AnyRow;
+use sqlx::{Any, Executor, Row};
 
-use crate::db::{Db, DbError, now_ms};
+use crate::db::{Backend, Db, DbError, now_ms};
+use crate::group_commit::GroupCommit;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
@@ -76,6 +77,8 @@ pub struct BuildRow {
 #[derive(Clone)]
 pub struct Builds {
     db: Db,
+    /// New builds on SQLite go in groups, one commit each.
+    inserts: GroupCommit,
 }
 
 const COLUMNS: &str = "build_id, job_id, pipeline_id, scm_context, organization, cluster, state, \
@@ -83,31 +86,19 @@ const COLUMNS: &str = "build_id, job_id, pipeline_id, scm_context, organization,
 
 impl Builds {
     pub fn new(db: Db) -> Self {
-        Self { db }
+        Self {
+            db,
+            inserts: GroupCommit::default(),
+        }
     }
 
-    /// Inserts the row unless the build is known; `false` means it already existed.
+    /// Inserts the row unless the build is known; `false` means it already existed. On SQLite
+    /// the row goes with the others arriving meanwhile, in one commit ([`GroupCommit`]).
     pub async fn insert(&self, row: &BuildRow) -> Result<bool, DbError> {
-        let done = sqlx::query(
-            "INSERT INTO builds (build_id, job_id, pipeline_id, scm_context, organization, cluster, \
-             state, reason, message, body_token, created_at, updated_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $11) \
-             ON CONFLICT (build_id) DO NOTHING",
-        )
-        .bind(id(row.build_id))
-        .bind(id(row.job_id))
-        .bind(id(row.pipeline_id))
-        .bind(&row.scm_context)
-        .bind(&row.organization)
-        .bind(row.cluster.as_deref())
-        .bind(row.state.as_str())
-        .bind(row.reason.as_deref())
-        .bind(&row.message)
-        .bind(row.body_token.as_deref())
-        .bind(now_ms())
-        .execute(&self.db.pool)
-        .await?;
-        Ok(done.rows_affected() == 1)
+        match self.db.backend {
+            Backend::Sqlite => self.inserts.insert(&self.db, row.clone()).await,
+            Backend::Postgres => insert_row(&self.db.pool, row).await,
+        }
     }
 
     pub async fn get(&self, build_id: u64) -> Result<Option<BuildRow>, DbError> {
@@ -142,6 +133,7 @@ impl Builds {
         cluster: Option<&str>,
         reason: Option<&str>,
     ) -> Result<bool, DbError> {
+        let _turn = self.db.write_turn().await;
         let done = sqlx::query(
             "UPDATE builds SET state = $1, cluster = $2, reason = $3, updated_at = $4 \
              WHERE build_id = $5 AND state = $6",
@@ -165,6 +157,7 @@ impl Builds {
         to: BuildState,
         reason: &str,
     ) -> Result<bool, DbError> {
+        let _turn = self.db.write_turn().await;
         let done = sqlx::query(
             "UPDATE builds SET state = $1, reason = $2, updated_at = $3 WHERE build_id = $4 AND state = $5",
         )
@@ -186,6 +179,7 @@ impl Builds {
             return Ok(());
         }
         let now = now_ms();
+        let _turn = self.db.write_turn().await;
         let mut tx = self.db.pool.begin().await?;
         for build_id in build_ids {
             sqlx::query(
@@ -210,6 +204,7 @@ impl Builds {
         to_cluster: &str,
         reason: &str,
     ) -> Result<bool, DbError> {
+        let _turn = self.db.write_turn().await;
         let done = sqlx::query(
             "UPDATE builds SET cluster = $1, reason = $2, updated_at = $3 \
              WHERE build_id = $4 AND state = 'queued' AND cluster = $5",
@@ -270,6 +265,7 @@ impl Builds {
 
     /// Records why a build waits, without changing its state.
     pub async fn set_reason(&self, build_id: u64, reason: &str) -> Result<(), DbError> {
+        let _turn = self.db.write_turn().await;
         sqlx::query("UPDATE builds SET reason = $1, updated_at = $2 WHERE build_id = $3")
             .bind(reason)
             .bind(now_ms())
@@ -285,6 +281,34 @@ impl Builds {
             .await?;
         Ok(row.try_get(0)?)
     }
+}
+
+/// One build's `INSERT … ON CONFLICT DO NOTHING` on `exec` (the pool, or a group's
+/// transaction); `false` when the build already existed.
+pub(crate) async fn insert_row<'e, E>(exec: E, row: &BuildRow) -> Result<bool, DbError>
+where
+    E: Executor<'e, Database = Any>,
+{
+    let done = sqlx::query(
+        "INSERT INTO builds (build_id, job_id, pipeline_id, scm_context, organization, cluster, \
+         state, reason, message, body_token, created_at, updated_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $11) \
+         ON CONFLICT (build_id) DO NOTHING",
+    )
+    .bind(id(row.build_id))
+    .bind(id(row.job_id))
+    .bind(id(row.pipeline_id))
+    .bind(&row.scm_context)
+    .bind(&row.organization)
+    .bind(row.cluster.as_deref())
+    .bind(row.state.as_str())
+    .bind(row.reason.as_deref())
+    .bind(&row.message)
+    .bind(row.body_token.as_deref())
+    .bind(now_ms())
+    .execute(exec)
+    .await?;
+    Ok(done.rows_affected() == 1)
 }
 
 /// Build and job ids are positive and far below 2^63; the database stores them as BIGINT.

@@ -2,6 +2,7 @@
 //! driver, with the migrations of each backend compiled into the binary.
 
 use std::borrow::Cow;
+use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::any::{AnyPoolOptions, install_default_drivers};
@@ -19,7 +20,15 @@ pub enum Backend {
 pub struct Db {
     pub pool: AnyPool,
     pub backend: Backend,
+    /// SQLite's writers take turns here, in arrival order. SQLite lets one connection write
+    /// at a time; the others, left to its busy handler, sleep in growing steps (1, 2, 5, 10,
+    /// … 100 ms) and retry, which gave intake at 32 clients a p99 five times its p50. Waiting
+    /// here instead wakes the next writer the moment the previous commit ends.
+    writes: Arc<tokio::sync::Mutex<()>>,
 }
+
+/// A writer's turn ([`Db::write_turn`]): held until the write (or transaction) has committed.
+pub struct WriteTurn<'a>(#[allow(dead_code)] Option<tokio::sync::MutexGuard<'a, ()>>);
 
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
@@ -29,6 +38,8 @@ pub enum DbError {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("database: {0}")]
     Query(#[from] sqlx::Error),
+    #[error("database: the write was abandoned (the scheduler is shutting down)")]
+    Abandoned,
 }
 
 /// Written once for both backends.
@@ -87,7 +98,11 @@ impl Db {
                 url: sd_protocol::env::redact_url(url),
                 source,
             })?;
-        let db = Self { pool, backend };
+        let db = Self {
+            pool,
+            backend,
+            writes: Arc::new(tokio::sync::Mutex::new(())),
+        };
         db.migrate().await?;
         Ok(db)
     }
@@ -113,6 +128,16 @@ impl Db {
             .run(&self.pool)
             .await?;
         Ok(())
+    }
+
+    /// Waits for this process's turn to write (SQLite; PostgreSQL writes concurrently and
+    /// needs none). Hold it across the write or the whole transaction, never across anything
+    /// else: every other writer waits for it.
+    pub async fn write_turn(&self) -> WriteTurn<'_> {
+        match self.backend {
+            Backend::Sqlite => WriteTurn(Some(self.writes.lock().await)),
+            Backend::Postgres => WriteTurn(None),
+        }
     }
 
     /// A real round trip, for `/readyz`.

@@ -12,6 +12,7 @@ pub mod builds;
 pub mod cluster_auth;
 pub mod config;
 pub mod db;
+pub mod group_commit;
 pub mod ha;
 pub mod intake;
 pub mod poll_limits;

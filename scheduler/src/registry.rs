@@ -83,6 +83,7 @@ impl Registry {
 
     pub async fn insert(&self, c: &NewCluster) -> Result<Cluster, RegistryError> {
         let now = now_ms();
+        let turn = self.db.write_turn().await;
         let row = sqlx::query(
             "INSERT INTO buildClusters (name, scm_context, scm_organizations, is_active, auth_key, \
              sign_option, managed_by, managed_by_email, weightage, cluster_group, description, \
@@ -105,6 +106,7 @@ impl Registry {
         .bind(cluster_name_key(&c.name))
         .fetch_optional(&self.db.pool)
         .await?;
+        drop(turn);
         match row {
             Some(row) => Ok(Cluster {
                 id: row.try_get(0)?,
@@ -146,6 +148,7 @@ impl Registry {
 
     /// Replaces the record `id` with `c` (already validated as a whole).
     pub async fn update(&self, id: i64, c: &NewCluster) -> Result<Option<Cluster>, RegistryError> {
+        let turn = self.db.write_turn().await;
         let result = sqlx::query(
             "UPDATE buildClusters SET scm_context = $1, scm_organizations = $2, is_active = $3, \
              auth_key = $4, sign_option = $5, managed_by = $6, managed_by_email = $7, \
@@ -165,6 +168,7 @@ impl Registry {
         .bind(id)
         .execute(&self.db.pool)
         .await;
+        drop(turn);
         match result {
             Ok(done) if done.rows_affected() == 0 => Ok(None),
             Ok(_) => Ok(Some(Cluster {
@@ -179,10 +183,12 @@ impl Registry {
     }
 
     pub async fn delete(&self, id: i64) -> Result<bool, RegistryError> {
+        let turn = self.db.write_turn().await;
         let done = sqlx::query("DELETE FROM buildClusters WHERE id = $1")
             .bind(id)
             .execute(&self.db.pool)
             .await?;
+        drop(turn);
         Ok(done.rows_affected() > 0)
     }
 }
