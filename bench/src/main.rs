@@ -41,6 +41,9 @@ enum Cmd {
         /// Seconds per phase.
         #[arg(long, default_value_t = 5)]
         seconds: u64,
+        /// The scheduler's process id: each phase then reports its CPU time per request.
+        #[arg(long)]
+        scheduler_pid: Option<u32>,
     },
     /// Register the `bench-agent` cluster (authKey `SD_CLUSTER_BENCH_AGENT_PUBLIC_KEY`) and submit COUNT builds naming
     /// it, for measuring an agent under load.
@@ -97,6 +100,8 @@ struct Phase {
     errors: u64,
     elapsed: Duration,
     latencies: Vec<Duration>,
+    /// The scheduler's CPU seconds over the phase, when its pid is known.
+    scheduler_cpu: Option<f64>,
 }
 
 impl Phase {
@@ -128,7 +133,15 @@ async fn main() -> Result<()> {
             keys,
             concurrency,
             seconds,
-        } => run(url, keys, concurrency, Duration::from_secs(seconds)).await,
+            scheduler_pid,
+        } => {
+            let load = Load {
+                concurrency,
+                duration: Duration::from_secs(seconds),
+                scheduler_pid,
+            };
+            run(url, keys, load).await
+        }
         Cmd::Submit { url, keys, count } => submit(url, keys, count).await,
         Cmd::Kube {
             url_file,
@@ -222,7 +235,20 @@ async fn submit(url: String, keys: PathBuf, count: u64) -> Result<()> {
 /// The benchmark as a script: register the clusters, run each phase in order, print the
 /// table. Longer than other functions on purpose: it reads top to bottom as the run does, and
 /// the parts used more than once are functions of their own (`phase`, `wake_latency`).
-async fn run(url: String, keys: PathBuf, concurrency: usize, duration: Duration) -> Result<()> {
+/// How each phase of `run` loads the scheduler, and whose CPU it reads.
+#[derive(Clone, Copy)]
+struct Load {
+    concurrency: usize,
+    duration: Duration,
+    scheduler_pid: Option<u32>,
+}
+
+async fn run(url: String, keys: PathBuf, load: Load) -> Result<()> {
+    let Load {
+        concurrency,
+        duration,
+        ..
+    } = load;
     let api = RsaKeys {
         private_pem: std::fs::read_to_string(keys.join("api.key.pem")).context("api.key.pem")?,
         public_pem: std::fs::read_to_string(keys.join("api.pub.pem")).context("api.pub.pem")?,
@@ -243,26 +269,16 @@ async fn run(url: String, keys: PathBuf, concurrency: usize, duration: Duration)
     let next_build = Arc::new(AtomicU64::new(1_000_000 + u64::from(rand::random::<u32>())));
     let mut phases = Vec::new();
     phases.push(
-        phase(
-            "GET /healthz (baseline)",
-            &http,
-            concurrency,
-            duration,
-            |http| http.get(format!("{url}/healthz")),
-        )
+        phase("GET /healthz (baseline)", &http, load, |http| {
+            http.get(format!("{url}/healthz"))
+        })
         .await,
     );
     phases.push(
-        phase(
-            "GET /v4/buildclusters",
-            &http,
-            concurrency,
-            duration,
-            |http| {
-                http.get(format!("{url}/v4/buildclusters"))
-                    .bearer_auth(&admin)
-            },
-        )
+        phase("GET /v4/buildclusters", &http, load, |http| {
+            http.get(format!("{url}/v4/buildclusters"))
+                .bearer_auth(&admin)
+        })
         .await,
     );
     let start_build = |token: Option<&str>| {
@@ -280,24 +296,11 @@ async fn run(url: String, keys: PathBuf, concurrency: usize, duration: Duration)
             .json(&body)
     };
     // The scheduler mints an RS256 launcher token per build; with a token in the body it does not.
+    phases.push(phase("POST /v1/queue/message", &http, load, |_| start_build(None)).await);
     phases.push(
-        phase(
-            "POST /v1/queue/message",
-            &http,
-            concurrency,
-            duration,
-            |_| start_build(None),
-        )
-        .await,
-    );
-    phases.push(
-        phase(
-            "  same, token in body",
-            &http,
-            concurrency,
-            duration,
-            |_| start_build(Some("bench-token")),
-        )
+        phase("  same, token in body", &http, load, |_| {
+            start_build(Some("bench-token"))
+        })
         .await,
     );
 
@@ -328,19 +331,31 @@ async fn run(url: String, keys: PathBuf, concurrency: usize, duration: Duration)
     let baseline = phases[0].rps();
     println!();
     println!(
-        "{:<28} {:>10} {:>9} {:>9} {:>9} {:>8} {:>12}",
-        "phase", "requests", "req/s", "p50 ms", "p99 ms", "errors", "vs baseline"
+        "{:<28} {:>10} {:>9} {:>9} {:>9} {:>8} {:>12} {:>14}",
+        "phase",
+        "requests",
+        "req/s",
+        "p50 ms",
+        "p99 ms",
+        "errors",
+        "vs baseline",
+        "sched CPU ms/req"
     );
     for p in &phases {
+        let cpu = p.scheduler_cpu.map_or_else(
+            || "-".to_owned(),
+            |s| format!("{:.3}", s * 1e3 / p.requests.max(1) as f64),
+        );
         println!(
-            "{:<28} {:>10} {:>9.0} {:>9.2} {:>9.2} {:>8} {:>11.3}x",
+            "{:<28} {:>10} {:>9.0} {:>9.2} {:>9.2} {:>8} {:>11.3}x {:>14}",
             p.name,
             p.requests,
             p.rps(),
             p.percentile(0.5).as_secs_f64() * 1e3,
             p.percentile(0.99).as_secs_f64() * 1e3,
             p.errors,
-            p.rps() / baseline
+            p.rps() / baseline,
+            cpu
         );
     }
     println!(
@@ -371,17 +386,18 @@ async fn run(url: String, keys: PathBuf, concurrency: usize, duration: Duration)
 }
 
 /// Runs `concurrency` workers sending requests built by `make` for `duration`.
-async fn phase<F>(
-    name: &'static str,
-    http: &reqwest::Client,
-    concurrency: usize,
-    duration: Duration,
-    make: F,
-) -> Phase
+async fn phase<F>(name: &'static str, http: &reqwest::Client, load: Load, make: F) -> Phase
 where
     F: Fn(&reqwest::Client) -> reqwest::RequestBuilder + Sync,
 {
     eprintln!("running {name} …");
+    let Load {
+        concurrency,
+        duration,
+        scheduler_pid,
+    } = load;
+    let cpu = || scheduler_pid.and_then(|pid| system::stats::cpu_seconds(pid).ok());
+    let cpu_before = cpu();
     let started = Instant::now();
     let deadline = started + duration;
     let workers = (0..concurrency).map(|_| async {
@@ -414,6 +430,7 @@ where
         errors,
         elapsed,
         latencies,
+        scheduler_cpu: cpu().zip(cpu_before).map(|(after, before)| after - before),
     }
 }
 

@@ -11,7 +11,7 @@ use anyhow::{Context, Result, bail};
 use sd_testkit::RsaKeys;
 use serde_json::json;
 
-use super::{Phase, phase};
+use super::{Load, Phase, phase};
 
 pub struct Args {
     pub url: String,
@@ -105,7 +105,12 @@ pub async fn run(args: Args) -> Result<()> {
         }
         wait_until_waiting(&http, url, count).await?;
         tokio::time::sleep(Duration::from_secs(1)).await;
-        let intake = phase("POST /v1/queue/message", &http, args.concurrency, args.duration, |http| {
+        let load = Load {
+            concurrency: args.concurrency,
+            duration: args.duration,
+            scheduler_pid: Some(args.scheduler_pid),
+        };
+        let intake = phase("POST /v1/queue/message", &http, load, |http| {
             let id = next_build.fetch_add(1, Ordering::Relaxed);
             http.post(format!("{url}/v1/queue/message"))
                 .bearer_auth(&sdapi)

@@ -5,7 +5,7 @@
 
 mod ceilings;
 mod phases;
-mod stats;
+pub mod stats;
 mod world;
 
 use std::path::PathBuf;

@@ -76,6 +76,11 @@ fn cpu_ticks(pid: u32) -> Result<u64> {
     Ok(tick(11) + tick(12))
 }
 
+/// CPU seconds (user + system) the process has used so far.
+pub fn cpu_seconds(pid: u32) -> Result<f64> {
+    Ok(cpu_ticks(pid)? as f64 / USER_HZ)
+}
+
 pub fn rss_mib(pid: u32) -> Result<f64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
         .with_context(|| format!("/proc/{pid}/status"))?;
