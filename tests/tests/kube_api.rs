@@ -655,3 +655,38 @@ async fn compaction_makes_older_versions_gone() {
         [("MODIFIED".to_owned(), "sd-41".to_owned())]
     );
 }
+
+/// The store compacts on its own past 20,000 changes, as etcd does on a schedule: a long run
+/// keeps bounded memory, the oldest versions become 410 Gone, and recent ones still answer.
+#[tokio::test]
+async fn a_long_history_is_compacted_on_its_own() {
+    let kube = FakeKube::start().await;
+    let api = pods(&kube);
+    api.create(
+        &PostParams::default(),
+        &serde_json::from_value(pod("sd-50")).unwrap(),
+    )
+    .await
+    .unwrap();
+    let (_, list) = get(&pods_url(&kube)).await;
+    let old = collection_rv(&list);
+    for i in 0..20_001 {
+        kube.set_phase("sd-50", if i % 2 == 0 { "Running" } else { "Pending" });
+    }
+    let (_, now) = get(&pods_url(&kube)).await;
+    let current = collection_rv(&now);
+    let exact = |rv: u64| {
+        format!(
+            "{}?resourceVersion={rv}&resourceVersionMatch=Exact",
+            pods_url(&kube)
+        )
+    };
+    let (code, gone) = get(&exact(old)).await;
+    assert_eq!((code, gone["reason"].as_str()), (410, Some("Expired")));
+    let (code, recent) = get(&exact(current - 1)).await;
+    assert_eq!(code, 200, "{recent}");
+    assert_eq!(recent["items"][0]["status"]["phase"], "Pending");
+    let (code, at) = get(&exact(current)).await;
+    assert_eq!(code, 200);
+    assert_eq!(at["items"][0]["status"]["phase"], "Running");
+}

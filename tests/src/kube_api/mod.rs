@@ -210,7 +210,38 @@ impl Shared {
             object: object.clone(),
         };
         store.history.push(change.clone());
+        if store.history.len() > HISTORY_KEPT {
+            store.fold_oldest(HISTORY_KEPT / 2);
+        }
         let _ = self.tx.send(Broadcast::Change(change));
+    }
+}
+
+/// Changes the store keeps for watches to resume from, as etcd compacts its history (by
+/// default every five minutes on a real cluster): older resourceVersions get 410 Gone.
+/// Keeps a long run (a benchmark's hundreds of thousands of changes) in bounded memory.
+const HISTORY_KEPT: usize = 20_000;
+
+impl Store {
+    /// Compacts the oldest `n` changes into the snapshot (`base`): versions up to the last of
+    /// them are gone, as after `compact`, while open watches (past them) stay open.
+    fn fold_oldest(&mut self, n: usize) {
+        let n = n.min(self.history.len());
+        for change in self.history.drain(..n) {
+            let key = (
+                change.namespace.clone(),
+                change.object["metadata"]["name"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned(),
+            );
+            if change.kind == "DELETED" {
+                self.base.remove(&key);
+            } else {
+                self.base.insert(key, change.object);
+            }
+            self.base_rv = change.rv;
+        }
     }
 }
 
