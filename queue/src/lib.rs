@@ -7,6 +7,7 @@
 //! at most one cluster's queue at a time (`{tag}:where` is checked inside the enqueue script),
 //! and a build that was delivered and acknowledged is never queued again (`{tag}:acked`).
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -644,6 +645,62 @@ impl Queues {
         Ok([ready, leased, delayed, dead])
     }
 
+    /// [`depths`](Self::depths) of every cluster whose queue holds anything, found by scanning
+    /// for the sets that exist (Redis deletes an empty set): a cluster absent from the answer
+    /// has every depth 0. Costs a few commands plus one per non-empty set, however many
+    /// clusters there are, where asking each cluster costs four per cluster even when all are
+    /// idle. A set created or emptied during the scan may be missed until the next call.
+    pub async fn depths_all(&self) -> Result<HashMap<String, [u64; 4]>, QueueError> {
+        const SETS: [&str; 4] = ["ready", "leased", "delayed", "dead"];
+        let prefix = format!("{{{}}}:q:", self.keys.tag);
+        let pattern = format!("{}*", glob_escape(&prefix));
+        let mut conn = self.conn.clone();
+        let mut found: Vec<(String, usize, String)> = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        let mut cursor: u64 = 0;
+        loop {
+            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut conn)
+                .await?;
+            for key in keys {
+                let Some((cluster, set)) = key
+                    .strip_prefix(prefix.as_str())
+                    .and_then(|rest| rest.rsplit_once(':'))
+                else {
+                    continue;
+                };
+                // SCAN may return a key twice.
+                if let Some(i) = SETS.iter().position(|s| *s == set)
+                    && seen.insert(key.clone())
+                {
+                    found.push((cluster.to_owned(), i, key));
+                }
+            }
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
+        let mut depths: HashMap<String, [u64; 4]> = HashMap::new();
+        if found.is_empty() {
+            return Ok(depths);
+        }
+        let mut pipe = redis::pipe();
+        for (_, _, key) in &found {
+            pipe.zcard(key);
+        }
+        let sizes: Vec<u64> = pipe.query_async(&mut conn).await?;
+        for ((cluster, i, _), n) in found.into_iter().zip(sizes) {
+            depths.entry(cluster).or_default()[i] = n;
+        }
+        Ok(depths)
+    }
+
     /// Ids waiting on a cluster's ready queue, oldest first (for inspection and tests).
     pub async fn ready(&self, cluster: &str) -> Result<Vec<String>, QueueError> {
         self.zrange(&self.keys.cluster(cluster).ready).await
@@ -706,6 +763,18 @@ impl Queues {
 /// A duration as the milliseconds every script takes (saturating).
 pub fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// `text` as a Redis glob pattern matching itself only (`*`, `?`, `[`, `]` and `\\` escaped).
+fn glob_escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
 }
 
 fn pairs(flat: Vec<String>) -> Vec<(String, String)> {

@@ -447,6 +447,35 @@ async fn a_redelivered_build_is_not_blocked_by_its_own_job() {
 }
 
 #[tokio::test]
+async fn depths_all_reports_each_non_empty_queue_and_only_those() {
+    for tag in TAGS {
+        let (redis, q) = start(tag);
+        // Another tag's queue on the same server is not this one's.
+        let other = Queues::connect(&redis.url(), &format!("{tag}-other")).unwrap();
+        put(&other, "a", 99, 9, &Holds::default()).await;
+        assert!(q.depths_all().await.unwrap().is_empty(), "{tag}: all idle");
+        for build in 1..=3 {
+            put(&q, "a", build, build, &Holds::default()).await;
+        }
+        put(&q, "b.c-d_e", 10, 10, &Holds::default()).await;
+        lease_one(&q, "b.c-d_e", "10", &settings()).await;
+        put(&q, "idle", 20, 20, &Holds::default()).await;
+        assert_eq!(q.cancel("idle", 20).await.unwrap(), Cancelled::Removed);
+        let all = q.depths_all().await.unwrap();
+        assert_eq!(all.len(), 2, "{tag}: {all:?}");
+        for cluster in ["a", "b.c-d_e"] {
+            assert_eq!(
+                all[cluster],
+                q.depths(cluster).await.unwrap(),
+                "{tag} {cluster}"
+            );
+        }
+        assert_eq!(all["a"], [3, 0, 0, 0]);
+        assert_eq!(all["b.c-d_e"], [0, 1, 0, 0]);
+    }
+}
+
+#[tokio::test]
 async fn fetch_dead_letters_a_build_after_max_attempts() {
     let (_redis, q) = start("sd");
     let s = QueueSettings {
