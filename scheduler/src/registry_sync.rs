@@ -4,10 +4,17 @@
 //! After every reload it rings `on_reload`, so builds held or queued where they can no longer
 //! run get another chance to route (`Intake::run` waits on that bell).
 //!
+//! A reload reads the whole table, so announcements only mark the cache stale, and one reload
+//! answers every announcement heard before it started: a burst of a thousand registrations
+//! costs other replicas a few reloads, not a thousand reloads of a thousand rows each, queued
+//! one behind the other and keeping the CPU busy long after the burst. A replica skips its own
+//! announcements: it reloaded before making them.
+//!
 //! Architecture invariant: routing never reads the database. This module is how the cache it
 //! reads stays current.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -32,6 +39,15 @@ pub struct RegistrySync {
     redis_url: String,
     reload_interval: Duration,
     on_reload: Arc<Notify>,
+    /// Rung when the cache may be behind the table; its single stored permit is what folds a
+    /// burst of announcements into one reload.
+    stale: Notify,
+    /// What this replica publishes, so it can tell its own announcements from others'.
+    announcement: String,
+    /// Announcements of other replicas heard, and reloads run by the background task: what
+    /// the coalescing is observed by (tests).
+    heard: AtomicU64,
+    reloads: AtomicU64,
 }
 
 impl RegistrySync {
@@ -50,17 +66,37 @@ impl RegistrySync {
             redis_url,
             reload_interval,
             on_reload,
+            stale: Notify::new(),
+            announcement: format!("changed by {:016x}", rand::random::<u64>()),
+            heard: AtomicU64::new(0),
+            reloads: AtomicU64::new(0),
         }
+    }
+
+    /// Other replicas' announcements heard since start.
+    pub fn announcements_heard(&self) -> u64 {
+        self.heard.load(Ordering::Relaxed)
+    }
+
+    /// Reloads the background task has run since start (announcements, resubscriptions and
+    /// the periodic safety net; not the reloads after this replica's own writes).
+    pub fn reloads(&self) -> u64 {
+        self.reloads.load(Ordering::Relaxed)
     }
 
     /// After a registry write on this replica: reload this replica's cache now, tell the other
     /// replicas, and give held builds a chance to route. Failures are logged, not returned: the
-    /// write itself succeeded, and the periodic reload repairs a cache left behind.
+    /// write itself succeeded, and the background reload repairs a cache left behind.
     pub async fn written_here(&self) {
         if let Err(e) = self.cache.reload(&self.registry).await {
-            tracing::error!(error = %e, "cluster cache reload failed; the periodic reload will retry");
+            tracing::error!(error = %e, "cluster cache reload failed; the background reload will retry");
+            self.stale.notify_one();
         }
-        if let Err(e) = self.queues.publish(INVALIDATION_CHANNEL, "changed").await {
+        if let Err(e) = self
+            .queues
+            .publish(INVALIDATION_CHANNEL, &self.announcement)
+            .await
+        {
             tracing::warn!(error = %e, "could not announce the registry change; other replicas pick it up at their periodic reload");
         }
         self.on_reload.notify_one();
@@ -71,11 +107,13 @@ impl RegistrySync {
         tokio::join!(
             self.follow_announcements(&shutdown),
             self.reload_periodically(&shutdown),
+            self.reload_when_stale(&shutdown),
         );
     }
 
-    /// Reloads the cache whenever any replica announces a registry write. Reloads on every
-    /// (re)subscription too, since announcements made while disconnected are lost.
+    /// Marks the cache stale whenever another replica announces a registry write, and on every
+    /// (re)subscription too, since announcements made while disconnected are lost. Never waits
+    /// for a reload, so announcements arriving during one are taken together by the next.
     async fn follow_announcements(&self, shutdown: &CancellationToken) {
         let mut delay = RESUBSCRIBE_MIN;
         loop {
@@ -88,12 +126,12 @@ impl RegistrySync {
             match tokio::select! { r = subscribed => r, () = shutdown.cancelled() => return } {
                 Ok(pubsub) => {
                     delay = RESUBSCRIBE_MIN;
-                    self.reload().await;
+                    self.stale.notify_one();
                     let mut messages = pubsub.into_on_message();
                     loop {
                         tokio::select! {
                             msg = messages.next() => match msg {
-                                Some(_) => self.reload().await,
+                                Some(msg) => self.announced(&msg),
                                 None => break,
                             },
                             () = shutdown.cancelled() => return,
@@ -113,6 +151,15 @@ impl RegistrySync {
         }
     }
 
+    /// One announcement: stale unless it is this replica's own (already reloaded).
+    fn announced(&self, msg: &redis::Msg) {
+        if msg.get_payload_bytes() == self.announcement.as_bytes() {
+            return;
+        }
+        self.heard.fetch_add(1, Ordering::Relaxed);
+        self.stale.notify_one();
+    }
+
     /// The safety net: a reload every `reload_interval` (the first one an interval after
     /// start, which loaded the cache already).
     async fn reload_periodically(&self, shutdown: &CancellationToken) {
@@ -120,16 +167,25 @@ impl RegistrySync {
         tick.tick().await;
         loop {
             tokio::select! {
-                _ = tick.tick() => self.reload().await,
+                _ = tick.tick() => self.stale.notify_one(),
                 () = shutdown.cancelled() => return,
             }
         }
     }
 
-    async fn reload(&self) {
-        match self.cache.reload(&self.registry).await {
-            Ok(()) => self.on_reload.notify_one(),
-            Err(e) => tracing::error!(error = %e, "cluster cache reload failed"),
+    /// Reloads once each time the cache was marked stale, however often it was marked while
+    /// the previous reload ran.
+    async fn reload_when_stale(&self, shutdown: &CancellationToken) {
+        loop {
+            tokio::select! {
+                () = self.stale.notified() => {}
+                () = shutdown.cancelled() => return,
+            }
+            match self.cache.reload(&self.registry).await {
+                Ok(()) => self.on_reload.notify_one(),
+                Err(e) => tracing::error!(error = %e, "cluster cache reload failed"),
+            }
+            self.reloads.fetch_add(1, Ordering::Relaxed);
         }
     }
 }

@@ -41,7 +41,7 @@ pub struct AppState {
     /// Requests in flight (long-polls aside) and how long each may take.
     pub http: crate::config::HttpConfig,
     /// Reloads the cache after a registry write and tells the other replicas.
-    pub(crate) registry_sync: Arc<RegistrySync>,
+    pub registry_sync: Arc<RegistrySync>,
 }
 
 impl AppState {

@@ -1,6 +1,7 @@
 //! An idle scheduler stays idle however many clusters are registered: its periodic work costs
-//! Redis commands per check, not per cluster. Observed by counting (Redis `INFO commandstats`),
-//! never by timing.
+//! Redis commands per check, not per cluster, and a burst of registry announcements costs a
+//! couple of cache reloads, not one reload of the whole table each. Observed by counting (Redis
+//! `INFO commandstats`, the registry sync's counters), never by timing.
 
 mod common;
 
@@ -109,4 +110,72 @@ async fn health_checks_cost_redis_commands_per_check_not_per_cluster() {
     })
     .await
     .expect("c0's depths follow the lease");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_registry_announcements_costs_a_couple_of_reloads() {
+    const ANNOUNCEMENTS: u64 = 500;
+    // One database connection, so the test can hold it and keep a reload waiting.
+    let h = Harness::start_with(Backend::Sqlite, |c| c.database.max_connections = 1).await;
+    let state = h.scheduler.state();
+    let sync = &state.registry_sync;
+    // Subscribed, and the subscription's own reload done: nothing else is pending.
+    let mut redis = h.redis.conn();
+    eventually(Duration::from_secs(10), || {
+        let subscribers: Vec<(String, u64)> = redis::cmd("PUBSUB")
+            .arg("NUMSUB")
+            .arg("{sd}:registry")
+            .query(&mut redis)
+            .expect("PUBSUB NUMSUB");
+        let ready = subscribers[0].1 == 1 && sync.reloads() >= 1;
+        async move { ready.then_some(()) }
+    })
+    .await
+    .expect("the registry subscription is up");
+    let before = sync.reloads();
+
+    // Another replica's burst of writes, announced while this replica's reload waits for the
+    // database: every announcement is heard without waiting for a reload of its own.
+    let held = state.db.pool.acquire().await.expect("the only connection");
+    let mut burst = redis::pipe();
+    for i in 0..ANNOUNCEMENTS {
+        burst
+            .publish("{sd}:registry", format!("write {i}"))
+            .ignore();
+    }
+    let () = burst.query(&mut redis).expect("PUBLISH");
+    eventually(Duration::from_secs(10), || async {
+        (sync.announcements_heard() == ANNOUNCEMENTS).then_some(())
+    })
+    .await
+    .expect("every announcement heard while a reload waits");
+    assert_eq!(sync.reloads(), before, "the reload is still waiting");
+
+    drop(held);
+    eventually(Duration::from_secs(10), || async {
+        (sync.reloads() > before).then_some(())
+    })
+    .await
+    .expect("the cache reloads");
+    let reloads = sync.reloads() - before;
+    assert!(
+        reloads <= 2,
+        "{ANNOUNCEMENTS} announcements cost {reloads} reloads: the one waiting and one after"
+    );
+
+    // A replica skips its own announcement (it reloaded before making it): after a write here,
+    // a marker published behind it is the only announcement heard.
+    let heard = sync.announcements_heard();
+    h.register(&cluster("after", "screwdriver", &[])).await;
+    let () = redis::cmd("PUBLISH")
+        .arg("{sd}:registry")
+        .arg("marker")
+        .query(&mut redis)
+        .expect("PUBLISH");
+    eventually(Duration::from_secs(10), || async {
+        (sync.announcements_heard() > heard).then_some(())
+    })
+    .await
+    .expect("the marker heard");
+    assert_eq!(sync.announcements_heard(), heard + 1);
 }
