@@ -107,18 +107,27 @@ impl Intake {
     }
 
     /// Accepts a build: idempotent per `buildId`. An `apiUri` that is not an allowed API is
-    /// refused before anything is read or written.
+    /// refused before anything is read or written. A new build costs one write and no read:
+    /// a repeat is found by the insert itself (or, when this attempt could not be routed or
+    /// signed, by looking before refusing), and answered with what was decided the first time.
     pub async fn start(&self, msg: StartMessage) -> Result<Accepted, IntakeError> {
         self.apis
             .check(&msg.api_uri)
             .map_err(|e| FieldError::new("apiUri", e.to_string()))?;
-        if let Some(row) = self.builds.get(msg.build_id).await? {
-            return self.repeat(row).await;
-        }
-        if msg.token.is_none() && self.tokens.is_none() {
-            return Err(IntakeError::NoTokenKey);
-        }
-        let decision = self.route(&msg)?;
+        let routed = if msg.token.is_none() && self.tokens.is_none() {
+            Err(IntakeError::NoTokenKey)
+        } else {
+            self.route(&msg).map_err(IntakeError::from)
+        };
+        let decision = match routed {
+            Ok(decision) => decision,
+            Err(refusal) => {
+                return match self.builds.get(msg.build_id).await? {
+                    Some(row) => self.repeat(row).await,
+                    None => Err(refusal),
+                };
+            }
+        };
         let (state, cluster, reason) = match &decision {
             Decision::Cluster(name) => (BuildState::Queued, Some(name.clone()), None),
             Decision::Hold(reason) => (BuildState::Unroutable, None, Some(reason.clone())),
@@ -141,7 +150,7 @@ impl Intake {
             updated_at: 0,
         };
         if !self.builds.insert(&row).await? {
-            // Another request for the same build won the race.
+            // A repeat, or another request for the same build won the race.
             let existing = self.builds.get(msg.build_id).await?;
             return match existing {
                 Some(row) => self.repeat(row).await,

@@ -52,6 +52,17 @@ async fn routed_build_is_queued_once_with_a_minted_token(backend: Backend) {
     assert_eq!(status, StatusCode::OK);
     assert_eq!(again["buildClusterName"], "sd1");
     assert_eq!(h.ready("sd1").await, vec!["8609"]);
+    // A repeat is answered with the first decision even when this attempt alone could not be
+    // routed (it names a cluster that does not exist).
+    let mut changed = body.clone();
+    changed["annotations"] = ann("nowhere");
+    let (status, again) = h.submit(&changed).await;
+    assert_eq!(
+        (status, again["buildClusterName"].as_str()),
+        (StatusCode::OK, Some("sd1")),
+        "{again}"
+    );
+    assert_eq!(h.ready("sd1").await, vec!["8609"]);
 
     let (status, view) = get_build(&h, 8609).await;
     assert_eq!(status, StatusCode::OK);

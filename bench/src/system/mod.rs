@@ -17,7 +17,7 @@ use serde::Serialize;
 use serde_json::{Value, json};
 
 use Bound::{AtLeast, AtMost};
-use phases::{Footprint, RedisWork, Takeover, Throughput};
+use phases::{Footprint, PickupSplit, RedisWork, Takeover, Throughput};
 use stats::{Latency, Usage, median};
 use world::{Incarnation, World};
 
@@ -103,6 +103,7 @@ struct ApiPass {
     throughput_vs_redis_set: f64,
     burst: Throughput,
     pickup: Latency,
+    pickup_split: PickupSplit,
     blocked_release: Latency,
 }
 
@@ -271,7 +272,9 @@ async fn api_pass(
         "  pickup at {PICKUP_RATE} builds/s for {} s …",
         sizes.pickup_seconds
     );
+    let before = phases::launch_histograms(world).await?;
     let pickup = phases::pickup(world, PICKUP_RATE, sizes.pickup_seconds).await?;
+    let pickup_split = phases::pickup_split(before, phases::launch_histograms(world).await?);
     eprintln!("  blockedBy release, {} samples …", sizes.blocked_samples);
     let blocked_release = phases::blocked_release(world, sizes.blocked_samples).await?;
     Ok(ApiPass {
@@ -280,6 +283,7 @@ async fn api_pass(
         throughput_vs_redis_set: throughput.builds_per_s / redis_set_per_s,
         burst,
         pickup,
+        pickup_split,
         blocked_release,
     })
 }
@@ -362,7 +366,7 @@ fn print_summary(m: &Value, args: &Args, sizes: &Sizes) {
     );
     for (pass, label) in [("fast", "fast API"), ("slow", "API +create latency")] {
         println!(
-            "{label:<20} create +{} ms: end-to-end {:.0} builds/s ({} builds; 1/{:.1} of SET/s); burst of {} in {:.2} s; pickup at {PICKUP_RATE}/s p50 {:.1} p95 {:.1} p99 {:.1} ms; blockedBy release p50 {:.1} p99 {:.1} ms",
+            "{label:<20} create +{} ms: end-to-end {:.0} builds/s ({} builds; 1/{:.1} of SET/s); burst of {} in {:.2} s; pickup at {PICKUP_RATE}/s p50 {:.1} p95 {:.1} p99 {:.1} ms (means: intake → local queue {:.1}, → pod created {:.1}); blockedBy release p50 {:.1} p99 {:.1} ms",
             f(&format!("{pass}.create_latency_ms")),
             f(&format!("{pass}.throughput.builds_per_s")),
             sizes.throughput,
@@ -372,6 +376,8 @@ fn print_summary(m: &Value, args: &Args, sizes: &Sizes) {
             f(&format!("{pass}.pickup.p50_ms")),
             f(&format!("{pass}.pickup.p95_ms")),
             f(&format!("{pass}.pickup.p99_ms")),
+            f(&format!("{pass}.pickup_split.intake_to_local_ms")),
+            f(&format!("{pass}.pickup_split.local_to_created_ms")),
             f(&format!("{pass}.blocked_release.p50_ms")),
             f(&format!("{pass}.blocked_release.p99_ms")),
         );

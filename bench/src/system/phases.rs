@@ -84,6 +84,51 @@ pub async fn pickup(world: &mut World, rate: u32, seconds: u64) -> Result<Latenc
     Ok(Latency::of(latencies))
 }
 
+/// Where the pickup time goes, from the agent's own histograms over the same builds (means):
+/// the scheduler's intake to the agent's local queue (intake, long-poll, push), and the
+/// local queue to the pod created (launcher and API).
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct PickupSplit {
+    pub intake_to_local_ms: f64,
+    pub local_to_created_ms: f64,
+}
+
+/// The agent's start-latency and queue-wait histograms: (sum, count) of each.
+pub async fn launch_histograms(world: &World) -> Result<[f64; 4]> {
+    Ok([
+        world
+            .agent_metric("sd_agent_start_latency_seconds_sum")
+            .await?,
+        world
+            .agent_metric("sd_agent_start_latency_seconds_count")
+            .await?,
+        world
+            .agent_metric("sd_agent_queue_wait_seconds_sum")
+            .await?,
+        world
+            .agent_metric("sd_agent_queue_wait_seconds_count")
+            .await?,
+    ])
+}
+
+/// The split of the builds launched between two readings of [`launch_histograms`].
+pub fn pickup_split(before: [f64; 4], after: [f64; 4]) -> PickupSplit {
+    let mean = |sum: usize, count: usize| {
+        let n = after[count] - before[count];
+        if n > 0.0 {
+            (after[sum] - before[sum]) / n * 1000.0
+        } else {
+            f64::NAN
+        }
+    };
+    let whole = mean(0, 1);
+    let local = mean(2, 3);
+    PickupSplit {
+        intake_to_local_ms: whole - local,
+        local_to_created_ms: local,
+    }
+}
+
 /// A build blocked by a running one: the blocker's pod succeeds → the blocked build's pod
 /// created, `samples` times one after the other.
 pub async fn blocked_release(world: &mut World, samples: usize) -> Result<Latency> {

@@ -359,6 +359,14 @@ level = "warn"
             .context("sd_agent_in_flight missing from the agent's /metrics")
     }
 
+    /// A series of the agent's `/metrics` (0 when not there yet).
+    pub async fn agent_metric(&self, name: &str) -> Result<f64> {
+        let metrics = format!("http://127.0.0.1:{}/metrics", self.agent_health);
+        Ok(crate::calls::gauge(&self.http, &metrics, name)
+            .await?
+            .unwrap_or(0.0))
+    }
+
     /// Fresh build ids (pairs for blockedBy use the id as the job id too).
     pub fn next_ids(&self, n: u64) -> Vec<u64> {
         let first = self.next_id.fetch_add(n, Ordering::Relaxed);
