@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBuilder};
 use tokio::sync::Notify;
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::executor::Executor;
@@ -30,10 +31,22 @@ impl Fetcher {
     /// Runs until `stop` is cancelled. A transfer in progress (push + ack) is always finished
     /// before returning, so a drain never strands a delivered job between the two Redis.
     pub async fn run(self, stop: CancellationToken) {
+        let mut acks = JoinSet::new();
+        self.fetch_until(&stop, &mut acks).await;
+        while acks.join_next().await.is_some() {}
+    }
+
+    /// The poll loop. The ack of one poll's jobs goes out while the next poll waits (they are
+    /// on the local queue already, and the scheduler delivers only what is not leased), with
+    /// at most [`ACKS_AT_ONCE`] outstanding.
+    async fn fetch_until(&self, stop: &CancellationToken, acks: &mut JoinSet<()>) {
         let mut backoff = new_backoff();
         // The first poll returns at once, so readiness is known right after start.
         let mut wait = Duration::ZERO;
         while !stop.is_cancelled() {
+            while acks.len() >= ACKS_AT_ONCE {
+                acks.join_next().await;
+            }
             let room = match self.room().await {
                 Ok(0) => {
                     self.status.set_at_capacity(true);
@@ -51,7 +64,7 @@ impl Fetcher {
                 Err(e) => {
                     self.status.redis_failed(&e.to_string());
                     tracing::warn!(error = %e, "local Redis unavailable; not polling");
-                    if pause(&mut backoff, None, &stop).await {
+                    if pause(&mut backoff, None, stop).await {
                         return;
                     }
                     continue;
@@ -67,7 +80,8 @@ impl Fetcher {
                     wait = self.wait;
                     backoff = new_backoff();
                     if !deliveries.is_empty() {
-                        self.transfer(deliveries).await;
+                        let (landed, failed) = self.transfer(deliveries).await;
+                        acks.spawn(settle(self.client.clone(), landed, failed));
                     }
                 }
                 Err(e) => {
@@ -80,7 +94,7 @@ impl Fetcher {
                     tracing::warn!(error = %e, "poll failed{hint}");
                     self.status.scheduler_failed(&format!("{e}{hint}"));
                     metrics::counter!("sd_agent_scheduler_errors_total").increment(1);
-                    if pause(&mut backoff, e.retry_after(), &stop).await {
+                    if pause(&mut backoff, e.retry_after(), stop).await {
                         return;
                     }
                 }
@@ -96,7 +110,9 @@ impl Fetcher {
         Ok(u32::try_from(u64::from(self.max_in_flight).saturating_sub(busy)).unwrap_or(0))
     }
 
-    async fn transfer(&self, deliveries: Vec<sd_protocol::Delivery>) {
+    /// Pushes each delivered job to the local queue: which landed (to ack) and which did not
+    /// (to give back).
+    async fn transfer(&self, deliveries: Vec<sd_protocol::Delivery>) -> (Vec<String>, Vec<String>) {
         let mut landed = Vec::new();
         let mut failed = Vec::new();
         for delivery in deliveries {
@@ -114,42 +130,49 @@ impl Fetcher {
                 }
             }
         }
-        if !landed.is_empty() {
-            // Retried a few times: an ack lost here only means the scheduler redelivers after
-            // the lease, and the idempotent push makes that harmless.
-            let mut delay = Duration::from_millis(100);
-            for attempt in 1..=4 {
-                match self.client.ack(&landed).await {
-                    Ok(report) => {
-                        metrics::counter!("sd_agent_jobs_acked_total")
-                            .increment(report.done.len() as u64);
-                        if !report.stale.is_empty() {
-                            tracing::info!(
-                                stale = report.stale.len(),
-                                "acks for leases that were already redelivered"
-                            );
-                        }
-                        break;
+        (landed, failed)
+    }
+}
+
+/// Acks at once: one poll's ack may still be on its way while the next poll waits.
+const ACKS_AT_ONCE: usize = 2;
+
+/// Acknowledges the jobs that landed on the local queue and gives back the rest.
+async fn settle(client: SchedulerClient, landed: Vec<String>, failed: Vec<String>) {
+    if !landed.is_empty() {
+        // Retried a few times: an ack lost here only means the scheduler redelivers after
+        // the lease, and the idempotent push makes that harmless.
+        let mut delay = Duration::from_millis(100);
+        for attempt in 1..=4 {
+            match client.ack(&landed).await {
+                Ok(report) => {
+                    metrics::counter!("sd_agent_jobs_acked_total")
+                        .increment(report.done.len() as u64);
+                    if !report.stale.is_empty() {
+                        tracing::info!(
+                            stale = report.stale.len(),
+                            "acks for leases that were already redelivered"
+                        );
                     }
-                    Err(e) if attempt < 4 => {
-                        tracing::warn!(error = %e, attempt, "ack failed; retrying");
-                        tokio::time::sleep(delay).await;
-                        delay *= 2;
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "ack failed; the scheduler will redeliver after the lease")
-                    }
+                    break;
+                }
+                Err(e) if attempt < 4 => {
+                    tracing::warn!(error = %e, attempt, "ack failed; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay *= 2;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "ack failed; the scheduler will redeliver after the lease")
                 }
             }
         }
-        if !failed.is_empty()
-            && let Err(e) = self
-                .client
-                .nack(&failed, "the agent could not write to its local Redis")
-                .await
-        {
-            tracing::warn!(error = %e, "nack failed; the lease will lapse instead");
-        }
+    }
+    if !failed.is_empty()
+        && let Err(e) = client
+            .nack(&failed, "the agent could not write to its local Redis")
+            .await
+    {
+        tracing::warn!(error = %e, "nack failed; the lease will lapse instead");
     }
 }
 
