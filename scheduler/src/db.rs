@@ -28,7 +28,9 @@ pub struct Db {
 }
 
 /// A writer's turn ([`Db::write_turn`]): held until the write (or transaction) has committed.
-pub struct WriteTurn<'a>(#[allow(dead_code)] Option<tokio::sync::MutexGuard<'a, ()>>);
+pub struct WriteTurn<'a> {
+    _held: Option<tokio::sync::MutexGuard<'a, ()>>,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
@@ -135,8 +137,10 @@ impl Db {
     /// else: every other writer waits for it.
     pub async fn write_turn(&self) -> WriteTurn<'_> {
         match self.backend {
-            Backend::Sqlite => WriteTurn(Some(self.writes.lock().await)),
-            Backend::Postgres => WriteTurn(None),
+            Backend::Sqlite => WriteTurn {
+                _held: Some(self.writes.lock().await),
+            },
+            Backend::Postgres => WriteTurn { _held: None },
         }
     }
 

@@ -352,8 +352,7 @@ level = "warn"
 
     /// Builds the agent has launched and not seen end (its `sd_agent_in_flight`).
     pub async fn in_flight(&self) -> Result<u64> {
-        let metrics = format!("http://127.0.0.1:{}/metrics", self.agent_health);
-        crate::calls::gauge(&self.http, &metrics, "sd_agent_in_flight")
+        self.agent_series("sd_agent_in_flight")
             .await?
             .map(|v| v as u64)
             .context("sd_agent_in_flight missing from the agent's /metrics")
@@ -361,10 +360,12 @@ level = "warn"
 
     /// A series of the agent's `/metrics` (0 when not there yet).
     pub async fn agent_metric(&self, name: &str) -> Result<f64> {
+        Ok(self.agent_series(name).await?.unwrap_or(0.0))
+    }
+
+    async fn agent_series(&self, name: &str) -> Result<Option<f64>> {
         let metrics = format!("http://127.0.0.1:{}/metrics", self.agent_health);
-        Ok(crate::calls::gauge(&self.http, &metrics, name)
-            .await?
-            .unwrap_or(0.0))
+        crate::calls::gauge(&self.http, &metrics, name).await
     }
 
     /// Fresh build ids (pairs for blockedBy use the id as the job id too).

@@ -99,6 +99,19 @@ struct Change {
     object: Value,
 }
 
+impl Change {
+    /// The pods as they are after this change.
+    fn apply_to(&self, pods: &mut Pods) {
+        let name = self.object["metadata"]["name"].as_str().unwrap_or_default();
+        let key = (self.namespace.clone(), name.to_owned());
+        if self.kind == "DELETED" {
+            pods.remove(&key);
+        } else {
+            pods.insert(key, self.object.clone());
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 enum Broadcast {
     Change(Change),
@@ -228,18 +241,7 @@ impl Store {
     fn fold_oldest(&mut self, n: usize) {
         let n = n.min(self.history.len());
         for change in self.history.drain(..n) {
-            let key = (
-                change.namespace.clone(),
-                change.object["metadata"]["name"]
-                    .as_str()
-                    .unwrap_or_default()
-                    .to_owned(),
-            );
-            if change.kind == "DELETED" {
-                self.base.remove(&key);
-            } else {
-                self.base.insert(key, change.object);
-            }
+            change.apply_to(&mut self.base);
             self.base_rv = change.rv;
         }
     }

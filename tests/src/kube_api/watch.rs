@@ -190,18 +190,7 @@ pub(super) fn pods_at(store: &Store, q: &HashMap<String, String>) -> Result<(u64
     }
     let mut pods = store.base.clone();
     for change in store.history.iter().take_while(|c| c.rv <= rv) {
-        let key = (
-            change.namespace.clone(),
-            change.object["metadata"]["name"]
-                .as_str()
-                .unwrap_or_default()
-                .to_owned(),
-        );
-        if change.kind == "DELETED" {
-            pods.remove(&key);
-        } else {
-            pods.insert(key, change.object.clone());
-        }
+        change.apply_to(&mut pods);
     }
     Ok((rv, pods))
 }
