@@ -492,7 +492,38 @@ level = "warn"
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+        // The agent is empty, but its reports may still be on their way: a phase measured
+        // while the last one's reports queue in the scheduler would measure that queue.
+        let mut unreported = ids.to_vec();
+        while let Some(&id) = unreported.last() {
+            if self.build_state(id).await? == "finished" {
+                unreported.pop();
+                continue;
+            }
+            if Instant::now() > deadline {
+                bail!("build {id} not finished in the scheduler 120 s after its pod ended");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         Ok(())
+    }
+
+    /// Build `id`'s state as the scheduler knows it.
+    async fn build_state(&self, id: u64) -> Result<String> {
+        #[derive(serde::Deserialize)]
+        struct View {
+            state: String,
+        }
+        let view: View = self
+            .http
+            .get(format!("{}/v1/builds/{id}", self.url))
+            .bearer_auth(&self.sdapi)
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?;
+        Ok(view.state)
     }
 
     /// Holds `n` long-polls waiting, one per cluster `bench-0…`; dropped, they end.
