@@ -229,6 +229,7 @@ async fn one_run(args: &Args, sizes: &Sizes) -> Result<Run> {
     world
         .kube
         .set_create_latency(Duration::from_millis(args.create_latency_ms));
+    world.wait_pods_gone().await?;
     let (burst, ids) = phases::throughput(&mut world, sizes.burst, 64).await?;
     world.finish(&ids).await?;
     run.slow = api_pass(
@@ -265,9 +266,11 @@ async fn api_pass(
     burst: Throughput,
     redis_set_per_s: f64,
 ) -> Result<ApiPass> {
+    world.wait_pods_gone().await?;
     eprintln!("  throughput: {} builds …", sizes.throughput);
     let (throughput, ids) = phases::throughput(world, sizes.throughput, 32).await?;
     world.finish(&ids).await?;
+    world.wait_pods_gone().await?;
     eprintln!(
         "  pickup at {PICKUP_RATE} builds/s for {} s …",
         sizes.pickup_seconds
@@ -275,6 +278,7 @@ async fn api_pass(
     let before = phases::launch_histograms(world).await?;
     let pickup = phases::pickup(world, PICKUP_RATE, sizes.pickup_seconds).await?;
     let pickup_split = phases::pickup_split(before, phases::launch_histograms(world).await?);
+    world.wait_pods_gone().await?;
     eprintln!("  blockedBy release, {} samples …", sizes.blocked_samples);
     let blocked_release = phases::blocked_release(world, sizes.blocked_samples).await?;
     Ok(ApiPass {

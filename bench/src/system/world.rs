@@ -508,6 +508,23 @@ level = "warn"
         Ok(())
     }
 
+    /// Waits until the agent has deleted every pod (`finished_pod_ttl` after each ended): a
+    /// measured phase starts on a quiet cluster, not while the last phase's thousands of pods
+    /// are being deleted (a real cluster deletes them as steadily as it creates them).
+    pub async fn wait_pods_gone(&self) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while self.kube.pod_count() > 0 {
+            if Instant::now() > deadline {
+                bail!(
+                    "{} pods still there 120 s after their builds ended",
+                    self.kube.pod_count()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Ok(())
+    }
+
     /// Build `id`'s state as the scheduler knows it.
     async fn build_state(&self, id: u64) -> Result<String> {
         #[derive(serde::Deserialize)]

@@ -392,6 +392,11 @@ impl FakeKube {
         self.shared.lock().pods.values().cloned().collect()
     }
 
+    /// How many pods there are, in all namespaces.
+    pub fn pod_count(&self) -> usize {
+        self.shared.lock().pods.len()
+    }
+
     /// The pod named `name` (in any namespace).
     pub fn pod(&self, name: &str) -> Option<Value> {
         self.shared
