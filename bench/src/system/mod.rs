@@ -385,6 +385,20 @@ fn print_summary(m: &Value, args: &Args, sizes: &Sizes) {
             f(&format!("{pass}.blocked_release.p50_ms")),
             f(&format!("{pass}.blocked_release.p99_ms")),
         );
+        let cpu = |who: &str| f(&format!("{pass}.throughput.cpu_ms_per_build.{who}"));
+        println!(
+            "{:<20} CPU ms per build in the end-to-end run: scheduler {:.2}, agent {:.2}, load generator + fake API {:.2}, master Redis {:.2}, local Redis {:.2} (total {:.2})",
+            "",
+            cpu("scheduler"),
+            cpu("agent"),
+            cpu("bench"),
+            cpu("master_redis"),
+            cpu("local_redis"),
+            ["scheduler", "agent", "bench", "master_redis", "local_redis"]
+                .iter()
+                .map(|w| cpu(w))
+                .sum::<f64>()
+        );
     }
     println!(
         "takeover     after kill -9 with {:.0} builds in hand: restarted on the same host {:.2} s, another instance {:.2} s",

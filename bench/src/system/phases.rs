@@ -19,6 +19,33 @@ pub struct Throughput {
     pub builds: u64,
     pub seconds: f64,
     pub builds_per_s: f64,
+    /// What each build cost each process, on the cores they all share.
+    pub cpu_ms_per_build: CpuPerBuild,
+}
+
+/// CPU milliseconds (user + system) per build over a phase, by process: what an end-to-end
+/// rate on two shared cores is made of.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct CpuPerBuild {
+    pub scheduler: f64,
+    pub agent: f64,
+    /// The load generator and the fake Kubernetes API (this process).
+    pub bench: f64,
+    pub master_redis: f64,
+    pub local_redis: f64,
+}
+
+impl CpuPerBuild {
+    fn between(before: [f64; 5], after: [f64; 5], builds: u64) -> Self {
+        let per = |i: usize| (after[i] - before[i]) * 1e3 / builds.max(1) as f64;
+        Self {
+            scheduler: per(0),
+            agent: per(1),
+            bench: per(2),
+            master_redis: per(3),
+            local_redis: per(4),
+        }
+    }
 }
 
 /// `n` builds submitted `concurrency` at a time: first intake request → last pod created.
@@ -29,15 +56,18 @@ pub async fn throughput(
     concurrency: usize,
 ) -> Result<(Throughput, Vec<u64>)> {
     let ids: Vec<u64> = world.next_ids(n);
+    let cpu_before = world.cpu_seconds()?;
     let t0 = Instant::now();
     world.submit_all(&ids, concurrency).await?;
     let last = world.wait_created(&ids, LOST_AFTER).await?;
     let seconds = last.duration_since(t0).as_secs_f64();
+    let cpu_ms_per_build = CpuPerBuild::between(cpu_before, world.cpu_seconds()?, n);
     Ok((
         Throughput {
             builds: n,
             seconds,
             builds_per_s: n as f64 / seconds,
+            cpu_ms_per_build,
         },
         ids,
     ))

@@ -508,6 +508,26 @@ level = "warn"
         Ok(())
     }
 
+    /// CPU seconds so far of the scheduler, the agent, this process, the master and the local
+    /// Redis (the agent's 0 when none runs).
+    pub fn cpu_seconds(&self) -> Result<[f64; 5]> {
+        let redis = |r: &RedisServer| {
+            r.pid()
+                .context("a Redis server without a pid")
+                .and_then(super::stats::cpu_seconds)
+        };
+        Ok([
+            super::stats::cpu_seconds(self.scheduler.pid())?,
+            match &self.agent {
+                Some(agent) => super::stats::cpu_seconds(agent.pid())?,
+                None => 0.0,
+            },
+            super::stats::cpu_seconds(std::process::id())?,
+            redis(&self.master)?,
+            redis(&self.local)?,
+        ])
+    }
+
     /// Waits until the agent has deleted every pod (`finished_pod_ttl` after each ended): a
     /// measured phase starts on a quiet cluster, not while the last phase's thousands of pods
     /// are being deleted (a real cluster deletes them as steadily as it creates them).
