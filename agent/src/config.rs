@@ -394,7 +394,71 @@ pub struct ProcessConfig {
     /// `screwdriver.cd/terminationGracePeriodSeconds` may raise it.
     #[serde(with = "humantime_serde")]
     pub termination_grace_period: Duration,
+    /// The account builds run as (a name or a numeric uid). A build runs code written by any
+    /// pipeline author: as the agent's own user it could read the cluster's key and config and
+    /// signal the agent. Required unless `allow_agent_user`.
+    pub user: Option<String>,
+    /// The builds' group (a name or a numeric gid); default: `user`'s primary group.
+    pub group: Option<String>,
+    /// Uids handed out one per running build (`"200000-200999"`, no account needed), so a build
+    /// cannot read another's environment (its token) or files. Without it every build runs as
+    /// `user` and builds running at once can see each other.
+    pub uid_range: Option<UidRange>,
+    /// Runs builds as the agent's own user: only for a host that runs trusted builds (tests,
+    /// a demo), never one that takes strangers' pipelines.
+    pub allow_agent_user: bool,
+    /// Variables of the agent's environment a build inherits (names); everything else is left
+    /// out but the `SD_*` the launcher needs, `HOME` and `USER`.
+    pub env_allow: Vec<String>,
 }
+
+/// A range of uids, `"first-last"` (inclusive).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UidRange {
+    pub first: u32,
+    pub last: u32,
+}
+
+impl UidRange {
+    /// How many uids it holds.
+    pub fn count(&self) -> u32 {
+        self.last - self.first + 1
+    }
+
+    pub fn contains(&self, uid: u32) -> bool {
+        (self.first..=self.last).contains(&uid)
+    }
+}
+
+impl std::str::FromStr for UidRange {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let parsed = s.split_once('-').and_then(|(a, b)| {
+            Some((a.trim().parse::<u32>().ok()?, b.trim().parse::<u32>().ok()?))
+        });
+        match parsed {
+            // Below 1000 are the system's accounts; u32::MAX is (uid_t)-1, "no change".
+            Some((first, last)) if first >= 1000 && first <= last && last < u32::MAX => {
+                Ok(Self { first, last })
+            }
+            _ => Err(format!(
+                "{s:?} is not a uid range: write \"first-last\", from 1000 up, first ≤ last"
+            )),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for UidRange {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+/// What a build inherits from the agent's environment unless `env_allow` says otherwise.
+pub const DEFAULT_ENV_ALLOW: [&str; 4] = ["PATH", "LANG", "LC_ALL", "TZ"];
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -478,6 +542,11 @@ impl Default for ProcessConfig {
             max_timeout: TimeLimits::DEFAULT.max_timeout,
             timeout_margin: TimeLimits::DEFAULT.timeout_margin,
             termination_grace_period: TimeLimits::DEFAULT.termination_grace_period,
+            user: None,
+            group: None,
+            uid_range: None,
+            allow_agent_user: false,
+            env_allow: DEFAULT_ENV_ALLOW.iter().map(|&v| v.to_owned()).collect(),
         }
     }
 }
@@ -678,7 +747,21 @@ impl Config {
             return Err(invalid("log.level", reason));
         }
         match self.executor.kind {
-            ExecutorKind::Process => check_process(&self.executor.process)?,
+            ExecutorKind::Process => {
+                check_process(&self.executor.process)?;
+                if let Some(range) = self.executor.process.uid_range
+                    && range.count() < self.executor.max_in_flight
+                {
+                    return Err(invalid(
+                        "executor.process.uid_range",
+                        format!(
+                            "holds {} uids for executor.max_in_flight = {} builds: one uid per running build",
+                            range.count(),
+                            self.executor.max_in_flight
+                        ),
+                    ));
+                }
+            }
             ExecutorKind::Kubernetes => check_kubernetes(&self.executor.kubernetes)?,
         }
         Ok(())
@@ -775,7 +858,33 @@ fn check_process(p: &ProcessConfig) -> Result<(), ConfigError> {
         "executor.process.termination_grace_period",
         p.termination_grace_period,
     )?;
-    check_margin("executor.process.timeout_margin", p.timeout_margin)
+    check_margin("executor.process.timeout_margin", p.timeout_margin)?;
+    if p.user.is_none() && p.uid_range.is_none() && !p.allow_agent_user {
+        return Err(invalid(
+            "executor.process.user",
+            "is required: builds run code written by any pipeline author, and as the agent's own user they could read its key (auth.private_key_file) and config and signal it. Set user (and uid_range to keep builds apart from each other), or allow_agent_user = true on a host that runs only trusted builds",
+        ));
+    }
+    if p.uid_range.is_some() && p.user.is_none() && p.group.is_none() {
+        return Err(invalid(
+            "executor.process.group",
+            "is required with uid_range when user is not set: the group builds run with",
+        ));
+    }
+    for name in &p.env_allow {
+        let bad = name.is_empty()
+            || name.starts_with("SD_")
+            || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+        if bad {
+            return Err(invalid(
+                "executor.process.env_allow",
+                format!(
+                    "{name:?} is not allowed: names of letters, digits and _ only, and no SD_* (the agent's own settings start so; the launcher's SD_* are set per build)"
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// `[executor.kubernetes]`: every value a pod is built from, so a build never finds out.
@@ -1021,7 +1130,7 @@ mod tests {
 
     fn minimal(key: &Path) -> String {
         format!(
-            "[cluster]\nname = \"ios-farm\"\n[scheduler]\nurl = \"https://sched.example\"\n[auth]\nprivate_key_file = \"{}\"\n[executor]\nkind = \"process\"\n[executor.process]\ncommand = [\"/bin/true\"]\n[screwdriver]\napi_uris = [\"https://api.sd.example\"]\n",
+            "[cluster]\nname = \"ios-farm\"\n[scheduler]\nurl = \"https://sched.example\"\n[auth]\nprivate_key_file = \"{}\"\n[executor]\nkind = \"process\"\n[executor.process]\ncommand = [\"/bin/true\"]\nuser = \"sd-build\"\n[screwdriver]\napi_uris = [\"https://api.sd.example\"]\n",
             key.display()
         )
     }
@@ -1200,6 +1309,36 @@ mod tests {
                 "scheduler.url",
             ),
             (format!("{base}[auth2]\n"), "auth2"),
+            (
+                base.replace("user = \"sd-build\"\n", ""),
+                "executor.process.user",
+            ),
+            (
+                base.replace("user = \"sd-build\"", "uid_range = \"200000-200099\""),
+                "executor.process.group",
+            ),
+            (
+                base.replace("user = \"sd-build\"", "user = \"b\"\nuid_range = \"10-20\""),
+                "executor.process.uid_range",
+            ),
+            (
+                base.replace(
+                    "user = \"sd-build\"",
+                    "user = \"b\"\nuid_range = \"200000-200009\"",
+                ),
+                "executor.process.uid_range",
+            ),
+            (
+                base.replace(
+                    "user = \"sd-build\"",
+                    "user = \"b\"\nenv_allow = [\"SD_AGENT_CONFIG\"]",
+                ),
+                "executor.process.env_allow",
+            ),
+            (
+                base.replace("user = \"sd-build\"", "user = \"b\"\nenv_allow = [\"A=B\"]"),
+                "executor.process.env_allow",
+            ),
         ];
         for (text, key) in cases {
             match parse(&text, &[]) {
@@ -1303,6 +1442,34 @@ mod tests {
                 parse(&format!("{base}[log]\nlevel = \"{level}\"\n"), &[]).is_ok(),
                 "{level}"
             );
+        }
+    }
+
+    #[test]
+    fn builds_run_as_the_agents_user_only_when_allowed_and_a_range_is_parsed() {
+        let key = key_file();
+        let base = minimal(key.path());
+        let allowed = base.replace("user = \"sd-build\"", "allow_agent_user = true");
+        assert!(
+            parse(&allowed, &[])
+                .unwrap()
+                .executor
+                .process
+                .allow_agent_user
+        );
+        let ranged = base.replace(
+            "user = \"sd-build\"",
+            "group = \"sd-build\"\nuid_range = \" 200000 - 200999 \"",
+        );
+        let c = parse(&ranged, &[]).unwrap();
+        let range = c.executor.process.uid_range.unwrap();
+        assert_eq!(
+            (range.first, range.last, range.count()),
+            (200_000, 200_999, 1000)
+        );
+        assert_eq!(c.executor.process.env_allow, DEFAULT_ENV_ALLOW);
+        for bad in ["5-10", "2000-1000", "1000", "a-b", "1000-4294967295"] {
+            assert!(bad.parse::<UidRange>().is_err(), "{bad}");
         }
     }
 

@@ -351,6 +351,7 @@ async fn a_start_message_the_agent_cannot_use_is_reported_failed_with_the_reason
                 format!("touch {}", ran.display()),
             ],
             work_dir: Some(work.path().join("work")),
+            allow_agent_user: true,
             ..Default::default()
         },
         &Default::default(),

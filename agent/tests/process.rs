@@ -113,11 +113,13 @@ async fn try_executor(
     try_executor_with(redis, &config(work, command), &screwdriver()).await
 }
 
-/// The default config (90-minute timeout, 30 s grace, 10-minute margin) in `work`.
+/// The default config (90-minute timeout, 30 s grace, 10-minute margin) in `work`, builds run
+/// as the test's own user (the stand-in launchers are trusted).
 fn config(work: &Path, command: Vec<String>) -> ProcessConfig {
     ProcessConfig {
         command,
         work_dir: Some(work.join("work")),
+        allow_agent_user: true,
         ..ProcessConfig::default()
     }
 }
@@ -297,7 +299,18 @@ async fn environment_and_exit_codes() {
         assert_eq!(var(&env, key), Some(value), "{key}");
     }
     assert!(var(&env, process::LAUNCH_ID_VAR).is_some_and(|v| v.starts_with("101-")));
-    let config: Value = serde_json::from_str(var(&env, "SD_BUILD_CONFIG").unwrap()).unwrap();
+    assert_eq!(
+        var(&env, "SD_BUILD_CONFIG"),
+        None,
+        "the config is in a file"
+    );
+    let config_file = var(&env, "SD_BUILD_CONFIG_FILE").unwrap();
+    assert!(
+        !Path::new(config_file).exists(),
+        "the build's directory goes once it ended"
+    );
+    let config = std::fs::read_to_string(dir.path().join("config-101")).unwrap();
+    let config: Value = serde_json::from_str(&config).unwrap();
     assert_eq!(config["buildId"], 101);
     assert_eq!(config["causeMessage"], "Started by test");
     assert!(
@@ -1110,4 +1123,171 @@ async fn check_says_what_to_fix() {
     redis.kill();
     let err = exec.check().await.unwrap_err().to_string();
     assert!(err.contains("Redis"), "{err}");
+}
+
+/// What one build of the isolation test may try against the agent and a build running beside
+/// it; each line of its report is `<what> denied` or `<what> ALLOWED`.
+const PROBE: &str = r#"#!/bin/sh
+out="$OUT"
+if [ "$SD_BUILD_ID" = 901 ]; then
+  # The victim: leaves where its secrets are, then waits to be told to end.
+  printf '%s\n%s\n' "$$" "$SD_BUILD_CONFIG_FILE" > "$out/victim.tmp"
+  chmod 644 "$out/victim.tmp" && mv "$out/victim.tmp" "$out/victim"
+  while [ ! -e "$out/end" ]; do sleep 0.05; done
+  exit 0
+fi
+while [ ! -e "$out/victim" ]; do sleep 0.05; done
+victim_pid=$(sed -n 1p "$out/victim")
+victim_config=$(sed -n 2p "$out/victim")
+try() { what=$1; shift; if "$@" >/dev/null 2>&1; then echo "$what ALLOWED"; else echo "$what denied"; fi; }
+{
+  echo "uid $(id -u)"
+  try key cat "$KEY"
+  try config cat "$AGENT_CONFIG"
+  try victim-environ cat "/proc/$victim_pid/environ"
+  try victim-config cat "$victim_config"
+  try signal-agent kill -0 "$AGENT_PID"
+  try signal-victim kill -0 "$victim_pid"
+  try list-work-dir ls "$WORK"
+  try write-work-dir touch "$WORK/planted"
+  try own-config cat "$SD_BUILD_CONFIG_FILE"
+  case "$SD_TOKEN" in ?*) echo "own-token present";; *) echo "own-token missing";; esac
+  [ -z "$SD_AGENT_SECRET" ] && echo "agent-env denied" || echo "agent-env ALLOWED"
+} > "$out/report.tmp" 2>&1
+chmod 644 "$out/report.tmp"; mv "$out/report.tmp" "$out/report"
+"#;
+
+/// Builds run as uids of their own (as root here, the agent can switch): a build cannot read
+/// the agent's key or config, another running build's environment (its token) or config, the
+/// agent's environment, nor signal the agent or the other build; it reads its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_build_cannot_reach_the_agents_secrets_or_another_build() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: switching users needs root (CI runs as root)");
+        return;
+    }
+    let redis = RedisServer::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    // The way in is open to the builds' uids; the secrets are the agent's alone.
+    std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let secrets = root.join("secrets");
+    std::fs::create_dir(&secrets).unwrap();
+    let key = secrets.join("cluster.key.pem");
+    let agent_config = secrets.join("agent.toml");
+    for file in [&key, &agent_config] {
+        std::fs::write(file, "secret").unwrap();
+        std::fs::set_permissions(file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    let out = root.join("out");
+    std::fs::create_dir(&out).unwrap();
+    std::fs::set_permissions(&out, std::fs::Permissions::from_mode(0o1777)).unwrap();
+    let probe = root.join("probe.sh");
+    std::fs::write(&probe, PROBE).unwrap();
+    std::fs::set_permissions(&probe, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let work = root.join("work");
+    // The probe learns the paths through variables the allow-list lets through.
+    let vars = [
+        ("OUT", out.display().to_string()),
+        ("KEY", key.display().to_string()),
+        ("AGENT_CONFIG", agent_config.display().to_string()),
+        ("AGENT_PID", std::process::id().to_string()),
+        ("WORK", work.display().to_string()),
+    ];
+    for (name, value) in &vars {
+        // SAFETY: set before the executor (and its threads) start; no other test of this
+        // binary reads these names.
+        unsafe { std::env::set_var(name, value) };
+    }
+    // SAFETY: as above.
+    unsafe { std::env::set_var("SD_AGENT_SECRET", "agent-only") };
+    let config = ProcessConfig {
+        command: argv(&probe),
+        work_dir: Some(work.clone()),
+        uid_range: Some("64100-64163".parse().unwrap()),
+        group: Some("64100".into()),
+        env_allow: ["PATH", "OUT", "KEY", "AGENT_CONFIG", "AGENT_PID", "WORK"]
+            .map(String::from)
+            .to_vec(),
+        ..ProcessConfig::default()
+    };
+    let (exec, mut events) = executor_with(&redis, &config, &screwdriver()).await;
+    assert!(exec.check().await.unwrap().contains("each as its own uid"));
+
+    assert_eq!(
+        exec.launch(&build(901, json!({}))).await.unwrap(),
+        Launched::Created
+    );
+    assert_eq!(
+        exec.launch(&build(902, json!({}))).await.unwrap(),
+        Launched::Created
+    );
+    assert_eq!(events.end(902).await, BuildStatus::Finished);
+    let report = std::fs::read_to_string(out.join("report")).unwrap();
+    std::fs::write(out.join("end"), "").unwrap();
+    assert_eq!(events.end(901).await, BuildStatus::Finished);
+
+    let uid: u32 = report
+        .lines()
+        .find_map(|l| l.strip_prefix("uid "))
+        .and_then(|u| u.parse().ok())
+        .unwrap_or_else(|| panic!("{report}"));
+    assert!((64100..=64163).contains(&uid), "{report}");
+    for what in [
+        "key",
+        "config",
+        "victim-environ",
+        "victim-config",
+        "signal-agent",
+        "signal-victim",
+        "list-work-dir",
+        "write-work-dir",
+        "agent-env",
+    ] {
+        assert!(
+            report.lines().any(|l| l == format!("{what} denied")),
+            "{what} must be denied:\n{report}"
+        );
+    }
+    assert!(report.contains("own-config ALLOWED"), "{report}");
+    assert!(report.contains("own-token present"), "{report}");
+    assert!(!work.join("planted").exists());
+    // Each build's directory went with its end; nothing of theirs is left in the work dir.
+    let left: Vec<String> = std::fs::read_dir(&work)
+        .unwrap()
+        .filter_map(Result::ok)
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("run-"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+}
+
+/// A start message of 300 KiB starts (its config is a file; in a variable the kernel refuses
+/// it); a job name longer than the kernel lets one variable be can never start: a permanent
+/// error, so the launcher fails the build with the reason instead of retrying it forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_build_starts_and_one_the_kernel_refuses_is_a_permanent_error() {
+    let redis = RedisServer::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let cmd = script(dir.path(), "env.sh", env_script());
+    let (exec, mut events) = executor(&redis, dir.path(), argv(&cmd)).await;
+
+    let blob = "x".repeat(300 * 1024);
+    let large = build(801, json!({"test/blob": blob}));
+    assert_eq!(exec.launch(&large).await.unwrap(), Launched::Created);
+    assert_eq!(events.end(801).await, BuildStatus::Finished);
+    let config = std::fs::read_to_string(dir.path().join("config-801")).unwrap();
+    assert!(config.len() > 300 * 1024 && config.contains(&blob));
+
+    let mut refused = build(802, json!({}));
+    refused.job_name = Some("j".repeat(200 * 1024));
+    let err = exec.launch(&refused).await.unwrap_err();
+    assert!(err.is_permanent(), "{err}");
+    assert!(err.to_string().contains("too large"), "{err}");
+    assert!(err.to_string().len() < 300, "the reason is short: {err}");
+    assert!(!dir.path().join("env-802").exists(), "nothing started");
+    // Nothing is left claiming the build: no marker, no directory.
+    assert!(marker(&redis, 802).is_none());
+    assert_eq!(exec.in_flight(), 0);
 }

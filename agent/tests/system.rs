@@ -544,6 +544,43 @@ async fn builds_run_on_the_cluster_routing_chose_exactly_once() {
     let _ = (&linux.name, &linux.local);
 }
 
+/// Through the real scheduler and `sd-agent`: a 300 KiB start message runs (its config goes in
+/// a file), and a build the kernel will never start (a job name longer than one variable may
+/// be) fails once, with the reason, instead of being retried while it holds a slot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_build_runs_and_one_that_can_never_start_fails_once_with_the_reason() {
+    let world = World::start().await;
+    let mut agent = world.cluster("linux", None).await;
+    agent.spawn();
+    let blob = "x".repeat(300 * 1024);
+    world
+        .submit_annotated(1, "web/site", None, json!({"test/blob": blob}))
+        .await;
+    let body = json!({
+        "buildId": 2, "jobId": 10_002, "blockedBy": [], "jobName": "j".repeat(200 * 1024),
+        "annotations": {"screwdriver.cd/blockedBySameJob": false},
+        "pipeline": {"id": 1, "name": "web/site", "scmContext": "github:github.com"},
+        "apiUri": DEAD_API, "container": "node:22",
+    });
+    let (status, resp) = world
+        .call(Method::POST, "/v1/queue/message", "sdapi", Some(body))
+        .await;
+    assert!(status == 201 || status == 200, "{status} {resp}");
+    world.wait_finished(&[1], Duration::from_secs(60)).await;
+    let views = world.wait_ended(&[2], Duration::from_secs(60)).await;
+    assert_eq!(views[0]["state"], "failed", "{}", views[0]);
+    let reason = views[0]["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("too large"), "{reason}");
+    assert_eq!(agent.runs().get(&1), Some(&1));
+    assert_eq!(agent.runs().get(&2), None, "build 2 never started");
+    let refusals = agent
+        .log()
+        .lines()
+        .filter(|l| l.contains("build cannot be launched") && l.contains("\"build_id\":2"))
+        .count();
+    assert_eq!(refusals, 1, "tried once, not retried:\n{}", agent.log());
+}
+
 /// Local Redis down when the agent starts: it takes nothing, the builds wait on the master; when
 /// Redis returns they run, each once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

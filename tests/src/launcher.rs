@@ -13,12 +13,13 @@
 //! |------------------|----------------------------|----------------------------------------|
 //! | `count-<id>`     | [`Launcher::count_runs`]   | a line per run of that build           |
 //! | `env-<id>`       | [`Launcher::dump_env`]     | the launcher's environment (`env`)     |
+//! | `config-<id>`    | [`Launcher::dump_env`]     | the build config file's content        |
 //! | `grandchild-<id>`| [`Run::hang`]              | the pid of the `sleep` left in its group |
 //! | `leader-<id>`    | [`Run::hang`]              | its own pid, written last (traps are set) |
 //! | `trapped-<id>`   | [`OnTerm::Flush`]          | `flushed`, once the trap's pause is over |
 //! | `termed-<id>`    | [`OnTerm::Note`]           | `term`: a SIGTERM reached it           |
 //!
-//! Builds steer it with annotations (read from `SD_BUILD_CONFIG`, as a number or a string of
+//! Builds steer it with annotations (read from the file `SD_BUILD_CONFIG_FILE` names, as a number or a string of
 //! digits): [`EXIT`] is the exit code of [`Run::exit_as_annotated`], [`SLEEP`] the seconds of
 //! [`Run::sleep_as_annotated`].
 
@@ -325,6 +326,9 @@ impl Launcher {
         }
         if self.dump_env {
             s.push_str("env > \"$OUT/env-$SD_BUILD_ID\"\n");
+            s.push_str(
+                "cat \"$SD_BUILD_CONFIG_FILE\" > \"$OUT/config-$SD_BUILD_ID\" 2>/dev/null\n",
+            );
         }
         if self.runs().any(|r| r.end == End::AnnotatedExit) {
             let _ = writeln!(s, "code={}", annotation(EXIT, "[0-9]"));
@@ -364,10 +368,10 @@ impl Launcher {
 }
 
 /// A command substitution reading annotation `name` (a number, or a string of `chars`) from
-/// `SD_BUILD_CONFIG`: empty without it.
+/// the file `SD_BUILD_CONFIG_FILE` names: empty without it.
 fn annotation(name: &str, chars: &str) -> String {
     format!(
-        r#"$(printf '%s' "$SD_BUILD_CONFIG" | sed -n 's/.*"{}":"\{{0,1\}}\({chars}*\).*/\1/p')"#,
+        r#"$(sed -n 's/.*"{}":"\{{0,1\}}\({chars}*\).*/\1/p' "$SD_BUILD_CONFIG_FILE" 2>/dev/null)"#,
         name.replace('/', "\\/")
     )
 }
@@ -401,9 +405,11 @@ mod tests {
     use super::*;
 
     fn launch(script: &Path, id: u64, config: &str) -> (ExitStatus, String) {
+        let file = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(file.path(), config).unwrap();
         let out = Command::new(script)
             .env("SD_BUILD_ID", id.to_string())
-            .env("SD_BUILD_CONFIG", config)
+            .env("SD_BUILD_CONFIG_FILE", file.path())
             .env("SD_TIMEOUT", "7")
             .output()
             .expect("run the stand-in");

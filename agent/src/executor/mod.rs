@@ -103,18 +103,19 @@ pub enum ExecError {
 
 impl ExecError {
     /// Whether trying the same build again cannot help: `Rejected` (the build's spec, what the
-    /// API said of its pod, a setting no build can run with) and a build that cannot be encoded.
+    /// API said of its pod, a setting no build can run with), a build that cannot be encoded, and
+    /// one too large for the kernel to start.
     /// Everything else — an API or a Redis that does not answer, this host's launcher or files —
     /// may recover meanwhile, so the build waits and is tried again rather than failed. (Errors
     /// of an executor's construction and `check` are reported, not retried.)
     pub fn is_permanent(&self) -> bool {
         match self {
             ExecError::Rejected(_) | ExecError::Encode { .. } => true,
+            ExecError::Launcher(e) => e.is_permanent(),
             ExecError::Transient(_)
             | ExecError::Kubeconfig { .. }
             | ExecError::NoKubeconfig(_)
             | ExecError::KubeClient { .. }
-            | ExecError::Launcher(_)
             | ExecError::Marker(_)
             | ExecError::MarkerNotDurable { .. }
             | ExecError::Outbox(_)

@@ -192,8 +192,9 @@ impl Inner {
     }
 
     /// Ends the marker (retrying while Redis is unreachable) and sends the final event; the
-    /// event does not wait for a long Redis outage. Once the marker is ended, the exit status
-    /// file is removed (never before: an agent dying in between leaves it to the next one).
+    /// event does not wait for a long Redis outage. Once the marker is ended, the build's
+    /// directory (its exit status) is removed (never before: an agent dying in between leaves it
+    /// to the next one).
     pub(super) async fn finish(&self, id: u64, marker: &mut Marker, status: BuildStatus) {
         let now = unix_ms();
         marker.state = MarkerState::Ended;
@@ -234,8 +235,12 @@ impl Inner {
             tokio::time::sleep(delay).await;
             delay = (delay * 2).min(Duration::from_secs(10));
         };
-        if ended && let Some(path) = &marker.exit_file {
-            let _ = std::fs::remove_file(path);
+        if ended && marker.host == self.host {
+            // Runs launched before build directories left their exit status beside the logs.
+            if let Some(path) = &marker.exit_file {
+                let _ = std::fs::remove_file(path);
+            }
+            self.spawner.clean_up(&marker.launch_id).await;
         }
         if let Some(status) = pending {
             self.send(id, status);

@@ -60,6 +60,7 @@ impl Inner {
         let child = match self.spawner.spawn(build, &timing, &marker.launch_id) {
             Ok(child) => child,
             Err(e) => {
+                self.spawner.clean_up(&marker.launch_id).await;
                 if let Err(re) = self.markers.abandon(id, &self.me.instance).await {
                     warn!(build_id = id, error = %re, "cannot remove the marker of a launch that did not start");
                 }

@@ -28,11 +28,12 @@
 //!
 //! | module | what it owns |
 //! | --- | --- |
-//! | `sys` | `/proc` and libc (the crate's only `unsafe`): host name, boot id, start times, groups, signals, liveness |
+//! | `sys` | `/proc` and libc (the crate's only `unsafe`): host name, boot id, start times, groups, signals, liveness, accounts, dropping privileges |
+//! | `account` | whose account builds run as: resolved and checked from the config; a free uid of a range (pure) |
 //! | `markers` | the launch markers in the local Redis: keys, Lua scripts, [`Marker`], the `Markers` store |
 //! | `outcome` | a run's end in words (pure): exit statuses, [`backstop_reason`], [`STOP_REASON`] |
 //! | `recovery` | what to do with a marker no run of ours follows (pure): skip, adopt or end |
-//! | `spawn` | starting the launcher: program, work dir, log, environment, the exit-status wrapper |
+//! | `spawn` | starting the launcher: program, work dir, the build's own directory and account, log, environment, the exit-status wrapper; removing the directory after |
 //! | `kill` | SIGTERM, grace, SIGKILL; what a launcher left in its group; an orphan's processes |
 //! | `runs` | the runs this executor follows; the one way a run (launched or adopted) is registered |
 //! | `end` | a run followed to its end (our child or adopted), one end handler, the end kept then reported; stops |
@@ -52,6 +53,7 @@ use super::{Events, ExecError, Launched, TimeLimits};
 use crate::config::{ProcessConfig, ScrewdriverConfig};
 use crate::outbox::{EventSink, Outbox};
 
+mod account;
 mod end;
 mod kill;
 mod launch;
@@ -63,6 +65,7 @@ mod runs;
 mod spawn;
 mod sys;
 
+pub use account::AccountError;
 pub use markers::{
     ACTIVE_KEY, ENDED_KEY, HOSTS_KEY, LAUNCH_ID_VAR, LAUNCHES_KEY, MARKER_RETENTION, Marker,
     MarkerError, MarkerState, Owner, STOP_KEY,
@@ -167,14 +170,14 @@ impl ProcessExecutor {
     /// The launcher is an executable file (through `PATH` for a bare name) and the local Redis
     /// answers.
     pub async fn check(&self) -> Result<String, ExecError> {
-        let program = self.inner.spawner.check()?;
+        let (program, run_as) = self.inner.spawner.check()?;
         self.inner
             .markers
             .ping()
             .await
             .map_err(ExecError::RedisDown)?;
         Ok(format!(
-            "launcher {} is executable, local Redis answers, {} build(s) running",
+            "launcher {} is executable, local Redis answers, {} build(s) running; {run_as}",
             program.display(),
             self.in_flight()
         ))

@@ -160,3 +160,177 @@ fn signal_probe(sign: libc::pid_t, id: u32) -> bool {
     let rc = unsafe { libc::kill(sign * id, 0) };
     rc == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
 }
+
+/// The agent's effective uid.
+pub(super) fn euid() -> u32 {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() }
+}
+
+/// `name` as an account: its uid and primary gid, or `None` when there is no such account.
+pub(super) fn user_by_name(name: &str) -> std::io::Result<Option<(u32, u32)>> {
+    let name = std::ffi::CString::new(name).map_err(std::io::Error::other)?;
+    let mut buf = vec![0 as libc::c_char; 16 * 1024];
+    // SAFETY: an all-zero passwd is a valid value for getpwnam_r to overwrite.
+    let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
+    let mut found: *mut libc::passwd = std::ptr::null_mut();
+    // SAFETY: every pointer is valid for the call; `buf.len()` is the size of `buf`, which
+    // getpwnam_r respects; `found` is set to `&pwd` or null.
+    let rc = unsafe {
+        libc::getpwnam_r(
+            name.as_ptr(),
+            &mut pwd,
+            buf.as_mut_ptr(),
+            buf.len(),
+            &mut found,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::from_raw_os_error(rc));
+    }
+    Ok((!found.is_null()).then_some((pwd.pw_uid, pwd.pw_gid)))
+}
+
+/// `name` as a group: its gid, or `None` when there is no such group.
+pub(super) fn group_by_name(name: &str) -> std::io::Result<Option<u32>> {
+    let name = std::ffi::CString::new(name).map_err(std::io::Error::other)?;
+    let mut buf = vec![0 as libc::c_char; 64 * 1024];
+    // SAFETY: an all-zero group is a valid value for getgrnam_r to overwrite.
+    let mut grp: libc::group = unsafe { std::mem::zeroed() };
+    let mut found: *mut libc::group = std::ptr::null_mut();
+    // SAFETY: as in `user_by_name`.
+    let rc = unsafe {
+        libc::getgrnam_r(
+            name.as_ptr(),
+            &mut grp,
+            buf.as_mut_ptr(),
+            buf.len(),
+            &mut found,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::from_raw_os_error(rc));
+    }
+    Ok((!found.is_null()).then_some(grp.gr_gid))
+}
+
+/// Capabilities (bit numbers, `capability.h`) the agent needs to run builds as other users: to
+/// switch to them, to hand them their files, and to signal them.
+pub(super) const SWITCH_CAPABILITIES: [(u32, &str); 4] = [
+    (0, "CAP_CHOWN"),
+    (5, "CAP_KILL"),
+    (6, "CAP_SETGID"),
+    (7, "CAP_SETUID"),
+];
+
+/// Which of [`SWITCH_CAPABILITIES`] this process lacks (none for root).
+pub(super) fn missing_switch_capabilities() -> Vec<&'static str> {
+    if euid() == 0 {
+        return Vec::new();
+    }
+    let effective = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))
+                .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        })
+        .unwrap_or(0);
+    SWITCH_CAPABILITIES
+        .iter()
+        .filter(|(bit, _)| effective & (1 << bit) == 0)
+        .map(|&(_, name)| name)
+        .collect()
+}
+
+/// Uids that own a live process on this host (`/proc/<pid>/status`, real uid).
+pub(super) fn uids_with_processes() -> std::collections::HashSet<u32> {
+    proc_pids()
+        .into_iter()
+        .filter_map(|pid| {
+            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("Uid:"))?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect()
+}
+
+/// `capset(2)`'s header and data (version 3: two 32-bit words per set).
+#[cfg(target_os = "linux")]
+#[repr(C)]
+struct CapHeader {
+    version: u32,
+    pid: libc::c_int,
+}
+
+#[cfg(target_os = "linux")]
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct CapData {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
+}
+
+#[cfg(target_os = "linux")]
+const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
+
+/// In a child between fork and exec: becomes `uid`:`gid` with no supplementary groups and no
+/// capability left (none permitted, inheritable or ambient), sets no-new-privileges so no
+/// set-uid program gives any back, and a umask of 077. Only async-signal-safe calls: no
+/// allocation.
+///
+/// # Safety
+/// To be called only in a forked child before exec (`Command::pre_exec`).
+pub(super) unsafe fn become_user(uid: u32, gid: u32) -> std::io::Result<()> {
+    let check = |rc: libc::c_int| {
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
+    };
+    // SAFETY: plain syscalls on values; `groups` is valid for one gid.
+    unsafe {
+        // What the build writes (in /tmp too) is its own: not readable by other builds.
+        libc::umask(0o077);
+        let groups = [gid];
+        check(libc::setgroups(1, groups.as_ptr()))?;
+        check(libc::setgid(gid))?;
+        check(libc::setuid(uid))?;
+    }
+    #[cfg(target_os = "linux")]
+    // SAFETY: plain syscalls; `header` and `none` outlive the call, `none` holds the two
+    // words version 3 reads.
+    unsafe {
+        // A non-root agent keeps its capabilities across setuid: drop them all.
+        let header = CapHeader {
+            version: LINUX_CAPABILITY_VERSION_3,
+            pid: 0,
+        };
+        let none = [CapData {
+            effective: 0,
+            permitted: 0,
+            inheritable: 0,
+        }; 2];
+        let rc = libc::syscall(libc::SYS_capset, &header, none.as_ptr());
+        check(if rc == 0 { 0 } else { -1 })?;
+        // Ambient capabilities go with the permitted ones; cleared again for old kernels'
+        // sake (EINVAL there: none can exist).
+        let _ = libc::prctl(
+            libc::PR_CAP_AMBIENT,
+            libc::PR_CAP_AMBIENT_CLEAR_ALL,
+            0,
+            0,
+            0,
+        );
+        check(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0))?;
+    }
+    Ok(())
+}
