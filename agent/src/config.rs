@@ -103,6 +103,10 @@ pub struct PollConfig {
 pub struct RedisConfig {
     /// The cluster's own Redis (the local queue). Use AOF and `noeviction`.
     pub url: String,
+    /// A file holding the Redis password (a mounted Secret), read when the config is loaded and
+    /// put into `url` (which must then carry none): the password stays out of the config file,
+    /// the environment and the command line. One trailing newline is dropped.
+    pub password_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -176,8 +180,21 @@ pub struct KubernetesConfig {
     pub dns_policy: DnsPolicy,
     /// The pod's `runtimeClassName` (e.g. gVisor, Kata), also the launcher's `SD_RUNTIME_CLASS`.
     pub runtime_class: Option<String>,
-    /// Runs the build container privileged (executor-k8s `privileged`).
+    /// Runs the build container privileged (executor-k8s `privileged`); needs `pod_security =
+    /// "privileged"`.
     pub privileged: bool,
+    /// The Pod Security level the builds' namespace enforces (its
+    /// `pod-security.kubernetes.io/enforce` label). Settings that level would refuse are
+    /// refused at start-up instead, so no build finds out at admission.
+    pub pod_security: PodSecurity,
+    /// The build container's `allowPrivilegeEscalation`. Off, setuid programs (`sudo`) cannot
+    /// gain privileges; images whose user is not root need it on, since the launcher's
+    /// entrypoint then uses `sudo` to create `/sd`.
+    pub allow_privilege_escalation: bool,
+    /// Capabilities dropped from the build container (which keeps the runtime's default set
+    /// less these: builds run as root and install packages). `NET_RAW` by default, so build
+    /// code cannot forge packets on the node's network.
+    pub drop_capabilities: Vec<String>,
     pub extra_labels: BTreeMap<String, String>,
     /// Annotations added to every build pod (executor-k8s `annotations`).
     pub pod_annotations: BTreeMap<String, String>,
@@ -230,6 +247,30 @@ pub struct KubernetesConfig {
     /// Finished pods are deleted after this long.
     #[serde(with = "humantime_serde")]
     pub finished_pod_ttl: Duration,
+}
+
+/// A Pod Security Standards level, as the namespace label spells it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PodSecurity {
+    /// Named so the refusal can say why builds cannot meet it (see `check_kubernetes_security`).
+    Restricted,
+    /// No privileged containers, host namespaces or host paths; the runtime's default seccomp
+    /// profile and capabilities. What builds need.
+    Baseline,
+    /// Anything: for clusters that offer privileged builds, docker-in-docker or host paths.
+    Privileged,
+}
+
+impl PodSecurity {
+    /// The namespace label's value.
+    pub fn label(self) -> &'static str {
+        match self {
+            PodSecurity::Restricted => "restricted",
+            PodSecurity::Baseline => "baseline",
+            PodSecurity::Privileged => "privileged",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -555,7 +596,59 @@ impl Default for RedisConfig {
     fn default() -> Self {
         Self {
             url: "redis://127.0.0.1:6379".into(),
+            password_file: None,
         }
+    }
+}
+
+impl RedisConfig {
+    /// Puts the password `password_file` holds into `url`.
+    fn read_password_file(&mut self) -> Result<(), ConfigError> {
+        const KEY: &str = "redis.password_file";
+        let Some(file) = &self.password_file else {
+            return Ok(());
+        };
+        let text = std::fs::read_to_string(file).map_err(|source| ConfigError::ReadKeyFile {
+            key: KEY.into(),
+            path: file.clone(),
+            source,
+        })?;
+        let password = text
+            .strip_suffix('\n')
+            .map(|t| t.strip_suffix('\r').unwrap_or(t))
+            .unwrap_or(&text);
+        if password.is_empty() || password.chars().any(char::is_control) {
+            return Err(invalid(
+                KEY,
+                format!("{} must hold the password on one line", file.display()),
+            ));
+        }
+        let mut url = reqwest::Url::parse(&self.url)
+            .map_err(|e| invalid("redis.url", format!("not a valid Redis URL: {e}")))?;
+        if !matches!(url.scheme(), "redis" | "rediss") {
+            return Err(invalid(KEY, "needs a redis:// or rediss:// redis.url"));
+        }
+        if url.password().is_some() {
+            return Err(invalid(
+                KEY,
+                "redis.url carries a password already: set one or the other",
+            ));
+        }
+        // Every byte but unreserved ones percent-encoded (`url` would leave `%` as it is), and
+        // decoded by the redis crate: any password survives the URL.
+        let encoded: String = password
+            .bytes()
+            .map(|b| match b {
+                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                    char::from(b).to_string()
+                }
+                _ => format!("%{b:02X}"),
+            })
+            .collect();
+        url.set_password(Some(&encoded))
+            .map_err(|()| invalid(KEY, "redis.url names no host to give the password to"))?;
+        self.url = url.into();
+        Ok(())
     }
 }
 
@@ -577,6 +670,9 @@ impl Default for KubernetesConfig {
             dns_policy: DnsPolicy::ClusterFirst,
             runtime_class: None,
             privileged: false,
+            pod_security: PodSecurity::Baseline,
+            allow_privilege_escalation: false,
+            drop_capabilities: vec!["NET_RAW".into()],
             extra_labels: BTreeMap::new(),
             pod_annotations: BTreeMap::new(),
             lifecycle_hooks: None,
@@ -657,8 +753,9 @@ impl Config {
         path: &Path,
         vars: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Self, ConfigError> {
-        let config: Config =
+        let mut config: Config =
             sd_protocol::env::parse_config(text, path, ENV_PREFIX, SECTIONS, vars)?;
+        config.redis.read_password_file()?;
         config.validate()?;
         Ok(config)
     }
@@ -796,6 +893,11 @@ impl TimeLimits {
 }
 
 impl KubernetesConfig {
+    /// What `Config::load` checks of this section: the pod builder relies on it.
+    pub fn check(&self) -> Result<(), ConfigError> {
+        check_kubernetes(self)
+    }
+
     pub fn limits(&self) -> TimeLimits {
         TimeLimits {
             default_timeout: self.default_timeout,
@@ -892,7 +994,49 @@ fn check_kubernetes(k: &KubernetesConfig) -> Result<(), ConfigError> {
     check_kubernetes_basics(k)?;
     check_kubernetes_names(k)?;
     check_kubernetes_volumes(k)?;
-    check_kubernetes_secrets(k)
+    check_kubernetes_secrets(k)?;
+    check_kubernetes_security(k)
+}
+
+/// What the builds' namespace admits (`pod_security`) against what the pods would ask for.
+fn check_kubernetes_security(k: &KubernetesConfig) -> Result<(), ConfigError> {
+    let key = kube_key;
+    match k.pod_security {
+        PodSecurity::Restricted => {
+            return Err(invalid(
+                &key("pod_security"),
+                "builds cannot meet \"restricted\": the launcher runs as the build image's user and, when that is not root, creates /sd with sudo, which restricted forbids (runAsNonRoot, no privilege escalation); label the builds' namespace baseline and set \"baseline\"",
+            ));
+        }
+        PodSecurity::Baseline => {
+            let asks = [
+                ("privileged", k.privileged),
+                ("docker_enabled", k.docker_enabled),
+                ("host_volumes", !k.host_volumes.is_empty()),
+            ];
+            if let Some((name, _)) = asks.iter().find(|(_, on)| *on) {
+                return Err(invalid(
+                    &key(name),
+                    "needs privileged build pods, which a namespace at Pod Security baseline refuses: label the builds' namespace pod-security.kubernetes.io/enforce=privileged and set executor.kubernetes.pod_security = \"privileged\"",
+                ));
+            }
+        }
+        PodSecurity::Privileged => {}
+    }
+    // Kubernetes' spelling: `ALL`, or a capability without its `CAP_` prefix.
+    if let Some(c) = k.drop_capabilities.iter().find(|c| {
+        c.starts_with("CAP_")
+            || c.is_empty()
+            || !c.bytes().all(|b| b.is_ascii_uppercase() || b == b'_')
+    }) {
+        return Err(invalid(
+            &key("drop_capabilities"),
+            format!(
+                "{c:?} is not a capability as Kubernetes names them (ALL, NET_RAW, SYS_ADMIN, …)"
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// The name of a key of `[executor.kubernetes]`, as refusals show it.
@@ -1408,6 +1552,32 @@ mod tests {
                 "build_secret_files = [{ name = \"Bad\", mount_path = \"/s\", secret_name = \"s\" }]",
                 "executor.kubernetes.build_secret_files",
             ),
+            // What Pod Security baseline (the default level) would refuse at admission.
+            ("privileged = true", "executor.kubernetes.privileged"),
+            (
+                "docker_enabled = true",
+                "executor.kubernetes.docker_enabled",
+            ),
+            (
+                "host_volumes = [{ name = \"kvm\", mount_path = \"/dev/kvm\", path = \"/dev/kvm\" }]",
+                "executor.kubernetes.host_volumes",
+            ),
+            (
+                "pod_security = \"restricted\"",
+                "executor.kubernetes.pod_security",
+            ),
+            (
+                "pod_security = \"Baseline\"",
+                "executor.kubernetes.pod_security",
+            ),
+            (
+                "drop_capabilities = [\"CAP_NET_RAW\"]",
+                "executor.kubernetes.drop_capabilities",
+            ),
+            (
+                "drop_capabilities = [\"net_raw\"]",
+                "executor.kubernetes.drop_capabilities",
+            ),
         ] {
             let text = format!("{k8s}[executor.kubernetes]\n{section}\n");
             match parse(&text, &[]) {
@@ -1432,6 +1602,15 @@ mod tests {
             let text = format!("{k8s}[executor.kubernetes]\nprefix = \"{prefix}\"\n");
             assert!(parse(&text, &[]).is_ok(), "{prefix}");
         }
+        // The same settings in a namespace that admits privileged pods.
+        let privileged = format!(
+            "{k8s}[executor.kubernetes]\npod_security = \"privileged\"\nprivileged = true\ndocker_enabled = true\nhost_volumes = [{{ name = \"kvm\", mount_path = \"/dev/kvm\", path = \"/dev/kvm\" }}]\ndrop_capabilities = [\"ALL\"]\n"
+        );
+        let k = parse(&privileged, &[]).unwrap().executor.kubernetes;
+        assert_eq!(
+            (k.pod_security, k.privileged, k.drop_capabilities),
+            (PodSecurity::Privileged, true, vec!["ALL".to_owned()])
+        );
         for level in [
             "warn",
             "info,sd_agent=debug",
@@ -1474,6 +1653,86 @@ mod tests {
     }
 
     #[test]
+    fn builds_are_hardened_by_default() {
+        let key = key_file();
+        let k8s = minimal(key.path()).replace("kind = \"process\"", "kind = \"kubernetes\"");
+        let k = parse(&k8s, &[]).unwrap().executor.kubernetes;
+        assert_eq!(k.pod_security, PodSecurity::Baseline);
+        assert!(!k.allow_privilege_escalation && !k.privileged && !k.docker_enabled);
+        assert_eq!(k.drop_capabilities, ["NET_RAW"]);
+    }
+
+    #[test]
+    fn the_redis_password_comes_from_its_file() {
+        let key = key_file();
+        let base = minimal(key.path());
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("password");
+        let with_file = |url: &str| {
+            format!(
+                "{base}[redis]\nurl = \"{url}\"\npassword_file = \"{}\"\n",
+                file.display()
+            )
+        };
+        // A Secret's file often ends in a newline; characters a URL reserves are encoded.
+        std::fs::write(&file, "s3cr:t/@#%41\n").unwrap();
+        let c = parse(&with_file("redis://sd-agent-redis.sd-agent.svc:6379"), &[]).unwrap();
+        assert_eq!(
+            c.redis.url,
+            "redis://:s3cr%3At%2F%40%23%2541@sd-agent-redis.sd-agent.svc:6379"
+        );
+        let info = redis::Client::open(c.redis.url.as_str())
+            .unwrap()
+            .get_connection_info()
+            .redis_settings()
+            .password()
+            .map(str::to_owned);
+        assert_eq!(info.as_deref(), Some("s3cr:t/@#%41"), "what Redis is sent");
+        // An ACL user named in the URL keeps its name.
+        let c = parse(&with_file("rediss://sd-agent@redis.example:6380/2"), &[]).unwrap();
+        assert_eq!(
+            c.redis.url,
+            "rediss://sd-agent:s3cr%3At%2F%40%23%2541@redis.example:6380/2"
+        );
+        // Set by the variable the DaemonSet could use instead of the file key.
+        let over = parse(
+            &format!("{base}[redis]\nurl = \"redis://r:6379\"\n"),
+            &[(
+                "SD_AGENT_REDIS_PASSWORD_FILE",
+                file.display().to_string().as_str(),
+            )],
+        )
+        .unwrap();
+        assert_eq!(over.redis.url, "redis://:s3cr%3At%2F%40%23%2541@r:6379");
+
+        let refused = |text: String| match parse(&text, &[]) {
+            Err(e @ (ConfigError::Invalid { .. } | ConfigError::ReadKeyFile { .. })) => {
+                assert!(e.to_string().contains("redis."), "{e}");
+                e
+            }
+            other => panic!("{text}: {other:?}"),
+        };
+        let both = refused(with_file("redis://:inline@r:6379"));
+        assert!(both.to_string().contains("one or the other"), "{both}");
+        assert!(matches!(
+            refused(with_file("unix:///run/redis.sock")),
+            ConfigError::Invalid { .. }
+        ));
+        for content in ["", "\n", "two\nlines\n"] {
+            std::fs::write(&file, content).unwrap();
+            refused(with_file("redis://r:6379"));
+        }
+        std::fs::remove_file(&file).unwrap();
+        match refused(with_file("redis://r:6379")) {
+            ConfigError::ReadKeyFile { key, path, source } => {
+                assert_eq!((key.as_str(), path), ("redis.password_file", file.clone()));
+                assert_eq!(source.kind(), std::io::ErrorKind::NotFound);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
     fn example_config_is_valid() {
         let key = key_file();
         let text = include_str!("../../config/agent.toml").replace(
@@ -1501,17 +1760,28 @@ mod tests {
         assert!(text.contains("[cluster]"), "{text}");
         let key = key_file();
         let key_path = key.path().display().to_string();
+        let password = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(password.path(), "0123abcd").unwrap();
+        let password_path = password.path().display().to_string();
         let c = parse(
             &text,
             &[
                 ("SD_AGENT_AUTH_PRIVATE_KEY_FILE", key_path.as_str()),
-                (
-                    "SD_AGENT_REDIS_URL",
-                    "redis://:0123abcd@sd-agent-redis.sd-agent.svc:6379",
-                ),
+                ("SD_AGENT_REDIS_PASSWORD_FILE", password_path.as_str()),
             ],
         )
         .unwrap();
+        assert_eq!(
+            c.redis.url,
+            "redis://:0123abcd@sd-agent-redis.sd-agent.svc:6379"
+        );
+        assert!(
+            text.contains("password_file = \"/etc/sd-agent/redis/password\"")
+                && manifest.contains(
+                    "{name: redis-password, mountPath: /etc/sd-agent/redis, readOnly: true}"
+                ),
+            "the password file is where the Secret is mounted"
+        );
         assert_eq!(c.executor.kind, ExecutorKind::Kubernetes);
         assert_eq!(c.health.listen.port(), 8081);
         // On an emptyDir: it outlives a restart of the container, so the restarted agent takes
@@ -1521,7 +1791,15 @@ mod tests {
             Some(Path::new("/var/lib/sd-agent/instance"))
         );
         assert!(manifest.contains("{name: state, mountPath: /var/lib/sd-agent}"));
-        assert!(manifest.contains("- {name: state, emptyDir: {}}"));
-        assert!(manifest.contains("value: \"redis://:$(REDIS_PASSWORD)@sd-agent-redis"));
+        assert!(manifest.contains("- name: state\n          emptyDir: {sizeLimit: 1Mi}"));
+        // No password on a command line or in an environment variable, on either side.
+        assert!(
+            !manifest.contains("--requirepass"),
+            "redis-server's arguments"
+        );
+        assert!(
+            !manifest.contains("secretKeyRef"),
+            "Secrets are mounted as files"
+        );
     }
 }

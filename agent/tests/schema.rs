@@ -14,7 +14,7 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use sd_agent::config::{
-    BuildSecret, BuildSecretFile, DnsPolicy, HostVolume, KubernetesConfig, PullPolicy,
+    BuildSecret, BuildSecretFile, DnsPolicy, HostVolume, KubernetesConfig, PodSecurity, PullPolicy,
     ResourceTable, ScrewdriverConfig, Toleration,
 };
 use sd_agent::executor::kubernetes::build_pod;
@@ -257,6 +257,7 @@ fn cases() -> Vec<(String, StartMessage, KubernetesConfig)> {
         dns_policy: DnsPolicy::ClusterFirstWithHostNet,
         image_pull_policy: PullPolicy::IfNotPresent,
         privileged: true,
+        pod_security: PodSecurity::Privileged,
         automount_service_account_token: true,
         service_account: Some("sd-build".into()),
         hab_enabled: false,
@@ -320,6 +321,24 @@ fn cases() -> Vec<(String, StartMessage, KubernetesConfig)> {
             build(json!({"screwdriver.cd/dockerEnabled": true})),
             KubernetesConfig {
                 docker_enabled: true,
+                pod_security: PodSecurity::Privileged,
+                ..base()
+            },
+        ),
+        (
+            "privilege-escalation-all-capabilities-dropped".to_owned(),
+            build(json!({})),
+            KubernetesConfig {
+                allow_privilege_escalation: true,
+                drop_capabilities: vec!["ALL".into()],
+                ..base()
+            },
+        ),
+        (
+            "no-capabilities-dropped".to_owned(),
+            build(json!({})),
+            KubernetesConfig {
+                drop_capabilities: Vec::new(),
                 ..base()
             },
         ),
@@ -327,6 +346,7 @@ fn cases() -> Vec<(String, StartMessage, KubernetesConfig)> {
             "lifecycle-volumes-secrets".to_owned(),
             build(json!({})),
             KubernetesConfig {
+                pod_security: PodSecurity::Privileged,
                 lifecycle_hooks: screwdriver_everything.lifecycle_hooks.clone(),
                 host_volumes: screwdriver_everything.host_volumes.clone(),
                 build_secrets: screwdriver_everything.build_secrets.clone(),
@@ -462,6 +482,9 @@ fn every_pod_and_manifest_passes_the_strict_kubernetes_schemas() {
                 .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-.".contains(&b)),
             "case name {name:?}: use [a-z0-9.-], it becomes a file name"
         );
+        config
+            .check()
+            .unwrap_or_else(|e| panic!("case {name}: not a config the agent starts with: {e}"));
         let pod = build_pod(start, config, &screwdriver())
             .unwrap_or_else(|e| panic!("case {name}: the pod builder refused it: {e}"));
         let text = serde_json::to_string_pretty(&pod).unwrap();

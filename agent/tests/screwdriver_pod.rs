@@ -12,7 +12,9 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use sd_agent::config::{DnsPolicy, KubernetesConfig, PullPolicy, ResourceTable, ScrewdriverConfig};
+use sd_agent::config::{
+    DnsPolicy, KubernetesConfig, PodSecurity, PullPolicy, ResourceTable, ScrewdriverConfig,
+};
 use sd_agent::executor::ExecError;
 use sd_agent::executor::kubernetes::build_pod;
 use sd_protocol::StartMessage;
@@ -67,6 +69,8 @@ fn our_config(executor: &Value) -> (KubernetesConfig, ScrewdriverConfig) {
             .unwrap_or("screwdrivercd/launcher"),
         executor["launchVersion"].as_str().unwrap_or("stable"),
     );
+    let privileged = k["privileged"].as_bool().unwrap_or(false);
+    let docker_enabled = k["dockerFeatureEnabled"].as_bool().unwrap_or(false);
     let config = KubernetesConfig {
         namespace: text(&k["jobsNamespace"]).unwrap_or_else(|| "default".into()),
         prefix: text(&executor["prefix"]).unwrap_or_default(),
@@ -95,8 +99,14 @@ fn our_config(executor: &Value) -> (KubernetesConfig, ScrewdriverConfig) {
         pod_annotations: map(&k["annotations"]),
         lifecycle_hooks: (!k["lifecycleHooks"].is_null())
             .then(|| serde_json::from_value(k["lifecycleHooks"].clone()).unwrap()),
-        privileged: k["privileged"].as_bool().unwrap_or(false),
-        docker_enabled: k["dockerFeatureEnabled"].as_bool().unwrap_or(false),
+        privileged,
+        docker_enabled,
+        // executor-k8s has no such setting: the level that admits what its options ask for.
+        pod_security: if privileged || docker_enabled {
+            PodSecurity::Privileged
+        } else {
+            PodSecurity::Baseline
+        },
         disk_speed_label: text(&k["resources"]["disk"]["speed"]),
         hab_enabled: executor["sdHabEnabled"].as_str() != Some("false"),
         service_account: text(&k["serviceAccount"]),
@@ -253,12 +263,49 @@ fn deliberate_differences(ours: &mut Value, theirs: &mut Value, margin: u64) {
             }
         }
     }
-    // 11. The docker-in-docker sidecar pulls with the pod's pull policy (executor-k8s leaves its
-    //     image's default, which for a fixed tag is IfNotPresent).
+    // 11. The docker-in-docker sidecar and the launcher's init container pull with the pod's
+    //     pull policy (executor-k8s leaves their images' default, which for a tag other than
+    //     `latest` is IfNotPresent: a node would keep a moving tag such as the launcher's
+    //     `stable` as it first pulled it).
     for c in containers_mut(ours) {
-        if c["name"] == "dind" {
+        if c["name"] == "dind" || c["name"] == "launcher" {
             c.as_object_mut().unwrap().remove("imagePullPolicy");
         }
+    }
+    // 12. Security contexts (see the function).
+    security_differences(ours, theirs);
+}
+
+/// 12. Security contexts: executor-k8s sets only the build container's `privileged`. Ours adds
+///     the runtime's default seccomp profile to the pod; no privilege escalation and no
+///     `NET_RAW` to a build container that is not privileged (both configurable:
+///     `allow_privilege_escalation`, `drop_capabilities`); and an init container that needs
+///     no privilege escalation, keeps its root file system read-only and only the capabilities
+///     of the launcher copy. Pod Security baseline admits all of it.
+fn security_differences(ours: &mut Value, theirs: &Value) {
+    let spec = ours["spec"].as_object_mut().unwrap();
+    assert_eq!(
+        spec.remove("securityContext"),
+        Some(json!({"seccompProfile": {"type": "RuntimeDefault"}}))
+    );
+    let init = ours["spec"]["initContainers"][0].as_object_mut().unwrap();
+    assert_eq!(
+        init.remove("securityContext"),
+        Some(json!({
+            "privileged": false,
+            "allowPrivilegeEscalation": false,
+            "readOnlyRootFilesystem": true,
+            "capabilities": {"drop": ["ALL"], "add": ["CHOWN", "DAC_OVERRIDE", "FOWNER", "FSETID"]},
+        }))
+    );
+    let build = &mut ours["spec"]["containers"][0]["securityContext"];
+    if theirs["spec"]["containers"][0]["securityContext"]["privileged"] == json!(false) {
+        let build = build.as_object_mut().unwrap();
+        assert_eq!(build.remove("allowPrivilegeEscalation"), Some(json!(false)));
+        assert_eq!(
+            build.remove("capabilities"),
+            Some(json!({"drop": ["NET_RAW"]}))
+        );
     }
 }
 

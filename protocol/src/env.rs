@@ -86,6 +86,13 @@ pub enum ConfigError {
     },
     #[error("config key {key}: {reason}")]
     Invalid { key: String, reason: String },
+    /// A file a key names (a password file, say) that the loader reads itself.
+    #[error("config key {key}: cannot read {path}: {source}")]
+    ReadKeyFile {
+        key: String,
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
 }
 
 impl ConfigError {

@@ -116,28 +116,44 @@ free_port() {
 # absolute path of its command. Pinned: a release carries the schemas of every Kubernetes minor
 # from 1.25 up to its own version (1.37.0: 1.25–1.37), and the test needs the newest one we
 # support. Raise the pin when agent/tests/schema.rs supports a newer Kubernetes.
-#
-# It goes into its own virtual environment under target/ (ignored by git, removed by cargo clean,
-# rebuilt on the next run), never into the system's Python: Debian's python3 refuses `pip install`
-# (PEP 668, "externally-managed-environment"), and --break-system-packages would mix PyPI's
-# PyYAML/jsonschema with Debian's python3-* packages. Needs python3 (and Debian's python3-venv,
-# installed when python3 has no ensurepip) and PyPI. An existing install of the pinned version
-# is reused silently (one `--version` call); SD_KUBERNETES_VALIDATE already set to another
-# command is used as it is.
 KUBERNETES_VALIDATE_VERSION=1.37.0
 ensure_kubernetes_validate() {
-    local root venv bin
+    _ensure_pip_tool kubernetes-validate "$KUBERNETES_VALIDATE_VERSION" SD_KUBERNETES_VALIDATE
+}
+
+# checkov (PyPI): the policy scanner agent/tests/policy.rs runs over deploy/kubernetes/ and the
+# build pods the agent makes (its Kubernetes checks; every skipped check is justified where it
+# is skipped). Exports SD_CHECKOV, the absolute path of its command; the test also reads YAML
+# with the Python beside it (checkov depends on PyYAML). Pinned, so a new release's new checks
+# arrive with a deliberate raise of the pin (and a look at what they flag), never mid-CI.
+CHECKOV_VERSION=3.3.30
+ensure_checkov() {
+    _ensure_pip_tool checkov "$CHECKOV_VERSION" SD_CHECKOV
+}
+
+# _ensure_pip_tool NAME VERSION VAR: the PyPI package NAME==VERSION, whose command is also NAME,
+# installed into its own virtual environment under target/ (ignored by git, removed by cargo
+# clean, rebuilt on the next run), never into the system's Python: Debian's python3 refuses
+# `pip install` (PEP 668, "externally-managed-environment"), and --break-system-packages would
+# mix PyPI's packages with Debian's python3-* ones. Needs python3 (and Debian's python3-venv,
+# installed when python3 has no ensurepip) and PyPI. An existing install of the pinned version
+# is reused silently (one `--version` call); VAR already set to another command is used as it
+# is. Exports VAR, the absolute path of the command.
+_ensure_pip_tool() {
+    local name=$1 version=$2 var=$3
+    local root venv bin preset
     root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
-    venv=$root/target/tools/kubernetes-validate
-    bin=$venv/bin/kubernetes-validate
-    if [ -n "${SD_KUBERNETES_VALIDATE:-}" ] && [ "$SD_KUBERNETES_VALIDATE" != "$bin" ]; then
-        "$SD_KUBERNETES_VALIDATE" --version >/dev/null 2>&1 \
-            || die "SD_KUBERNETES_VALIDATE=$SD_KUBERNETES_VALIDATE does not run ($SD_KUBERNETES_VALIDATE --version failed); unset it to have kubernetes-validate $KUBERNETES_VALIDATE_VERSION installed under target/tools"
-        say "kubernetes-validate: SD_KUBERNETES_VALIDATE is set; using $SD_KUBERNETES_VALIDATE ($("$SD_KUBERNETES_VALIDATE" --version 2>&1)) as it is"
+    venv=$root/target/tools/$name
+    bin=$venv/bin/$name
+    preset=${!var:-}
+    if [ -n "$preset" ] && [ "$preset" != "$bin" ]; then
+        "$preset" --version >/dev/null 2>&1 \
+            || die "$var=$preset does not run ($preset --version failed); unset it to have $name $version installed under target/tools"
+        say "$name: $var is set; using $preset ($("$preset" --version 2>&1)) as it is"
         return
     fi
-    if [ "$("$bin" --version 2>/dev/null)" = "$KUBERNETES_VALIDATE_VERSION" ]; then
-        export SD_KUBERNETES_VALIDATE=$bin
+    if [ "$("$bin" --version 2>/dev/null)" = "$version" ]; then
+        export "$var=$bin"
         return
     fi
 
@@ -145,23 +161,23 @@ ensure_kubernetes_validate() {
     mkdir -p "$root/target/tools"
     # Scripts started at once in this checkout install it once; the others wait, then reuse it.
     local lock
-    exec {lock}>"$root/target/tools/kubernetes-validate.lock"
+    exec {lock}>"$root/target/tools/$name.lock"
     flock "$lock" 2>/dev/null || true
-    if [ "$("$bin" --version 2>/dev/null)" != "$KUBERNETES_VALIDATE_VERSION" ]; then
-        _install_kubernetes_validate "$venv" || { exec {lock}>&-; die "could not install kubernetes-validate $KUBERNETES_VALIDATE_VERSION into $venv (see above)"; }
+    if [ "$("$bin" --version 2>/dev/null)" != "$version" ]; then
+        _install_pip_tool "$venv" "$name==$version" || { exec {lock}>&-; die "could not install $name $version into $venv (see above)"; }
     fi
     exec {lock}>&-
-    [ "$("$bin" --version 2>/dev/null)" = "$KUBERNETES_VALIDATE_VERSION" ] \
-        || die "kubernetes-validate $KUBERNETES_VALIDATE_VERSION still does not run after installing it: $bin --version"
-    export SD_KUBERNETES_VALIDATE=$bin
+    [ "$("$bin" --version 2>/dev/null)" = "$version" ] \
+        || die "$name $version still does not run after installing it: $bin --version"
+    export "$var=$bin"
 }
 
-# The virtual environment $1 with pip and kubernetes-validate==$KUBERNETES_VALIDATE_VERSION; an
-# existing one is upgraded in place when it works, else made again. Prints pip's output only when
-# something fails.
-_install_kubernetes_validate() {
-    local venv=$1 log=$1.log
-    say "installing kubernetes-validate $KUBERNETES_VALIDATE_VERSION from PyPI into ${venv#"$PWD"/}"
+# The virtual environment $1 with pip and the requirement $2; an existing one is upgraded in
+# place when it works, else made again. Prints pip's output only when something fails.
+_install_pip_tool() {
+    local venv=$1 requirement=$2 log=$1.log
+    local started=$SECONDS
+    say "installing $requirement from PyPI into ${venv#"$PWD"/}"
     # A user's pip configuration must not send the install elsewhere (--user, --target, --prefix).
     local -a pip_env=(env -u PIP_TARGET -u PIP_PREFIX -u PIP_REQUIRE_VIRTUALENV PIP_USER=0
         PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1)
@@ -175,7 +191,8 @@ _install_kubernetes_validate() {
                 || { cat "$log" >&2; echo "python3 cannot create a virtual environment (python3 -m venv)" >&2; return 1; }
         fi
     fi
-    "${pip_env[@]}" "$venv/bin/python" -m pip install -q "kubernetes-validate==$KUBERNETES_VALIDATE_VERSION" >>"$log" 2>&1 \
+    "${pip_env[@]}" "$venv/bin/python" -m pip install -q "$requirement" >>"$log" 2>&1 \
         || { cat "$log" >&2; return 1; }
     rm -f "$log"
+    say "installed $requirement in $((SECONDS - started)) s"
 }

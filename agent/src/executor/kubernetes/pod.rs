@@ -9,11 +9,12 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{
-    Affinity, Container, DownwardAPIVolumeFile, DownwardAPIVolumeSource, EmptyDirVolumeSource,
-    EnvVar, EnvVarSource, HostPathVolumeSource, LocalObjectReference, NodeAffinity, NodeSelector,
-    NodeSelectorRequirement, NodeSelectorTerm, ObjectFieldSelector, Pod, PodSpec,
-    PreferredSchedulingTerm, ResourceFieldSelector, ResourceRequirements, SecretKeySelector,
-    SecretVolumeSource, SecurityContext, Toleration as PodToleration, Volume, VolumeMount,
+    Affinity, Capabilities, Container, DownwardAPIVolumeFile, DownwardAPIVolumeSource,
+    EmptyDirVolumeSource, EnvVar, EnvVarSource, HostPathVolumeSource, LocalObjectReference,
+    NodeAffinity, NodeSelector, NodeSelectorRequirement, NodeSelectorTerm, ObjectFieldSelector,
+    Pod, PodSecurityContext, PodSpec, PreferredSchedulingTerm, ResourceFieldSelector,
+    ResourceRequirements, SeccompProfile, SecretKeySelector, SecretVolumeSource, SecurityContext,
+    Toleration as PodToleration, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -104,10 +105,7 @@ pub fn build_pod(
         name: BUILD_CONTAINER.into(),
         image: Some(build.container.clone()),
         image_pull_policy: Some(pull_policy(config.image_pull_policy).into()),
-        security_context: Some(SecurityContext {
-            privileged: Some(config.privileged),
-            ..Default::default()
-        }),
+        security_context: Some(build_security(config)),
         resources: Some(build_resources.clone()),
         env: Some(env),
         command: Some(vec![format!("{LAUNCHER_DIR}/launcher_entrypoint.sh")]),
@@ -140,6 +138,15 @@ pub fn build_pod(
             active_deadline_seconds: i64::try_from(timing.backstop.as_secs()).ok(),
             termination_grace_period_seconds: i64::try_from(timing.grace.as_secs()).ok(),
             dns_policy: Some(dns_policy(config.dns_policy).into()),
+            // The runtime's default seccomp profile for every container (a privileged one, which
+            // only `pod_security = "privileged"` allows, runs unconfined whatever is set).
+            security_context: Some(PodSecurityContext {
+                seccomp_profile: Some(SeccompProfile {
+                    type_: "RuntimeDefault".into(),
+                    localhost_profile: None,
+                }),
+                ..Default::default()
+            }),
             runtime_class_name: config.runtime_class.clone(),
             init_containers: Some(vec![launcher_container(config, build_resources)]),
             containers,
@@ -239,11 +246,59 @@ fn secret_env(config: &KubernetesConfig) -> impl Iterator<Item = EnvVar> + '_ {
     })
 }
 
+/// The build container's: what Pod Security baseline admits, hardened as far as builds allow.
+/// Builds run as the image's user (root in most images, installing packages), so they keep the
+/// runtime's default capabilities less `drop_capabilities`, and a writable root file system
+/// (the launcher creates `/sd` there). A privileged container gets only `privileged`: the API
+/// server refuses it with `allowPrivilegeEscalation: false`, and dropping capabilities from it
+/// would mean nothing.
+fn build_security(config: &KubernetesConfig) -> SecurityContext {
+    if config.privileged {
+        return SecurityContext {
+            privileged: Some(true),
+            ..Default::default()
+        };
+    }
+    SecurityContext {
+        privileged: Some(false),
+        allow_privilege_escalation: Some(config.allow_privilege_escalation),
+        capabilities: (!config.drop_capabilities.is_empty()).then(|| Capabilities {
+            add: None,
+            drop: Some(config.drop_capabilities.clone()),
+        }),
+        ..Default::default()
+    }
+}
+
+/// Capabilities the launcher copy keeps: `cp -a` as root keeps each file's owner, mode and
+/// times (`CHOWN`, `FOWNER`, `FSETID`) and reads whatever the image holds (`DAC_OVERRIDE`).
+/// All four are in the set Pod Security baseline allows.
+const LAUNCHER_CAPABILITIES: [&str; 4] = ["CHOWN", "DAC_OVERRIDE", "FOWNER", "FSETID"];
+
+/// The init container's: it only copies files from its image into the pod's volumes, so it
+/// needs no privilege escalation, no write to its own root and no capability beyond the copy's.
+fn launcher_security() -> SecurityContext {
+    SecurityContext {
+        privileged: Some(false),
+        allow_privilege_escalation: Some(false),
+        read_only_root_filesystem: Some(true),
+        capabilities: Some(Capabilities {
+            add: Some(LAUNCHER_CAPABILITIES.map(str::to_owned).to_vec()),
+            drop: Some(vec!["ALL".into()]),
+        }),
+        ..Default::default()
+    }
+}
+
 /// The init container that copies the launcher into the pod.
 fn launcher_container(config: &KubernetesConfig, resources: ResourceRequirements) -> Container {
     Container {
         name: LAUNCHER_CONTAINER.into(),
         image: Some(config.launcher_image.clone()),
+        // The pod's pull policy: a moving tag (`stable`, the default) is otherwise never
+        // refreshed on a node that has it.
+        image_pull_policy: Some(pull_policy(config.image_pull_policy).into()),
+        security_context: Some(launcher_security()),
         command: Some(vec!["/bin/sh".into(), "-c".into(), LAUNCHER_COPY.into()]),
         volume_mounts: Some(vec![
             mount("screwdriver", LAUNCHER_COPY_DIR, false),
@@ -815,6 +870,7 @@ mod tests {
         assert_eq!(spec.automount_service_account_token, Some(false));
         let init = &spec.init_containers.as_ref().unwrap()[0];
         assert_eq!(init.image.as_deref(), Some("screwdrivercd/launcher:v6"));
+        assert_eq!(init.image_pull_policy.as_deref(), Some("Always"));
         assert_eq!(
             init.volume_mounts.as_ref().unwrap()[0].mount_path,
             "/opt/launcher"
@@ -1109,6 +1165,74 @@ mod tests {
                 .privileged,
             Some(false),
             "only the sidecar is privileged"
+        );
+    }
+
+    #[test]
+    fn build_pods_are_hardened_as_far_as_the_launcher_allows() {
+        let pod = build_pod(&build(json!({})), &config(), &screwdriver()).unwrap();
+        let spec = pod.spec.unwrap();
+        let seccomp = spec.security_context.unwrap().seccomp_profile.unwrap();
+        assert_eq!(seccomp.type_, "RuntimeDefault");
+        let c = spec.containers[0].security_context.clone().unwrap();
+        assert_eq!(
+            (c.privileged, c.allow_privilege_escalation),
+            (Some(false), Some(false))
+        );
+        let caps = c.capabilities.unwrap();
+        assert_eq!(
+            (caps.add, caps.drop),
+            (None, Some(vec!["NET_RAW".to_owned()]))
+        );
+        assert_eq!(
+            c.read_only_root_filesystem, None,
+            "the launcher creates /sd at the image's root"
+        );
+        assert_eq!(c.run_as_non_root, None, "builds run as the image's user");
+        let init = spec.init_containers.unwrap()[0]
+            .security_context
+            .clone()
+            .unwrap();
+        assert_eq!(
+            (
+                init.allow_privilege_escalation,
+                init.read_only_root_filesystem
+            ),
+            (Some(false), Some(true))
+        );
+        let caps = init.capabilities.unwrap();
+        assert_eq!(caps.drop, Some(vec!["ALL".to_owned()]));
+        assert_eq!(
+            caps.add,
+            Some(LAUNCHER_CAPABILITIES.map(str::to_owned).to_vec())
+        );
+
+        // What builds that need more can be given.
+        let mut cfg = config();
+        cfg.allow_privilege_escalation = true;
+        cfg.drop_capabilities = Vec::new();
+        let pod = build_pod(&build(json!({})), &cfg, &screwdriver()).unwrap();
+        let c = pod.spec.unwrap().containers[0]
+            .security_context
+            .clone()
+            .unwrap();
+        assert_eq!(
+            (c.allow_privilege_escalation, c.capabilities),
+            (Some(true), None)
+        );
+        // A privileged container carries nothing the API server would refuse beside it.
+        cfg.privileged = true;
+        let pod = build_pod(&build(json!({})), &cfg, &screwdriver()).unwrap();
+        let c = pod.spec.unwrap().containers[0]
+            .security_context
+            .clone()
+            .unwrap();
+        assert_eq!(
+            c,
+            SecurityContext {
+                privileged: Some(true),
+                ..Default::default()
+            }
         );
     }
 
