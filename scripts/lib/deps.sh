@@ -223,7 +223,7 @@ ensure_cargo_deny() {
 # Prints cargo's output only when something fails.
 _install_cargo_deny() {
     local dir=$1 log=$1.log start=$SECONDS
-    say "installing cargo-deny $CARGO_DENY_VERSION from crates.io into ${dir#"$PWD"/} (a few minutes, once)"
+    say "installing cargo-deny $CARGO_DENY_VERSION from crates.io into ${dir#"$PWD"/} (about a minute, once)"
     rm -rf "$dir"
     if ! CARGO_PROFILE_DEV_DEBUG=0 cargo install cargo-deny --locked --quiet --debug \
         --version "=$CARGO_DENY_VERSION" --root "$dir" --target-dir "$dir/build" >"$log" 2>&1; then
