@@ -190,9 +190,8 @@ _install_kubernetes_validate() {
 # It is built unoptimised and without debug info (`--debug`, CARGO_PROFILE_DEV_DEBUG=0), not in
 # its release profile (fat LTO, one codegen unit): CI builds it from scratch on every run, and
 # the check spends its time in cargo metadata and git either way. Measured on 2 cores, crates
-# already downloaded: 63 s (102 s of CPU). With other builds running at the same time, the
-# release build with LTO off and 16 codegen units took 225 s of CPU and the debug build with
-# debug info 137 s. `cargo deny check` then takes about 4 s, against 1.5 s optimised.
+# already downloaded: 63 s (102 s of CPU), against 173 s (245 s of CPU) for a plain
+# `cargo install`. `cargo deny check` then takes about 4 s, against 1.5 s optimised.
 CARGO_DENY_VERSION=0.20.2
 ensure_cargo_deny() {
     local root dir bin
