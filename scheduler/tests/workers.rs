@@ -65,7 +65,7 @@ async fn jwt_attack_matrix_dequeues_nothing() {
     let hs256 = jsonwebtoken::encode(
         &jsonwebtoken::Header::new(Algorithm::HS256),
         &claims(now, now + 60),
-        &jsonwebtoken::EncodingKey::from_secret(alpha.public_pem.as_bytes()),
+        &jsonwebtoken::EncodingKey::from_secret(alpha.public_pem.as_bytes()).unwrap(),
     )
     .unwrap();
     let es256 =
