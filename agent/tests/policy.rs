@@ -16,25 +16,21 @@
 //!
 //! YAML is read with the Python of checkov's virtual environment (checkov depends on PyYAML).
 
+mod common;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
+use common::{deploy_manifests, start_message, workspace};
 use sd_agent::config::{
     BuildSecret, BuildSecretFile, Config, HostVolume, KubernetesConfig, PodSecurity, Toleration,
 };
 use sd_agent::executor::kubernetes::build_pod;
 use sd_protocol::StartMessage;
 use serde_json::{Value, json};
-
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("the agent crate sits in the workspace")
-        .to_path_buf()
-}
 
 const HINT: &str = "run scripts/test (it installs checkov under target/tools), or `. scripts/lib/deps.sh && ensure_checkov`, or set SD_CHECKOV to a checkov command installed in a virtual environment";
 
@@ -81,18 +77,6 @@ fn read_yaml(files: &[PathBuf]) -> Vec<Value> {
     serde_json::from_slice(&output.stdout).expect("JSON from python")
 }
 
-fn manifest_files() -> Vec<PathBuf> {
-    let dir = workspace().join("deploy/kubernetes");
-    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
-        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
-        .map(|entry| entry.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e == "yaml" || e == "yml"))
-        .collect();
-    files.sort();
-    assert!(!files.is_empty(), "no manifests in {}", dir.display());
-    files
-}
-
 fn objects<'a>(docs: &'a [Value], kind: &'a str) -> impl Iterator<Item = &'a Value> + 'a {
     docs.iter().filter(move |d| d["kind"] == kind)
 }
@@ -123,22 +107,9 @@ fn deployed_config(docs: &[Value]) -> Config {
     .unwrap_or_else(|e| panic!("the DaemonSet's agent.toml: {e}"))
 }
 
-/// A start message as the scheduler delivers it, with these job annotations.
-fn build(annotations: Value) -> StartMessage {
-    let Value::Object(m) = json!({
-        "buildId": 8609, "jobId": 1234, "eventId": 775, "jobName": "main",
-        "pipeline": {"id": 42, "name": "mobile/app", "scmContext": "github:github.com"},
-        "apiUri": "https://api.screwdriver.example.com", "container": "node:22",
-        "annotations": annotations, "token": "eyJhbGciOiJSUzI1NiJ9.eyJidWlsZElkIjo4NjA5fQ.c2ln",
-    }) else {
-        unreachable!()
-    };
-    StartMessage::from_json(m).expect("a valid start message")
-}
-
 /// The builds every config is tried with: plain, every size and a timeout, a PR of a template.
 fn builds() -> Vec<(&'static str, StartMessage)> {
-    let mut pr = build(json!({
+    let mut pr = start_message(json!({
         "screwdriver.cd/cpu": "TURBO", "screwdriver.cd/ram": "HIGH",
         "screwdriver.cd/timeout": 240, "screwdriver.cd/terminationGracePeriodSeconds": 90,
     }));
@@ -149,10 +120,10 @@ fn builds() -> Vec<(&'static str, StartMessage)> {
         json!({"fullName": "screwdriver-cd/node build", "version": "2.1.0"}),
     );
     vec![
-        ("plain", build(json!({}))),
+        ("plain", start_message(json!({}))),
         (
             "sized",
-            build(json!({"screwdriver.cd/cpu": "MICRO", "screwdriver.cd/ram": 7.5})),
+            start_message(json!({"screwdriver.cd/cpu": "MICRO", "screwdriver.cd/ram": 7.5})),
         ),
         ("pr", pr),
     ]
@@ -473,7 +444,7 @@ fn workloads(docs: &[Value]) -> Vec<(String, String, &Value)> {
 
 #[test]
 fn every_workload_meets_the_level_its_namespace_enforces() {
-    let docs = read_yaml(&manifest_files());
+    let docs = read_yaml(&deploy_manifests());
     let levels = enforced_levels(&docs);
     for ns in ["sd-agent", "sd-scheduler"] {
         assert_eq!(levels.get(ns), Some(&Level::Restricted), "namespace {ns}");
@@ -497,7 +468,7 @@ fn every_workload_meets_the_level_its_namespace_enforces() {
 
 #[test]
 fn build_pods_meet_the_level_of_the_builds_namespace() {
-    let docs = read_yaml(&manifest_files());
+    let docs = read_yaml(&deploy_manifests());
     let levels = enforced_levels(&docs);
     let sd = deployed_config(&docs);
     let deployed = &sd.executor.kubernetes;
@@ -531,12 +502,12 @@ fn build_pods_meet_the_level_of_the_builds_namespace() {
 /// The config refuses a setting at a level exactly when the pods it makes would break it.
 #[test]
 fn the_config_refuses_what_the_namespace_would() {
-    let docs = read_yaml(&manifest_files());
+    let docs = read_yaml(&deploy_manifests());
     let sd = deployed_config(&docs);
     let base = sd.executor.kubernetes.clone();
     let (plain, dind) = (
-        build(json!({})),
-        build(json!({"screwdriver.cd/dockerEnabled": true})),
+        start_message(json!({})),
+        start_message(json!({"screwdriver.cd/dockerEnabled": true})),
     );
     let cases: Vec<(&str, KubernetesConfig)> = vec![
         (
@@ -604,9 +575,9 @@ fn the_config_refuses_what_the_namespace_would() {
 #[test]
 fn the_pod_security_evaluator_catches_each_control() {
     type Edit = Box<dyn Fn(&mut Value)>;
-    let docs = read_yaml(&manifest_files());
+    let docs = read_yaml(&deploy_manifests());
     let sd = deployed_config(&docs);
-    let a_build = pod_json(&build(json!({})), &sd.executor.kubernetes, &sd);
+    let a_build = pod_json(&start_message(json!({})), &sd.executor.kubernetes, &sd);
     let agent_pod = workloads(&docs)
         .into_iter()
         .find(|(what, ..)| what == "DaemonSet/sd-agent")
@@ -919,7 +890,7 @@ fn reachable(docs: &[Value], from: &Peer, to: &Peer, protocol: &str, port: u16) 
 
 #[test]
 fn network_policies_keep_builds_to_dns_and_the_internet() {
-    let docs = read_yaml(&manifest_files());
+    let docs = read_yaml(&deploy_manifests());
     let build = pod(
         "sd-builds",
         &[("app", "screwdriver"), ("tier", "builds")],
@@ -1111,7 +1082,7 @@ fn network_policies_keep_builds_to_dns_and_the_internet() {
 /// version tag (never `latest` or `stable`) or a digest; ours carry this crate's version.
 #[test]
 fn images_are_pinned_by_version() {
-    let docs = read_yaml(&manifest_files());
+    let docs = read_yaml(&deploy_manifests());
     let sd = deployed_config(&docs);
     let mut images: Vec<String> = workloads(&docs)
         .iter()
@@ -1231,7 +1202,7 @@ fn shown(result: &Value) -> String {
 
 #[test]
 fn checkov_passes_the_manifests_and_the_build_pods() {
-    let docs = read_yaml(&manifest_files());
+    let docs = read_yaml(&deploy_manifests());
     let sd = deployed_config(&docs);
     let deployed = sd.executor.kubernetes.clone();
     let everything = everything_at_baseline(&deployed);
@@ -1242,7 +1213,7 @@ fn checkov_passes_the_manifests_and_the_build_pods() {
         .unwrap();
     // Each manifest, and a copy without its skips (`unskipped-*`), which must fail exactly the
     // checks skipped in the original: no skip is stale or hides more than it says.
-    for file in manifest_files() {
+    for file in deploy_manifests() {
         let name = file.file_name().unwrap().to_string_lossy().into_owned();
         let text = std::fs::read_to_string(&file).unwrap();
         std::fs::write(dir.path().join(&name), &text).unwrap();
@@ -1359,7 +1330,7 @@ fn checkov_passes_the_manifests_and_the_build_pods() {
     }
     // Each scanned file was checked (a file checkov did not read would pass vacuously), and
     // checks that must pass on every pod did.
-    let files: Vec<String> = manifest_files()
+    let files: Vec<String> = deploy_manifests()
         .iter()
         .map(|f| f.file_name().unwrap().to_string_lossy().into_owned())
         .chain(pods.iter().cloned())
@@ -1424,7 +1395,7 @@ fn checkov_passes_the_manifests_and_the_build_pods() {
             })
             .collect()
     };
-    let mut unskipped: Vec<(String, BTreeSet<(String, String)>)> = manifest_files()
+    let mut unskipped: Vec<(String, BTreeSet<(String, String)>)> = deploy_manifests()
         .iter()
         .map(|f| {
             let name = f.file_name().unwrap().to_string_lossy().into_owned();

@@ -8,11 +8,14 @@
 //!
 //! To cover a new pod feature, add cases to [`cases`].
 
+mod common;
+
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use common::{deploy_manifests, start_message, workspace};
 use sd_agent::config::{
     BuildSecret, BuildSecretFile, DnsPolicy, HostVolume, KubernetesConfig, PodSecurity, PullPolicy,
     ResourceTable, ScrewdriverConfig, Toleration,
@@ -54,27 +57,14 @@ fn screwdriver() -> ScrewdriverConfig {
     }
 }
 
-/// A start message as the scheduler delivers it, with these job annotations.
-fn build(annotations: Value) -> StartMessage {
-    let Value::Object(m) = json!({
-        "buildId": 8609, "jobId": 1234, "eventId": 775, "jobName": "main",
-        "pipeline": {"id": 42, "name": "mobile/app", "scmContext": "github:github.com"},
-        "apiUri": "https://api.sd.example", "container": "node:20",
-        "annotations": annotations, "token": "eyJhbGciOiJSUzI1NiJ9.eyJidWlsZElkIjo4NjA5fQ.c2ln",
-    }) else {
-        unreachable!()
-    };
-    StartMessage::from_json(m).expect("a valid start message")
-}
-
 /// The matrix: every case's pod must pass the schemas. Names become file names (`[a-z0-9-.]`)
 /// and show in failures. Add cases here as the pod builder grows.
 fn cases() -> Vec<(String, StartMessage, KubernetesConfig)> {
     let mut cases = vec![
-        ("defaults".to_owned(), build(json!({})), base()),
+        ("defaults".to_owned(), start_message(json!({})), base()),
         (
             "no-prefix-default-namespace".to_owned(),
-            build(json!({})),
+            start_message(json!({})),
             KubernetesConfig {
                 prefix: String::new(),
                 namespace: "default".into(),
@@ -100,13 +90,13 @@ fn cases() -> Vec<(String, StartMessage, KubernetesConfig)> {
     for (i, (cpu, ram)) in sizes.into_iter().enumerate() {
         cases.push((
             format!("size-{i}-cpu-{}-ram-{}", shown(&cpu), shown(&ram)),
-            build(json!({"screwdriver.cd/cpu": cpu, "screwdriver.cd/ram": ram})),
+            start_message(json!({"screwdriver.cd/cpu": cpu, "screwdriver.cd/ram": ram})),
             base(),
         ));
     }
     cases.push((
         "size-custom-tables".to_owned(),
-        build(json!({"screwdriver.cd/cpu": "TURBO", "screwdriver.cd/ram": "MICRO"})),
+        start_message(json!({"screwdriver.cd/cpu": "TURBO", "screwdriver.cd/ram": "MICRO"})),
         KubernetesConfig {
             cpu: ResourceTable {
                 micro: 0.1,
@@ -136,13 +126,13 @@ fn cases() -> Vec<(String, StartMessage, KubernetesConfig)> {
     ] {
         cases.push((
             name.to_owned(),
-            build(json!({"screwdriver.cd/timeout": timeout})),
+            start_message(json!({"screwdriver.cd/timeout": timeout})),
             base(),
         ));
     }
     cases.push((
         "timeout-week-long-max".to_owned(),
-        build(json!({"screwdriver.cd/timeout": 10_080})),
+        start_message(json!({"screwdriver.cd/timeout": 10_080})),
         KubernetesConfig {
             default_timeout: Duration::from_secs(5),
             max_timeout: Duration::from_secs(7 * 24 * 3600),
@@ -186,7 +176,7 @@ fn cases() -> Vec<(String, StartMessage, KubernetesConfig)> {
     cases.extend([
         (
             "node-selector".to_owned(),
-            build(json!({})),
+            start_message(json!({})),
             KubernetesConfig {
                 node_selector: node_selector.clone(),
                 ..base()
@@ -194,7 +184,7 @@ fn cases() -> Vec<(String, StartMessage, KubernetesConfig)> {
         ),
         (
             "tolerations".to_owned(),
-            build(json!({})),
+            start_message(json!({})),
             KubernetesConfig {
                 tolerations: tolerations.clone(),
                 ..base()
@@ -202,7 +192,7 @@ fn cases() -> Vec<(String, StartMessage, KubernetesConfig)> {
         ),
         (
             "service-account".to_owned(),
-            build(json!({})),
+            start_message(json!({})),
             KubernetesConfig {
                 service_account: Some("sd-build".into()),
                 ..base()
@@ -210,7 +200,7 @@ fn cases() -> Vec<(String, StartMessage, KubernetesConfig)> {
         ),
         (
             "image-pull-secrets".to_owned(),
-            build(json!({})),
+            start_message(json!({})),
             KubernetesConfig {
                 image_pull_secrets: pull_secrets.clone(),
                 ..base()
@@ -218,7 +208,7 @@ fn cases() -> Vec<(String, StartMessage, KubernetesConfig)> {
         ),
         (
             "extra-labels".to_owned(),
-            build(json!({})),
+            start_message(json!({})),
             KubernetesConfig {
                 extra_labels: extra_labels.clone(),
                 ..base()
@@ -226,7 +216,7 @@ fn cases() -> Vec<(String, StartMessage, KubernetesConfig)> {
         ),
         (
             "everything".to_owned(),
-            build(json!({
+            start_message(json!({
                 "screwdriver.cd/cpu": "HIGH", "screwdriver.cd/ram": 7.5,
                 "screwdriver.cd/timeout": 240, "screwdriver.cd/buildCluster": "ios-farm",
             })),
@@ -292,7 +282,7 @@ fn cases() -> Vec<(String, StartMessage, KubernetesConfig)> {
         termination_grace_period: Duration::from_secs(45),
         ..base()
     };
-    let mut pr = build(json!({
+    let mut pr = start_message(json!({
         "beta.screwdriver.cd/cpu": "TURBO", "beta.screwdriver.cd/ram": "HIGH",
         "screwdriver.cd/timeout": 60, "screwdriver.cd/terminationGracePeriodSeconds": 90,
         "screwdriver.cd/dockerEnabled": true, "screwdriver.cd/dockerCpu": "HIGH",
@@ -308,7 +298,7 @@ fn cases() -> Vec<(String, StartMessage, KubernetesConfig)> {
     cases.extend([
         (
             "screwdriver-node-selectors".to_owned(),
-            build(json!({"screwdriver.cd/diskSpeed": "slow"})),
+            start_message(json!({"screwdriver.cd/diskSpeed": "slow"})),
             KubernetesConfig {
                 node_selectors: screwdriver_everything.node_selectors.clone(),
                 preferred_node_selectors: screwdriver_everything.preferred_node_selectors.clone(),
@@ -318,7 +308,7 @@ fn cases() -> Vec<(String, StartMessage, KubernetesConfig)> {
         ),
         (
             "docker-in-docker".to_owned(),
-            build(json!({"screwdriver.cd/dockerEnabled": true})),
+            start_message(json!({"screwdriver.cd/dockerEnabled": true})),
             KubernetesConfig {
                 docker_enabled: true,
                 pod_security: PodSecurity::Privileged,
@@ -327,7 +317,7 @@ fn cases() -> Vec<(String, StartMessage, KubernetesConfig)> {
         ),
         (
             "privilege-escalation-all-capabilities-dropped".to_owned(),
-            build(json!({})),
+            start_message(json!({})),
             KubernetesConfig {
                 allow_privilege_escalation: true,
                 drop_capabilities: vec!["ALL".into()],
@@ -336,7 +326,7 @@ fn cases() -> Vec<(String, StartMessage, KubernetesConfig)> {
         ),
         (
             "no-capabilities-dropped".to_owned(),
-            build(json!({})),
+            start_message(json!({})),
             KubernetesConfig {
                 drop_capabilities: Vec::new(),
                 ..base()
@@ -344,7 +334,7 @@ fn cases() -> Vec<(String, StartMessage, KubernetesConfig)> {
         ),
         (
             "lifecycle-volumes-secrets".to_owned(),
-            build(json!({})),
+            start_message(json!({})),
             KubernetesConfig {
                 pod_security: PodSecurity::Privileged,
                 lifecycle_hooks: screwdriver_everything.lifecycle_hooks.clone(),
@@ -371,13 +361,6 @@ fn shown(v: &Value) -> String {
         Value::Null => "null".into(),
         other => other.to_string(),
     }
-}
-
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("the agent crate sits in the workspace")
-        .to_path_buf()
 }
 
 /// `SD_KUBERNETES_VALIDATE`, else where `ensure_kubernetes_validate` installs it. Never skips.
@@ -451,18 +434,6 @@ fn yaml_documents(text: &str) -> usize {
             })
         })
         .count()
-}
-
-fn deploy_manifests() -> Vec<PathBuf> {
-    let dir = workspace().join("deploy/kubernetes");
-    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
-        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
-        .map(|entry| entry.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e == "yaml" || e == "yml"))
-        .collect();
-    files.sort();
-    assert!(!files.is_empty(), "no manifests in {}", dir.display());
-    files
 }
 
 #[test]

@@ -2,13 +2,14 @@
 
 #![allow(dead_code)] // each test file uses only some of them
 
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use sd_agent::config::KubernetesConfig;
 use sd_agent::scheduler_client::SchedulerClient;
 use sd_agent::signer::Signer;
-use sd_protocol::SigningAlgorithm;
+use sd_protocol::{SigningAlgorithm, StartMessage};
 use sd_screwdriver::{ApiUris, BuildUpdates};
 
 pub const HOUR: Duration = Duration::from_secs(3600);
@@ -69,4 +70,38 @@ pub fn kubeconfig_for(dir: &std::path::Path, server: &str) -> KubernetesConfig {
         kubeconfig: Some(kubeconfig),
         ..kube_config()
     }
+}
+
+/// The workspace's root (the agent crate sits in it).
+pub fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the agent crate sits in the workspace")
+        .to_path_buf()
+}
+
+/// The manifests of `deploy/kubernetes/`, sorted.
+pub fn deploy_manifests() -> Vec<PathBuf> {
+    let dir = workspace().join("deploy/kubernetes");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|entry| entry.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml" || e == "yml"))
+        .collect();
+    files.sort();
+    assert!(!files.is_empty(), "no manifests in {}", dir.display());
+    files
+}
+
+/// A start message as the scheduler delivers it, with these job annotations.
+pub fn start_message(annotations: serde_json::Value) -> StartMessage {
+    let serde_json::Value::Object(m) = serde_json::json!({
+        "buildId": 8609, "jobId": 1234, "eventId": 775, "jobName": "main",
+        "pipeline": {"id": 42, "name": "mobile/app", "scmContext": "github:github.com"},
+        "apiUri": "https://api.sd.example", "container": "node:20",
+        "annotations": annotations, "token": "eyJhbGciOiJSUzI1NiJ9.eyJidWlsZElkIjo4NjA5fQ.c2ln",
+    }) else {
+        unreachable!()
+    };
+    StartMessage::from_json(m).expect("a valid start message")
 }

@@ -1208,25 +1208,24 @@ mod tests {
         );
 
         // What builds that need more can be given.
+        let build_context = |cfg: &KubernetesConfig| {
+            let pod = build_pod(&build(json!({})), cfg, &screwdriver()).unwrap();
+            pod.spec.unwrap().containers[0]
+                .security_context
+                .clone()
+                .unwrap()
+        };
         let mut cfg = config();
         cfg.allow_privilege_escalation = true;
         cfg.drop_capabilities = Vec::new();
-        let pod = build_pod(&build(json!({})), &cfg, &screwdriver()).unwrap();
-        let c = pod.spec.unwrap().containers[0]
-            .security_context
-            .clone()
-            .unwrap();
+        let c = build_context(&cfg);
         assert_eq!(
             (c.allow_privilege_escalation, c.capabilities),
             (Some(true), None)
         );
         // A privileged container carries nothing the API server would refuse beside it.
         cfg.privileged = true;
-        let pod = build_pod(&build(json!({})), &cfg, &screwdriver()).unwrap();
-        let c = pod.spec.unwrap().containers[0]
-            .security_context
-            .clone()
-            .unwrap();
+        let c = build_context(&cfg);
         assert_eq!(
             c,
             SecurityContext {

@@ -67,9 +67,6 @@ impl RunAs {
                 RunAs::Range { range, gid }
             }
             (None, Some((uid, _)), Some(gid)) => {
-                if uid == 0 && me != 0 {
-                    return Err(AccountError::Root { key: "user" });
-                }
                 if uid == me {
                     if !config.allow_agent_user {
                         return Err(AccountError::AgentsOwn { key: "user", uid });
