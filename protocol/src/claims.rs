@@ -86,8 +86,13 @@ impl SignOptions {
             )
         })?;
         let options: Self = crate::error::from_value(value).map_err(|e| {
+            // An unknown key is the variable's text too: name only the keys that exist.
+            let field = match e.field.as_str() {
+                "algorithm" | "expiresIn" | "issuer" | "audience" => e.field,
+                _ => "signOption".to_owned(),
+            };
             FieldError::new(
-                e.field,
+                field,
                 "missing, or not a value sign options accept (algorithm: RS256, RS384, RS512, PS256, PS384, PS512, ES256, ES384 or EdDSA; expiresIn: seconds; issuer, audience: strings)",
             )
         })?;
@@ -125,6 +130,15 @@ mod tests {
             SignOptions::from_json("{}").unwrap(),
             SignOptions::default()
         );
+    }
+
+    /// Found by tests/properties.rs: an unknown key was named as the field, so the error
+    /// quoted the variable's text.
+    #[test]
+    fn an_unknown_sign_option_key_is_not_quoted() {
+        let e = SignOptions::from_json(r#"{"AaAa00AAaAaAA0Aa":1}"#).unwrap_err();
+        assert_eq!(e.field, "signOption");
+        assert!(!e.to_string().contains("AaAa00AAaAaAA0Aa"), "{e}");
     }
 
     #[test]

@@ -8,7 +8,7 @@
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use crate::error::{FieldError, from_value};
+use crate::error::{FieldError, from_value, only_fields};
 
 /// Who runs a cluster: Screwdriver's operators, or a team that brought its own.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
@@ -150,17 +150,13 @@ struct InputFields {
 
 impl InputFields {
     fn parse(body: Map<String, Value>) -> Result<Self, FieldError> {
-        if let Some(unknown) = body.keys().find(|k| !INPUT_FIELDS.contains(&k.as_str())) {
-            let reason = if unknown == "id" {
-                "is assigned by the scheduler and cannot be set".to_owned()
-            } else {
-                format!(
-                    "unknown field; allowed fields are {}",
-                    INPUT_FIELDS.join(", ")
-                )
-            };
-            return Err(FieldError::new(unknown.clone(), reason));
+        if body.contains_key("id") {
+            return Err(FieldError::new(
+                "id",
+                "is assigned by the scheduler and cannot be set",
+            ));
         }
+        only_fields(&body, INPUT_FIELDS)?;
         from_value(Value::Object(body))
     }
 
@@ -493,6 +489,17 @@ mod tests {
             v[k] = val;
         }
         NewCluster::from_json(body(v)).unwrap_err()
+    }
+
+    /// Found by tests/properties.rs: an empty key was refused naming the field "".
+    #[test]
+    fn an_unknown_field_is_named_only_when_printable() {
+        assert_eq!(refused(json!({"colour": 1})).field, "colour");
+        for key in ["", "a\u{7}b", &"k".repeat(65)] {
+            let e = refused(json!({ key: null }));
+            assert_eq!(e.field, "body", "{key:?}");
+            assert!(e.reason.contains("allowed fields are name,"), "{e}");
+        }
     }
 
     #[test]

@@ -49,9 +49,43 @@ pub fn from_value<T: serde::de::DeserializeOwned>(
             };
             return FieldError::new(field, "is required");
         }
-        let field = if path == "." { "body".to_owned() } else { path };
+        let field = if path == "." || !nameable(&path) {
+            "body".to_owned()
+        } else {
+            path
+        };
         FieldError::new(field, reason)
     })
+}
+
+/// Refuses the first field of `body` that is not `allowed`, naming it when it can be named.
+pub fn only_fields(
+    body: &serde_json::Map<String, serde_json::Value>,
+    allowed: &[&str],
+) -> Result<(), FieldError> {
+    let Some(unknown) = body.keys().find(|k| !allowed.contains(&k.as_str())) else {
+        return Ok(());
+    };
+    let allowed = allowed.join(", ");
+    Err(if nameable(unknown) {
+        FieldError::new(
+            unknown.as_str(),
+            format!("unknown field; allowed fields are {allowed}"),
+        )
+    } else {
+        FieldError::new(
+            "body",
+            format!(
+                "has a field with an empty, long or unprintable name; allowed fields are {allowed}"
+            ),
+        )
+    })
+}
+
+/// Whether a field name that came from the client (an unknown key, a path through a map) can
+/// be named in an error: printed back, it must be short and printable, and not empty.
+pub fn nameable(field: &str) -> bool {
+    !field.is_empty() && field.chars().count() <= 64 && !field.chars().any(char::is_control)
 }
 
 /// Parses a request body as a JSON object; anything else is refused with the reason.

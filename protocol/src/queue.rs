@@ -29,6 +29,20 @@ pub struct QueueMessage {
     pub received_at: Option<u64>,
 }
 
+impl QueueMessage {
+    /// The start message this job carries, held to the intake's rules again: it was read back
+    /// from Redis, which any holder of the password can write.
+    pub fn start(&self) -> Result<crate::StartMessage, crate::FieldError> {
+        match &self.build_config {
+            Value::Object(map) => crate::StartMessage::from_json(map.clone()),
+            _ => Err(crate::FieldError::new(
+                "buildConfig",
+                "must be a JSON object",
+            )),
+        }
+    }
+}
+
 /// Milliseconds since the Unix epoch, by this host's clock.
 pub fn unix_ms() -> u64 {
     std::time::SystemTime::now()

@@ -18,7 +18,7 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use crate::error::{FieldError, from_value};
+use crate::error::{FieldError, from_value, only_fields};
 use crate::queue::Delivery;
 
 /// Most delivery ids one ack, nack or renew may name.
@@ -236,17 +236,6 @@ impl TryFrom<Map<String, Value>> for NackBody {
     }
 }
 
-/// Refuses the first field of `body` that is not `allowed`.
-fn only_fields(body: &Map<String, Value>, allowed: &[&str]) -> Result<(), FieldError> {
-    match body.keys().find(|k| !allowed.contains(&k.as_str())) {
-        Some(unknown) => Err(FieldError::new(
-            unknown.as_str(),
-            format!("unknown field; allowed fields are {}", allowed.join(", ")),
-        )),
-        None => Ok(()),
-    }
-}
-
 /// `deliveryIds`: a non-empty list of at most [`MAX_DELIVERY_IDS`] strings.
 fn delivery_ids(body: &Map<String, Value>) -> Result<Vec<String>, FieldError> {
     let invalid = || {
@@ -442,6 +431,12 @@ mod tests {
         assert_eq!(
             refuse(json!({"deliveryIds": [], "reason": "x"})),
             "reason: unknown field; allowed fields are deliveryIds"
+        );
+        // Found by tests/properties.rs: an empty key was named as the field "".
+        assert!(
+            refuse(json!({"": 1})).starts_with("body: has a field with an empty"),
+            "{}",
+            refuse(json!({"": 1}))
         );
         // Deserializing runs the same rules.
         let err = serde_json::from_value::<AckBody>(json!({"deliveryIds": []})).unwrap_err();
