@@ -269,7 +269,7 @@ impl ApiVerifier {
                                 "wrong audience (aud; auth.audience)".into(),
                             ));
                         }
-                        _ => last = e.to_string(),
+                        _ => last = refusal(&e),
                     }
                 }
             }
@@ -435,6 +435,50 @@ pub fn pem_blocks(text: &str) -> Vec<String> {
         }
     }
     blocks
+}
+
+/// Why a token was refused, in words of our own: jsonwebtoken's messages quote the token (a
+/// header or claim value of any length), and refusals reach the client and the logs.
+pub fn refusal(e: &jsonwebtoken::errors::Error) -> String {
+    use jsonwebtoken::errors::ErrorKind as K;
+    let claim = |name: &str| {
+        if name.len() <= 16 && name.chars().all(|c| c.is_ascii_alphanumeric()) {
+            name.to_owned()
+        } else {
+            "a".to_owned()
+        }
+    };
+    match e.kind() {
+        K::InvalidToken => "not a JWT (three base64url segments)".into(),
+        K::Base64(_) => "a segment is not base64url".into(),
+        K::Utf8(_) => "a segment is not UTF-8".into(),
+        K::Json(json) => {
+            // serde names a missing field by our own struct's name: safe to repeat.
+            let text = json.to_string();
+            let missing = text
+                .strip_prefix("missing field `")
+                .and_then(|rest| rest.split('`').next());
+            match (json.classify(), missing) {
+                (_, Some(name)) => format!("the {} claim is required", claim(name)),
+                (serde_json::error::Category::Data, None) => {
+                    "the header or the claims hold a value of the wrong type".into()
+                }
+                _ => "the header or the claims are not a JSON object".into(),
+            }
+        }
+        K::InvalidSignature => "signature does not match".into(),
+        K::InvalidAlgorithm | K::InvalidAlgorithmName | K::UnsupportedAlgorithm => {
+            "signed with an algorithm this key does not verify".into()
+        }
+        K::MissingRequiredClaim(name) => format!("the {} claim is required", claim(name)),
+        K::InvalidClaimFormat(name) => format!("the {} claim has the wrong format", claim(name)),
+        K::ExpiredSignature => "expired".into(),
+        K::ImmatureSignature => "not valid yet (nbf)".into(),
+        K::InvalidIssuer => "wrong issuer (iss)".into(),
+        K::InvalidAudience => "wrong audience (aud)".into(),
+        K::InvalidSubject => "wrong subject (sub)".into(),
+        _ => "cannot be verified".into(),
+    }
 }
 
 pub fn unix_now() -> u64 {

@@ -11,7 +11,7 @@ use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use sd_protocol::error::FieldError;
 use sd_protocol::{Cluster, ClusterClaims, NewCluster, SignOptions, SigningAlgorithm};
 
-use crate::auth::{pem_blocks, unix_now};
+use crate::auth::{pem_blocks, refusal, unix_now};
 
 /// Looks up environment variables; a trait object so tests pass a map.
 pub type EnvLookup = Arc<dyn Fn(&str) -> Option<String> + Send + Sync>;
@@ -154,8 +154,8 @@ impl ClusterVerifier {
             .keys(env, &record.fields.auth_key, algorithm)
             .map_err(|e| misconfigured(e.to_string()))?;
 
-        let header =
-            jsonwebtoken::decode_header(token).map_err(|e| invalid(format!("malformed: {e}")))?;
+        let header = jsonwebtoken::decode_header(token)
+            .map_err(|e| invalid(format!("malformed: {}", refusal(&e))))?;
         if header.alg != algorithm {
             return Err(invalid(format!(
                 "signed with {:?}, but this cluster signs with {:?}",
@@ -172,7 +172,7 @@ impl ClusterVerifier {
                     match e.kind() {
                         ErrorKind::InvalidSignature => {}
                         ErrorKind::ExpiredSignature => return Err(invalid("expired".into())),
-                        _ => last = e.to_string(),
+                        _ => last = refusal(&e),
                     }
                 }
             }

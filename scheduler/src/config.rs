@@ -321,8 +321,17 @@ impl Config {
             ),
             None => (String::new(), Path::new("(defaults)")),
         };
+        Self::parse(&text, path, vars)
+    }
+
+    /// Parses config `text` (read from `path`, named in errors) with `vars` as overrides.
+    pub fn parse(
+        text: &str,
+        path: &Path,
+        vars: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
         let config: Config =
-            sd_protocol::env::parse_config(&text, path, ENV_PREFIX, SECTIONS, vars)?;
+            sd_protocol::env::parse_config(text, path, ENV_PREFIX, SECTIONS, vars)?;
         config.validate()?;
         Ok(config)
     }
