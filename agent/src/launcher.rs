@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 
-use sd_protocol::{FieldError, JobKind, QueueMessage, StartMessage};
+use sd_protocol::{FieldError, JobKind, QueueMessage};
 use sd_queue::{Cancelled, Lease};
 use sd_screwdriver::ApiUris;
 use tokio_util::sync::CancellationToken;
@@ -124,10 +124,7 @@ impl Launcher {
 
     /// `true` when the job is settled (launched, already running, or refused for good).
     async fn start(&self, message: &QueueMessage) -> bool {
-        let build = match &message.build_config {
-            serde_json::Value::Object(map) => StartMessage::from_json(map.clone()),
-            _ => Err(FieldError::new("buildConfig", "must be a JSON object")),
-        };
+        let build = message.start();
         // Checked before the build is recorded or launched: the launcher would send its token
         // to this address, and so would a FAILURE report.
         let build = build.and_then(|b| match self.apis.check(&b.api_uri) {

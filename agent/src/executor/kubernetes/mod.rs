@@ -20,7 +20,7 @@ use super::{Events, ExecError, Launched};
 use crate::config::{KubernetesConfig, ScrewdriverConfig};
 
 pub mod pod;
-mod watch;
+pub mod watch;
 
 pub use pod::{BUILD_SELECTOR, build_pod, pod_name};
 

@@ -42,7 +42,7 @@ const STOPPED_REMEMBERED: usize = 4096;
 
 /// What a pod's current state means for its build.
 #[derive(Debug, Clone, PartialEq)]
-pub(super) enum Verdict {
+pub enum Verdict {
     /// Nothing to report yet.
     Waiting,
     Running,
@@ -60,7 +60,7 @@ pub(super) enum Verdict {
 }
 
 /// Judges one pod, `age` after it was created.
-pub(super) fn assess(pod: &Pod, age: Duration, config: &KubernetesConfig) -> Verdict {
+pub fn assess(pod: &Pod, age: Duration, config: &KubernetesConfig) -> Verdict {
     let status = pod.status.as_ref();
     let phase = status.and_then(|s| s.phase.as_deref()).unwrap_or("Pending");
     match phase {
