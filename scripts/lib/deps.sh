@@ -249,3 +249,27 @@ _install_cargo_deny() {
     rm -rf "$dir/build" "$log"
     say "cargo-deny $CARGO_DENY_VERSION installed in $((SECONDS - start)) s"
 }
+
+# cargo-fuzz (pinned, from crates.io) under target/tools/cargo-fuzz, on PATH for this script, and
+# the nightly toolchain it needs (libFuzzer's instrumentation), installed with rustup when
+# missing. For scripts/fuzz only: CI does not fuzz, it replays the corpus on stable.
+CARGO_FUZZ_VERSION=0.13.2
+ensure_cargo_fuzz() {
+    local root dir bin
+    root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+    dir=$root/target/tools/cargo-fuzz
+    bin=$dir/bin/cargo-fuzz
+    if ! cargo +nightly --version >/dev/null 2>&1; then
+        command -v rustup >/dev/null 2>&1 || die "the nightly toolchain is missing and rustup is not on PATH to install it"
+        say "installing the nightly toolchain (rustup, minimal profile)"
+        rustup toolchain install nightly --profile minimal >/dev/null
+    fi
+    if [ "$("$bin" --version 2>/dev/null)" != "cargo-fuzz $CARGO_FUZZ_VERSION" ]; then
+        say "installing cargo-fuzz $CARGO_FUZZ_VERSION from crates.io into ${dir#"$root"/} (about a minute, once)"
+        cargo install cargo-fuzz --locked --quiet --version "=$CARGO_FUZZ_VERSION" \
+            --root "$dir" --target-dir "$dir/build" \
+            || die "could not install cargo-fuzz $CARGO_FUZZ_VERSION into $dir"
+        rm -rf "$dir/build"
+    fi
+    export PATH="$dir/bin:$PATH"
+}
