@@ -95,7 +95,7 @@ impl ClusterVerifier {
             FieldError::new(
                 field,
                 format!(
-                    "{var} is not set on this scheduler replica; set it on every replica first"
+                    "{var} is not set on this scheduler replica (its environment or a file in registry.key_dir); set it on every replica first"
                 ),
             )
         })

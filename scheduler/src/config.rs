@@ -193,6 +193,10 @@ pub struct RegistryConfig {
     /// The only environment variables a record's `authKey`/`signOption` may name start with
     /// this, so whoever registers clusters cannot make the scheduler read `PATH` or a secret.
     pub variable_prefix: String,
+    /// A directory of files named like variables (a Kubernetes Secret volume): a record's
+    /// `authKey`/`signOption` variable not in the environment is read from here, and the files
+    /// are re-read every `reload_interval`, so keys are added and rotated without a restart.
+    pub key_dir: Option<PathBuf>,
 }
 
 pub use sd_telemetry::{LogConfig, LogFormat};
@@ -297,6 +301,7 @@ impl Default for RegistryConfig {
         Self {
             reload_interval: Duration::from_secs(30),
             variable_prefix: crate::cluster_auth::DEFAULT_PREFIX.to_owned(),
+            key_dir: None,
         }
     }
 }
@@ -406,6 +411,14 @@ impl Config {
         }
         if self.registry.reload_interval < Duration::from_secs(1) {
             return Err(invalid("registry.reload_interval", "must be at least 1s"));
+        }
+        if let Some(dir) = &self.registry.key_dir
+            && !dir.is_dir()
+        {
+            return Err(invalid(
+                "registry.key_dir",
+                &format!("{} is not a directory", dir.display()),
+            ));
         }
         let q = &self.queue;
         if q.visibility_timeout < Duration::from_millis(100) {
@@ -566,6 +579,21 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.screwdriver.api_uris.len(), 2);
+    }
+
+    #[test]
+    fn the_key_dir_must_be_a_directory() {
+        let dir = tempfile_dir();
+        let ok = load("", &[("SD_SCHEDULER_REGISTRY_KEY_DIR", dir.to_str().unwrap())]).unwrap();
+        assert_eq!(ok.registry.key_dir.as_deref(), Some(dir.as_path()));
+        let missing = dir.join("missing");
+        match load("", &[("SD_SCHEDULER_REGISTRY_KEY_DIR", missing.to_str().unwrap())]) {
+            Err(ConfigError::Invalid { key, reason }) => {
+                assert_eq!(key, "registry.key_dir");
+                assert!(reason.contains("is not a directory"), "{reason}");
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

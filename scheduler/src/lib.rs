@@ -15,6 +15,7 @@ pub mod db;
 pub mod group_commit;
 pub mod ha;
 pub mod intake;
+pub mod key_dir;
 pub mod poll_limits;
 /// The master queues: sd-queue under the hash tag `{sd}`.
 pub mod queue {
@@ -71,6 +72,8 @@ pub enum StartError {
     Config(#[from] config::ConfigError),
     #[error(transparent)]
     Screwdriver(#[from] sd_screwdriver::ClientError),
+    #[error(transparent)]
+    KeyDir(#[from] key_dir::KeyDirError),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -95,6 +98,14 @@ impl Scheduler {
 
     /// As [`Scheduler::start`], reading cluster keys and sign options through `env`.
     pub async fn start_with_env(config: Config, env: EnvLookup) -> Result<Self, StartError> {
+        let key_dir = match &config.registry.key_dir {
+            Some(dir) => Some(key_dir::KeyDir::open(dir)?),
+            None => None,
+        };
+        let env = match &key_dir {
+            Some(keys) => keys.behind(env),
+            None => env,
+        };
         let verifier = api_verifier(&config.auth)?;
         let tokens = launcher_tokens(&config.auth)?;
         // Checked by `Config::load` too; a config built in code is held to the same rule.
@@ -166,7 +177,10 @@ impl Scheduler {
             registry_sync,
         });
         let (listener, addr) = bind(config.listen).await?;
-        let tasks = spawn_tasks(&state, listener, &config, reroute, &shutdown);
+        let mut tasks = spawn_tasks(&state, listener, &config, reroute, &shutdown);
+        if let Some(keys) = key_dir {
+            tasks.spawn(keys.run(config.registry.reload_interval, shutdown.clone()));
+        }
         tracing::info!(%addr, database = %sd_protocol::env::redact_url(&config.database.url), "sd-scheduler listening");
         Ok(Self {
             addr,

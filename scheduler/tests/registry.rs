@@ -742,3 +742,69 @@ async fn aliases_serve_the_same_registry(backend: Backend) {
         .await;
     assert_eq!(status, StatusCode::NO_CONTENT);
 }
+
+/// Onboarding without a restart: a cluster's key added as a file in `registry.key_dir` (as a
+/// Kubernetes Secret volume updates it) while the scheduler runs; registered and polling; the
+/// key rotated in the file, picked up within `registry.reload_interval`, the old key refused.
+#[tokio::test]
+async fn a_key_added_and_rotated_as_a_file_needs_no_restart() {
+    use sd_testkit::ClusterKeys;
+    let keys = tempfile::tempdir().unwrap();
+    let dir = keys.path().to_owned();
+    let h = Harness::start_with(Backend::Sqlite, |c| {
+        c.registry.key_dir = Some(dir.clone());
+        c.registry.reload_interval = std::time::Duration::from_secs(1);
+    })
+    .await;
+    let body = cluster("filed", "screwdriver", &[]);
+    let var = body["authKey"].as_str().unwrap().to_owned();
+    // As the kubelet writes a Secret volume: a new file, then renamed into place.
+    let publish = |pem: &str| {
+        let tmp = keys.path().join(".tmp");
+        std::fs::write(&tmp, pem).unwrap();
+        std::fs::rename(&tmp, keys.path().join(&var)).unwrap();
+    };
+
+    let (status, resp) = h
+        .call(
+            Method::POST,
+            "/v4/buildclusters",
+            Some(&h.admin()),
+            Some(&body),
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{resp}");
+    assert!(resp["message"].as_str().unwrap().contains(&var), "{resp}");
+
+    let first = ClusterKeys::generate(jsonwebtoken::Algorithm::RS256);
+    publish(&first.public_pem);
+    let (status, resp) = h
+        .call(
+            Method::POST,
+            "/v4/buildclusters",
+            Some(&h.admin()),
+            Some(&body),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{resp}");
+    assert!(h.poll("filed", &first, 0, 1).await.is_empty());
+
+    let second = ClusterKeys::generate(jsonwebtoken::Algorithm::RS256);
+    publish(&second.public_pem);
+    let rotated = sd_testkit::eventually(std::time::Duration::from_secs(10), || async {
+        let (status, _) = h
+            .worker_poll(&h.base, "filed", &second.token("filed", 60), 0, 1)
+            .await;
+        (status == StatusCode::OK).then_some(())
+    })
+    .await;
+    assert!(rotated.is_some(), "the rotated key was not picked up");
+    let (status, resp) = h
+        .worker_poll(&h.base, "filed", &first.token("filed", 60), 0, 1)
+        .await;
+    assert_eq!(
+        status,
+        StatusCode::UNAUTHORIZED,
+        "the old key still verifies: {resp}"
+    );
+}
