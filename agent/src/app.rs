@@ -23,7 +23,7 @@ use crate::launcher::Launcher;
 use crate::local::{LocalError, LocalQueue};
 use crate::outbox::{EventSink, Outbox};
 use crate::reporter::Reporter;
-use crate::scheduler_client::SchedulerClient;
+use crate::scheduler_client::{ClientSetupError, ClientTls, SchedulerClient};
 use crate::signer::Signer;
 use crate::status::Status;
 
@@ -70,19 +70,32 @@ pub fn signer(config: &Config) -> Result<Signer, crate::signer::SignerError> {
 }
 
 pub fn client(config: &Config, signer: Arc<Signer>) -> Result<SchedulerClient, RunError> {
-    let ca = match &config.scheduler.ca_file {
-        Some(path) => Some(std::fs::read(path).map_err(|source| RunError::Read {
+    let read = |path: &std::path::PathBuf| {
+        std::fs::read(path).map_err(|source| RunError::Read {
             path: path.clone(),
             source,
-        })?),
-        None => None,
+        })
+    };
+    let s = &config.scheduler;
+    let identity_pem = match (&s.client_cert_file, &s.client_key_file) {
+        (Some(cert), Some(key)) => {
+            let mut pem = read(cert)?;
+            pem.push(b'\n');
+            pem.extend(read(key)?);
+            Some(pem)
+        }
+        _ => None,
+    };
+    let tls = ClientTls {
+        ca_pem: s.ca_file.as_ref().map(read).transpose()?,
+        identity_pem,
     };
     SchedulerClient::new(
-        &config.scheduler.url,
+        &s.url,
         &config.cluster.name,
         signer,
-        ca.as_deref(),
-        config.scheduler.request_timeout,
+        &tls,
+        s.request_timeout,
     )
     .map_err(RunError::from)
 }
@@ -111,8 +124,23 @@ pub fn preflight(config: &Config) -> Result<SchedulerClient, ConfigError> {
     }
     let signer =
         signer(config).map_err(|e| ConfigError::invalid("auth.private_key_file", e.to_string()))?;
-    client(config, Arc::new(signer))
-        .map_err(|e| ConfigError::invalid("scheduler.ca_file", e.to_string()))
+    client(config, Arc::new(signer)).map_err(|e| {
+        let key = match &e {
+            RunError::Client(ClientSetupError::Identity(_)) => "scheduler.client_cert_file",
+            RunError::Read { path, .. }
+                if Some(path) == config.scheduler.client_cert_file.as_ref() =>
+            {
+                "scheduler.client_cert_file"
+            }
+            RunError::Read { path, .. }
+                if Some(path) == config.scheduler.client_key_file.as_ref() =>
+            {
+                "scheduler.client_key_file"
+            }
+            _ => "scheduler.ca_file",
+        };
+        ConfigError::invalid(key, e.to_string())
+    })
 }
 
 /// The executor `executor.kind` selects, with its watchers started.
@@ -205,6 +233,7 @@ pub async fn run(
         listener,
         health::router(health),
         limits,
+        None,
         background.clone(),
     ));
     let mut loops = Loops::start(

@@ -68,6 +68,13 @@ pub struct SchedulerConfig {
     /// Extra CA certificate (PEM) to trust for the scheduler's TLS, e.g. a private CA.
     #[serde(default)]
     pub ca_file: Option<PathBuf>,
+    /// A client certificate (PEM, leaf first) presented to the scheduler, for a scheduler (or a
+    /// proxy in front of it) that requires one (`listen_tls.client_ca_file`).
+    #[serde(default)]
+    pub client_cert_file: Option<PathBuf>,
+    /// Its private key (PEM).
+    #[serde(default)]
+    pub client_key_file: Option<PathBuf>,
     #[serde(default = "defaults::request_timeout", with = "humantime_serde")]
     pub request_timeout: Duration,
 }
@@ -777,13 +784,32 @@ impl Config {
                 "must be an http:// or https:// URL",
             ));
         }
-        if let Some(ca) = &self.scheduler.ca_file
-            && !ca.is_file()
-        {
-            return Err(invalid(
-                "scheduler.ca_file",
-                format!("{} does not exist", ca.display()),
-            ));
+        let s = &self.scheduler;
+        match (&s.client_cert_file, &s.client_key_file) {
+            (Some(_), None) => {
+                return Err(invalid(
+                    "scheduler.client_key_file",
+                    "is required with scheduler.client_cert_file",
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(invalid(
+                    "scheduler.client_cert_file",
+                    "is required with scheduler.client_key_file",
+                ));
+            }
+            _ => {}
+        }
+        for (key, file) in [
+            ("scheduler.ca_file", &s.ca_file),
+            ("scheduler.client_cert_file", &s.client_cert_file),
+            ("scheduler.client_key_file", &s.client_key_file),
+        ] {
+            if let Some(path) = file
+                && !path.is_file()
+            {
+                return Err(invalid(key, format!("{} does not exist", path.display())));
+            }
         }
         if !self.auth.private_key_file.is_file() {
             return Err(invalid(

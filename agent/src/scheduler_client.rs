@@ -49,10 +49,22 @@ pub enum ClientSetupError {
     /// back-ends that parse it at once).
     #[error("scheduler.ca_file: {0}")]
     CaFile(#[source] reqwest::Error),
+    /// The client certificate and key (`scheduler.client_cert_file`, `client_key_file`) are
+    /// not a usable PEM certificate and key.
+    #[error("scheduler.client_cert_file / client_key_file: {0}")]
+    Identity(#[source] reqwest::Error),
     /// The HTTP client cannot be built; with rustls this is also where a CA certificate that is
     /// not usable PEM is found.
     #[error("{0}")]
     Build(#[source] reqwest::Error),
+}
+
+/// What the agent brings to the scheduler's TLS: a CA to trust beyond the system's, and a
+/// client certificate (its PEM chain followed by its key) to present.
+#[derive(Debug, Clone, Default)]
+pub struct ClientTls {
+    pub ca_pem: Option<Vec<u8>>,
+    pub identity_pem: Option<Vec<u8>>,
 }
 
 impl ClientError {
@@ -78,7 +90,7 @@ impl SchedulerClient {
         base: &str,
         cluster: &str,
         signer: Arc<Signer>,
-        ca_pem: Option<&[u8]>,
+        tls: &ClientTls,
         timeout: Duration,
     ) -> Result<Self, ClientSetupError> {
         // No redirects: an answer pointing elsewhere would take the cluster's token with it.
@@ -86,9 +98,13 @@ impl SchedulerClient {
             .user_agent(concat!("sd-agent/", env!("CARGO_PKG_VERSION")))
             .redirect(reqwest::redirect::Policy::none())
             .connect_timeout(Duration::from_secs(5));
-        if let Some(pem) = ca_pem {
+        if let Some(pem) = &tls.ca_pem {
             let cert = reqwest::Certificate::from_pem(pem).map_err(ClientSetupError::CaFile)?;
             builder = builder.add_root_certificate(cert);
+        }
+        if let Some(pem) = &tls.identity_pem {
+            let identity = reqwest::Identity::from_pem(pem).map_err(ClientSetupError::Identity)?;
+            builder = builder.identity(identity);
         }
         let http = builder.build().map_err(ClientSetupError::Build)?;
         Ok(Self {
@@ -207,7 +223,7 @@ impl SchedulerClient {
         let response = request.send().await.map_err(|e| {
             let e = e.without_url();
             ClientError::Unavailable {
-                message: e.to_string(),
+                message: tls_refusal(&e).unwrap_or_else(|| e.to_string()),
                 retry_after: None,
                 status: None,
                 source: Some(e),
@@ -256,6 +272,47 @@ impl SchedulerClient {
     }
 }
 
+/// What a failed TLS handshake means for the operator, when that is why `e` happened: the
+/// scheduler's certificate not trusted (or not for this name), or a client certificate wanted.
+fn tls_refusal(e: &reqwest::Error) -> Option<String> {
+    let mut next: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = next {
+        if let Some(tls) = err.downcast_ref::<rustls::Error>() {
+            return Some(describe_tls(tls));
+        }
+        // std::io::Error leaves its payload out of source(): step into it.
+        next = match err
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+        {
+            Some(inner) => Some(inner as &(dyn std::error::Error + 'static)),
+            None => err.source(),
+        };
+    }
+    None
+}
+
+fn describe_tls(e: &rustls::Error) -> String {
+    use rustls::{AlertDescription as Alert, CertificateError as Cert, Error as E};
+    match e {
+        E::InvalidCertificate(Cert::UnknownIssuer | Cert::BadSignature) => format!(
+            "the scheduler's TLS certificate is not trusted ({e}): set scheduler.ca_file to the CA that issued it"
+        ),
+        E::InvalidCertificate(Cert::NotValidForName | Cert::NotValidForNameContext { .. }) => {
+            format!("the scheduler's TLS certificate is not for the host in scheduler.url ({e})")
+        }
+        E::InvalidCertificate(Cert::Expired | Cert::ExpiredContext { .. }) => {
+            format!("the scheduler's TLS certificate has expired ({e})")
+        }
+        E::AlertReceived(Alert::CertificateRequired | Alert::BadCertificate | Alert::UnknownCA) => {
+            format!(
+                "the scheduler refused this agent's TLS client certificate, or wants one ({e}): set scheduler.client_cert_file and client_key_file to a certificate its listen_tls.client_ca_file issued"
+            )
+        }
+        other => format!("TLS with the scheduler failed: {other}"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::error::Error as _;
@@ -285,7 +342,7 @@ mod tests {
             &scheduler.url,
             "ios-farm",
             Arc::new(signer()),
-            None,
+            &ClientTls::default(),
             Duration::from_secs(5),
         )
         .unwrap();
@@ -309,7 +366,10 @@ mod tests {
             "http://127.0.0.1:1",
             "ios-farm",
             Arc::new(signer),
-            Some(bad_ca),
+            &ClientTls {
+                ca_pem: Some(bad_ca.to_vec()),
+                identity_pem: None,
+            },
             Duration::from_secs(5),
         ) else {
             panic!("a CA that is not PEM was accepted")

@@ -7,7 +7,12 @@
 //! - **Connection cap**: at most [`Limits::max_connections`] connections are served at once;
 //!   more wait in the kernel's accept backlog, costing this process no file descriptor.
 //!
-//! Shutdown is graceful: no new connections, requests in flight finish.
+//! Shutdown is graceful: no new connections, requests in flight finish. With [`ServerTls`], each
+//! connection is TLS (rustls), its handshake held to the header-read timeout too.
+
+pub mod tls;
+
+pub use tls::{ServerTls, TlsError, TlsFiles};
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -38,11 +43,12 @@ impl Default for Limits {
 }
 
 /// Serves `app` on `listener` within `limits` until `shutdown`, then lets the requests in
-/// flight finish.
+/// flight finish; over TLS when `tls` is given.
 pub async fn serve(
     listener: TcpListener,
     app: axum::Router,
     limits: Limits,
+    tls: Option<Arc<ServerTls>>,
     shutdown: CancellationToken,
 ) {
     let permits = Arc::new(Semaphore::new(limits.max_connections.max(1)));
@@ -69,13 +75,28 @@ pub async fn serve(
             },
             () = shutdown.cancelled() => break,
         };
-        let connection = hyper::server::conn::http1::Builder::new()
-            .timer(TokioTimer::new())
-            .header_read_timeout(limits.header_read_timeout)
-            .serve_connection(TokioIo::new(stream), TowerToHyperService::new(app.clone()));
-        let connection = graceful.watch(connection);
+        let (app, tls, watcher) = (app.clone(), tls.clone(), graceful.watcher());
         tokio::spawn(async move {
-            if let Err(e) = connection.await {
+            let ended = match tls {
+                None => serve_connection(stream, app, limits, watcher).await,
+                Some(tls) => {
+                    let acceptor = tokio_rustls::TlsAcceptor::from(tls.config());
+                    let handshake =
+                        tokio::time::timeout(limits.header_read_timeout, acceptor.accept(stream));
+                    match handshake.await {
+                        Ok(Ok(stream)) => serve_connection(stream, app, limits, watcher).await,
+                        Ok(Err(e)) => {
+                            tracing::debug!(error = %e, "TLS handshake failed");
+                            Ok(())
+                        }
+                        Err(_) => {
+                            tracing::debug!("TLS handshake timed out");
+                            Ok(())
+                        }
+                    }
+                }
+            };
+            if let Err(e) = ended {
                 tracing::debug!(error = %e, "connection ended with an error");
             }
             drop(permit);
@@ -83,6 +104,23 @@ pub async fn serve(
     }
     drop(listener);
     graceful.shutdown().await;
+}
+
+/// One HTTP/1.1 connection on `io`, plain or TLS.
+async fn serve_connection<I>(
+    io: I,
+    app: axum::Router,
+    limits: Limits,
+    watcher: hyper_util::server::graceful::Watcher,
+) -> Result<(), hyper::Error>
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let connection = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .serve_connection(TokioIo::new(io), TowerToHyperService::new(app));
+    watcher.watch(connection).await
 }
 
 /// Raises this process's soft limit on open files to its hard limit (as the Go runtime does at

@@ -18,11 +18,22 @@ async fn start(
     CancellationToken,
     tokio::task::JoinHandle<()>,
 ) {
+    start_tls(limits, None).await
+}
+
+async fn start_tls(
+    limits: Limits,
+    tls: Option<std::sync::Arc<sd_http::ServerTls>>,
+) -> (
+    std::net::SocketAddr,
+    CancellationToken,
+    tokio::task::JoinHandle<()>,
+) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let stop = CancellationToken::new();
     let app = Router::new().route("/", get(|| async { "ok" }));
-    let task = tokio::spawn(serve(listener, app, limits, stop.clone()));
+    let task = tokio::spawn(serve(listener, app, limits, tls, stop.clone()));
     (addr, stop, task)
 }
 
@@ -112,4 +123,48 @@ async fn shutdown_stops_accepting_and_returns() {
         TcpStream::connect(addr).await.is_err(),
         "the port is closed"
     );
+}
+
+/// Over TLS, a client that connects and never completes the handshake is let go after the
+/// same timeout; one that does is served.
+#[tokio::test]
+async fn a_client_that_never_finishes_its_tls_handshake_is_let_go() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = sd_testkit::TestCa::new(dir.path(), "ca");
+    let server = ca.server("server");
+    let tls = sd_http::ServerTls::load(sd_http::TlsFiles {
+        cert_file: server.cert,
+        key_file: server.key,
+        client_ca_file: None,
+    })
+    .unwrap();
+    let limits = Limits {
+        header_read_timeout: Duration::from_millis(300),
+        max_connections: 16,
+    };
+    let (addr, stop, task) = start_tls(limits, Some(tls)).await;
+    let mut silent = TcpStream::connect(addr).await.unwrap();
+    let started = Instant::now();
+    assert!(
+        closed_within(&mut silent, Duration::from_secs(5)).await,
+        "a silent client must not hold the connection"
+    );
+    assert!(
+        started.elapsed() >= Duration::from_millis(250),
+        "not before the timeout"
+    );
+    let client = reqwest::Client::builder()
+        .add_root_certificate(
+            reqwest::Certificate::from_pem(&std::fs::read(ca.ca_file()).unwrap()).unwrap(),
+        )
+        .build()
+        .unwrap();
+    let answer = client
+        .get(format!("https://localhost:{}/", addr.port()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 200);
+    stop.cancel();
+    task.await.unwrap();
 }

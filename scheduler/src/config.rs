@@ -13,6 +13,7 @@ use serde::Deserialize;
 /// Prefix of the environment variables that override config keys.
 pub const ENV_PREFIX: &str = "SD_SCHEDULER_";
 const SECTIONS: &[&str] = &[
+    "listen_tls",
     "database",
     "redis",
     "auth",
@@ -30,6 +31,8 @@ const SECTIONS: &[&str] = &[
 pub struct Config {
     /// Address the HTTP API listens on.
     pub listen: SocketAddr,
+    /// HTTPS on `listen`, terminated by the scheduler itself.
+    pub listen_tls: ListenTlsConfig,
     pub database: DatabaseConfig,
     pub redis: RedisConfig,
     pub auth: AuthConfig,
@@ -40,6 +43,32 @@ pub struct Config {
     pub screwdriver: ScrewdriverConfig,
     pub http: HttpConfig,
     pub log: LogConfig,
+}
+
+/// HTTPS served by the scheduler itself (rustls). Unset: plain HTTP, for a terminating proxy
+/// or a private network. The files are re-read on SIGHUP and when they change (checked every
+/// 10 s), so a renewed certificate needs no restart.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ListenTlsConfig {
+    /// The certificate chain (PEM, leaf first).
+    pub cert_file: Option<PathBuf>,
+    /// Its private key (PEM).
+    pub key_file: Option<PathBuf>,
+    /// When set, every client must present a certificate this CA (PEM) issued: agents set
+    /// `scheduler.client_cert_file`, and Screwdriver's API needs one too.
+    pub client_ca_file: Option<PathBuf>,
+}
+
+impl ListenTlsConfig {
+    /// The files, when HTTPS is configured.
+    pub fn files(&self) -> Option<sd_http::TlsFiles> {
+        Some(sd_http::TlsFiles {
+            cert_file: self.cert_file.clone()?,
+            key_file: self.key_file.clone()?,
+            client_ca_file: self.client_ca_file.clone(),
+        })
+    }
 }
 
 /// What one client may take of the HTTP API.
@@ -207,6 +236,7 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            listen_tls: ListenTlsConfig::default(),
             database: DatabaseConfig::default(),
             redis: RedisConfig::default(),
             auth: AuthConfig::default(),
@@ -348,6 +378,39 @@ impl Config {
             key: key.into(),
             reason: reason.into(),
         };
+        let tls = &self.listen_tls;
+        match (&tls.cert_file, &tls.key_file) {
+            (Some(_), None) => {
+                return Err(invalid(
+                    "listen_tls.key_file",
+                    "is required with listen_tls.cert_file",
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(invalid(
+                    "listen_tls.cert_file",
+                    "is required with listen_tls.key_file",
+                ));
+            }
+            (None, None) if tls.client_ca_file.is_some() => {
+                return Err(invalid(
+                    "listen_tls.client_ca_file",
+                    "needs listen_tls.cert_file and key_file",
+                ));
+            }
+            _ => {}
+        }
+        for (key, file) in [
+            ("listen_tls.cert_file", &tls.cert_file),
+            ("listen_tls.key_file", &tls.key_file),
+            ("listen_tls.client_ca_file", &tls.client_ca_file),
+        ] {
+            if let Some(path) = file
+                && !path.is_file()
+            {
+                return Err(invalid(key, &format!("{} does not exist", path.display())));
+            }
+        }
         let url = &self.database.url;
         if !(url.starts_with("sqlite:")
             || url.starts_with("postgres://")
@@ -584,10 +647,17 @@ mod tests {
     #[test]
     fn the_key_dir_must_be_a_directory() {
         let dir = tempfile_dir();
-        let ok = load("", &[("SD_SCHEDULER_REGISTRY_KEY_DIR", dir.to_str().unwrap())]).unwrap();
+        let ok = load(
+            "",
+            &[("SD_SCHEDULER_REGISTRY_KEY_DIR", dir.to_str().unwrap())],
+        )
+        .unwrap();
         assert_eq!(ok.registry.key_dir.as_deref(), Some(dir.as_path()));
         let missing = dir.join("missing");
-        match load("", &[("SD_SCHEDULER_REGISTRY_KEY_DIR", missing.to_str().unwrap())]) {
+        match load(
+            "",
+            &[("SD_SCHEDULER_REGISTRY_KEY_DIR", missing.to_str().unwrap())],
+        ) {
             Err(ConfigError::Invalid { key, reason }) => {
                 assert_eq!(key, "registry.key_dir");
                 assert!(reason.contains("is not a directory"), "{reason}");

@@ -74,6 +74,8 @@ pub enum StartError {
     Screwdriver(#[from] sd_screwdriver::ClientError),
     #[error(transparent)]
     KeyDir(#[from] key_dir::KeyDirError),
+    #[error("listen_tls: {0}")]
+    Tls(#[from] sd_http::TlsError),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -106,6 +108,11 @@ impl Scheduler {
             Some(keys) => keys.behind(env),
             None => env,
         };
+        let tls = config
+            .listen_tls
+            .files()
+            .map(sd_http::ServerTls::load)
+            .transpose()?;
         let verifier = api_verifier(&config.auth)?;
         let tokens = launcher_tokens(&config.auth)?;
         // Checked by `Config::load` too; a config built in code is held to the same rule.
@@ -177,7 +184,10 @@ impl Scheduler {
             registry_sync,
         });
         let (listener, addr) = bind(config.listen).await?;
-        let mut tasks = spawn_tasks(&state, listener, &config, reroute, &shutdown);
+        let mut tasks = spawn_tasks(&state, listener, tls.clone(), &config, reroute, &shutdown);
+        if let Some(tls) = tls {
+            tasks.spawn(reload_tls(tls, shutdown.clone()));
+        }
         if let Some(keys) = key_dir {
             tasks.spawn(keys.run(config.registry.reload_interval, shutdown.clone()));
         }
@@ -219,6 +229,7 @@ impl Scheduler {
 fn spawn_tasks(
     state: &Arc<AppState>,
     listener: TcpListener,
+    tls: Option<Arc<sd_http::ServerTls>>,
     config: &Config,
     reroute: Arc<Notify>,
     shutdown: &CancellationToken,
@@ -228,6 +239,7 @@ fn spawn_tasks(
         listener,
         Arc::clone(state),
         config.http.max_connections,
+        tls,
         shutdown.clone(),
     ));
     let (queues, doorbell, stop) = (
@@ -269,6 +281,7 @@ async fn serve(
     listener: TcpListener,
     state: Arc<AppState>,
     max_connections: usize,
+    tls: Option<Arc<sd_http::ServerTls>>,
     shutdown: CancellationToken,
 ) {
     check_open_files(max_connections);
@@ -276,7 +289,41 @@ async fn serve(
         max_connections,
         ..sd_http::Limits::default()
     };
-    sd_http::serve(listener, api::router(state), limits, shutdown).await;
+    sd_http::serve(listener, api::router(state), limits, tls, shutdown).await;
+}
+
+/// Re-reads `listen_tls`'s files on SIGHUP, and when they change (checked every 10 s). A file
+/// that does not load leaves the certificate in use, with a warning naming it.
+async fn reload_tls(tls: Arc<sd_http::ServerTls>, shutdown: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hangup = match signal(SignalKind::hangup()) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGHUP; listen_tls files are still re-read when they change");
+            None
+        }
+    };
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(10));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let forced = tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = tick.tick() => false,
+            Some(()) = async { match hangup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => true,
+        };
+        let result = if forced {
+            tls.reload().map(|()| true)
+        } else {
+            tls.reload_if_changed()
+        };
+        match result {
+            Ok(true) => tracing::info!(forced, "listen_tls: certificate files re-read"),
+            Ok(false) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "listen_tls: cannot re-read the certificate files; still serving the ones read before")
+            }
+        }
+    }
 }
 
 /// Raises the open-files limit and warns when it still cannot hold `max_connections` (each

@@ -14,9 +14,11 @@ pub mod agent_config;
 pub mod chaos;
 pub mod kube_api;
 pub mod launcher;
+pub mod tls;
 
 pub use agent_config::AgentConfig;
 pub use chaos::ChaosProxy;
+pub use tls::{CertFiles, TestCa};
 
 /// A port nobody listens on right now.
 pub fn free_port() -> u16 {

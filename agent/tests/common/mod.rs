@@ -50,7 +50,14 @@ pub fn scheduler_client(url: &str, cluster: &str, private_pem: &str) -> Schedule
         private_pem.as_bytes(),
     )
     .unwrap();
-    SchedulerClient::new(url, cluster, Arc::new(signer), None, Duration::from_secs(5)).unwrap()
+    SchedulerClient::new(
+        url,
+        cluster,
+        Arc::new(signer),
+        &sd_agent::scheduler_client::ClientTls::default(),
+        Duration::from_secs(5),
+    )
+    .unwrap()
 }
 
 /// A Kubernetes config whose `kubeconfig` (written into `dir`) points at `server`, as an
