@@ -110,8 +110,11 @@ pub fn build_updates(config: &Config) -> Result<BuildUpdates, RunError> {
 }
 
 /// The scheduler client `run` needs, built before anything binds: a private key that does not
-/// load, a CA file or kubeconfig that does not parse is a configuration error (exit 64), named by its key.
-pub fn preflight(config: &Config) -> Result<SchedulerClient, ConfigError> {
+/// load, a CA file or kubeconfig that does not parse, a local Redis whose certificate is not
+/// trusted or that refuses the password is a configuration error (exit 64), named by its key.
+/// A local Redis that does not answer yet is not: the agent starts, not ready.
+pub async fn preflight(config: &Config) -> Result<SchedulerClient, ConfigError> {
+    check_redis(config).await?;
     if let (ExecutorKind::Kubernetes, Some(path)) =
         (config.executor.kind, &config.executor.kubernetes.kubeconfig)
     {
@@ -143,6 +146,32 @@ pub fn preflight(config: &Config) -> Result<SchedulerClient, ConfigError> {
     })
 }
 
+async fn check_redis(config: &Config) -> Result<(), ConfigError> {
+    use sd_queue::AccessError;
+    let target = config.redis.target()?;
+    match target.check_access(Duration::from_secs(5)).await {
+        Ok(()) => Ok(()),
+        Err(e @ AccessError::Tls(_)) => Err(ConfigError::invalid(
+            "redis.ca_file",
+            format!(
+                "{e} (redis.url must be the server's TLS port, rediss://, and redis.ca_file the CA that issued its certificate)"
+            ),
+        )),
+        Err(e @ AccessError::Auth(_)) => Err(ConfigError::invalid(
+            if config.redis.password_file.is_some() {
+                "redis.password_file"
+            } else {
+                "redis.url"
+            },
+            e.to_string(),
+        )),
+        Err(AccessError::Unreachable(why)) => {
+            tracing::warn!(%why, "the local Redis does not answer yet; starting not ready");
+            Ok(())
+        }
+    }
+}
+
 /// The executor `executor.kind` selects, with its watchers started.
 pub async fn executor(
     config: &Config,
@@ -163,7 +192,7 @@ pub async fn executor(
             executor::process::ProcessExecutor::new(
                 &config.executor.process,
                 &config.screwdriver,
-                &config.redis.url,
+                config.redis.target()?,
                 events,
             )
             .await?,
@@ -199,7 +228,7 @@ pub async fn run(
             source,
         })?;
     let local = LocalQueue::connect(
-        &config.redis.url,
+        config.redis.target()?,
         &config.cluster.name,
         config.executor.launch_lease,
     )

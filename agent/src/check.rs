@@ -102,8 +102,21 @@ async fn scheduler(config: &Config, signer: crate::signer::Signer) -> Result<Str
 async fn redis(config: &Config) -> Result<String, String> {
     let fix = "fix: check redis.url and that the cluster's Redis runs";
     let url = sd_protocol::env::redact_url(&config.redis.url);
-    let client =
-        redis::Client::open(config.redis.url.as_str()).map_err(|e| format!("{e} — {fix}"))?;
+    let target = config.redis.target().map_err(|e| format!("{e} — {fix}"))?;
+    match target.check_access(Duration::from_secs(5)).await {
+        Err(e @ sd_queue::AccessError::Tls(_)) => {
+            return Err(format!(
+                "{url}: {e} — fix: redis.url must be rediss:// to the server's TLS port, and redis.ca_file the CA that issued its certificate"
+            ));
+        }
+        Err(e @ sd_queue::AccessError::Auth(_)) => {
+            return Err(format!(
+                "{url}: {e} — fix: the user and password in redis.url (or redis.password_file)"
+            ));
+        }
+        _ => {}
+    }
+    let client = target.client().map_err(|e| format!("{e} — {fix}"))?;
     let connect = client.get_multiplexed_async_connection();
     let mut conn = match tokio::time::timeout(Duration::from_secs(5), connect).await {
         Ok(Ok(c)) => c,

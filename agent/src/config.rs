@@ -114,6 +114,28 @@ pub struct RedisConfig {
     /// put into `url` (which must then carry none): the password stays out of the config file,
     /// the environment and the command line. One trailing newline is dropped.
     pub password_file: Option<PathBuf>,
+    /// CA certificate(s) (PEM) trusted for `rediss://` instead of the system's: a private CA.
+    pub ca_file: Option<PathBuf>,
+}
+
+impl RedisConfig {
+    /// The local Redis to reach, with its CA read.
+    pub fn target(&self) -> Result<sd_queue::RedisTarget, ConfigError> {
+        let ca_pem = match &self.ca_file {
+            Some(path) => Some(
+                std::fs::read(path).map_err(|source| ConfigError::ReadKeyFile {
+                    key: "redis.ca_file".into(),
+                    path: path.clone(),
+                    source,
+                })?,
+            ),
+            None => None,
+        };
+        Ok(sd_queue::RedisTarget {
+            url: self.url.clone(),
+            ca_pem,
+        })
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -604,6 +626,7 @@ impl Default for RedisConfig {
         Self {
             url: "redis://127.0.0.1:6379".into(),
             password_file: None,
+            ca_file: None,
         }
     }
 }

@@ -142,8 +142,12 @@ async fn detect_waitaof(conn: &mut ConnectionManager) -> Result<bool, LocalError
 
 impl LocalQueue {
     /// Connects (lazily: a Redis that is down now is retried on each use).
-    pub async fn connect(url: &str, cluster: &str, lease: Duration) -> Result<Self, LocalError> {
-        let queues = Queues::connect(url, TAG)?;
+    pub async fn connect(
+        redis: impl Into<sd_queue::RedisTarget>,
+        cluster: &str,
+        lease: Duration,
+    ) -> Result<Self, LocalError> {
+        let queues = Queues::connect_to(&redis.into(), TAG)?;
         let settings = QueueSettings {
             visibility_timeout: lease,
             max_attempts: u32::MAX,

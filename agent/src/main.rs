@@ -99,7 +99,7 @@ async fn run_agent(path: PathBuf) -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
-    let client = match app::preflight(&config) {
+    let client = match app::preflight(&config).await {
         Ok(c) => c,
         Err(e) => {
             eprintln!("sd-agent: invalid configuration: {e}");

@@ -16,8 +16,10 @@ pub mod due;
 mod holders;
 pub mod markers;
 pub mod outbox;
+mod target;
 pub use doorbell::{Doorbell, Listener};
 pub use due::DueSet;
+pub use target::{AccessError, RedisTarget};
 
 /// Every timed script's first lines: Redis's clock as `now` (ms). Shared, so no script reads
 /// time another way.
@@ -246,7 +248,12 @@ impl Queues {
     /// Connects lazily (a service starts, and reports not ready, while Redis is down); every key
     /// lives under the hash tag `{tag}`.
     pub fn connect(url: &str, tag: &str) -> Result<Self, QueueError> {
-        let client = Client::open(url)?;
+        Self::connect_to(&RedisTarget::new(url), tag)
+    }
+
+    /// As [`connect`](Self::connect), trusting `target`'s CA for `rediss://`.
+    pub fn connect_to(target: &RedisTarget, tag: &str) -> Result<Self, QueueError> {
+        let client = target.client()?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(2)))
             .set_response_timeout(Some(Duration::from_secs(2)))

@@ -178,7 +178,31 @@ pub struct DatabaseConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RedisConfig {
+    /// `redis://` or `rediss://` (TLS), with `user:password@` for an ACL user (ElastiCache
+    /// AUTH).
     pub url: String,
+    /// CA certificate(s) (PEM) trusted for `rediss://` instead of the system's: a private CA.
+    pub ca_file: Option<PathBuf>,
+}
+
+impl RedisConfig {
+    /// The Redis to reach, with its CA read.
+    pub fn target(&self) -> Result<sd_queue::RedisTarget, ConfigError> {
+        let ca_pem = match &self.ca_file {
+            Some(path) => Some(
+                std::fs::read(path).map_err(|source| ConfigError::ReadKeyFile {
+                    key: "redis.ca_file".into(),
+                    path: path.clone(),
+                    source,
+                })?,
+            ),
+            None => None,
+        };
+        Ok(sd_queue::RedisTarget {
+            url: self.url.clone(),
+            ca_pem,
+        })
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -308,6 +332,7 @@ impl Default for RedisConfig {
     fn default() -> Self {
         Self {
             url: "redis://127.0.0.1:6379".into(),
+            ca_file: None,
         }
     }
 }

@@ -76,6 +76,12 @@ pub enum StartError {
     KeyDir(#[from] key_dir::KeyDirError),
     #[error("listen_tls: {0}")]
     Tls(#[from] sd_http::TlsError),
+    /// Redis answered, but this configuration cannot use it (TLS trust, credentials).
+    #[error("{setting}: {source}")]
+    RedisAccess {
+        setting: &'static str,
+        source: sd_queue::AccessError,
+    },
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -123,7 +129,9 @@ impl Scheduler {
             concat!("sd-scheduler/", env!("CARGO_PKG_VERSION")),
         )?;
         let db = Db::connect(&config.database.url, config.database.max_connections).await?;
-        let queues = Queues::connect(&config.redis.url, queue::TAG)?;
+        let redis = config.redis.target()?;
+        check_redis(&redis).await?;
+        let queues = Queues::connect_to(&redis, queue::TAG)?;
         let registry = Registry::new(db.clone());
         let cache = ClusterCache::default();
         cache.reload(&registry).await?;
@@ -157,7 +165,7 @@ impl Scheduler {
             registry.clone(),
             cache.clone(),
             queues.clone(),
-            config.redis.url.clone(),
+            redis,
             config.registry.reload_interval,
             Arc::clone(&reroute),
         ));
@@ -355,6 +363,27 @@ async fn bind(listen: SocketAddr) -> Result<(TcpListener, SocketAddr), StartErro
 
 /// The verifier of Screwdriver-API tokens. Without a key the scheduler still starts (so the
 /// workers' side and `/healthz` work) but refuses every authenticated call.
+/// A wrong CA or password stops the start with the setting to fix; a Redis that does not answer
+/// yet does not (the replica starts, not ready, and connects when Redis comes).
+async fn check_redis(redis: &sd_queue::RedisTarget) -> Result<(), StartError> {
+    use sd_queue::AccessError;
+    match redis.check_access(std::time::Duration::from_secs(5)).await {
+        Ok(()) => Ok(()),
+        Err(source @ AccessError::Tls(_)) => Err(StartError::RedisAccess {
+            setting: "redis.url / redis.ca_file",
+            source,
+        }),
+        Err(source @ AccessError::Auth(_)) => Err(StartError::RedisAccess {
+            setting: "redis.url (user and password)",
+            source,
+        }),
+        Err(AccessError::Unreachable(why)) => {
+            tracing::warn!(redis = %sd_protocol::env::redact_url(&redis.url), %why, "Redis does not answer yet; starting not ready");
+            Ok(())
+        }
+    }
+}
+
 fn api_verifier(auth: &AuthConfig) -> Result<ApiVerifier, KeyError> {
     let policy = TokenPolicy {
         max_lifetime: auth.max_token_lifetime,

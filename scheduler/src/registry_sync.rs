@@ -36,7 +36,7 @@ pub struct RegistrySync {
     /// Where announcements are published (the master queues' Redis).
     queues: Queues,
     /// The same Redis, for the subscription: pub/sub needs a connection of its own.
-    redis_url: String,
+    redis: sd_queue::RedisTarget,
     reload_interval: Duration,
     on_reload: Arc<Notify>,
     /// Rung when the cache may be behind the table; its single stored permit is what folds a
@@ -55,7 +55,7 @@ impl RegistrySync {
         registry: Registry,
         cache: ClusterCache,
         queues: Queues,
-        redis_url: String,
+        redis: sd_queue::RedisTarget,
         reload_interval: Duration,
         on_reload: Arc<Notify>,
     ) -> Self {
@@ -63,7 +63,7 @@ impl RegistrySync {
             registry,
             cache,
             queues,
-            redis_url,
+            redis,
             reload_interval,
             on_reload,
             stale: Notify::new(),
@@ -118,7 +118,7 @@ impl RegistrySync {
         let mut delay = RESUBSCRIBE_MIN;
         loop {
             let subscribed = async {
-                let client = redis::Client::open(self.redis_url.as_str())?;
+                let client = self.redis.client()?;
                 let mut pubsub = client.get_async_pubsub().await?;
                 pubsub.subscribe(INVALIDATION_CHANNEL).await?;
                 Ok::<_, redis::RedisError>(pubsub)

@@ -54,6 +54,20 @@ pub struct RedisServer {
     dir: tempfile::TempDir,
     child: Option<Child>,
     aof: bool,
+    secure: Option<Secure>,
+}
+
+/// A server with TLS on a second port and passwords: ElastiCache with in-transit encryption and
+/// AUTH, as a test can run it.
+struct Secure {
+    tls_port: u16,
+    cert: CertFiles,
+    ca_file: PathBuf,
+    /// The `default` user's password (the harness's own connections, on the plain port).
+    admin_password: String,
+    /// An ACL user for the code under test.
+    user: String,
+    password: String,
 }
 
 /// Ports tried before [`RedisServer::start`] gives up.
@@ -78,18 +92,53 @@ impl RedisServer {
         Self::start_with(true)
     }
 
+    /// Starts a server that also listens with TLS (a certificate from `ca` for localhost and
+    /// 127.0.0.1) and requires passwords: ACL user `user` with `password` for the code under
+    /// test ([`tls_url`](Self::tls_url)); the harness keeps the plain port, behind a password
+    /// of its own.
+    pub fn start_tls(ca: &TestCa, user: &str, password: &str) -> Result<Self> {
+        Self::start_secured(Some(Secure {
+            tls_port: 0,
+            cert: ca.server(&format!("redis-{}", free_port())),
+            ca_file: ca.ca_file(),
+            admin_password: format!("admin-{}", free_port()),
+            user: user.to_owned(),
+            password: password.to_owned(),
+        }))
+    }
+
     fn start_with(aof: bool) -> Result<Self> {
-        let mut server = Self {
+        let mut server = Self::start_secured_unspawned(aof, None)?;
+        server.start_on_free_port()?;
+        Ok(server)
+    }
+
+    fn start_secured(secure: Option<Secure>) -> Result<Self> {
+        let mut server = Self::start_secured_unspawned(false, secure)?;
+        server.start_on_free_port()?;
+        Ok(server)
+    }
+
+    fn start_secured_unspawned(aof: bool, secure: Option<Secure>) -> Result<Self> {
+        Ok(Self {
             port: 0,
             dir: tempfile::tempdir()?,
             child: None,
             aof,
-        };
+            secure,
+        })
+    }
+
+    fn start_on_free_port(&mut self) -> Result<()> {
+        let server = self;
         let mut taken = Vec::new();
         for _ in 0..REDIS_PORT_ATTEMPTS {
             server.port = free_port();
+            if let Some(secure) = &mut server.secure {
+                secure.tls_port = free_port();
+            }
             match server.spawn() {
-                Ok(()) => return Ok(server),
+                Ok(()) => return Ok(()),
                 Err(NotOurs::PortTaken(why)) => taken.push(why),
                 Err(NotOurs::Failed(e)) => return Err(e),
             }
@@ -112,9 +161,26 @@ impl RedisServer {
             .args(["--appendonly", if self.aof { "yes" } else { "no" }])
             .args(["--appendfsync", "always"])
             .arg("--logfile")
-            .arg(self.log_path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
+            .arg(self.log_path());
+        if let Some(secure) = &self.secure {
+            cmd.arg("--tls-port")
+                .arg(secure.tls_port.to_string())
+                .arg("--tls-cert-file")
+                .arg(&secure.cert.cert)
+                .arg("--tls-key-file")
+                .arg(&secure.cert.key)
+                .arg("--tls-ca-cert-file")
+                .arg(&secure.ca_file)
+                .args(["--tls-auth-clients", "no"])
+                .arg("--requirepass")
+                .arg(&secure.admin_password)
+                .arg("--user")
+                .arg(&secure.user)
+                .arg("on")
+                .arg(format!(">{}", secure.password))
+                .args(["~*", "&*", "+@all"]);
+        }
+        cmd.stdout(Stdio::null()).stderr(Stdio::null());
         let child = cmd
             .spawn()
             .context("cannot start redis-server (install it: apt-get install redis-server)")
@@ -187,8 +253,32 @@ impl RedisServer {
             .and_then(|c| c.try_wait().ok().flatten())
     }
 
+    /// The plain port's URL (with the harness's password on a [`start_tls`](Self::start_tls)
+    /// server).
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        match &self.secure {
+            Some(s) => format!("redis://:{}@127.0.0.1:{}", s.admin_password, self.port),
+            None => format!("redis://127.0.0.1:{}", self.port),
+        }
+    }
+
+    /// The TLS port's URL for the ACL user, with `password` (the right one or not), of a
+    /// [`start_tls`](Self::start_tls) server.
+    pub fn tls_url(&self, password: &str) -> String {
+        let s = self
+            .secure
+            .as_ref()
+            .expect("a server started with start_tls");
+        format!("rediss://{}:{password}@localhost:{}", s.user, s.tls_port)
+    }
+
+    /// The ACL user's right password.
+    pub fn tls_password(&self) -> &str {
+        &self
+            .secure
+            .as_ref()
+            .expect("a server started with start_tls")
+            .password
     }
 
     pub fn port(&self) -> u16 {
@@ -649,6 +739,7 @@ mod tests {
             dir: tempfile::tempdir().unwrap(),
             child: None,
             aof: false,
+            secure: None,
         };
         let verdict = server.spawn();
         (server, verdict)

@@ -119,12 +119,12 @@ impl ProcessExecutor {
     pub async fn new(
         config: &ProcessConfig,
         screwdriver: &ScrewdriverConfig,
-        redis_url: &str,
+        redis: impl Into<sd_queue::RedisTarget>,
         events: Events,
     ) -> Result<Self, ExecError> {
         let host = sys::hostname();
         let spawner = Spawner::new(config, screwdriver, host.clone())?;
-        let redis = connect(redis_url)?;
+        let redis = connect(&redis.into())?;
         let pid = std::process::id();
         let me = Owner {
             pid,
@@ -203,8 +203,8 @@ impl Drop for ProcessExecutor {
 
 /// The local Redis, connected lazily, with short timeouts: a launch fails fast (and is retried)
 /// rather than hanging on an unreachable server.
-fn connect(redis_url: &str) -> Result<ConnectionManager, ExecError> {
-    let client = redis::Client::open(redis_url).map_err(|source| ExecError::Redis {
+fn connect(redis: &sd_queue::RedisTarget) -> Result<ConnectionManager, ExecError> {
+    let client = redis.client().map_err(|source| ExecError::Redis {
         context: "redis.url is not a valid Redis URL",
         source,
     })?;

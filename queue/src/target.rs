@@ -1,0 +1,116 @@
+//! How a process reaches a Redis: its URL (`redis://`, `rediss://` for TLS, with an ACL user
+//! and password as ElastiCache's AUTH wants them) and, for a private CA, that CA. One owner for
+//! building clients, so the scheduler's master queues, its pub/sub and an agent's local Redis
+//! all trust the same way; and the start-up check that tells a wrong CA or password (which no
+//! retry heals) from a Redis that is merely down.
+
+use std::time::Duration;
+
+use redis::{Client, RedisError, TlsCertificates};
+
+/// A Redis and how to trust it.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct RedisTarget {
+    pub url: String,
+    /// PEM CA certificate(s) trusted for `rediss://` instead of the system's.
+    pub ca_pem: Option<Vec<u8>>,
+}
+
+impl std::fmt::Debug for RedisTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisTarget")
+            .field("url", &sd_protocol::env::redact_url(&self.url))
+            .field("ca_pem", &self.ca_pem.as_ref().map(|_| "(set)"))
+            .finish()
+    }
+}
+
+/// Why Redis could not be used at start.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AccessError {
+    /// The TLS handshake failed: the server's certificate is not trusted (or not for this
+    /// host), or the server does not speak TLS there. Retrying does not help.
+    #[error("TLS with Redis failed: {0}")]
+    Tls(String),
+    /// Redis refused the user or password. Retrying does not help.
+    #[error("Redis refused the credentials: {0}")]
+    Auth(String),
+    /// Redis did not answer (down, or not yet up): worth waiting for.
+    #[error("Redis does not answer: {0}")]
+    Unreachable(String),
+}
+
+/// A URL alone: the system's CAs.
+impl From<&str> for RedisTarget {
+    fn from(url: &str) -> Self {
+        Self::new(url)
+    }
+}
+
+impl From<&String> for RedisTarget {
+    fn from(url: &String) -> Self {
+        Self::new(url.as_str())
+    }
+}
+
+impl RedisTarget {
+    pub fn new(url: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            ca_pem: None,
+        }
+    }
+
+    /// A client; it connects only when used.
+    pub fn client(&self) -> Result<Client, RedisError> {
+        match &self.ca_pem {
+            None => Client::open(self.url.as_str()),
+            Some(pem) => Client::build_with_tls(
+                self.url.as_str(),
+                TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(pem.clone()),
+                },
+            ),
+        }
+    }
+
+    /// Connects once and sends PING, within `within`, to tell at start a configuration that
+    /// cannot work from a Redis that is only unavailable.
+    pub async fn check_access(&self, within: Duration) -> Result<(), AccessError> {
+        let attempt = async {
+            let client = self.client()?;
+            let mut conn = client.get_multiplexed_async_connection().await?;
+            redis::cmd("PING").query_async::<String>(&mut conn).await
+        };
+        match tokio::time::timeout(within, attempt).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(classify(&e)),
+            Err(_) => Err(AccessError::Unreachable(format!(
+                "no answer within {within:?}"
+            ))),
+        }
+    }
+}
+
+/// What a failed first contact means. The TLS cause is read from the message: the client
+/// reports the handshake's error as an I/O error carrying rustls's text.
+fn classify(e: &RedisError) -> AccessError {
+    let text = e.to_string();
+    let lower = text.to_ascii_lowercase();
+    if matches!(e.kind(), redis::ErrorKind::AuthenticationFailed)
+        || lower.contains("wrongpass")
+        || lower.contains("noauth")
+        || lower.contains("invalid username-password")
+    {
+        AccessError::Auth(text)
+    } else if lower.contains("certificate")
+        || lower.contains("tls")
+        || lower.contains("handshake")
+        || lower.contains("invaliddata")
+    {
+        AccessError::Tls(text)
+    } else {
+        AccessError::Unreachable(text)
+    }
+}
