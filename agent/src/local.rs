@@ -10,8 +10,8 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Duration;
 
 use redis::AsyncCommands;
-use redis::aio::ConnectionManager;
 use sd_protocol::{JobKind, QueueMessage, StartMessage};
+use sd_queue::Connection;
 use sd_queue::{
     Cancelled, Doorbell, Enqueued, Holds, Lease, LeaseOp, LeaseOutcome, Listener, QueueError,
     QueueSettings, Queues,
@@ -72,7 +72,7 @@ const NO_WAITAOF: u8 = 2;
 impl Durability {
     /// Returns once what was written on `conn` is on the server's disk, where the server can
     /// say so; an error means it may not be, and nothing may be acknowledged on its strength.
-    pub async fn confirm(&self, conn: &mut ConnectionManager) -> Result<(), LocalError> {
+    pub async fn confirm(&self, conn: &mut Connection) -> Result<(), LocalError> {
         let result = self.wait(conn).await;
         if result.is_err() {
             self.forget();
@@ -85,7 +85,7 @@ impl Durability {
         self.0.store(UNKNOWN, Ordering::Relaxed);
     }
 
-    async fn wait(&self, conn: &mut ConnectionManager) -> Result<(), LocalError> {
+    async fn wait(&self, conn: &mut Connection) -> Result<(), LocalError> {
         let mode = match self.0.load(Ordering::Relaxed) {
             UNKNOWN => {
                 let mode = if detect_waitaof(conn).await? {
@@ -119,7 +119,7 @@ impl Durability {
     }
 }
 
-async fn detect_waitaof(conn: &mut ConnectionManager) -> Result<bool, LocalError> {
+async fn detect_waitaof(conn: &mut Connection) -> Result<bool, LocalError> {
     let info: String = redis::cmd("INFO").arg("server").query_async(conn).await?;
     let version = info
         .lines()

@@ -11,7 +11,7 @@
 
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
+use sd_queue::Connection;
 use sd_queue::outbox::OutboxScripts;
 use sd_queue::{DueSet, millis};
 use serde::{Deserialize, Serialize};
@@ -107,14 +107,14 @@ pub enum Recorded {
 
 #[derive(Clone)]
 pub struct Outbox {
-    conn: ConnectionManager,
+    conn: Connection,
     /// `events` claimed through `due`.
     entries: DueSet,
     scripts: std::sync::Arc<OutboxScripts>,
 }
 
 impl Outbox {
-    pub fn new(conn: ConnectionManager) -> Self {
+    pub fn new(conn: Connection) -> Self {
         Self {
             conn,
             entries: DueSet::new(EVENTS_KEY, DUE_KEY),

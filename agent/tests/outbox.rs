@@ -10,7 +10,6 @@ use std::time::Duration;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use jsonwebtoken::Algorithm;
-use redis::aio::ConnectionManager;
 use sd_agent::executor::{BuildEvent, BuildStatus};
 use sd_agent::local::LocalQueue;
 use sd_agent::outbox::{Outbox, Recorded};
@@ -24,7 +23,7 @@ const CLUSTER: &str = "east";
 
 async fn outbox(redis: &RedisServer) -> Outbox {
     let client = redis::Client::open(redis.url()).unwrap();
-    Outbox::new(ConnectionManager::new(client).await.unwrap())
+    Outbox::new(sd_queue::Connection::lazy(client).unwrap())
 }
 
 fn ended(id: u64) -> BuildEvent {

@@ -870,7 +870,7 @@ async fn an_end_kept_before_the_crash_is_reported_not_contradicted() {
     let cmd = script(dir.path(), "sleep.sh", sleep_script());
     let outbox = {
         let client = redis::Client::open(redis.url()).unwrap();
-        Outbox::new(redis::aio::ConnectionManager::new(client).await.unwrap())
+        Outbox::new(sd_queue::Connection::lazy(client).unwrap())
     };
     let (crashed, mut crashed_events) = executor(&redis, dir.path(), argv(&cmd)).await;
     crashed.launch(&build(603, json!({}))).await.unwrap();
@@ -924,7 +924,7 @@ async fn an_end_seen_while_redis_is_down_is_kept_before_the_marker_ends() {
     // ...and kept in the outbox before the marker ended, so a crash now loses nothing.
     let outbox = {
         let client = redis::Client::open(redis.url()).unwrap();
-        Outbox::new(redis::aio::ConnectionManager::new(client).await.unwrap())
+        Outbox::new(sd_queue::Connection::lazy(client).unwrap())
     };
     let ended = eventually(Duration::from_secs(20), || async {
         marker(&redis, 605).filter(|(_, m)| m.state == MarkerState::Ended)

@@ -6,8 +6,8 @@
 
 use std::time::Duration;
 
+use crate::Connection;
 use redis::Script;
-use redis::aio::ConnectionManager;
 
 use crate::{QueueError, millis, timed_script};
 
@@ -50,7 +50,7 @@ impl DueSet {
     /// Keeps `body` under `field`, due after `delay` (replacing what was there).
     pub async fn keep(
         &self,
-        conn: &mut ConnectionManager,
+        conn: &mut Connection,
         field: &str,
         body: &str,
         delay: Duration,
@@ -70,7 +70,7 @@ impl DueSet {
     /// Up to `max` due items, each claimed for `lease`: `(field, body)`.
     pub async fn claim(
         &self,
-        conn: &mut ConnectionManager,
+        conn: &mut Connection,
         max: usize,
         lease: Duration,
     ) -> Result<Vec<(String, String)>, QueueError> {
@@ -89,7 +89,7 @@ impl DueSet {
     /// decode are dropped (they never would) and returned with why, for the caller to log.
     pub async fn claim_json<T: serde::de::DeserializeOwned>(
         &self,
-        conn: &mut ConnectionManager,
+        conn: &mut Connection,
         max: usize,
         lease: Duration,
     ) -> Result<Claimed<T>, QueueError> {
@@ -110,11 +110,7 @@ impl DueSet {
     }
 
     /// Drops `field`: done, or unreadable.
-    pub async fn forget(
-        &self,
-        conn: &mut ConnectionManager,
-        field: &str,
-    ) -> Result<(), QueueError> {
+    pub async fn forget(&self, conn: &mut Connection, field: &str) -> Result<(), QueueError> {
         let _: () = redis::pipe()
             .atomic()
             .hdel(&self.items, field)
@@ -127,7 +123,7 @@ impl DueSet {
     }
 
     /// How many items are kept.
-    pub async fn len(&self, conn: &mut ConnectionManager) -> Result<u64, QueueError> {
+    pub async fn len(&self, conn: &mut Connection) -> Result<u64, QueueError> {
         let n: u64 = redis::cmd("HLEN")
             .arg(&self.items)
             .query_async(conn)

@@ -11,12 +11,14 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+mod connection;
 pub mod doorbell;
 pub mod due;
 mod holders;
 pub mod markers;
 pub mod outbox;
 mod target;
+pub use connection::Connection;
 pub use doorbell::{Doorbell, Listener};
 pub use due::DueSet;
 pub use target::{AccessError, RedisTarget};
@@ -31,7 +33,6 @@ pub fn timed_script(body: &str) -> Script {
     Script::new(&format!("{CLOCK}{body}"))
 }
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Client, Script};
 use sd_protocol::QueueMessage;
 
@@ -225,7 +226,7 @@ pub enum Moved {
 /// Handle on the master queues; cheap to clone.
 #[derive(Clone)]
 pub struct Queues {
-    conn: ConnectionManager,
+    conn: Connection,
     client: Client,
     keys: Arc<Keys>,
     scripts: Arc<Scripts>,
@@ -254,12 +255,7 @@ impl Queues {
     /// As [`connect`](Self::connect), trusting `target`'s CA for `rediss://`.
     pub fn connect_to(target: &RedisTarget, tag: &str) -> Result<Self, QueueError> {
         let client = target.client()?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(2)))
-            .set_response_timeout(Some(Duration::from_secs(2)))
-            .set_number_of_retries(2)
-            .set_max_delay(Duration::from_secs(1));
-        let conn = ConnectionManager::new_lazy_with_config(client.clone(), config)?;
+        let conn = Connection::lazy(client.clone())?;
         Ok(Self {
             conn,
             client,
@@ -284,7 +280,7 @@ impl Queues {
     }
 
     /// The shared connection, for callers that keep records of their own next to the queue.
-    pub fn connection(&self) -> ConnectionManager {
+    pub fn connection(&self) -> Connection {
         self.conn.clone()
     }
 

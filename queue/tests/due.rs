@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
+use sd_queue::Connection;
 use sd_queue::DueSet;
 use sd_testkit::RedisServer;
 
@@ -15,10 +15,10 @@ use sd_testkit::RedisServer;
 const LONG: Duration = Duration::from_secs(30);
 
 /// A redis-server of the test's own, a due set on it and a connection.
-async fn start() -> (RedisServer, DueSet, ConnectionManager) {
+async fn start() -> (RedisServer, DueSet, Connection) {
     let redis = RedisServer::start().expect("start redis-server");
     let client = redis::Client::open(redis.url()).expect("redis url");
-    let conn = ConnectionManager::new(client).await.expect("connect");
+    let conn = Connection::lazy(client).expect("connect");
     (redis, DueSet::new("{t}:items", "{t}:due"), conn)
 }
 
@@ -34,13 +34,13 @@ fn pairs(items: &[(&str, &str)]) -> Vec<(String, String)> {
 }
 
 /// Redis's clock in ms, as the scripts read it.
-async fn now(conn: &mut ConnectionManager) -> i64 {
+async fn now(conn: &mut Connection) -> i64 {
     let (secs, micros): (i64, i64) = redis::cmd("TIME").query_async(conn).await.unwrap();
     secs * 1000 + micros / 1000
 }
 
 /// Waits until Redis's clock is more than `d` past what it says now.
-async fn pass(conn: &mut ConnectionManager, d: Duration) {
+async fn pass(conn: &mut Connection, d: Duration) {
     let target = now(conn).await + i64::try_from(d.as_millis()).unwrap();
     tokio::time::sleep(d).await;
     while now(conn).await <= target {
@@ -48,7 +48,7 @@ async fn pass(conn: &mut ConnectionManager, d: Duration) {
     }
 }
 
-async fn due_at(conn: &mut ConnectionManager, set: &DueSet, field: &str) -> Option<i64> {
+async fn due_at(conn: &mut Connection, set: &DueSet, field: &str) -> Option<i64> {
     let score: Option<f64> = redis::cmd("ZSCORE")
         .arg(set.due_key())
         .arg(field)
@@ -58,7 +58,7 @@ async fn due_at(conn: &mut ConnectionManager, set: &DueSet, field: &str) -> Opti
     score.map(|s| s as i64)
 }
 
-async fn body(conn: &mut ConnectionManager, set: &DueSet, field: &str) -> Option<String> {
+async fn body(conn: &mut Connection, set: &DueSet, field: &str) -> Option<String> {
     redis::cmd("HGET")
         .arg(set.items_key())
         .arg(field)
@@ -69,7 +69,7 @@ async fn body(conn: &mut ConnectionManager, set: &DueSet, field: &str) -> Option
 
 /// Asserts `field` is due `d` after the Redis time of a call made between `before` and `after`.
 async fn assert_due(
-    conn: &mut ConnectionManager,
+    conn: &mut Connection,
     set: &DueSet,
     field: &str,
     (before, after): (i64, i64),

@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use std::sync::Arc;
 
-use redis::aio::ConnectionManager;
 use sd_protocol::QueueMessage;
+use sd_queue::Connection;
 use sd_queue::DueSet;
 use sd_screwdriver::{BuildTarget, BuildUpdates, UpdateError};
 use serde_json::{Value, json};
@@ -80,7 +80,7 @@ pub struct Reporter {
     updates: BuildUpdates,
     attempts: u32,
     timeout: Duration,
-    redis: ConnectionManager,
+    redis: Connection,
     /// `{sd}:reports` claimed through `{sd}:reports:due`.
     reports: DueSet,
     /// Rung when a report is kept, so it goes out at once.
@@ -89,12 +89,7 @@ pub struct Reporter {
 
 impl Reporter {
     /// Sends through `updates` (the allowed APIs, no redirects), each try within `timeout`.
-    pub fn new(
-        updates: BuildUpdates,
-        timeout: Duration,
-        attempts: u32,
-        redis: ConnectionManager,
-    ) -> Self {
+    pub fn new(updates: BuildUpdates, timeout: Duration, attempts: u32, redis: Connection) -> Self {
         Self {
             updates,
             attempts,

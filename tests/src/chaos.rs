@@ -67,7 +67,7 @@ struct Counters {
 }
 
 struct Shared {
-    targets: Vec<SocketAddr>,
+    targets: std::sync::RwLock<Vec<SocketAddr>>,
     /// Round-robin position among `targets`.
     next: AtomicUsize,
     /// The mode, with an epoch bumped on every change so connections notice each one.
@@ -104,7 +104,7 @@ impl ChaosProxy {
         let addr = listener.local_addr()?;
         let (mode, _) = watch::channel((Mode::Open, 0));
         let shared = Arc::new(Shared {
-            targets,
+            targets: std::sync::RwLock::new(targets),
             next: AtomicUsize::new(0),
             mode,
             counters: Counters::default(),
@@ -144,6 +144,12 @@ impl ChaosProxy {
     /// Stops carrying data on every connection, open or new, until [`ChaosProxy::restore`].
     pub fn blackhole(&self) {
         self.set(Mode::Blackhole);
+    }
+
+    /// Sends new connections to `target` from now on; open ones stay where they are, as after
+    /// a DNS change (ElastiCache's primary endpoint moving to a promoted replica).
+    pub fn point_at(&self, target: SocketAddr) {
+        *self.shared.targets.write().expect("targets") = vec![target];
     }
 
     /// Forwards new connections again.
@@ -232,10 +238,11 @@ async fn serve(inbound: TcpStream, shared: Arc<Shared>) {
 
 /// The next target that accepts a connection, round-robin.
 async fn connect(shared: &Shared) -> Option<TcpStream> {
-    let n = shared.targets.len();
+    let targets = shared.targets.read().expect("targets").clone();
+    let n = targets.len();
     let first = shared.next.fetch_add(1, Ordering::Relaxed);
     for i in 0..n {
-        let target = shared.targets[(first + i) % n];
+        let target = targets[(first + i) % n];
         if let Ok(Ok(stream)) =
             tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(target)).await
         {

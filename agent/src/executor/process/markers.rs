@@ -20,7 +20,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use redis::aio::ConnectionManager;
+use sd_queue::Connection;
 use sd_queue::markers::MarkerScripts;
 use serde::{Deserialize, Serialize};
 use tracing::warn;
@@ -153,14 +153,14 @@ pub(super) enum Updated {
 
 /// The launch markers of one local Redis.
 pub(super) struct Markers {
-    conn: ConnectionManager,
+    conn: Connection,
     /// The marker must be on disk before the process starts, or a Redis crash could forget it.
     durability: Durability,
     scripts: std::sync::Arc<MarkerScripts>,
 }
 
 impl Markers {
-    pub(super) fn new(conn: ConnectionManager) -> Self {
+    pub(super) fn new(conn: Connection) -> Self {
         Self {
             conn,
             durability: Durability::default(),

@@ -44,7 +44,6 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use sd_protocol::StartMessage;
 use tokio::task::AbortHandle;
 use tracing::{info, warn};
@@ -201,24 +200,16 @@ impl Drop for ProcessExecutor {
     }
 }
 
-/// The local Redis, connected lazily, with short timeouts: a launch fails fast (and is retried)
-/// rather than hanging on an unreachable server.
-fn connect(redis: &sd_queue::RedisTarget) -> Result<ConnectionManager, ExecError> {
-    let client = redis.client().map_err(|source| ExecError::Redis {
-        context: "redis.url is not a valid Redis URL",
-        source,
-    })?;
-    let redis_config = ConnectionManagerConfig::new()
-        .set_connection_timeout(Some(Duration::from_secs(2)))
-        .set_response_timeout(Some(Duration::from_secs(2)))
-        .set_number_of_retries(2)
-        .set_max_delay(Duration::from_secs(1));
-    ConnectionManager::new_lazy_with_config(client, redis_config).map_err(|source| {
-        ExecError::Redis {
-            context: "local Redis",
+/// The local Redis, connected lazily, with short timeouts (`sd_queue::Connection`): a launch
+/// fails fast (and is retried) rather than hanging on an unreachable server.
+fn connect(redis: &sd_queue::RedisTarget) -> Result<sd_queue::Connection, ExecError> {
+    redis
+        .client()
+        .and_then(sd_queue::Connection::lazy)
+        .map_err(|source| ExecError::Redis {
+            context: "redis.url is not a valid Redis URL",
             source,
-        }
-    })
+        })
 }
 
 /// Looks for orphans every [`SWEEP_INTERVAL`] while the executor lives (it holds no strong

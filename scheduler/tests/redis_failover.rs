@@ -1,0 +1,151 @@
+//! A Redis failover as ElastiCache performs it: the replica promoted (`REPLICAOF NO ONE`), the
+//! primary demoted (`REPLICAOF` the new one), and the endpoint the scheduler's URL names moved
+//! to the new primary (a proxy standing in for the DNS name). The scheduler's open connection
+//! still reaches the demoted node, which answers `READONLY`; the scheduler must reconnect and go
+//! on, with every build delivered once and none lost.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use common::{Harness, build, cluster, delivered_build};
+use reqwest::StatusCode;
+use sd_testkit::{Backend, ChaosProxy, RedisServer, eventually};
+use serde_json::json;
+
+fn redis_cmd(server: &RedisServer, args: &[&str]) -> redis::Value {
+    let mut cmd = redis::cmd(args[0]);
+    for a in &args[1..] {
+        cmd.arg(*a);
+    }
+    cmd.query(&mut server.conn()).expect("redis command")
+}
+
+fn role(server: &RedisServer) -> String {
+    let info: String = redis::cmd("INFO")
+        .arg("replication")
+        .query(&mut server.conn())
+        .unwrap();
+    let field = |name: &str| {
+        info.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}:")))
+            .unwrap_or_default()
+            .trim()
+            .to_owned()
+    };
+    format!("{}/{}", field("role"), field("master_link_status"))
+}
+
+/// Polls and acknowledges as an agent until `want` builds were delivered, counting deliveries.
+async fn take(
+    h: &Harness,
+    keys: &sd_testkit::ClusterKeys,
+    delivered: &mut BTreeMap<u64, u32>,
+    want: usize,
+) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while delivered.len() < want {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "only {delivered:?} delivered, want {want}"
+        );
+        let (status, body) = h
+            .worker_poll(&h.base, "east", &keys.token("east", 60), 1, 10)
+            .await;
+        if status != StatusCode::OK {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        }
+        for job in body["jobs"].as_array().cloned().unwrap_or_default() {
+            let id = job["deliveryId"].as_str().unwrap().to_owned();
+            let (status, _) = h
+                .call(
+                    reqwest::Method::POST,
+                    "/v1/jobs/east/ack",
+                    Some(&keys.token("east", 60)),
+                    Some(&json!({"deliveryIds": [id]})),
+                )
+                .await;
+            if status == StatusCode::OK {
+                *delivered.entry(delivered_build(&job)).or_default() += 1;
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_readonly_failover_is_survived_with_nothing_lost_or_doubled() {
+    let primary = RedisServer::start().unwrap();
+    let replica = RedisServer::start().unwrap();
+    let port = primary.port().to_string();
+    redis_cmd(&replica, &["REPLICAOF", "127.0.0.1", &port]);
+    let synced = eventually(Duration::from_secs(10), || async {
+        (role(&replica) == "slave/up").then_some(())
+    })
+    .await;
+    assert!(
+        synced.is_some(),
+        "the replica did not sync: {}",
+        role(&replica)
+    );
+    let endpoint = ChaosProxy::start(([127, 0, 0, 1], primary.port()).into())
+        .await
+        .unwrap();
+    let url = endpoint.redis_url();
+    let h = Harness::start_with_redis(Backend::Sqlite, primary, |c| c.redis.url = url).await;
+    let keys = h
+        .cluster_with_key(&cluster("east", "screwdriver", &[]))
+        .await;
+    let submit = |id: u64| {
+        let body = build(
+            id,
+            "acme/app",
+            json!({"screwdriver.cd/buildCluster": "east"}),
+        );
+        let h = &h;
+        async move {
+            // As Screwdriver's executor does: a 5xx is retried.
+            let last = std::sync::Mutex::new(String::new());
+            eventually(Duration::from_secs(15), || async {
+                let (status, answer) = h.submit(&body).await;
+                *last.lock().unwrap() = format!("{status}: {answer}");
+                status.is_success().then_some(())
+            })
+            .await
+            .unwrap_or_else(|| panic!("build {id} was never accepted: {}", last.lock().unwrap()));
+        }
+    };
+    let mut delivered: BTreeMap<u64, u32> = BTreeMap::new();
+
+    for id in 1..=5 {
+        submit(id).await;
+    }
+    take(&h, &keys, &mut delivered, 3).await;
+
+    // The failover, planned as ElastiCache's: the replica has every write first.
+    let primary = &h.redis;
+    redis_cmd(primary, &["WAIT", "1", "2000"]);
+    redis_cmd(&replica, &["REPLICAOF", "NO", "ONE"]);
+    let new_port = replica.port().to_string();
+    redis_cmd(primary, &["REPLICAOF", "127.0.0.1", &new_port]);
+    endpoint.point_at(([127, 0, 0, 1], replica.port()).into());
+    assert!(role(primary).starts_with("slave/"), "{}", role(primary));
+
+    for id in 6..=10 {
+        submit(id).await;
+    }
+    take(&h, &keys, &mut delivered, 10).await;
+
+    let want: BTreeMap<u64, u32> = (1..=10).map(|id| (id, 1)).collect();
+    assert_eq!(delivered, want, "every build delivered exactly once");
+    let keys_on_new: i64 = redis::cmd("DBSIZE").query(&mut replica.conn()).unwrap();
+    assert!(
+        keys_on_new > 0,
+        "the scheduler writes to the promoted replica"
+    );
+    assert!(
+        endpoint.stats().accepted >= 2,
+        "the scheduler reconnected through the endpoint"
+    );
+}
