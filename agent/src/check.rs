@@ -127,26 +127,7 @@ async fn redis(config: &Config) -> Result<String, String> {
         .query_async(&mut conn)
         .await
         .map_err(|e| format!("PING failed: {e} — {fix}"))?;
-    let mut warnings = Vec::new();
-    // Managed Redis may forbid CONFIG; then the settings cannot be checked from here.
-    if let Ok(policy) = redis::cmd("CONFIG")
-        .arg("GET")
-        .arg("maxmemory-policy")
-        .query_async::<Vec<String>>(&mut conn)
-        .await
-        && policy.get(1).is_some_and(|p| p != "noeviction")
-    {
-        warnings.push("maxmemory-policy is not noeviction: queued jobs could be evicted");
-    }
-    if let Ok(aof) = redis::cmd("CONFIG")
-        .arg("GET")
-        .arg("appendonly")
-        .query_async::<Vec<String>>(&mut conn)
-        .await
-        && aof.get(1).is_some_and(|v| v != "yes")
-    {
-        warnings.push("appendonly is off: acknowledged jobs would not survive a Redis restart");
-    }
+    let warnings = sd_queue::risky_settings(&mut conn).await;
     if warnings.is_empty() {
         Ok(format!("{url} answers"))
     } else {

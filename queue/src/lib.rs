@@ -21,7 +21,7 @@ mod target;
 pub use connection::Connection;
 pub use doorbell::{Doorbell, Listener};
 pub use due::DueSet;
-pub use target::{AccessError, RedisTarget};
+pub use target::{AccessError, RedisTarget, risky_settings};
 
 /// Every timed script's first lines: Redis's clock as `now` (ms). Shared, so no script reads
 /// time another way.

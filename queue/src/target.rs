@@ -76,21 +76,55 @@ impl RedisTarget {
     }
 
     /// Connects once and sends PING, within `within`, to tell at start a configuration that
-    /// cannot work from a Redis that is only unavailable.
+    /// cannot work from a Redis that is only unavailable; logs a warning for each
+    /// [`risky_settings`] found.
     pub async fn check_access(&self, within: Duration) -> Result<(), AccessError> {
         let attempt = async {
             let client = self.client()?;
             let mut conn = client.get_multiplexed_async_connection().await?;
-            redis::cmd("PING").query_async::<String>(&mut conn).await
+            redis::cmd("PING").query_async::<String>(&mut conn).await?;
+            Ok::<_, RedisError>(risky_settings(&mut conn).await)
         };
         match tokio::time::timeout(within, attempt).await {
-            Ok(Ok(_)) => Ok(()),
+            Ok(Ok(warnings)) => {
+                for warning in warnings {
+                    tracing::warn!(redis = %sd_protocol::env::redact_url(&self.url), "{warning}");
+                }
+                Ok(())
+            }
             Ok(Err(e)) => Err(classify(&e)),
             Err(_) => Err(AccessError::Unreachable(format!(
                 "no answer within {within:?}"
             ))),
         }
     }
+}
+
+/// What in a server's settings puts queued jobs at risk: evictions, no persistence. Managed
+/// Redis may refuse CONFIG (ElastiCache does); then nothing can be said from here.
+pub async fn risky_settings<C: redis::aio::ConnectionLike + Send>(
+    conn: &mut C,
+) -> Vec<&'static str> {
+    let mut warnings = Vec::new();
+    let mut get = async |name: &str| {
+        redis::cmd("CONFIG")
+            .arg("GET")
+            .arg(name)
+            .query_async::<Vec<String>>(conn)
+            .await
+            .ok()
+            .and_then(|pair| pair.get(1).cloned())
+    };
+    if get("maxmemory-policy")
+        .await
+        .is_some_and(|p| p != "noeviction")
+    {
+        warnings.push("maxmemory-policy is not noeviction: queued jobs could be evicted");
+    }
+    if get("appendonly").await.is_some_and(|v| v != "yes") {
+        warnings.push("appendonly is off: acknowledged jobs would not survive a Redis restart");
+    }
+    warnings
 }
 
 /// What a failed first contact means. The TLS cause is read from the message: the client
