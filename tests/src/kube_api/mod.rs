@@ -58,6 +58,8 @@ pub struct KubeRequest {
     pub body: Option<Value>,
     /// The `User-Agent` header, when the client sent one.
     pub user_agent: Option<String>,
+    /// The bearer token of the `Authorization` header, when the client sent one.
+    pub bearer: Option<String>,
 }
 
 impl KubeRequest {
@@ -143,6 +145,9 @@ struct Store {
     failures: VecDeque<Failure>,
     /// `verb resource[/subresource]` the identity may not do.
     denied: HashSet<String>,
+    /// When set, only requests with `Authorization: Bearer <one of these>` are authenticated;
+    /// the rest get 401, as from an API server that does not know the token.
+    tokens: Option<HashSet<String>>,
 }
 
 struct Shared {
@@ -428,6 +433,11 @@ impl FakeKube {
     /// The identity may not `verb` `resource` (e.g. `("get", "pods/log")`) from now on, as
     /// with a Role that lacks the rule: such requests answer 403 Forbidden, and access reviews
     /// of them "not allowed". Everything else is allowed.
+    /// From now on, only requests bearing one of `tokens` are served; others get 401.
+    pub fn require_tokens<S: Into<String>>(&self, tokens: impl IntoIterator<Item = S>) {
+        self.shared.lock().tokens = Some(tokens.into_iter().map(Into::into).collect());
+    }
+
     pub fn deny(&self, verb: &str, resource: &str) {
         self.shared
             .lock()
@@ -654,11 +664,19 @@ async fn record(State(shared): State<Arc<Shared>>, req: Request, next: Next) -> 
             .get(axum::http::header::USER_AGENT)
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned),
+        bearer: parts
+            .headers
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::to_owned),
     };
     let refusal = {
         let mut store = shared.lock();
         store.requests.push(request.clone());
-        forbidden(&store, &request).or_else(|| injected_failure(&mut store, &request))
+        unauthenticated(&store, &request)
+            .or_else(|| forbidden(&store, &request))
+            .or_else(|| injected_failure(&mut store, &request))
     };
     if let Some(response) = refusal {
         return response;
@@ -668,6 +686,13 @@ async fn record(State(shared): State<Arc<Shared>>, req: Request, next: Next) -> 
 }
 
 /// The 403 for a request the identity may not make (self-access reviews are always allowed).
+/// The 401 of a request whose token the server does not know (when tokens are required).
+fn unauthenticated(store: &Store, request: &KubeRequest) -> Option<Response> {
+    let tokens = store.tokens.as_ref()?;
+    let known = request.bearer.as_ref().is_some_and(|t| tokens.contains(t));
+    (!known).then(|| status::response(401, "Unauthorized", "Unauthorized", None))
+}
+
 fn forbidden(store: &Store, request: &KubeRequest) -> Option<Response> {
     let attrs = request.attributes()?;
     (!attrs.is_self_review() && store.denied.contains(&attrs.rule()))
