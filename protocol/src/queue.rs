@@ -60,3 +60,21 @@ pub struct Delivery {
     pub attempt: u32,
     pub message: QueueMessage,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Found by fuzzing (fuzz/corpus/queue_message/regression-float-roundtrip.json): a number
+    /// too large for an integer, passed through in a start message, is kept as a float, and it
+    /// came back one unit in the last place away after the trip through Redis, until
+    /// serde_json parsed with `float_roundtrip`.
+    #[test]
+    fn a_float_in_a_message_survives_the_trip_through_the_queue() {
+        let wire = r#"{"job":"start","buildConfig":{"build":{"id":5555555555555555555555555555555555555555555555555555555555555555555555555551}}}"#;
+        let message: QueueMessage = serde_json::from_str(wire).unwrap();
+        let again: QueueMessage =
+            serde_json::from_str(&serde_json::to_string(&message).unwrap()).unwrap();
+        assert_eq!(again, message);
+    }
+}
