@@ -999,10 +999,16 @@ fn check_process(p: &ProcessConfig) -> Result<(), ConfigError> {
             "is required for executor.kind = \"process\": the launcher argv, e.g. [\"/usr/local/bin/sd-launch\"]",
         ));
     }
+    if p.max_timeout.is_zero() {
+        return Err(invalid(
+            "executor.process.max_timeout",
+            "must be more than 0s",
+        ));
+    }
     if p.default_timeout.is_zero() || p.default_timeout > p.max_timeout {
         return Err(invalid(
             "executor.process.default_timeout",
-            "must be more than 0s and not exceed max_timeout",
+            "must be more than 0s and not exceed executor.process.max_timeout",
         ));
     }
     check_grace(
@@ -1127,10 +1133,13 @@ fn check_kubernetes_basics(k: &KubernetesConfig) -> Result<(), ConfigError> {
             return Err(invalid(&key(name), "no size may exceed max"));
         }
     }
+    if k.max_timeout.is_zero() {
+        return Err(invalid(&key("max_timeout"), "must be more than 0s"));
+    }
     if k.default_timeout.is_zero() || k.default_timeout > k.max_timeout {
         return Err(invalid(
             &key("default_timeout"),
-            "must be more than 0s and not exceed max_timeout",
+            format!("must be more than 0s and not exceed {}", key("max_timeout")),
         ));
     }
     check_grace(&key("termination_grace_period"), k.termination_grace_period)?;
@@ -1334,6 +1343,28 @@ mod tests {
             Path::new("agent.toml"),
             vars.iter().map(|(k, v)| ((*k).into(), (*v).into())),
         )
+    }
+
+    /// Found by tests/properties.rs: a zero max_timeout was refused naming default_timeout,
+    /// and a client certificate without its key named only the key.
+    #[test]
+    fn each_refusal_names_the_key_to_fix() {
+        let key = key_file();
+        let refused = |vars: &[(&str, &str)]| match parse(&minimal(key.path()), vars) {
+            Err(ConfigError::Invalid { key, reason }) => format!("{key}: {reason}"),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            refused(&[("SD_AGENT_EXECUTOR_PROCESS_MAX_TIMEOUT", "0ms")]),
+            "executor.process.max_timeout: must be more than 0s"
+        );
+        let cert = refused(&[("SD_AGENT_SCHEDULER_CLIENT_CERT_FILE", "/nonexistent")]);
+        assert!(
+            cert.starts_with(
+                "scheduler.client_key_file: is required with scheduler.client_cert_file"
+            ),
+            "{cert}"
+        );
     }
 
     #[test]
