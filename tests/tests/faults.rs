@@ -7,7 +7,10 @@
 //! - agent ⇄ scheduler, scheduler ⇄ master Redis and agent ⇄ local Redis connections are cut
 //!   (reset) or blackholed, then restored;
 //! - scheduler replicas and agents are killed with SIGKILL and started again;
-//! - the master Redis and the clusters' local Redis are killed and restarted from their AOF.
+//! - the master Redis and the clusters' local Redis are killed and restarted from their AOF;
+//! - the master Redis fails over as ElastiCache does: its replica promoted, the primary demoted
+//!   to replica of it, and the endpoint the schedulers reach (their proxies) moved to the new
+//!   primary, while their open connections still reach the demoted one (`READONLY`).
 //!
 //! Afterwards, with every fault healed, each build must have been launched exactly once or,
 //! never launched, reported to the Screwdriver API as FAILURE with a message (a reason only in
@@ -337,7 +340,8 @@ impl Cluster {
 }
 
 struct World {
-    master: Mutex<RedisServer>,
+    /// The master Redis: the primary, then its replica (swapped by each failover).
+    master: Mutex<(RedisServer, RedisServer)>,
     /// Scheduler replica i ⇄ master Redis.
     redis_proxies: Vec<ChaosProxy>,
     schedulers: Vec<Mutex<Proc>>,
@@ -358,6 +362,12 @@ impl World {
         let agent_bin = binary("sd-agent", &["agent", "queue", "protocol"]);
         let dir = tempfile::tempdir().expect("temp dir");
         let master = RedisServer::start_with_aof().expect("master redis-server");
+        let standby = RedisServer::start_with_aof().expect("master's replica redis-server");
+        let _: () = redis::cmd("REPLICAOF")
+            .arg("127.0.0.1")
+            .arg(master.port())
+            .query(&mut standby.conn())
+            .expect("REPLICAOF");
         let db = TestDb::new(Backend::Postgres).await.expect("PostgreSQL");
         let pool = sqlx::PgPool::connect(db.url()).await.expect("connect");
         let fake = FakeScrewdriver::start().await;
@@ -499,7 +509,7 @@ impl World {
             lock(&c.agent).start();
         }
         Self {
-            master: Mutex::new(master),
+            master: Mutex::new((master, standby)),
             redis_proxies,
             schedulers,
             bases,
@@ -597,11 +607,11 @@ impl World {
         }
         tokio::task::block_in_place(|| {
             let mut master = lock(&self.master);
-            if redis::Client::open(master.url())
+            if redis::Client::open(master.0.url())
                 .and_then(|c| c.get_connection_with_timeout(Duration::from_secs(1)))
                 .is_err()
             {
-                master.restart().expect("restart master redis");
+                master.0.restart().expect("restart master redis");
             }
             for s in &self.schedulers {
                 lock(s).ensure_running();
@@ -785,17 +795,19 @@ enum Kind {
     SchedulerKill,
     AgentKill,
     MasterRedisRestart,
+    MasterRedisFailover,
     LocalRedisRestart,
 }
 
 impl Kind {
-    const ALL: [Kind; 7] = [
+    const ALL: [Kind; 8] = [
         Kind::AgentSchedulerCut,
         Kind::SchedulerRedisCut,
         Kind::AgentRedisCut,
         Kind::SchedulerKill,
         Kind::AgentKill,
         Kind::MasterRedisRestart,
+        Kind::MasterRedisFailover,
         Kind::LocalRedisRestart,
     ];
 
@@ -807,6 +819,7 @@ impl Kind {
             Kind::SchedulerKill => "scheduler kill -9 + restart",
             Kind::AgentKill => "agent kill -9 + restart",
             Kind::MasterRedisRestart => "master Redis kill -9 + restart (AOF)",
+            Kind::MasterRedisFailover => "master Redis failover (REPLICAOF)",
             Kind::LocalRedisRestart => "local Redis kill -9 + restart (AOF)",
         }
     }
@@ -817,7 +830,7 @@ impl Kind {
             Kind::AgentSchedulerCut | Kind::SchedulerRedisCut | Kind::AgentRedisCut => 4,
             Kind::AgentKill => 4,
             Kind::SchedulerKill => 3,
-            Kind::MasterRedisRestart | Kind::LocalRedisRestart => 1,
+            Kind::MasterRedisRestart | Kind::MasterRedisFailover | Kind::LocalRedisRestart => 1,
         }
     }
 }
@@ -842,7 +855,7 @@ impl Fault {
             }
             Kind::SchedulerKill => format!("scheduler:{}", self.target),
             Kind::AgentKill => format!("agent:{}", self.target),
-            Kind::MasterRedisRestart => "master-redis".into(),
+            Kind::MasterRedisRestart | Kind::MasterRedisFailover => "master-redis".into(),
         }
     }
 
@@ -861,6 +874,7 @@ impl Fault {
                 (rng.random_range(0..clusters), secs(rng, 0.3, 4.0))
             }
             Kind::MasterRedisRestart => (0, secs(rng, 0.0, 1.5)),
+            Kind::MasterRedisFailover => (0, secs(rng, 0.5, 2.0)),
             Kind::LocalRedisRestart => (rng.random_range(0..clusters), secs(rng, 0.0, 2.0)),
         };
         Self {
@@ -924,10 +938,13 @@ async fn inject(world: Arc<World>, fault: Fault) {
             lock(&cluster.agent).start();
         }
         Kind::MasterRedisRestart => {
-            lock(&world.master).kill();
+            lock(&world.master).0.kill();
             tokio::time::sleep(fault.hold).await;
-            tokio::task::block_in_place(|| lock(&world.master).restart())
+            tokio::task::block_in_place(|| lock(&world.master).0.restart())
                 .expect("master redis restarts from its AOF");
+        }
+        Kind::MasterRedisFailover => {
+            tokio::task::block_in_place(|| fail_over(&world, fault.hold));
         }
         Kind::LocalRedisRestart => {
             let cluster = &world.clusters[fault.target];
@@ -937,6 +954,42 @@ async fn inject(world: Arc<World>, fault: Fault) {
                 .expect("local redis restarts from its AOF");
         }
     }
+}
+
+/// A planned failover, as ElastiCache runs one: writes paused on the primary, the replica
+/// caught up, promoted, the primary made its replica, the endpoint (every scheduler's proxy)
+/// moved; then writes resume, and the schedulers' open connections reach the demoted node,
+/// which answers `READONLY` until they reconnect. `hold` is how long writes stay paused.
+fn fail_over(world: &World, hold: Duration) {
+    let mut master = lock(&world.master);
+    let (primary, replica) = (&master.0, &master.1);
+    let run = |server: &RedisServer, args: &[&str]| {
+        let mut cmd = redis::cmd(args[0]);
+        for a in &args[1..] {
+            cmd.arg(*a);
+        }
+        cmd.query::<redis::Value>(&mut server.conn())
+            .unwrap_or_else(|e| panic!("{args:?}: {e}"))
+    };
+    let pause_ms = (hold.as_millis() + 2000).to_string();
+    run(primary, &["CLIENT", "PAUSE", &pause_ms, "WRITE"]);
+    let caught_up = run(primary, &["WAIT", "1", "5000"]);
+    assert_eq!(
+        caught_up,
+        redis::Value::Int(1),
+        "the replica did not catch up"
+    );
+    run(replica, &["REPLICAOF", "NO", "ONE"]);
+    let new_primary = replica.port().to_string();
+    run(primary, &["REPLICAOF", "127.0.0.1", &new_primary]);
+    let endpoint: std::net::SocketAddr = format!("127.0.0.1:{new_primary}").parse().expect("addr");
+    for proxy in &world.redis_proxies {
+        proxy.point_at(endpoint);
+    }
+    std::thread::sleep(hold);
+    run(primary, &["CLIENT", "UNPAUSE"]);
+    let (a, b) = &mut *master;
+    std::mem::swap(a, b);
 }
 
 /// Injects faults at random points until `until`; returns how many of each kind.
@@ -1004,7 +1057,7 @@ async fn inject_faults(world: Arc<World>, seed: u64, until: Instant) -> BTreeMap
 fn target_name(world: &World, fault: &Fault) -> String {
     match fault.kind {
         Kind::SchedulerRedisCut | Kind::SchedulerKill => format!("scheduler {}", fault.target),
-        Kind::MasterRedisRestart => "master".into(),
+        Kind::MasterRedisRestart | Kind::MasterRedisFailover => "master".into(),
         _ => world.clusters[fault.target].name.to_owned(),
     }
 }
