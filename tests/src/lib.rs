@@ -14,10 +14,12 @@ pub mod agent_config;
 pub mod chaos;
 pub mod kube_api;
 pub mod launcher;
+pub mod postgres_tls;
 pub mod tls;
 
 pub use agent_config::AgentConfig;
 pub use chaos::ChaosProxy;
+pub use postgres_tls::PgTls;
 pub use tls::{CertFiles, TestCa};
 
 /// A port nobody listens on right now.
