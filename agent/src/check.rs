@@ -109,6 +109,9 @@ async fn redis(config: &Config) -> Result<String, String> {
                 "{url}: {e} — fix: redis.url must be rediss:// to the server's TLS port, and redis.ca_file the CA that issued its certificate"
             ));
         }
+        Err(e @ sd_queue::AccessError::ClusterMode) => {
+            return Err(format!("{url}: {e}"));
+        }
         Err(e @ sd_queue::AccessError::Auth(_)) => {
             return Err(format!(
                 "{url}: {e} — fix: the user and password in redis.url (or redis.password_file)"

@@ -35,6 +35,12 @@ pub enum AccessError {
     /// Redis refused the user or password. Retrying does not help.
     #[error("Redis refused the credentials: {0}")]
     Auth(String),
+    /// The server runs in cluster mode, which the queues do not support (ElastiCache: choose
+    /// cluster mode disabled). Retrying does not help.
+    #[error(
+        "Redis runs in cluster mode, which sd-buildcluster does not support: use a Redis (or an ElastiCache replication group) with cluster mode disabled"
+    )]
+    ClusterMode,
     /// Redis did not answer (down, or not yet up): worth waiting for.
     #[error("Redis does not answer: {0}")]
     Unreachable(String),
@@ -83,10 +89,17 @@ impl RedisTarget {
             let client = self.client()?;
             let mut conn = client.get_multiplexed_async_connection().await?;
             redis::cmd("PING").query_async::<String>(&mut conn).await?;
-            Ok::<_, RedisError>(risky_settings(&mut conn).await)
+            let cluster: String = redis::cmd("INFO")
+                .arg("cluster")
+                .query_async(&mut conn)
+                .await
+                .unwrap_or_default();
+            let cluster_mode = cluster.lines().any(|l| l.trim() == "cluster_enabled:1");
+            Ok::<_, RedisError>((cluster_mode, risky_settings(&mut conn).await))
         };
         match tokio::time::timeout(within, attempt).await {
-            Ok(Ok(warnings)) => {
+            Ok(Ok((true, _))) => Err(AccessError::ClusterMode),
+            Ok(Ok((false, warnings))) => {
                 for warning in warnings {
                     tracing::warn!(redis = %sd_protocol::env::redact_url(&self.url), "{warning}");
                 }

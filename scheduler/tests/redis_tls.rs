@@ -83,3 +83,22 @@ async fn a_wrong_ca_or_password_stops_the_start_naming_the_setting() {
     );
     assert!(took < Duration::from_secs(5), "took {took:?}");
 }
+
+/// ElastiCache with cluster mode enabled answers MOVED and CROSSSLOT the queues cannot work
+/// with: the scheduler refuses to start on it, saying what to choose instead.
+#[tokio::test]
+async fn a_redis_in_cluster_mode_stops_the_start_saying_why() {
+    let cluster = RedisServer::start_with_args(&["--cluster-enabled", "yes"]).unwrap();
+    let h = Harness::start(Backend::Sqlite).await;
+    let mut config = h.config.clone();
+    config.redis.url = format!("redis://127.0.0.1:{}", cluster.port());
+    let Err(e) = Scheduler::start_with_env(config, std::sync::Arc::new(|_| None)).await else {
+        panic!("the scheduler started on a Redis in cluster mode")
+    };
+    let message = e.to_string();
+    assert!(
+        message.starts_with("redis.url: Redis runs in cluster mode")
+            && message.contains("cluster mode disabled"),
+        "{message}"
+    );
+}

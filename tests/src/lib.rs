@@ -57,6 +57,8 @@ pub struct RedisServer {
     child: Option<Child>,
     aof: bool,
     secure: Option<Secure>,
+    /// More `redis-server` arguments (`--cluster-enabled yes`…).
+    extra_args: Vec<String>,
 }
 
 /// A server with TLS on a second port and passwords: ElastiCache with in-transit encryption and
@@ -128,7 +130,16 @@ impl RedisServer {
             child: None,
             aof,
             secure,
+            extra_args: Vec::new(),
         })
+    }
+
+    /// Starts a throwaway server with these extra `redis-server` arguments.
+    pub fn start_with_args(args: &[&str]) -> Result<Self> {
+        let mut server = Self::start_secured_unspawned(false, None)?;
+        server.extra_args = args.iter().map(|a| (*a).to_owned()).collect();
+        server.start_on_free_port()?;
+        Ok(server)
     }
 
     fn start_on_free_port(&mut self) -> Result<()> {
@@ -182,6 +193,7 @@ impl RedisServer {
                 .arg(format!(">{}", secure.password))
                 .args(["~*", "&*", "+@all"]);
         }
+        cmd.args(&self.extra_args);
         cmd.stdout(Stdio::null()).stderr(Stdio::null());
         let child = cmd
             .spawn()
@@ -742,6 +754,7 @@ mod tests {
             child: None,
             aof: false,
             secure: None,
+            extra_args: Vec::new(),
         };
         let verdict = server.spawn();
         (server, verdict)
