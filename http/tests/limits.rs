@@ -168,3 +168,43 @@ async fn a_client_that_never_finishes_its_tls_handshake_is_let_go() {
     stop.cancel();
     task.await.unwrap();
 }
+
+/// A renewed certificate is picked up when its files change (the scheduler checks every 10 s
+/// and on SIGHUP); unchanged files are not re-read, and a broken file keeps the old one.
+#[test]
+fn changed_certificate_files_are_reloaded_and_broken_ones_are_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = sd_testkit::TestCa::new(dir.path(), "ca");
+    let first = ca.server("first");
+    let tls = sd_http::ServerTls::load(sd_http::TlsFiles {
+        cert_file: first.cert.clone(),
+        key_file: first.key.clone(),
+        client_ca_file: None,
+    })
+    .unwrap();
+    let before = tls.config();
+    assert!(!tls.reload_if_changed().unwrap(), "nothing changed");
+    assert!(std::sync::Arc::ptr_eq(&before, &tls.config()));
+
+    let renewed = ca.server("renewed");
+    std::thread::sleep(Duration::from_millis(20));
+    std::fs::copy(&renewed.cert, &first.cert).unwrap();
+    std::fs::copy(&renewed.key, &first.key).unwrap();
+    assert!(
+        tls.reload_if_changed().unwrap(),
+        "the renewed files were not re-read"
+    );
+    assert!(!std::sync::Arc::ptr_eq(&before, &tls.config()));
+
+    let serving = tls.config();
+    std::fs::write(&first.key, "not a key").unwrap();
+    let e = tls.reload_if_changed().unwrap_err();
+    assert!(
+        e.to_string().contains(&first.key.display().to_string()),
+        "{e}"
+    );
+    assert!(
+        std::sync::Arc::ptr_eq(&serving, &tls.config()),
+        "a broken file replaced the certificate"
+    );
+}
