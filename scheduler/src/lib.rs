@@ -90,6 +90,20 @@ pub enum StartError {
 }
 
 /// A running scheduler: its address, and the handle to stop it.
+impl StartError {
+    /// Whether the configuration is what is wrong (a setting to fix, not a service to wait
+    /// for): the binary exits 64, which systemd does not restart.
+    pub fn is_configuration(&self) -> bool {
+        matches!(
+            self,
+            StartError::Config(_)
+                | StartError::Tls(_)
+                | StartError::KeyDir(_)
+                | StartError::RedisAccess { .. }
+        )
+    }
+}
+
 pub struct Scheduler {
     addr: SocketAddr,
     state: Arc<AppState>,

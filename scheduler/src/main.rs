@@ -47,7 +47,11 @@ async fn main() -> ExitCode {
         Err(e) => {
             tracing::error!(error = %e, "sd-scheduler could not start");
             eprintln!("sd-scheduler: {e}");
-            return ExitCode::FAILURE;
+            return if e.is_configuration() {
+                ExitCode::from(EXIT_CONFIG)
+            } else {
+                ExitCode::FAILURE
+            };
         }
     };
     systemd::ready();

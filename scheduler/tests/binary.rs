@@ -52,6 +52,30 @@ fn invalid_configuration_exits_64_naming_the_key() {
     assert_eq!(code, 0, "{text}");
 }
 
+/// A Redis that cannot be used as configured (here: in cluster mode) is a configuration error
+/// too, found at start: exit 64, which systemd does not restart, with the setting named.
+#[test]
+fn an_unusable_redis_exits_64_naming_the_setting() {
+    let cluster = RedisServer::start_with_args(&["--cluster-enabled", "yes"]).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let db = format!("sqlite://{}", dir.path().join("s.db").display());
+    let url = format!("redis://127.0.0.1:{}", cluster.port());
+    let (code, text) = run(
+        &[],
+        &[
+            (API_VAR, "https://api.example"),
+            ("SD_SCHEDULER_LISTEN", "127.0.0.1:0"),
+            ("SD_SCHEDULER_DATABASE_URL", &db),
+            ("SD_SCHEDULER_REDIS_URL", &url),
+        ],
+    );
+    assert_eq!(code, 64, "{text}");
+    assert!(
+        text.contains("redis.url: Redis runs in cluster mode"),
+        "{text}"
+    );
+}
+
 /// The Screwdriver API every scheduler here allows.
 const API_VAR: &str = "SD_SCHEDULER_SCREWDRIVER_API_URIS";
 
