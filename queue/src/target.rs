@@ -67,6 +67,28 @@ impl RedisTarget {
         }
     }
 
+    /// The Redis at `url`, trusting the CA in `ca_file` (config key `redis.ca_file`, named
+    /// when it cannot be read).
+    pub fn load(
+        url: &str,
+        ca_file: Option<&std::path::Path>,
+    ) -> Result<Self, sd_protocol::env::ConfigError> {
+        let ca_pem = match ca_file {
+            Some(path) => Some(std::fs::read(path).map_err(|source| {
+                sd_protocol::env::ConfigError::ReadKeyFile {
+                    key: "redis.ca_file".into(),
+                    path: path.to_owned(),
+                    source,
+                }
+            })?),
+            None => None,
+        };
+        Ok(Self {
+            url: url.to_owned(),
+            ca_pem,
+        })
+    }
+
     /// A client; it connects only when used.
     pub fn client(&self) -> Result<Client, RedisError> {
         match &self.ca_pem {

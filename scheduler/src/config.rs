@@ -188,20 +188,7 @@ pub struct RedisConfig {
 impl RedisConfig {
     /// The Redis to reach, with its CA read.
     pub fn target(&self) -> Result<sd_queue::RedisTarget, ConfigError> {
-        let ca_pem = match &self.ca_file {
-            Some(path) => Some(
-                std::fs::read(path).map_err(|source| ConfigError::ReadKeyFile {
-                    key: "redis.ca_file".into(),
-                    path: path.clone(),
-                    source,
-                })?,
-            ),
-            None => None,
-        };
-        Ok(sd_queue::RedisTarget {
-            url: self.url.clone(),
-            ca_pem,
-        })
+        sd_queue::RedisTarget::load(&self.url, self.ca_file.as_deref())
     }
 }
 
