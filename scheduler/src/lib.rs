@@ -207,9 +207,7 @@ impl Scheduler {
         });
         let (listener, addr) = bind(config.listen).await?;
         let mut tasks = spawn_tasks(&state, listener, tls.clone(), &config, reroute, &shutdown);
-        if let Some(tls) = tls {
-            tasks.spawn(reload_tls(tls, shutdown.clone()));
-        }
+        tasks.spawn(reload_tls(tls, shutdown.clone()));
         if let Some(keys) = key_dir {
             tasks.spawn(keys.run(config.registry.reload_interval, shutdown.clone()));
         }
@@ -315,8 +313,10 @@ async fn serve(
 }
 
 /// Re-reads `listen_tls`'s files on SIGHUP, and when they change (checked every 10 s). A file
-/// that does not load leaves the certificate in use, with a warning naming it.
-async fn reload_tls(tls: Arc<sd_http::ServerTls>, shutdown: CancellationToken) {
+/// that does not load leaves the certificate in use, with a warning naming it. Without
+/// `listen_tls`, SIGHUP is still taken (and logged): an operator's habitual reload must not
+/// kill the process, as the signal's default action would.
+async fn reload_tls(tls: Option<Arc<sd_http::ServerTls>>, shutdown: CancellationToken) {
     use tokio::signal::unix::{SignalKind, signal};
     let mut hangup = match signal(SignalKind::hangup()) {
         Ok(s) => Some(s),
@@ -332,6 +332,12 @@ async fn reload_tls(tls: Arc<sd_http::ServerTls>, shutdown: CancellationToken) {
             () = shutdown.cancelled() => return,
             _ = tick.tick() => false,
             Some(()) = async { match hangup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => true,
+        };
+        let Some(tls) = &tls else {
+            if forced {
+                tracing::info!("SIGHUP: nothing to reload (listen_tls is not set)");
+            }
+            continue;
         };
         let result = if forced {
             tls.reload().map(|()| true)

@@ -52,6 +52,52 @@ fn invalid_configuration_exits_64_naming_the_key() {
     assert_eq!(code, 0, "{text}");
 }
 
+/// SIGHUP, an operator's habitual reload, leaves the scheduler running (without listen_tls
+/// there is nothing to reload; its default action would kill the process).
+#[tokio::test]
+async fn sighup_does_not_stop_the_scheduler() {
+    let redis = RedisServer::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let db = format!("sqlite://{}", dir.path().join("s.db").display());
+    let port = free_port();
+    let mut child = Command::new(BIN)
+        .env_remove("SD_SCHEDULER_CONFIG")
+        .envs([
+            (API_VAR, "https://api.example".to_owned()),
+            ("SD_SCHEDULER_LISTEN", format!("127.0.0.1:{port}")),
+            ("SD_SCHEDULER_DATABASE_URL", db),
+            ("SD_SCHEDULER_REDIS_URL", redis.url()),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let url = format!("http://127.0.0.1:{port}/healthz");
+    let up = || async {
+        reqwest::get(&url)
+            .await
+            .ok()
+            .filter(|r| r.status().is_success())
+            .map(|_| ())
+    };
+    assert!(
+        eventually(Duration::from_secs(20), up).await.is_some(),
+        "the scheduler did not start"
+    );
+    let pid = i32::try_from(child.id()).unwrap();
+    // SAFETY: signals the child this test started.
+    unsafe { libc::kill(pid, libc::SIGHUP) };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "SIGHUP stopped the scheduler"
+    );
+    assert!(eventually(Duration::from_secs(5), up).await.is_some());
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let _ = child.wait();
+}
+
 /// A Redis that cannot be used as configured (here: in cluster mode) is a configuration error
 /// too, found at start: exit 64, which systemd does not restart, with the setting named.
 #[test]
