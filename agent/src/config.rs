@@ -795,32 +795,15 @@ impl Config {
             ));
         }
         let s = &self.scheduler;
-        match (&s.client_cert_file, &s.client_key_file) {
-            (Some(_), None) => {
-                return Err(invalid(
-                    "scheduler.client_key_file",
-                    "is required with scheduler.client_cert_file",
-                ));
-            }
-            (None, Some(_)) => {
-                return Err(invalid(
-                    "scheduler.client_cert_file",
-                    "is required with scheduler.client_key_file",
-                ));
-            }
-            _ => {}
-        }
-        for (key, file) in [
-            ("scheduler.ca_file", &s.ca_file),
-            ("scheduler.client_cert_file", &s.client_cert_file),
-            ("scheduler.client_key_file", &s.client_key_file),
-        ] {
-            if let Some(path) = file
-                && !path.is_file()
-            {
-                return Err(invalid(key, format!("{} does not exist", path.display())));
-            }
-        }
+        sd_protocol::env::check_pair(
+            ("scheduler.client_cert_file", s.client_cert_file.as_deref()),
+            ("scheduler.client_key_file", s.client_key_file.as_deref()),
+        )?;
+        sd_protocol::env::check_files([
+            ("scheduler.ca_file", s.ca_file.as_deref()),
+            ("scheduler.client_cert_file", s.client_cert_file.as_deref()),
+            ("scheduler.client_key_file", s.client_key_file.as_deref()),
+        ])?;
         if !self.auth.private_key_file.is_file() {
             return Err(invalid(
                 "auth.private_key_file",

@@ -104,6 +104,41 @@ impl ConfigError {
     }
 }
 
+/// Two keys set together or not at all (a certificate and its key): the one missing is named.
+pub fn check_pair(
+    (a_key, a): (&str, Option<&std::path::Path>),
+    (b_key, b): (&str, Option<&std::path::Path>),
+) -> Result<(), ConfigError> {
+    match (a, b) {
+        (Some(_), None) => Err(ConfigError::invalid(
+            b_key,
+            format!("is required with {a_key}"),
+        )),
+        (None, Some(_)) => Err(ConfigError::invalid(
+            a_key,
+            format!("is required with {b_key}"),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// Each file a key names, when set, exists: named by its key at start, not at first use.
+pub fn check_files<'a>(
+    files: impl IntoIterator<Item = (&'a str, Option<&'a std::path::Path>)>,
+) -> Result<(), ConfigError> {
+    for (key, file) in files {
+        if let Some(path) = file
+            && !path.is_file()
+        {
+            return Err(ConfigError::invalid(
+                key,
+                format!("{} does not exist", path.display()),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Turns TOML `text` (read from `path`, named in errors) plus `prefix`-ed variables into a
 /// typed config. Every error names the key: a type error its path, a missing key the key itself
 /// (serde reports it at the enclosing section).

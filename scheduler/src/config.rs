@@ -391,38 +391,21 @@ impl Config {
             reason: reason.into(),
         };
         let tls = &self.listen_tls;
-        match (&tls.cert_file, &tls.key_file) {
-            (Some(_), None) => {
-                return Err(invalid(
-                    "listen_tls.key_file",
-                    "is required with listen_tls.cert_file",
-                ));
-            }
-            (None, Some(_)) => {
-                return Err(invalid(
-                    "listen_tls.cert_file",
-                    "is required with listen_tls.key_file",
-                ));
-            }
-            (None, None) if tls.client_ca_file.is_some() => {
-                return Err(invalid(
-                    "listen_tls.client_ca_file",
-                    "needs listen_tls.cert_file and key_file",
-                ));
-            }
-            _ => {}
+        sd_protocol::env::check_pair(
+            ("listen_tls.cert_file", tls.cert_file.as_deref()),
+            ("listen_tls.key_file", tls.key_file.as_deref()),
+        )?;
+        if tls.cert_file.is_none() && tls.client_ca_file.is_some() {
+            return Err(invalid(
+                "listen_tls.client_ca_file",
+                "needs listen_tls.cert_file and key_file",
+            ));
         }
-        for (key, file) in [
-            ("listen_tls.cert_file", &tls.cert_file),
-            ("listen_tls.key_file", &tls.key_file),
-            ("listen_tls.client_ca_file", &tls.client_ca_file),
-        ] {
-            if let Some(path) = file
-                && !path.is_file()
-            {
-                return Err(invalid(key, &format!("{} does not exist", path.display())));
-            }
-        }
+        sd_protocol::env::check_files([
+            ("listen_tls.cert_file", tls.cert_file.as_deref()),
+            ("listen_tls.key_file", tls.key_file.as_deref()),
+            ("listen_tls.client_ca_file", tls.client_ca_file.as_deref()),
+        ])?;
         let url = &self.database.url;
         if !(url.starts_with("sqlite:")
             || url.starts_with("postgres://")
