@@ -165,7 +165,9 @@ async fn check_redis(config: &Config) -> Result<(), ConfigError> {
             },
             e.to_string(),
         )),
-        Err(e @ AccessError::ClusterMode) => Err(ConfigError::invalid("redis.url", e.to_string())),
+        Err(e @ (AccessError::ClusterMode | AccessError::NotClusterMode)) => {
+            Err(ConfigError::invalid("redis.cluster", e.to_string()))
+        }
         Err(AccessError::Unreachable(why)) => {
             tracing::warn!(%why, "the local Redis does not answer yet; starting not ready");
             Ok(())

@@ -109,7 +109,7 @@ async fn redis(config: &Config) -> Result<String, String> {
                 "{url}: {e} — fix: redis.url must be rediss:// to the server's TLS port, and redis.ca_file the CA that issued its certificate"
             ));
         }
-        Err(e @ sd_queue::AccessError::ClusterMode) => {
+        Err(e @ (sd_queue::AccessError::ClusterMode | sd_queue::AccessError::NotClusterMode)) => {
             return Err(format!("{url}: {e}"));
         }
         Err(e @ sd_queue::AccessError::Auth(_)) => {

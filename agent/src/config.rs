@@ -116,12 +116,15 @@ pub struct RedisConfig {
     pub password_file: Option<PathBuf>,
     /// CA certificate(s) (PEM) trusted for `rediss://` instead of the system's: a private CA.
     pub ca_file: Option<PathBuf>,
+    /// The Redis runs in cluster mode (ElastiCache "cluster mode enabled"; `url` is then the
+    /// configuration endpoint or any node).
+    pub cluster: bool,
 }
 
 impl RedisConfig {
     /// The local Redis to reach, with its CA read.
     pub fn target(&self) -> Result<sd_queue::RedisTarget, ConfigError> {
-        sd_queue::RedisTarget::load(&self.url, self.ca_file.as_deref())
+        sd_queue::RedisTarget::load(&self.url, self.ca_file.as_deref(), self.cluster)
     }
 }
 
@@ -614,6 +617,7 @@ impl Default for RedisConfig {
             url: "redis://127.0.0.1:6379".into(),
             password_file: None,
             ca_file: None,
+            cluster: false,
         }
     }
 }

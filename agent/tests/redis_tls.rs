@@ -20,6 +20,7 @@ async fn the_local_queue_works_over_tls_with_a_password() {
     let target = RedisTarget {
         url: redis.tls_url(redis.tls_password()),
         ca_pem: Some(std::fs::read(ca.ca_file()).unwrap()),
+        cluster: false,
     };
     let local = LocalQueue::connect(target, "tls-farm", Duration::from_secs(30))
         .await

@@ -255,7 +255,7 @@ impl Queues {
     /// As [`connect`](Self::connect), trusting `target`'s CA for `rediss://`.
     pub fn connect_to(target: &RedisTarget, tag: &str) -> Result<Self, QueueError> {
         let client = target.client()?;
-        let conn = Connection::lazy(client.clone())?;
+        let conn = Connection::open(target, tag)?;
         Ok(Self {
             conn,
             client,

@@ -1,11 +1,13 @@
 //! How a process reaches a Redis: its URL (`redis://`, `rediss://` for TLS, with an ACL user
 //! and password as ElastiCache's AUTH wants them) and, for a private CA, that CA. One owner for
 //! building clients, so the scheduler's master queues, its pub/sub and an agent's local Redis
-//! all trust the same way; and the start-up check that tells a wrong CA or password (which no
-//! retry heals) from a Redis that is merely down.
+//! all trust the same way; whether the server runs in cluster mode (ElastiCache "cluster mode
+//! enabled", whose URL is the configuration endpoint); and the start-up check that tells a wrong
+//! CA, password or mode (which no retry heals) from a Redis that is merely down.
 
 use std::time::Duration;
 
+use redis::cluster::ClusterClientBuilder;
 use redis::{Client, RedisError, TlsCertificates};
 
 /// A Redis and how to trust it.
@@ -14,6 +16,9 @@ pub struct RedisTarget {
     pub url: String,
     /// PEM CA certificate(s) trusted for `rediss://` instead of the system's.
     pub ca_pem: Option<Vec<u8>>,
+    /// The server runs in cluster mode (config `redis.cluster`): the URL names one node (or
+    /// the configuration endpoint), the others are found from it.
+    pub cluster: bool,
 }
 
 impl std::fmt::Debug for RedisTarget {
@@ -21,6 +26,7 @@ impl std::fmt::Debug for RedisTarget {
         f.debug_struct("RedisTarget")
             .field("url", &sd_protocol::env::redact_url(&self.url))
             .field("ca_pem", &self.ca_pem.as_ref().map(|_| "(set)"))
+            .field("cluster", &self.cluster)
             .finish()
     }
 }
@@ -35,12 +41,17 @@ pub enum AccessError {
     /// Redis refused the user or password. Retrying does not help.
     #[error("Redis refused the credentials: {0}")]
     Auth(String),
-    /// The server runs in cluster mode, which the queues do not support (ElastiCache: choose
-    /// cluster mode disabled). Retrying does not help.
+    /// The server runs in cluster mode and `redis.cluster` is not set. Retrying does not help.
     #[error(
-        "Redis runs in cluster mode, which sd-buildcluster does not support: use a Redis (or an ElastiCache replication group) with cluster mode disabled"
+        "Redis runs in cluster mode (ElastiCache: cluster mode enabled): set redis.cluster = true"
     )]
     ClusterMode,
+    /// `redis.cluster` is set and the server does not run in cluster mode. Retrying does not
+    /// help.
+    #[error(
+        "redis.cluster is true but this Redis does not run in cluster mode: set redis.cluster = false"
+    )]
+    NotClusterMode,
     /// Redis did not answer (down, or not yet up): worth waiting for.
     #[error("Redis does not answer: {0}")]
     Unreachable(String),
@@ -64,14 +75,24 @@ impl RedisTarget {
         Self {
             url: url.into(),
             ca_pem: None,
+            cluster: false,
+        }
+    }
+
+    /// The same Redis, in cluster mode.
+    pub fn in_cluster_mode(self) -> Self {
+        Self {
+            cluster: true,
+            ..self
         }
     }
 
     /// The Redis at `url`, trusting the CA in `ca_file` (config key `redis.ca_file`, named
-    /// when it cannot be read).
+    /// when it cannot be read), in cluster mode when `cluster`.
     pub fn load(
         url: &str,
         ca_file: Option<&std::path::Path>,
+        cluster: bool,
     ) -> Result<Self, sd_protocol::env::ConfigError> {
         let ca_pem = match ca_file {
             Some(path) => Some(std::fs::read(path).map_err(|source| {
@@ -86,10 +107,12 @@ impl RedisTarget {
         Ok(Self {
             url: url.to_owned(),
             ca_pem,
+            cluster,
         })
     }
 
-    /// A client; it connects only when used.
+    /// A client of the node the URL names; it connects only when used. In cluster mode that is
+    /// for pub/sub, which reaches every node from any one.
     pub fn client(&self) -> Result<Client, RedisError> {
         match &self.ca_pem {
             None => Client::open(self.url.as_str()),
@@ -103,11 +126,26 @@ impl RedisTarget {
         }
     }
 
+    /// The cluster client's settings for this target (cluster mode), credentials and TLS
+    /// from the URL.
+    pub(crate) fn cluster_client(&self) -> Result<ClusterClientBuilder, RedisError> {
+        let builder = ClusterClientBuilder::new([self.url.as_str()]);
+        Ok(match &self.ca_pem {
+            None => builder,
+            Some(pem) => builder.certs(TlsCertificates {
+                client_tls: None,
+                root_cert: Some(pem.clone()),
+            }),
+        })
+    }
+
     /// Connects once and sends PING, within `within`, to tell at start a configuration that
     /// cannot work from a Redis that is only unavailable; logs a warning for each
     /// [`risky_settings`] found.
     pub async fn check_access(&self, within: Duration) -> Result<(), AccessError> {
         let attempt = async {
+            // The node the URL names, by itself: it says whether it runs in cluster mode, and
+            // a cluster client would only fail on a server that does not.
             let client = self.client()?;
             let mut conn = client.get_multiplexed_async_connection().await?;
             redis::cmd("PING").query_async::<String>(&mut conn).await?;
@@ -120,8 +158,9 @@ impl RedisTarget {
             Ok::<_, RedisError>((cluster_mode, risky_settings(&mut conn).await))
         };
         match tokio::time::timeout(within, attempt).await {
-            Ok(Ok((true, _))) => Err(AccessError::ClusterMode),
-            Ok(Ok((false, warnings))) => {
+            Ok(Ok((true, _))) if !self.cluster => Err(AccessError::ClusterMode),
+            Ok(Ok((false, _))) if self.cluster => Err(AccessError::NotClusterMode),
+            Ok(Ok((_, warnings))) => {
                 for warning in warnings {
                     tracing::warn!(redis = %sd_protocol::env::redact_url(&self.url), "{warning}");
                 }

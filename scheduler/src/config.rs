@@ -183,12 +183,15 @@ pub struct RedisConfig {
     pub url: String,
     /// CA certificate(s) (PEM) trusted for `rediss://` instead of the system's: a private CA.
     pub ca_file: Option<PathBuf>,
+    /// The Redis runs in cluster mode (ElastiCache "cluster mode enabled"; `url` is then the
+    /// configuration endpoint or any node).
+    pub cluster: bool,
 }
 
 impl RedisConfig {
     /// The Redis to reach, with its CA read.
     pub fn target(&self) -> Result<sd_queue::RedisTarget, ConfigError> {
-        sd_queue::RedisTarget::load(&self.url, self.ca_file.as_deref())
+        sd_queue::RedisTarget::load(&self.url, self.ca_file.as_deref(), self.cluster)
     }
 }
 
@@ -320,6 +323,7 @@ impl Default for RedisConfig {
         Self {
             url: "redis://127.0.0.1:6379".into(),
             ca_file: None,
+            cluster: false,
         }
     }
 }

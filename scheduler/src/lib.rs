@@ -397,10 +397,12 @@ async fn check_redis(redis: &sd_queue::RedisTarget) -> Result<(), StartError> {
             setting: "redis.url (user and password)",
             source,
         }),
-        Err(source @ AccessError::ClusterMode) => Err(StartError::RedisAccess {
-            setting: "redis.url",
-            source,
-        }),
+        Err(source @ (AccessError::ClusterMode | AccessError::NotClusterMode)) => {
+            Err(StartError::RedisAccess {
+                setting: "redis.cluster",
+                source,
+            })
+        }
         Err(AccessError::Unreachable(why)) => {
             tracing::warn!(redis = %sd_protocol::env::redact_url(&redis.url), %why, "Redis does not answer yet; starting not ready");
             Ok(())

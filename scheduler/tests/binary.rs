@@ -98,8 +98,8 @@ async fn sighup_does_not_stop_the_scheduler() {
     let _ = child.wait();
 }
 
-/// A Redis that cannot be used as configured (here: in cluster mode) is a configuration error
-/// too, found at start: exit 64, which systemd does not restart, with the setting named.
+/// A Redis that cannot be used as configured (here: in cluster mode, and `redis.cluster` not
+/// set) is a configuration error too, found at start: exit 64, which systemd does not restart, with the setting named.
 #[test]
 fn an_unusable_redis_exits_64_naming_the_setting() {
     let cluster = RedisServer::start_with_args(&["--cluster-enabled", "yes"]).unwrap();
@@ -117,7 +117,7 @@ fn an_unusable_redis_exits_64_naming_the_setting() {
     );
     assert_eq!(code, 64, "{text}");
     assert!(
-        text.contains("redis.url: Redis runs in cluster mode"),
+        text.contains("redis.cluster: Redis runs in cluster mode"),
         "{text}"
     );
 }

@@ -9,8 +9,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use common::{Harness, build, cluster, delivered_build};
-use reqwest::StatusCode;
+use common::{Harness, build, cluster};
 use sd_testkit::{Backend, ChaosProxy, RedisServer, eventually};
 use serde_json::json;
 
@@ -35,43 +34,6 @@ fn role(server: &RedisServer) -> String {
             .to_owned()
     };
     format!("{}/{}", field("role"), field("master_link_status"))
-}
-
-/// Polls and acknowledges as an agent until `want` builds were delivered, counting deliveries.
-async fn take(
-    h: &Harness,
-    keys: &sd_testkit::ClusterKeys,
-    delivered: &mut BTreeMap<u64, u32>,
-    want: usize,
-) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while delivered.len() < want {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "only {delivered:?} delivered, want {want}"
-        );
-        let (status, body) = h
-            .worker_poll(&h.base, "east", &keys.token("east", 60), 1, 10)
-            .await;
-        if status != StatusCode::OK {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            continue;
-        }
-        for job in body["jobs"].as_array().cloned().unwrap_or_default() {
-            let id = job["deliveryId"].as_str().unwrap().to_owned();
-            let (status, _) = h
-                .call(
-                    reqwest::Method::POST,
-                    "/v1/jobs/east/ack",
-                    Some(&keys.token("east", 60)),
-                    Some(&json!({"deliveryIds": [id]})),
-                )
-                .await;
-            if status == StatusCode::OK {
-                *delivered.entry(delivered_build(&job)).or_default() += 1;
-            }
-        }
-    }
 }
 
 #[tokio::test]
@@ -105,15 +67,8 @@ async fn a_readonly_failover_is_survived_with_nothing_lost_or_doubled() {
         );
         let h = &h;
         async move {
-            // As Screwdriver's executor does: a 5xx is retried.
-            let last = std::sync::Mutex::new(String::new());
-            eventually(Duration::from_secs(15), || async {
-                let (status, answer) = h.submit(&body).await;
-                *last.lock().unwrap() = format!("{status}: {answer}");
-                status.is_success().then_some(())
-            })
-            .await
-            .unwrap_or_else(|| panic!("build {id} was never accepted: {}", last.lock().unwrap()));
+            h.submit_until_accepted(&body, Duration::from_secs(15))
+                .await
         }
     };
     let mut delivered: BTreeMap<u64, u32> = BTreeMap::new();
@@ -121,7 +76,8 @@ async fn a_readonly_failover_is_survived_with_nothing_lost_or_doubled() {
     for id in 1..=5 {
         submit(id).await;
     }
-    take(&h, &keys, &mut delivered, 3).await;
+    h.take("east", &keys, &mut delivered, 3, Duration::from_secs(20))
+        .await;
 
     // The failover, planned as ElastiCache's: the replica has every write first.
     let primary = &h.redis;
@@ -135,7 +91,8 @@ async fn a_readonly_failover_is_survived_with_nothing_lost_or_doubled() {
     for id in 6..=10 {
         submit(id).await;
     }
-    take(&h, &keys, &mut delivered, 10).await;
+    h.take("east", &keys, &mut delivered, 10, Duration::from_secs(20))
+        .await;
 
     let want: BTreeMap<u64, u32> = (1..=10).map(|id| (id, 1)).collect();
     assert_eq!(delivered, want, "every build delivered exactly once");

@@ -84,21 +84,36 @@ async fn a_wrong_ca_or_password_stops_the_start_naming_the_setting() {
     assert!(took < Duration::from_secs(5), "took {took:?}");
 }
 
-/// ElastiCache with cluster mode enabled answers MOVED and CROSSSLOT the queues cannot work
-/// with: the scheduler refuses to start on it, saying what to choose instead.
+/// A Redis in cluster mode needs the cluster client (which follows MOVED), a single server the
+/// plain one: `redis.cluster` must say which, or the scheduler refuses to start, saying how to
+/// set it.
 #[tokio::test]
-async fn a_redis_in_cluster_mode_stops_the_start_saying_why() {
+async fn a_redis_of_the_other_mode_stops_the_start_saying_why() {
     let cluster = RedisServer::start_with_args(&["--cluster-enabled", "yes"]).unwrap();
     let h = Harness::start(Backend::Sqlite).await;
     let mut config = h.config.clone();
     config.redis.url = format!("redis://127.0.0.1:{}", cluster.port());
-    let Err(e) = Scheduler::start_with_env(config, std::sync::Arc::new(|_| None)).await else {
-        panic!("the scheduler started on a Redis in cluster mode")
+    let Err(e) = Scheduler::start_with_env(config.clone(), std::sync::Arc::new(|_| None)).await
+    else {
+        panic!("the scheduler started on a Redis in cluster mode without redis.cluster")
     };
     let message = e.to_string();
     assert!(
-        message.starts_with("redis.url: Redis runs in cluster mode")
-            && message.contains("cluster mode disabled"),
+        message.starts_with("redis.cluster: Redis runs in cluster mode")
+            && message.contains("set redis.cluster = true"),
+        "{message}"
+    );
+
+    config.redis.url = h.redis.url();
+    config.redis.cluster = true;
+    let Err(e) = Scheduler::start_with_env(config, std::sync::Arc::new(|_| None)).await else {
+        panic!("the scheduler started in cluster mode on a single Redis")
+    };
+    let message = e.to_string();
+    assert!(
+        message.starts_with(
+            "redis.cluster: redis.cluster is true but this Redis does not run in cluster mode"
+        ) && message.contains("set redis.cluster = false"),
         "{message}"
     );
 }

@@ -15,11 +15,13 @@ pub mod chaos;
 pub mod kube_api;
 pub mod launcher;
 pub mod postgres_tls;
+pub mod redis_cluster;
 pub mod tls;
 
 pub use agent_config::AgentConfig;
 pub use chaos::ChaosProxy;
 pub use postgres_tls::PgTls;
+pub use redis_cluster::RedisCluster;
 pub use tls::{CertFiles, TestCa};
 
 /// A port nobody listens on right now.

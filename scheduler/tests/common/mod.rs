@@ -231,6 +231,66 @@ impl Harness {
         .await
     }
 
+    /// Submits `body` until it is accepted, as Screwdriver's executor retries a 5xx; panics
+    /// with the last answer after `within`.
+    pub async fn submit_until_accepted(&self, body: &Value, within: Duration) {
+        let last = Mutex::new(String::new());
+        sd_testkit::eventually(within, || async {
+            let (status, answer) = self.submit(body).await;
+            *last.lock().unwrap() = format!("{status}: {answer}");
+            status.is_success().then_some(())
+        })
+        .await
+        .unwrap_or_else(|| {
+            panic!(
+                "build {} was never accepted: {}",
+                body["buildId"],
+                last.lock().unwrap()
+            )
+        });
+    }
+
+    /// Polls and acknowledges as `cluster`'s agent until `want` builds were delivered,
+    /// counting deliveries per build; unanswered polls (Redis away) are retried for `within`.
+    pub async fn take(
+        &self,
+        cluster: &str,
+        keys: &ClusterKeys,
+        delivered: &mut BTreeMap<u64, u32>,
+        want: usize,
+        within: Duration,
+    ) {
+        let deadline = std::time::Instant::now() + within;
+        let acks = format!("/v1/jobs/{cluster}/ack");
+        while delivered.len() < want {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "only {delivered:?} delivered, want {want}"
+            );
+            let (status, body) = self
+                .worker_poll(&self.base, cluster, &keys.token(cluster, 60), 1, 10)
+                .await;
+            if status != StatusCode::OK {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+            for job in body["jobs"].as_array().cloned().unwrap_or_default() {
+                let id = job["deliveryId"].as_str().unwrap().to_owned();
+                let (status, _) = self
+                    .call(
+                        Method::POST,
+                        &acks,
+                        Some(&keys.token(cluster, 60)),
+                        Some(&json!({"deliveryIds": [id]})),
+                    )
+                    .await;
+                if status == StatusCode::OK {
+                    *delivered.entry(delivered_build(&job)).or_default() += 1;
+                }
+            }
+        }
+    }
+
     /// Everything the scheduler keeps: the cluster table, the build rows, and every Redis key.
     pub async fn snapshot(&self) -> (Vec<Value>, i64, BTreeMap<String, String>) {
         let state = self.scheduler.state();

@@ -203,13 +203,10 @@ impl Drop for ProcessExecutor {
 /// The local Redis, connected lazily, with short timeouts (`sd_queue::Connection`): a launch
 /// fails fast (and is retried) rather than hanging on an unreachable server.
 fn connect(redis: &sd_queue::RedisTarget) -> Result<sd_queue::Connection, ExecError> {
-    redis
-        .client()
-        .and_then(sd_queue::Connection::lazy)
-        .map_err(|source| ExecError::Redis {
-            context: "redis.url is not a valid Redis URL",
-            source,
-        })
+    sd_queue::Connection::open(redis, crate::local::TAG).map_err(|source| ExecError::Redis {
+        context: "redis.url is not a valid Redis URL",
+        source,
+    })
 }
 
 /// Looks for orphans every [`SWEEP_INTERVAL`] while the executor lives (it holds no strong
