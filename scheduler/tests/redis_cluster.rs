@@ -9,9 +9,8 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use common::{Harness, build, cluster};
+use common::{Harness, build_for, cluster};
 use sd_testkit::{Backend, RedisCluster};
-use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn builds_survive_a_resharded_slot_and_a_cluster_down() {
@@ -33,18 +32,7 @@ async fn builds_survive_a_resharded_slot_and_a_cluster_down() {
     let keys = h
         .cluster_with_key(&cluster("east", "screwdriver", &[]))
         .await;
-    let submit = |id: u64| {
-        let body = build(
-            id,
-            "acme/app",
-            json!({"screwdriver.cd/buildCluster": "east"}),
-        );
-        let h = &h;
-        async move {
-            h.submit_until_accepted(&body, Duration::from_secs(20))
-                .await
-        }
-    };
+    let submit = |id: u64| h.submit_until_accepted(build_for("east", id), Duration::from_secs(20));
     let mut delivered: BTreeMap<u64, u32> = BTreeMap::new();
     let within = Duration::from_secs(30);
 
@@ -110,13 +98,7 @@ async fn builds_survive_a_resharded_slot_and_a_cluster_down() {
     // CLUSTERDOWN for every slot until it is back.
     let other = home;
     tokio::task::block_in_place(|| redis.kill(other)).expect("the cluster goes down");
-    let (status, answer) = h
-        .submit(&build(
-            21,
-            "acme/app",
-            json!({"screwdriver.cd/buildCluster": "east"}),
-        ))
-        .await;
+    let (status, answer) = h.submit(&build_for("east", 21)).await;
     assert!(
         status.is_server_error(),
         "accepted while the cluster is down: {status} {answer}"

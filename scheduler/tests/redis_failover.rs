@@ -9,9 +9,8 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use common::{Harness, build, cluster};
+use common::{Harness, build_for, cluster};
 use sd_testkit::{Backend, ChaosProxy, RedisServer, eventually};
-use serde_json::json;
 
 fn redis_cmd(server: &RedisServer, args: &[&str]) -> redis::Value {
     let mut cmd = redis::cmd(args[0]);
@@ -59,18 +58,7 @@ async fn a_readonly_failover_is_survived_with_nothing_lost_or_doubled() {
     let keys = h
         .cluster_with_key(&cluster("east", "screwdriver", &[]))
         .await;
-    let submit = |id: u64| {
-        let body = build(
-            id,
-            "acme/app",
-            json!({"screwdriver.cd/buildCluster": "east"}),
-        );
-        let h = &h;
-        async move {
-            h.submit_until_accepted(&body, Duration::from_secs(15))
-                .await
-        }
-    };
+    let submit = |id: u64| h.submit_until_accepted(build_for("east", id), Duration::from_secs(15));
     let mut delivered: BTreeMap<u64, u32> = BTreeMap::new();
 
     for id in 1..=5 {

@@ -233,10 +233,10 @@ impl Harness {
 
     /// Submits `body` until it is accepted, as Screwdriver's executor retries a 5xx; panics
     /// with the last answer after `within`.
-    pub async fn submit_until_accepted(&self, body: &Value, within: Duration) {
+    pub async fn submit_until_accepted(&self, body: Value, within: Duration) {
         let last = Mutex::new(String::new());
         sd_testkit::eventually(within, || async {
-            let (status, answer) = self.submit(body).await;
+            let (status, answer) = self.submit(&body).await;
             *last.lock().unwrap() = format!("{status}: {answer}");
             status.is_success().then_some(())
         })
@@ -417,6 +417,15 @@ pub fn cluster(name: &str, managed_by: &str, orgs: &[&str]) -> Value {
 }
 
 /// A start payload as Screwdriver's API sends it (its token is in the header, not here).
+/// A build of `acme/app` annotated for `cluster`.
+pub fn build_for(cluster: &str, build_id: u64) -> Value {
+    build(
+        build_id,
+        "acme/app",
+        json!({"screwdriver.cd/buildCluster": cluster}),
+    )
+}
+
 pub fn build(build_id: u64, pipeline: &str, annotations: Value) -> Value {
     json!({
         "buildId": build_id,
