@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use sd_protocol::AgentReport;
 use sd_screwdriver::BuildUpdates;
 use tokio::sync::{Notify, mpsc};
 use tokio::task::JoinHandle;
@@ -341,6 +342,14 @@ impl Loops {
                 max_jobs: config.poll.max_jobs,
                 max_in_flight: config.executor.max_in_flight,
                 capacity: Arc::clone(&capacity),
+                report: AgentReport {
+                    instance: local.instance().to_owned(),
+                    host: host_name(),
+                    version: env!("CARGO_PKG_VERSION").to_owned(),
+                    executor: config.executor.kind.as_str().to_owned(),
+                    in_flight: 0,
+                    capacity: config.executor.max_in_flight,
+                },
             }
             .run(fetching.clone()),
         );
@@ -504,4 +513,13 @@ fn reload(path: &std::path::Path, current: &Config, client: &SchedulerClient) {
             tracing::error!(error = %e, "reload refused: the private key does not load; keeping the old one")
         }
     }
+}
+
+/// This machine's (or pod's) name for the agent's report, when it is one a report may carry.
+fn host_name() -> Option<String> {
+    let name = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())?;
+    let name = name.trim();
+    sd_protocol::agent_report::is_name(name).then(|| name.to_owned())
 }

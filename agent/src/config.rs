@@ -135,6 +135,15 @@ pub enum ExecutorKind {
     Process,
 }
 
+impl ExecutorKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ExecutorKind::Kubernetes => "kubernetes",
+            ExecutorKind::Process => "process",
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ExecutorConfig {

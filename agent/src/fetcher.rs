@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBuilder};
+use sd_protocol::AgentReport;
 use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -25,6 +26,8 @@ pub struct Fetcher {
     pub max_in_flight: u32,
     /// Rung when a build ends, so a full agent resumes polling at once.
     pub capacity: Arc<Notify>,
+    /// Who this agent is, sent with every poll; the counts are filled in each time.
+    pub report: AgentReport,
 }
 
 impl Fetcher {
@@ -47,8 +50,8 @@ impl Fetcher {
             while acks.len() >= ACKS_AT_ONCE {
                 acks.join_next().await;
             }
-            let room = match self.room().await {
-                Ok(0) => {
+            let (busy, room) = match self.load().await {
+                Ok((_, 0)) => {
                     self.status.set_at_capacity(true);
                     tokio::select! {
                         () = self.capacity.notified() => {}
@@ -57,9 +60,9 @@ impl Fetcher {
                     }
                     continue;
                 }
-                Ok(n) => {
+                Ok(load) => {
                     self.status.set_at_capacity(false);
-                    n
+                    load
                 }
                 Err(e) => {
                     self.status.redis_failed(&e.to_string());
@@ -70,8 +73,13 @@ impl Fetcher {
                     continue;
                 }
             };
+            let report = AgentReport {
+                in_flight: busy,
+                capacity: self.max_in_flight,
+                ..self.report.clone()
+            };
             let polled = tokio::select! {
-                r = self.client.poll(wait, room.min(self.max_jobs)) => r,
+                r = self.client.poll(wait, room.min(self.max_jobs), &report) => r,
                 () = stop.cancelled() => return,
             };
             match polled {
@@ -102,12 +110,17 @@ impl Fetcher {
         }
     }
 
-    /// How many more jobs this agent may take now.
-    async fn room(&self) -> Result<u32, crate::local::LocalError> {
+    /// How many jobs this agent holds (taken, launched and not ended), and how many more it
+    /// may take now.
+    async fn load(&self) -> Result<(u32, u32), crate::local::LocalError> {
         let pending = self.local.pending().await?;
         let busy = pending.saturating_add(self.executor.in_flight() as u64);
         metrics::gauge!("sd_agent_local_pending").set(pending as f64);
-        Ok(u32::try_from(u64::from(self.max_in_flight).saturating_sub(busy)).unwrap_or(0))
+        let room = u64::from(self.max_in_flight).saturating_sub(busy);
+        Ok((
+            u32::try_from(busy).unwrap_or(u32::MAX),
+            u32::try_from(room).unwrap_or(0),
+        ))
     }
 
     /// Pushes each delivered job to the local queue: which landed (to ack) and which did not

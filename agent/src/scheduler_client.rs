@@ -6,8 +6,8 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use reqwest::StatusCode;
-use sd_protocol::Delivery;
 use sd_protocol::workers::{AckBody, Event, EventBody, Jobs, LeaseReport, NackBody};
+use sd_protocol::{AgentReport, Delivery};
 use serde::Serialize;
 use serde_json::Value;
 
@@ -135,18 +135,27 @@ impl SchedulerClient {
     }
 
     /// Long-poll for up to `max` jobs, waiting at most `wait`.
-    pub async fn poll(&self, wait: Duration, max: u32) -> Result<Vec<Delivery>, ClientError> {
+    /// Long-polls for up to `max` jobs, telling the scheduler who asks (`report`).
+    pub async fn poll(
+        &self,
+        wait: Duration,
+        max: u32,
+        report: &AgentReport,
+    ) -> Result<Vec<Delivery>, ClientError> {
         let url = format!(
             "{}/v1/jobs/{}?wait={}&max={max}",
             self.base,
             self.cluster,
             wait.as_secs()
         );
-        let request = self
+        let mut request = self
             .http
             .get(url)
             .bearer_auth(self.token()?)
             .timeout(wait + self.timeout);
+        for (name, value) in report.headers() {
+            request = request.header(name, value);
+        }
         let body = self.send(request).await?;
         // An answer that is not an object (or lacks `jobs`) brings nothing.
         if !body.is_object() {

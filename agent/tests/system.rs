@@ -541,6 +541,35 @@ async fn builds_run_on_the_cluster_routing_chose_exactly_once() {
         metrics.lines().any(|l| l == "sd_agent_in_flight 0"),
         "{metrics}"
     );
+    // What the scheduler shows an operator: each agent as it reported itself on its polls.
+    let (code, status) = world
+        .call(Method::GET, "/v4/buildclusters/status", "user", None)
+        .await;
+    assert_eq!(code, 200, "{status}");
+    let clusters = status["clusters"].as_array().unwrap();
+    let names: Vec<&str> = clusters
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["ios-farm", "linux"]);
+    for cluster in clusters {
+        assert_eq!(cluster["health"], "healthy", "{cluster}");
+        assert_eq!(
+            cluster["dispatchedLastHour"],
+            if cluster["name"] == "linux" { 7 } else { 3 }
+        );
+        let agents = cluster["agents"].as_array().unwrap();
+        assert_eq!(agents.len(), 1, "one agent each: {cluster}");
+        assert_eq!(agents[0]["version"], env!("CARGO_PKG_VERSION"), "{cluster}");
+        assert_eq!(agents[0]["executor"], "process");
+        assert!(
+            agents[0]["instance"]
+                .as_str()
+                .unwrap()
+                .starts_with("agent-")
+        );
+        assert!(agents[0]["capacity"].as_u64().unwrap() > 0);
+    }
     let _ = (&linux.name, &linux.local);
 }
 

@@ -235,7 +235,7 @@ impl NewCluster {
     /// Checks every rule of the data model; returns the record normalised (organizations
     /// deduplicated).
     pub fn validate(mut self) -> Result<Self, FieldError> {
-        check_token("name", &self.name, 100)?;
+        check_cluster_name(&self.name)?;
         check_text("scmContext", &self.scm_context, 200)?;
         if !self.scm_context.contains(':') || self.scm_context.chars().any(char::is_whitespace) {
             return Err(FieldError::new(
@@ -400,8 +400,18 @@ fn check_text(field: &str, value: &str, max: usize) -> Result<(), FieldError> {
 /// The registry's rule for a cluster name (1–100 of `[A-Za-z0-9_.-]`), for tools that take a
 /// name before it is registered.
 pub fn check_cluster_name(name: &str) -> Result<(), FieldError> {
-    check_token("name", name, 100)
+    check_token("name", name, 100)?;
+    if name == RESERVED_NAME {
+        return Err(FieldError::new(
+            "name",
+            "is reserved: /v4/buildclusters/status answers every cluster's status",
+        ));
+    }
+    Ok(())
 }
+
+/// The one name no cluster may take: its path is every cluster's status.
+pub const RESERVED_NAME: &str = "status";
 
 /// What makes two cluster names one cluster: names that differ only in case or in `-`, `.`
 /// and `_` would share their key variables (`SD_CLUSTER_<key>_PUBLIC_KEY`, spelled from this),

@@ -4,6 +4,7 @@
 //! and the agent agree on these types, so a change here is a change of the external contract
 //! described in `DESIGN.md`.
 
+pub mod agent_report;
 pub mod annotations;
 pub mod build;
 pub mod claims;
@@ -14,6 +15,7 @@ pub mod queue;
 pub mod schema;
 pub mod workers;
 
+pub use agent_report::AgentReport;
 pub use build::{PipelineRef, StartMessage, StopRequest};
 pub use claims::{ClusterClaims, SignOptions, SigningAlgorithm};
 pub use cluster::{Cluster, ClusterPatch, ManagedBy, NewCluster, check_cluster_name};

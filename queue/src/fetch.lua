@@ -8,7 +8,10 @@
 --   deliveries: flat {id, token, attempt, message, ...}
 --   dead / collapsed: flat {id, message, ...}     blocked: flat {id, message, blocking job, ...}
 --   next_due_in_ms: time until the earliest delayed due time or lease deadline, -1 when none
--- KEYS: ready, leased, delayed, jobs, meta, dead, running, where, newest, lease-seq, blocked, acked
+-- Deliveries are counted per minute in a ring of 60 fields (minute % 60 -> 'minute:count') for
+-- the operator's view of the last hour.
+-- KEYS: ready, leased, delayed, jobs, meta, dead, running, where, newest, lease-seq, blocked, acked,
+--       dispatched
 -- ARGV: max, visibility ms, max attempts, blocked re-check ms, cluster
 local max = tonumber(ARGV[1])
 local visibility = tonumber(ARGV[2])
@@ -117,6 +120,15 @@ while #deliveries < max * 4 and budget > 0 do
       end
     end
   end
+end
+
+if #deliveries > 0 then
+  local minute = math.floor(now / 60000)
+  local field = tostring(minute % 60)
+  local at, count = string.match(redis.call('HGET', KEYS[13], field) or '', '^(%d+):(%d+)$')
+  if tonumber(at) ~= minute then count = 0 end
+  redis.call('HSET', KEYS[13], field, minute .. ':' .. (tonumber(count) + #deliveries / 4))
+  redis.call('PEXPIRE', KEYS[13], 7200000)
 end
 
 local next_due = -1

@@ -17,6 +17,7 @@ pub mod due;
 mod holders;
 pub mod markers;
 pub mod outbox;
+pub mod status;
 mod target;
 pub use connection::Connection;
 pub use doorbell::{Doorbell, Listener};
@@ -56,6 +57,12 @@ pub struct ClusterKeys {
     pub dead: String,
     /// id → the instance that leased it (`holders`).
     pub holders: String,
+    /// Agent instance → Redis time (ms) of its last poll.
+    pub agents: String,
+    /// Agent instance → its last report of itself (JSON; empty for an agent too old to report).
+    pub reports: String,
+    /// Deliveries per minute over the last hour: `minute % 60` → `minute:count`.
+    pub dispatched: String,
 }
 
 /// Every key name under one hash tag.
@@ -110,6 +117,9 @@ impl Keys {
             meta: key("meta"),
             dead: key("dead"),
             holders: key("holders"),
+            agents: key("agents"),
+            reports: key("reports"),
+            dispatched: key("dispatched"),
         }
     }
 }
@@ -243,6 +253,8 @@ struct Scripts {
     release: Script,
     promote: Script,
     moves: Script,
+    heartbeat: Script,
+    status: Script,
 }
 
 impl Queues {
@@ -270,6 +282,8 @@ impl Queues {
                 release: Script::new(include_str!("release.lua")),
                 promote: Script::new(include_str!("promote.lua")),
                 moves: Script::new(include_str!("move.lua")),
+                heartbeat: timed_script(include_str!("heartbeat.lua")),
+                status: timed_script(include_str!("status.lua")),
             }),
             holders: Arc::default(),
         })
@@ -444,6 +458,7 @@ impl Queues {
             .key(&self.keys.lease_seq)
             .key(&self.keys.blocked)
             .key(&self.keys.acked)
+            .key(&keys.dispatched)
             .arg(max)
             .arg(millis(settings.visibility_timeout))
             .arg(settings.max_attempts)
@@ -595,17 +610,58 @@ impl Queues {
         })
     }
 
-    /// Records an authenticated poll; returns Redis time (ms).
-    pub async fn heartbeat(&self, cluster: &str) -> Result<i64, QueueError> {
+    /// Records an authenticated poll and the polling agent's report of itself (`None`: an
+    /// agent too old to report); returns Redis time (ms).
+    pub async fn heartbeat(
+        &self,
+        cluster: &str,
+        report: Option<&sd_protocol::AgentReport>,
+    ) -> Result<i64, QueueError> {
+        let keys = self.keys.cluster(cluster);
+        let (instance, json) = match report {
+            Some(report) => (report.instance.as_str(), serde_json::to_string(report)?),
+            None => ("", String::new()),
+        };
         let mut conn = self.conn.clone();
-        let now = self.now_ms().await?;
-        let _: i64 = redis::cmd("HSET")
-            .arg(&self.keys.heartbeat)
+        let now: i64 = self
+            .scripts
+            .heartbeat
+            .key(&self.keys.heartbeat)
+            .key(&keys.agents)
+            .key(&keys.reports)
             .arg(cluster)
-            .arg(now)
-            .query_async(&mut conn)
+            .arg(instance)
+            .arg(json)
+            .arg(millis(status::AGENTS_KEPT))
+            .arg(status::MOST_AGENTS)
+            .invoke_async(&mut conn)
             .await?;
         Ok(now)
+    }
+
+    /// `cluster`'s queue and agents as an operator sees them (see `status.lua`).
+    pub async fn status(&self, cluster: &str) -> Result<status::QueueStatus, QueueError> {
+        let keys = self.keys.cluster(cluster);
+        let mut conn = self.conn.clone();
+        let reply: redis::Value = self
+            .scripts
+            .status
+            .key(&keys.ready)
+            .key(&keys.leased)
+            .key(&keys.delayed)
+            .key(&keys.meta)
+            .key(&keys.dead)
+            .key(&keys.agents)
+            .key(&keys.reports)
+            .key(&keys.dispatched)
+            .key(&self.keys.running)
+            .key(&self.keys.heartbeat)
+            .arg(status::MOST_SCANNED)
+            .arg(millis(status::AGENTS_KEPT))
+            .arg(cluster)
+            .invoke_async(&mut conn)
+            .await?;
+        status::QueueStatus::from_reply(reply)
     }
 
     /// Last poll (Redis ms) per cluster, and Redis time now.

@@ -9,7 +9,7 @@
 
 use std::time::Duration;
 
-use sd_protocol::{JobKind, QueueMessage};
+use sd_protocol::{AgentReport, JobKind, QueueMessage};
 use sd_queue::{
     Cancelled, Enqueued, Fetched, Holds, Lease, LeaseOp, LeaseOutcome, Moved, QueueSettings,
     Queues, parse_delivery_id,
@@ -1182,7 +1182,9 @@ async fn both_tags_keep_every_key_under_their_own_hash_tag() {
         pass(&q, ms(10)).await;
         assert_eq!(fetch(&q, "c", 10, &fast).await.dead.len(), 1, "{tag}");
         q.enqueue_stop("c", 4, &stop_message(4)).await.unwrap();
-        q.heartbeat("c").await.unwrap();
+        q.heartbeat("c", None).await.unwrap();
+        q.heartbeat("c", Some(&report("agent-1"))).await.unwrap();
+        q.status("c").await.unwrap();
     }
 
     let mut conn = redis.conn();
@@ -1209,4 +1211,75 @@ async fn both_tags_keep_every_key_under_their_own_hash_tag() {
         .query(&mut conn)
         .unwrap();
     assert_eq!(acked, ["1"], "each tag has its own tombstones");
+}
+
+// === the operator's view ===
+
+fn report(instance: &str) -> AgentReport {
+    AgentReport {
+        instance: instance.to_owned(),
+        host: None,
+        version: "1.2.3".into(),
+        executor: "process".into(),
+        in_flight: 1,
+        capacity: 4,
+    }
+}
+
+#[tokio::test]
+async fn agents_are_kept_per_instance_newest_first_and_bounded() {
+    let redis = RedisServer::start().expect("start redis-server");
+    let q = Queues::connect(&redis.url(), "sd").unwrap();
+    let most = sd_queue::status::MOST_AGENTS as usize;
+    for i in 0..most + 5 {
+        q.heartbeat("c", Some(&report(&format!("agent-{i}"))))
+            .await
+            .unwrap();
+        // A millisecond apart at least, as polls are: the order of polls is the order kept.
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    q.heartbeat("c", None).await.unwrap();
+    // Polling again keeps one entry per instance.
+    q.heartbeat("c", Some(&report("agent-204"))).await.unwrap();
+    let status = q.status("c").await.unwrap();
+    assert_eq!(status.agents.len(), most, "the newest {most} instances");
+    let newest = status.agents[0].report.as_ref().expect("a report");
+    assert_eq!(newest.instance, "agent-204");
+    assert!(
+        status.agents.iter().any(|a| a.report.is_none()),
+        "an agent without a report is kept, as unknown"
+    );
+    assert!(
+        !status
+            .agents
+            .iter()
+            .any(|a| a.report.as_ref().is_some_and(|r| [
+                "agent-0", "agent-1", "agent-2", "agent-3", "agent-4", "agent-5"
+            ]
+            .contains(&r.instance.as_str()))),
+        "the oldest instances went first"
+    );
+    assert_eq!(status.last_poll_ms, Some(status.agents[0].last_seen_ms));
+    assert!(q.status("other").await.unwrap().last_poll_ms.is_none());
+    let mut conn = redis.conn();
+    let ttl: i64 = redis::cmd("PTTL")
+        .arg(&q.keys().cluster("c").agents)
+        .query(&mut conn)
+        .unwrap();
+    assert!(ttl > 0, "the record expires when no agent polls any more");
+}
+
+#[tokio::test]
+async fn deliveries_are_counted_for_the_last_hour() {
+    let redis = RedisServer::start().expect("start redis-server");
+    let q = Queues::connect(&redis.url(), "sd").unwrap();
+    for id in 1..=5 {
+        put(&q, "c", id, id, &Holds::default()).await;
+    }
+    assert_eq!(fetch(&q, "c", 2, &settings()).await.leases.len(), 2);
+    assert_eq!(fetch(&q, "c", 10, &settings()).await.leases.len(), 3);
+    let status = q.status("c").await.unwrap();
+    assert_eq!(status.dispatched_last_hour, 5);
+    assert_eq!((status.ready, status.leased), (0, 5));
+    assert!(status.oldest.is_none(), "nothing waits");
 }

@@ -30,6 +30,7 @@ pub mod registry_sync;
 pub mod reporter;
 pub mod routing;
 pub mod state;
+pub mod status;
 pub mod systemd;
 pub mod workers;
 
@@ -204,6 +205,7 @@ impl Scheduler {
             }),
             http: config.http.clone(),
             registry_sync,
+            dead_after: config.ha.cluster_dead_after,
         });
         let (listener, addr) = bind(config.listen).await?;
         let mut tasks = spawn_tasks(&state, listener, tls.clone(), &config, reroute, &shutdown);

@@ -42,6 +42,8 @@ pub struct AppState {
     pub http: crate::config::HttpConfig,
     /// Reloads the cache after a registry write and tells the other replicas.
     pub registry_sync: Arc<RegistrySync>,
+    /// A cluster silent for longer is unhealthy (`ha.cluster_dead_after`).
+    pub dead_after: Duration,
 }
 
 impl AppState {

@@ -48,16 +48,18 @@ pub struct Workers {
 }
 
 impl Workers {
-    /// Long-poll: returns as soon as jobs are leased, or empty after `wait`.
+    /// Long-poll: returns as soon as jobs are leased, or empty after `wait`. `report` is the
+    /// agent's account of itself (`None` from an agent too old to give one).
     pub async fn poll(
         &self,
         cluster: &str,
+        report: Option<&sd_protocol::AgentReport>,
         wait: Duration,
         max: u32,
         shutdown: &CancellationToken,
     ) -> Result<Vec<Delivery>, WorkerError> {
         self.health.alive(cluster);
-        if let Err(e) = self.queues.heartbeat(cluster).await {
+        if let Err(e) = self.queues.heartbeat(cluster, report).await {
             tracing::warn!(cluster, error = %e, "could not record heartbeat");
         }
         let deadline = Instant::now() + wait;

@@ -38,6 +38,10 @@ const ROUTES: &[(&str, &str)] = &[
     ("GET", "/buildClusters/{name}"),
     ("PUT", "/buildClusters/{name}"),
     ("DELETE", "/buildClusters/{name}"),
+    ("GET", "/v4/buildclusters/status"),
+    ("GET", "/v4/buildclusters/{name}/status"),
+    ("GET", "/buildClusters/status"),
+    ("GET", "/buildClusters/{name}/status"),
     ("POST", "/v1/queue/message"),
     ("DELETE", "/v1/queue/message"),
     ("GET", "/v1/builds/{build_id}"),
@@ -487,6 +491,25 @@ async fn every_status_answered_is_documented(backend: Backend) {
         let twice = format!("{f}?scmContext=a&scmContext=b");
         w.expect(m, t, "parameter twice", &twice, Some(&admin), Body::Empty, 400).await;
         w.expect(m, t, "delete", f, Some(&admin), Body::Empty, 204).await;
+
+        let (m, all) = ("GET", format!("{prefix}/status"));
+        let t = all.as_str();
+        w.expect(m, t, "no token", t, None, Body::Empty, 401).await;
+        w.expect(m, t, "not a JWT", t, Some(&bad), Body::Empty, 401).await;
+        w.expect(m, t, "guest", t, Some(&guest), Body::Empty, 403).await;
+        w.expect(m, t, "sdapi scope", t, Some(&sdapi), Body::Empty, 403).await;
+        w.expect(m, t, "user", t, Some(&user), Body::Empty, 200).await;
+        let (one_status, alpha_status) = (format!("{one}/status"), format!("{a}/status"));
+        let (t, s) = (one_status.as_str(), alpha_status.as_str());
+        w.expect(m, t, "no token", s, None, Body::Empty, 401).await;
+        w.expect(m, t, "not a JWT", s, Some(&bad), Body::Empty, 401).await;
+        w.expect(m, t, "guest", s, Some(&guest), Body::Empty, 403).await;
+        w.expect(m, t, "sdapi scope", s, Some(&sdapi), Body::Empty, 403).await;
+        w.expect(m, t, "found", s, Some(&user), Body::Empty, 200).await;
+        let unknown_status = format!("{unknown}/status");
+        w.expect(m, t, "unknown name", &unknown_status, Some(&user), Body::Empty, 404).await;
+        let undecodable_status = format!("{undecodable}/status");
+        w.expect(m, t, "invalid UTF-8", &undecodable_status, Some(&user), Body::Empty, 400).await;
     }
 
     // --- build intake ---
@@ -689,6 +712,12 @@ async fn every_status_answered_is_documented(backend: Backend) {
         let p = format!("/v1/jobs/alpha/{action}");
         let ids = Body::Json(json!({"deliveryIds": ["1@1"]}));
         w.expect("POST", &t, "Redis down", &p, Some(&a), ids, 503).await;
+    }
+    for prefix in ["/v4/buildclusters", "/buildClusters"] {
+        let (all, one) = (format!("{prefix}/status"), format!("{prefix}/{{name}}/status"));
+        w.expect("GET", &all, "Redis down", &all, Some(&user), Body::Empty, 503).await;
+        let alpha = format!("{prefix}/alpha/status");
+        w.expect("GET", &one, "Redis down", &alpha, Some(&user), Body::Empty, 503).await;
     }
     let answer = w.expect("GET", "/readyz", "Redis down", "/readyz", None, Body::Empty, 503).await;
     assert_eq!(answer.body["ready"], false, "{}", answer.body);

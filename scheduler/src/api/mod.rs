@@ -29,6 +29,7 @@ use crate::builds::BuildState;
 use crate::intake::{Accepted, IntakeError, Stopped};
 use crate::registry::RegistryError;
 use crate::routing::RouteError;
+use crate::status::{AllStatus, ClusterStatus};
 
 pub mod workers;
 
@@ -38,6 +39,8 @@ pub const MAX_BODY_BYTES: usize = 1024 * 1024;
 pub fn router(state: Arc<AppState>) -> Router {
     let clusters = Router::new()
         .route("/", get(list_clusters).post(create_cluster))
+        .route("/status", get(all_status))
+        .route("/{name}/status", get(cluster_status))
         .route(
             "/{name}",
             get(get_cluster).put(update_cluster).delete(delete_cluster),
@@ -402,6 +405,77 @@ async fn get_cluster(
     Ok(Json(find_one(&state, &name, &query).await?))
 }
 
+/// One cluster as an operator sees it: alive or not and why, its agents, its queue.
+///
+/// Also served at `/buildClusters/{name}/status`.
+#[utoipa::path(get, path = "/v4/buildclusters/{name}/status", tag = "status", params(("name" = String, Path)),
+    responses(
+        (status = 200, body = ClusterStatus, description = "The cluster's health, agents and queue, read at one instant."),
+        (status = 400, body = ErrorBody, description = "The path cannot be read (invalid percent-encoding)."),
+        (status = 401, body = ErrorBody, description = doc::UNAUTHORIZED),
+        (status = 403, body = ErrorBody, description = "The token has neither scope `user` nor `admin`, or is a guest's."),
+        (status = 404, body = ErrorBody, description = "No cluster of this name."),
+        (status = 503, body = ErrorBody, description = doc::BUSY_OR_DOWN,
+            headers(("Retry-After" = u32, description = "Seconds to wait before retrying; sent when the scheduler is busy, not when a dependency is down."))),
+    ))]
+async fn cluster_status(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    ApiPath(name): ApiPath<String>,
+) -> Result<Json<ClusterStatus>, ApiError> {
+    require(&caller, &[Scope::User, Scope::Admin])?;
+    let cluster = state
+        .cache
+        .snapshot()
+        .iter()
+        .find(|c| c.fields.name == name)
+        .map(|c| (c.fields.name.clone(), c.fields.is_active))
+        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "no cluster of this name"))?;
+    Ok(Json(read_status(&state, cluster).await?))
+}
+
+/// Every cluster as an operator sees it, in one answer.
+///
+/// Also served at `/buildClusters/status`.
+#[utoipa::path(get, path = "/v4/buildclusters/status", tag = "status",
+    responses(
+        (status = 200, body = AllStatus, description = "Every registered cluster's health, agents and queue, by name."),
+        (status = 401, body = ErrorBody, description = doc::UNAUTHORIZED),
+        (status = 403, body = ErrorBody, description = "The token has neither scope `user` nor `admin`, or is a guest's."),
+        (status = 503, body = ErrorBody, description = doc::BUSY_OR_DOWN,
+            headers(("Retry-After" = u32, description = "Seconds to wait before retrying; sent when the scheduler is busy, not when a dependency is down."))),
+    ))]
+async fn all_status(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+) -> Result<Json<AllStatus>, ApiError> {
+    require(&caller, &[Scope::User, Scope::Admin])?;
+    let mut clusters: Vec<(String, bool)> = state
+        .cache
+        .snapshot()
+        .iter()
+        .map(|c| (c.fields.name.clone(), c.fields.is_active))
+        .collect();
+    clusters.sort();
+    let mut all = Vec::with_capacity(clusters.len());
+    for cluster in clusters {
+        all.push(read_status(&state, cluster).await?);
+    }
+    Ok(Json(AllStatus { clusters: all }))
+}
+
+async fn read_status(
+    state: &AppState,
+    (name, is_active): (String, bool),
+) -> Result<ClusterStatus, ApiError> {
+    let read = state
+        .queues
+        .status(&name)
+        .await
+        .map_err(|e| unavailable("Redis", &e))?;
+    Ok(ClusterStatus::new(&name, is_active, read, state.dead_after))
+}
+
 /// Changes some fields of a cluster, e.g. `{"isActive":false}` pauses routing to it.
 ///
 /// Also served at `/buildClusters/{name}`, the seed's path.
@@ -723,6 +797,8 @@ async fn metrics_text(State(state): State<Arc<AppState>>) -> impl IntoResponse {
         get_cluster,
         update_cluster,
         delete_cluster,
+        cluster_status,
+        all_status,
         start_build,
         stop_build,
         get_build,
@@ -757,7 +833,13 @@ async fn metrics_text(State(state): State<Arc<AppState>>) -> impl IntoResponse {
         workers::Jobs,
         workers::EventBody,
         workers::EventAnswer,
-        crate::workers::LeaseReport
+        crate::workers::LeaseReport,
+        ClusterStatus,
+        AllStatus,
+        crate::status::AgentStatus,
+        crate::status::QueueDepths,
+        crate::status::OldestWaiting,
+        crate::status::Health
     ))
 )]
 pub struct ApiDoc;

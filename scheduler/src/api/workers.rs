@@ -8,9 +8,9 @@ use axum::Json;
 use axum::extract::{FromRequestParts, Path, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode};
-use sd_protocol::ErrorBody;
 use sd_protocol::workers::{AckBody, LeaseReport, NackBody};
 pub use sd_protocol::workers::{EventBody, Jobs};
+use sd_protocol::{AgentReport, ErrorBody};
 use serde::{Deserialize, Serialize};
 
 use super::{ApiError, ApiQuery, JsonObject, bearer, doc, unavailable};
@@ -116,14 +116,20 @@ pub struct PollQuery {
 /// Long-poll: leases up to `max` ready jobs of the cluster, waiting up to `wait` seconds for
 /// one. Not bounded by `http.max_in_flight`/`http.request_timeout` (it waits by design); its
 /// bounds are `queue.max_polls_per_cluster` and `queue.max_polls_per_token`.
-#[utoipa::path(get, path = "/v1/jobs/{cluster}", tag = "workers", params(("cluster" = String, Path), PollQuery),
+#[utoipa::path(get, path = "/v1/jobs/{cluster}", tag = "workers", params(("cluster" = String, Path), PollQuery,
+        ("sd-agent-instance" = Option<String>, Header, description = "The agent's report of itself, kept for the operator's view: this run's id (1 to 128 of letters, digits, `.-_:`). Without it the poll works as from an older agent, shown as unknown; with it, the version, executor, in-flight and capacity headers are required."),
+        ("sd-agent-host" = Option<String>, Header, description = "The machine or pod the agent runs on (as the instance)."),
+        ("sd-agent-version" = Option<String>, Header, description = "The agent's version (1 to 64 of letters, digits, `.+-_`)."),
+        ("sd-agent-executor" = Option<String>, Header, description = "`kubernetes` or `process`."),
+        ("sd-agent-in-flight" = Option<u32>, Header, description = "Builds the agent holds now."),
+        ("sd-agent-capacity" = Option<u32>, Header, description = "Most builds it holds at once.")),
     responses(
         (status = 200, body = Jobs, description = "The jobs leased (none when `wait` ran out)."),
         (status = 400, body = ErrorBody, description = "The path or the query cannot be read (invalid percent-encoding, a parameter given twice)."),
         (status = 401, body = ErrorBody, description = doc::CLUSTER_UNAUTHORIZED),
         (status = 403, body = ErrorBody, description = "The token is another cluster's."),
         (status = 404, body = ErrorBody, description = doc::CLUSTER_NOT_FOUND),
-        (status = 422, body = ErrorBody, description = "`wait` is not an integer from 0 to `queue.max_wait` (seconds), or `max` not one from 1 to 100."),
+        (status = 422, body = ErrorBody, description = "`wait` is not an integer from 0 to `queue.max_wait` (seconds), or `max` not one from 1 to 100; or the agent's report of itself (`sd-agent-*` headers) is incomplete or breaks a rule (the message names the header)."),
         (status = 429, body = ErrorBody, description = "Too many long-polls of this cluster or of this token wait on this replica (`queue.max_polls_per_cluster`, `queue.max_polls_per_token`); `Retry-After` says when to come back.",
             headers(("Retry-After" = u32, description = "Seconds to wait before polling again."))),
         (status = 500, body = ErrorBody, description = doc::CLUSTER_MISCONFIGURED),
@@ -143,6 +149,7 @@ pub async fn poll(
         state.max_wait.as_secs(),
     )?;
     let max = bounded("max", query.max.as_deref(), 10, 1, 100)?;
+    let report = AgentReport::from_headers(|name| headers.get(name)?.to_str().ok())?;
     // Held until the poll answers: the place of one waiting poll.
     let _slot = state
         .poll_limits
@@ -157,6 +164,7 @@ pub async fn poll(
         .workers
         .poll(
             &cluster,
+            report.as_ref(),
             Duration::from_secs(wait),
             u32::try_from(max).unwrap_or(100),
             &state.shutdown,

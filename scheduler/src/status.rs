@@ -1,0 +1,235 @@
+//! The operator's view of a cluster: is it alive and why, which agents poll it, what its queue
+//! holds. The verdict is the pure [`assess`]; [`ClusterStatus::new`] assembles the answer from
+//! one consistent read of Redis (`Queues::status`) and the cluster's record.
+//!
+//! Times come from Redis's clock, as the heartbeats do, so every replica gives the same answer.
+
+use std::time::{Duration, UNIX_EPOCH};
+
+use sd_queue::status::QueueStatus;
+use serde::Serialize;
+
+/// A cluster's health as the operator's view names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum Health {
+    /// An agent polled within `ha.cluster_dead_after`.
+    Healthy,
+    /// No poll for longer than `ha.cluster_dead_after`: routing avoids it and its waiting builds
+    /// go to other clusters that may take them.
+    Silent,
+    /// No agent has polled it yet (or not within the last hour's records).
+    NeverPolled,
+    /// An admin paused it (`isActive: false`): it gets no builds, whatever its agents do.
+    Paused,
+}
+
+/// The verdict on one cluster and the sentence that explains it. `last_poll_ms` and `now_ms`
+/// are on Redis's clock.
+pub fn assess(
+    is_active: bool,
+    last_poll_ms: Option<i64>,
+    now_ms: i64,
+    dead_after: Duration,
+) -> (Health, String) {
+    let silence = last_poll_ms.map(|at| millis_between(at, now_ms));
+    match (is_active, silence) {
+        (false, Some(quiet)) => (
+            Health::Paused,
+            format!("paused: gets no builds (last poll {} ago)", human(quiet)),
+        ),
+        (false, None) => (
+            Health::Paused,
+            "paused: gets no builds (no agent has polled)".to_owned(),
+        ),
+        (true, None) => (
+            Health::NeverPolled,
+            "no agent has polled: check that its agent runs and can reach the scheduler".to_owned(),
+        ),
+        (true, Some(quiet)) if quiet > dead_after => (
+            Health::Silent,
+            format!(
+                "silent for {}, longer than ha.cluster_dead_after ({}): routing avoids it and its waiting builds move to other clusters",
+                human(quiet),
+                human(dead_after)
+            ),
+        ),
+        (true, Some(quiet)) => (Health::Healthy, format!("last poll {} ago", human(quiet))),
+    }
+}
+
+fn millis_between(earlier: i64, later: i64) -> Duration {
+    Duration::from_millis(u64::try_from(later.saturating_sub(earlier)).unwrap_or(0))
+}
+
+/// A duration as a person reads it: whole seconds ("2m 5s").
+pub fn human(d: Duration) -> String {
+    humantime::format_duration(Duration::from_secs(d.as_secs())).to_string()
+}
+
+/// A Redis time (ms since the epoch) as RFC 3339.
+fn timestamp(ms: i64) -> String {
+    let since = Duration::from_millis(u64::try_from(ms).unwrap_or(0));
+    humantime::format_rfc3339_seconds(UNIX_EPOCH + since).to_string()
+}
+
+/// `GET /v4/buildclusters/{name}/status`.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ClusterStatus {
+    pub name: String,
+    pub health: Health,
+    /// Why, in a sentence.
+    pub reason: String,
+    /// The last poll by any of its agents (RFC 3339), if any.
+    pub last_poll: Option<String>,
+    /// Seconds since then.
+    pub silent_for_seconds: Option<u64>,
+    /// Agents that polled within the last hour, the most recent first.
+    pub agents: Vec<AgentStatus>,
+    pub queue: QueueDepths,
+    /// The build waiting longest (ready, blocked or deferred).
+    pub oldest_waiting: Option<OldestWaiting>,
+    /// Builds handed to its agents in the last 60 minutes.
+    pub dispatched_last_hour: u64,
+    /// When this was read (RFC 3339, Redis's clock).
+    pub at: String,
+}
+
+/// One agent instance as it last reported itself. An agent too old to report is one entry with
+/// every reported field `null` ("unknown").
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentStatus {
+    pub instance: Option<String>,
+    pub host: Option<String>,
+    pub version: Option<String>,
+    pub executor: Option<String>,
+    pub in_flight: Option<u32>,
+    pub capacity: Option<u32>,
+    /// Its last poll (RFC 3339).
+    pub last_seen: String,
+    pub seconds_since: u64,
+}
+
+/// What a cluster's master queue holds.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct QueueDepths {
+    /// Waiting for an agent to take them.
+    pub ready: u64,
+    /// Handed to an agent, not yet acknowledged.
+    pub leased: u64,
+    /// Waiting to be retried after an agent gave them back.
+    pub deferred: u64,
+    /// Waiting for a running build of a job they are blocked by.
+    pub blocked: u64,
+    /// Given up after too many deliveries (dead letters).
+    pub dead: u64,
+    /// `false` when the queue was too long to look at every waiting build: `blocked` and
+    /// `oldestWaiting` then cover the first 10,000 of each kind.
+    pub complete: bool,
+}
+
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct OldestWaiting {
+    pub build_id: String,
+    pub age_seconds: u64,
+}
+
+/// `GET /v4/buildclusters/status`: every cluster, by name.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct AllStatus {
+    pub clusters: Vec<ClusterStatus>,
+}
+
+impl ClusterStatus {
+    pub fn new(name: &str, is_active: bool, read: QueueStatus, dead_after: Duration) -> Self {
+        let now = read.now_ms;
+        let (health, reason) = assess(is_active, read.last_poll_ms, now, dead_after);
+        let agents = read
+            .agents
+            .into_iter()
+            .map(|seen| {
+                let report = seen.report;
+                AgentStatus {
+                    instance: report.as_ref().map(|r| r.instance.clone()),
+                    host: report.as_ref().and_then(|r| r.host.clone()),
+                    version: report.as_ref().map(|r| r.version.clone()),
+                    executor: report.as_ref().map(|r| r.executor.clone()),
+                    in_flight: report.as_ref().map(|r| r.in_flight),
+                    capacity: report.as_ref().map(|r| r.capacity),
+                    last_seen: timestamp(seen.last_seen_ms),
+                    seconds_since: millis_between(seen.last_seen_ms, now).as_secs(),
+                }
+            })
+            .collect();
+        Self {
+            name: name.to_owned(),
+            health,
+            reason,
+            last_poll: read.last_poll_ms.map(timestamp),
+            silent_for_seconds: read
+                .last_poll_ms
+                .map(|at| millis_between(at, now).as_secs()),
+            agents,
+            queue: QueueDepths {
+                ready: read.ready,
+                leased: read.leased,
+                deferred: read.deferred,
+                blocked: read.blocked,
+                dead: read.dead,
+                complete: read.complete,
+            },
+            oldest_waiting: read.oldest.map(|(build_id, at)| OldestWaiting {
+                build_id,
+                age_seconds: millis_between(at, now).as_secs(),
+            }),
+            dispatched_last_hour: read.dispatched_last_hour,
+            at: timestamp(now),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DEAD_AFTER: Duration = Duration::from_secs(120);
+
+    #[test]
+    fn a_cluster_is_silent_only_after_dead_after() {
+        let now = 1_000_000_000;
+        let (health, reason) = assess(true, Some(now - 5_000), now, DEAD_AFTER);
+        assert_eq!(
+            (health, reason.as_str()),
+            (Health::Healthy, "last poll 5s ago")
+        );
+        let (health, _) = assess(true, Some(now - 120_000), now, DEAD_AFTER);
+        assert_eq!(health, Health::Healthy, "at the limit still healthy");
+        let (health, reason) = assess(true, Some(now - 125_000), now, DEAD_AFTER);
+        assert_eq!(health, Health::Silent);
+        assert!(
+            reason.starts_with("silent for 2m 5s, longer than ha.cluster_dead_after (2m)"),
+            "{reason}"
+        );
+    }
+
+    #[test]
+    fn paused_wins_and_never_polled_is_its_own_state() {
+        let now = 1_000_000_000;
+        assert_eq!(assess(false, Some(now), now, DEAD_AFTER).0, Health::Paused);
+        assert_eq!(assess(false, None, now, DEAD_AFTER).0, Health::Paused);
+        assert_eq!(assess(true, None, now, DEAD_AFTER).0, Health::NeverPolled);
+    }
+
+    #[test]
+    fn a_beat_after_now_counts_as_no_silence() {
+        let (health, reason) = assess(true, Some(2_000), 1_000, DEAD_AFTER);
+        assert_eq!(
+            (health, reason.as_str()),
+            (Health::Healthy, "last poll 0s ago")
+        );
+    }
+}
