@@ -199,10 +199,12 @@ _install_pip_tool() {
 
 # cargo-deny (crates.io), for scripts/deny: checks Cargo.lock against deny.toml (advisories,
 # licenses, duplicate versions, sources). Exports SD_CARGO_DENY, the absolute path of its binary.
-# Built from source by `cargo install --locked` (cargo-deny's own lock file) into
-# target/tools/cargo-deny (ignored by git, removed by cargo clean, built again on the next run).
-# Pinned; an install of the pinned version is reused (one `--version` call). Raise the pin on
-# purpose: a new release can bring new checks, and a new Rust version may be required.
+# Built from source by `cargo install --locked` (cargo-deny's own lock file) into this machine's
+# tool cache, $SD_TOOLS_CACHE (default ~/.cache/sd-buildcluster), in a directory named for the
+# version: every checkout on the machine (CI clones afresh each run) shares one build, as they
+# share cargo's download cache. Pinned; an install of the pinned version is reused (one
+# `--version` call). Raise the pin on purpose: a new release can bring new checks, and a new
+# Rust version may be required.
 #
 # It is built unoptimised and without debug info (`--debug`, CARGO_PROFILE_DEV_DEBUG=0), not in
 # its release profile (fat LTO, one codegen unit): CI builds it from scratch on every run, and
@@ -211,9 +213,9 @@ _install_pip_tool() {
 # `cargo install`. `cargo deny check` then takes about 4 s, against 1.5 s optimised.
 CARGO_DENY_VERSION=0.20.2
 ensure_cargo_deny() {
-    local root dir bin
-    root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
-    dir=$root/target/tools/cargo-deny
+    local cache dir bin
+    cache=${SD_TOOLS_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/sd-buildcluster}
+    dir=$cache/cargo-deny-$CARGO_DENY_VERSION
     bin=$dir/bin/cargo-deny
     if [ "$("$bin" --version 2>/dev/null)" = "cargo-deny $CARGO_DENY_VERSION" ]; then
         export SD_CARGO_DENY=$bin
@@ -221,10 +223,10 @@ ensure_cargo_deny() {
     fi
 
     command -v cargo >/dev/null 2>&1 || die "cargo is not on PATH: cargo-deny is installed with cargo install"
-    mkdir -p "$root/target/tools"
-    # Scripts started at once in this checkout install it once; the others wait, then reuse it.
+    mkdir -p "$cache"
+    # Scripts started at once on this machine install it once; the others wait, then reuse it.
     local lock
-    exec {lock}>"$root/target/tools/cargo-deny.lock"
+    exec {lock}>"$dir.lock"
     flock "$lock" 2>/dev/null || true
     if [ "$("$bin" --version 2>/dev/null)" != "cargo-deny $CARGO_DENY_VERSION" ]; then
         _install_cargo_deny "$dir" || { exec {lock}>&-; die "could not install cargo-deny $CARGO_DENY_VERSION into $dir (see above)"; }
