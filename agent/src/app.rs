@@ -331,6 +331,8 @@ impl Loops {
         updates: BuildUpdates,
     ) -> Self {
         let capacity = Arc::new(Notify::new());
+        // Beside sd_agent_in_flight, for "at capacity" alerts and dashboards.
+        metrics::gauge!("sd_agent_capacity").set(f64::from(config.executor.max_in_flight));
         let fetching = CancellationToken::new();
         let fetcher = tokio::spawn(
             Fetcher {

@@ -114,6 +114,14 @@ impl Health {
             tracing::warn!(cluster = %name, "no poll for longer than ha.cluster_dead_after: unhealthy");
         }
         metrics::gauge!("sd_scheduler_clusters_unhealthy").set(unhealthy.len() as f64);
+        // Per registered cluster (names the registry validated), for alerts on one cluster's
+        // silence: `time() - sd_scheduler_cluster_last_poll_timestamp_seconds`.
+        for name in registered {
+            if let Some(at) = beats.get(name) {
+                metrics::gauge!("sd_scheduler_cluster_last_poll_timestamp_seconds", "cluster" => name.clone())
+                    .set(*at as f64 / 1000.0);
+            }
+        }
         *current = unhealthy;
         newly
     }

@@ -189,6 +189,7 @@ async fn the_queue_is_shown_by_kind_with_its_oldest_build_and_the_last_hours_dis
 async fn health_says_silent_never_polled_or_paused_and_why() {
     let h = Harness::start_with(Backend::Sqlite, |c| {
         c.ha.cluster_dead_after = Duration::from_secs(1);
+        c.ha.check_interval = Duration::from_millis(200);
     })
     .await;
     let keys = h
@@ -236,6 +237,27 @@ async fn health_says_silent_never_polled_or_paused_and_why() {
     assert!(east["lastPoll"].as_str().unwrap().ends_with('Z'));
     assert_eq!(by_name("west")["health"], "neverPolled");
     assert_eq!(by_name("north")["health"], "paused");
+
+    // The same last poll, for alerts on one cluster's silence.
+    let metrics = h.metrics().await;
+    let at: f64 = metrics
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("sd_scheduler_cluster_last_poll_timestamp_seconds{cluster=\"east\"} ")
+        })
+        .unwrap_or_else(|| panic!("no last poll of east in /metrics:\n{metrics}"))
+        .parse()
+        .unwrap();
+    let last_poll = humantime::parse_rfc3339(east["lastPoll"].as_str().unwrap()).unwrap();
+    let seconds = last_poll
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    assert!((at - seconds).abs() < 1.0, "{at} against {seconds}");
+    assert!(
+        !metrics.contains("sd_scheduler_cluster_last_poll_timestamp_seconds{cluster=\"west\"}"),
+        "a cluster that never polled has no last poll"
+    );
 }
 
 #[tokio::test]

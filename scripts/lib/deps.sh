@@ -25,6 +25,12 @@ ensure_redis_server() {
     command -v redis-server >/dev/null 2>&1 || die "redis-server still not found after install"
 }
 
+# promtool (Debian's prometheus package ships it), for the alert rules' unit tests.
+ensure_promtool() {
+    command -v promtool >/dev/null 2>&1 || apt_install prometheus
+    command -v promtool >/dev/null 2>&1 || die "promtool still not found after installing prometheus"
+}
+
 # ps, kill, pkill (procps): minimal Debian images lack them; some tests and scripts use them.
 ensure_procps() {
     command -v ps >/dev/null 2>&1 || apt_install procps
