@@ -790,6 +790,39 @@ impl Queues {
             .await?)
     }
 
+    /// A cluster's dead letters, the latest first, at most `max`: (id, when it died in Redis
+    /// ms, its message) — the message is `None` when it was dropped meanwhile. Also the count
+    /// of all of them.
+    pub async fn dead_letters(
+        &self,
+        cluster: &str,
+        max: usize,
+    ) -> Result<(Vec<(String, i64, Option<String>)>, u64), QueueError> {
+        let keys = self.keys.cluster(cluster);
+        let mut conn = self.conn.clone();
+        let stop = isize::try_from(max).unwrap_or(isize::MAX).saturating_sub(1);
+        let (newest, total): (Vec<(String, i64)>, u64) = redis::pipe()
+            .zrevrange_withscores(&keys.dead, 0, stop)
+            .zcard(&keys.dead)
+            .query_async(&mut conn)
+            .await?;
+        if newest.is_empty() {
+            return Ok((Vec::new(), total));
+        }
+        let ids: Vec<&str> = newest.iter().map(|(id, _)| id.as_str()).collect();
+        let messages: Vec<Option<String>> = redis::cmd("HMGET")
+            .arg(&keys.jobs)
+            .arg(&ids)
+            .query_async(&mut conn)
+            .await?;
+        let letters = newest
+            .into_iter()
+            .zip(messages)
+            .map(|((id, at), message)| (id, at, message))
+            .collect();
+        Ok((letters, total))
+    }
+
     /// The message stored for `id` on a cluster's queue.
     pub async fn message(
         &self,

@@ -192,6 +192,50 @@ impl ClusterStatus {
     }
 }
 
+/// `GET /v4/buildclusters/{name}/deadletters`: the latest dead letters, what each was.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DeadLetters {
+    /// How many the cluster holds in all.
+    pub total: u64,
+    /// The latest, at most 100, the latest first.
+    pub dead_letters: Vec<DeadLetter>,
+}
+
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DeadLetter {
+    /// The queue id: a build id, or `stop:<buildId>` for a stop that never reached the cluster.
+    pub id: String,
+    /// When it was given up (RFC 3339).
+    pub dead_since: String,
+    pub build_id: Option<u64>,
+    pub job_id: Option<u64>,
+    /// The pipeline's name (`owner/repo`), when the message names one.
+    pub pipeline: Option<String>,
+}
+
+impl DeadLetter {
+    /// From what the queue keeps; the message's token and configuration are not repeated.
+    pub fn new(id: String, at_ms: i64, message: Option<&str>) -> Self {
+        let config = message
+            .and_then(|m| serde_json::from_str::<sd_protocol::QueueMessage>(m).ok())
+            .map(|m| m.build_config)
+            .unwrap_or_default();
+        let number = |field: &str| {
+            let v = &config[field];
+            v.as_u64().or_else(|| v.as_str()?.parse().ok())
+        };
+        Self {
+            id,
+            dead_since: timestamp(at_ms),
+            build_id: number("buildId"),
+            job_id: number("jobId"),
+            pipeline: config["pipeline"]["name"].as_str().map(str::to_owned),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

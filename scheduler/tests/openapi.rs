@@ -42,6 +42,8 @@ const ROUTES: &[(&str, &str)] = &[
     ("GET", "/v4/buildclusters/{name}/status"),
     ("GET", "/buildClusters/status"),
     ("GET", "/buildClusters/{name}/status"),
+    ("GET", "/v4/buildclusters/{name}/deadletters"),
+    ("GET", "/buildClusters/{name}/deadletters"),
     ("POST", "/v1/queue/message"),
     ("DELETE", "/v1/queue/message"),
     ("GET", "/v1/builds/{build_id}"),
@@ -510,6 +512,17 @@ async fn every_status_answered_is_documented(backend: Backend) {
         w.expect(m, t, "unknown name", &unknown_status, Some(&user), Body::Empty, 404).await;
         let undecodable_status = format!("{undecodable}/status");
         w.expect(m, t, "invalid UTF-8", &undecodable_status, Some(&user), Body::Empty, 400).await;
+        let (one_dead, alpha_dead) = (format!("{one}/deadletters"), format!("{a}/deadletters"));
+        let (t, s) = (one_dead.as_str(), alpha_dead.as_str());
+        w.expect(m, t, "no token", s, None, Body::Empty, 401).await;
+        w.expect(m, t, "not a JWT", s, Some(&bad), Body::Empty, 401).await;
+        w.expect(m, t, "guest", s, Some(&guest), Body::Empty, 403).await;
+        w.expect(m, t, "sdapi scope", s, Some(&sdapi), Body::Empty, 403).await;
+        w.expect(m, t, "found", s, Some(&user), Body::Empty, 200).await;
+        let unknown_dead = format!("{unknown}/deadletters");
+        w.expect(m, t, "unknown name", &unknown_dead, Some(&user), Body::Empty, 404).await;
+        let undecodable_dead = format!("{undecodable}/deadletters");
+        w.expect(m, t, "invalid UTF-8", &undecodable_dead, Some(&user), Body::Empty, 400).await;
     }
 
     // --- build intake ---
@@ -717,6 +730,8 @@ async fn every_status_answered_is_documented(backend: Backend) {
         let (all, one) = (format!("{prefix}/status"), format!("{prefix}/{{name}}/status"));
         w.expect("GET", &all, "Redis down", &all, Some(&user), Body::Empty, 503).await;
         let alpha = format!("{prefix}/alpha/status");
+        w.expect("GET", &one, "Redis down", &alpha, Some(&user), Body::Empty, 503).await;
+        let (one, alpha) = (format!("{prefix}/{{name}}/deadletters"), format!("{prefix}/alpha/deadletters"));
         w.expect("GET", &one, "Redis down", &alpha, Some(&user), Body::Empty, 503).await;
     }
     let answer = w.expect("GET", "/readyz", "Redis down", "/readyz", None, Body::Empty, 503).await;

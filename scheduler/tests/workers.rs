@@ -355,6 +355,25 @@ async fn dead_letter_after_max_attempts_is_reported_failure() {
         .call(Method::GET, "/v1/builds/9", Some(&h.sdapi()), None)
         .await;
     assert_eq!(view["state"], "failed");
+    // What an operator lists: the build, not its token.
+    let (status, dead) = h
+        .call(
+            Method::GET,
+            "/v4/buildclusters/sd1/deadletters",
+            Some(&h.user()),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{dead}");
+    assert_eq!(dead["total"], 1);
+    let letter = &dead["deadLetters"][0];
+    assert_eq!(
+        (&letter["id"], &letter["buildId"], &letter["pipeline"]),
+        (&json!("9"), &json!(9), &json!("org/repo")),
+        "{dead}"
+    );
+    assert!(letter["deadSince"].as_str().unwrap().ends_with('Z'));
+    assert!(!dead.to_string().contains("token"), "{dead}");
 }
 
 /// A FAILURE the API could not take yet outlives the replica that dead-lettered the build: it is

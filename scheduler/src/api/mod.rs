@@ -29,7 +29,7 @@ use crate::builds::BuildState;
 use crate::intake::{Accepted, IntakeError, Stopped};
 use crate::registry::RegistryError;
 use crate::routing::RouteError;
-use crate::status::{AllStatus, ClusterStatus};
+use crate::status::{AllStatus, ClusterStatus, DeadLetter, DeadLetters};
 
 pub mod workers;
 
@@ -41,6 +41,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/", get(list_clusters).post(create_cluster))
         .route("/status", get(all_status))
         .route("/{name}/status", get(cluster_status))
+        .route("/{name}/deadletters", get(dead_letters))
         .route(
             "/{name}",
             get(get_cluster).put(update_cluster).delete(delete_cluster),
@@ -424,14 +425,54 @@ async fn cluster_status(
     ApiPath(name): ApiPath<String>,
 ) -> Result<Json<ClusterStatus>, ApiError> {
     require(&caller, &[Scope::User, Scope::Admin])?;
-    let cluster = state
+    let cluster = registered(&state, &name)?;
+    Ok(Json(read_status(&state, cluster).await?))
+}
+
+/// A cluster's dead letters: builds given up after `queue.max_attempts` deliveries without an
+/// acknowledgement, the latest 100 first.
+///
+/// Also served at `/buildClusters/{name}/deadletters`.
+#[utoipa::path(get, path = "/v4/buildclusters/{name}/deadletters", tag = "status", params(("name" = String, Path)),
+    responses(
+        (status = 200, body = DeadLetters, description = "The latest dead letters and how many there are."),
+        (status = 400, body = ErrorBody, description = "The path cannot be read (invalid percent-encoding)."),
+        (status = 401, body = ErrorBody, description = doc::UNAUTHORIZED),
+        (status = 403, body = ErrorBody, description = "The token has neither scope `user` nor `admin`, or is a guest's."),
+        (status = 404, body = ErrorBody, description = "No cluster of this name."),
+        (status = 503, body = ErrorBody, description = doc::BUSY_OR_DOWN,
+            headers(("Retry-After" = u32, description = "Seconds to wait before retrying; sent when the scheduler is busy, not when a dependency is down."))),
+    ))]
+async fn dead_letters(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    ApiPath(name): ApiPath<String>,
+) -> Result<Json<DeadLetters>, ApiError> {
+    require(&caller, &[Scope::User, Scope::Admin])?;
+    let (name, _) = registered(&state, &name)?;
+    let (letters, total) = state
+        .queues
+        .dead_letters(&name, 100)
+        .await
+        .map_err(|e| unavailable("Redis", &e))?;
+    Ok(Json(DeadLetters {
+        total,
+        dead_letters: letters
+            .into_iter()
+            .map(|(id, at, message)| DeadLetter::new(id, at, message.as_deref()))
+            .collect(),
+    }))
+}
+
+/// A registered cluster's name and whether it is active, from this replica's cache.
+fn registered(state: &AppState, name: &str) -> Result<(String, bool), ApiError> {
+    state
         .cache
         .snapshot()
         .iter()
         .find(|c| c.fields.name == name)
         .map(|c| (c.fields.name.clone(), c.fields.is_active))
-        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "no cluster of this name"))?;
-    Ok(Json(read_status(&state, cluster).await?))
+        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "no cluster of this name"))
 }
 
 /// Every cluster as an operator sees it, in one answer.
@@ -799,6 +840,7 @@ async fn metrics_text(State(state): State<Arc<AppState>>) -> impl IntoResponse {
         delete_cluster,
         cluster_status,
         all_status,
+        dead_letters,
         start_build,
         stop_build,
         get_build,
@@ -839,7 +881,9 @@ async fn metrics_text(State(state): State<Arc<AppState>>) -> impl IntoResponse {
         crate::status::AgentStatus,
         crate::status::QueueDepths,
         crate::status::OldestWaiting,
-        crate::status::Health
+        crate::status::Health,
+        DeadLetters,
+        DeadLetter
     ))
 )]
 pub struct ApiDoc;
