@@ -401,6 +401,12 @@ fn check_text(field: &str, value: &str, max: usize) -> Result<(), FieldError> {
 /// name before it is registered.
 pub fn check_cluster_name(name: &str) -> Result<(), FieldError> {
     check_token("name", name, 100)?;
+    if name == "." || name == ".." {
+        return Err(FieldError::new(
+            "name",
+            "cannot be . or ..: URLs would read it as a step in the path",
+        ));
+    }
     if name == RESERVED_NAME {
         return Err(FieldError::new(
             "name",

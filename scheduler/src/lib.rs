@@ -6,6 +6,7 @@
 //! This file is wiring only: [`Scheduler::start`] builds the parts and spawns each background
 //! task's owner (`run(…, shutdown)`); what each task does is in its owner's module.
 
+pub mod admin;
 pub mod api;
 pub mod auth;
 pub mod builds;

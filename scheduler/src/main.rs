@@ -2,6 +2,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
+use sd_scheduler::admin::{self, AdminClient, AdminError};
 use sd_scheduler::config::{Config, ENV_PREFIX};
 use sd_scheduler::{Scheduler, systemd};
 
@@ -13,6 +14,9 @@ use sd_scheduler::{Scheduler, systemd};
 /// 127.0.0.1:6379, listening on 127.0.0.1:8080; only the Screwdriver API's URL has no default
 /// (SD_SCHEDULER_SCREWDRIVER_API_URIS). Every config key can be overridden with an
 /// environment variable SD_SCHEDULER_<SECTION>_<KEY>, e.g. SD_SCHEDULER_REDIS_URL.
+///
+/// With a command, it is instead a client of a running scheduler for its operators: list the
+/// clusters and their health, pause, resume or drain one, list its dead letters.
 #[derive(Parser)]
 #[command(version, about, long_about)]
 struct Cli {
@@ -22,6 +26,77 @@ struct Cli {
     /// Validate the configuration and exit.
     #[arg(long)]
     check_config: bool,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+/// How an admin command reaches the scheduler.
+#[derive(clap::Args)]
+struct Remote {
+    /// The scheduler's base URL.
+    #[arg(
+        long,
+        env = "SD_SCHEDULER_URL",
+        default_value = "http://127.0.0.1:8080"
+    )]
+    url: String,
+    /// A file holding a Screwdriver API token (scope admin; user is enough for clusters and
+    /// dead-letters). Without it, SD_SCHEDULER_TOKEN.
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+    /// A CA certificate (PEM) to trust for an https URL, beside the system's.
+    #[arg(long)]
+    ca_file: Option<PathBuf>,
+}
+
+#[derive(clap::Subcommand)]
+enum Command {
+    /// Every cluster: health (and why, when not healthy), agents, builds in flight against
+    /// capacity, queue, oldest waiting build, dispatches in the last hour.
+    Clusters {
+        #[command(flatten)]
+        remote: Remote,
+        /// Print the API's JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop routing builds to a cluster; its agents get nothing until it is resumed, and its
+    /// waiting builds move to other clusters that may take them.
+    Pause {
+        /// The cluster's name (as registered).
+        name: String,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Route builds to a paused cluster again.
+    Resume {
+        /// The cluster's name (as registered).
+        name: String,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Pause a cluster, then wait until nothing of it waits or is being handed over (its
+    /// dead letters aside), printing its queue as it empties. Exits 1 if --timeout passes
+    /// first; the cluster stays paused either way (resume it to undo).
+    Drain {
+        /// The cluster's name (as registered).
+        name: String,
+        #[command(flatten)]
+        remote: Remote,
+        /// How long to wait, e.g. 10m.
+        #[arg(long, default_value = "30m", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
+    },
+    /// A cluster's latest dead letters: builds given up after queue.max_attempts deliveries.
+    DeadLetters {
+        /// The cluster's name (as registered).
+        name: String,
+        #[command(flatten)]
+        remote: Remote,
+        /// Print the API's JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// Exit code for an unusable configuration (EX_CONFIG-style, as sysexits' EX_USAGE).
@@ -30,6 +105,9 @@ const EXIT_CONFIG: u8 = 64;
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(command) = cli.command {
+        return admin(command).await;
+    }
     let config = match load(&cli) {
         Ok(config) => config,
         Err(code) => return code,
@@ -94,4 +172,92 @@ fn shutdown_signal() -> impl std::future::Future<Output = ()> {
             }
         }
     }
+}
+
+/// Runs an admin command against a running scheduler; exit 1 with the reason on failure.
+async fn admin(command: Command) -> ExitCode {
+    match run_admin(command).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("sd-scheduler: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run_admin(command: Command) -> Result<(), AdminError> {
+    let client = |remote: Remote| {
+        AdminClient::new(
+            &remote.url,
+            std::env::var("SD_SCHEDULER_TOKEN").ok(),
+            remote.token_file,
+            remote.ca_file,
+        )
+    };
+    match command {
+        Command::Clusters { remote, json } => {
+            let all = client(remote)?.statuses().await?;
+            if json {
+                println!("{all:#}");
+            } else {
+                print!("{}", admin::clusters_table(&all));
+            }
+        }
+        Command::Pause { name, remote } => {
+            admin::check_name(&name)?;
+            client(remote)?.set_active(&name, false).await?;
+            println!(
+                "{name} paused: no builds go to it; its waiting builds move to other clusters that may take them"
+            );
+        }
+        Command::Resume { name, remote } => {
+            admin::check_name(&name)?;
+            client(remote)?.set_active(&name, true).await?;
+            println!("{name} resumed: builds are routed to it again");
+        }
+        Command::Drain {
+            name,
+            remote,
+            timeout,
+        } => {
+            admin::check_name(&name)?;
+            let client = client(remote)?;
+            println!(
+                "{name} paused; waiting until its queue is empty (at most {})",
+                humantime::format_duration(timeout)
+            );
+            let mut last = None;
+            client
+                .drain(
+                    &name,
+                    timeout,
+                    std::time::Duration::from_secs(2),
+                    |status| {
+                        let left = admin::remaining(status);
+                        if last != Some(left) {
+                            println!(
+                                "  {left} left ({} ready, {} leased, {} deferred, {} blocked)",
+                                status["queue"]["ready"],
+                                status["queue"]["leased"],
+                                status["queue"]["deferred"],
+                                status["queue"]["blocked"]
+                            );
+                            last = Some(left);
+                        }
+                    },
+                )
+                .await?;
+            println!("{name} is drained and stays paused (sd-scheduler resume {name} to undo)");
+        }
+        Command::DeadLetters { name, remote, json } => {
+            admin::check_name(&name)?;
+            let dead = client(remote)?.dead_letters(&name).await?;
+            if json {
+                println!("{dead:#}");
+            } else {
+                print!("{}", admin::dead_letters_table(&name, &dead));
+            }
+        }
+    }
+    Ok(())
 }
