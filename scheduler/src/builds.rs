@@ -74,6 +74,17 @@ pub struct BuildRow {
     pub updated_at: i64,
 }
 
+/// One step of a build: its state, cluster and reason from `at` (epoch ms) on.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Step {
+    pub state: BuildState,
+    pub cluster: Option<String>,
+    pub reason: Option<String>,
+    /// Epoch milliseconds.
+    pub at: i64,
+}
+
 #[derive(Clone)]
 pub struct Builds {
     db: Db,
@@ -108,6 +119,33 @@ impl Builds {
             .fetch_optional(&self.db.pool)
             .await?;
         row.as_ref().map(decode).transpose()
+    }
+
+    /// A build's steps, oldest first, at most the latest `limit` (see migration 3).
+    pub async fn history(&self, build_id: u64, limit: i64) -> Result<Vec<Step>, DbError> {
+        let rows = sqlx::query(
+            "SELECT state, cluster, reason, at FROM (SELECT seq, state, cluster, reason, at \
+             FROM build_history WHERE build_id = $1 ORDER BY seq DESC LIMIT $2) latest ORDER BY seq",
+        )
+        .bind(id(build_id))
+        .bind(limit)
+        .fetch_all(&self.db.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                let state: String = row.try_get("state")?;
+                Ok(Step {
+                    state: BuildState::parse(&state).ok_or_else(|| {
+                        DbError::Query(sqlx::Error::Decode(
+                            format!("build_history.state has unknown value {state:?}").into(),
+                        ))
+                    })?,
+                    cluster: row.try_get("cluster")?,
+                    reason: row.try_get("reason")?,
+                    at: row.try_get("at")?,
+                })
+            })
+            .collect()
     }
 
     /// Oldest builds in `state`, at most `limit`.

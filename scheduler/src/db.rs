@@ -54,6 +54,11 @@ const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[
         include_str!("../migrations/sqlite/0001_init.sql"),
     ),
     (2, "cluster identity", CLUSTER_IDENTITY),
+    (
+        3,
+        "build history",
+        include_str!("../migrations/sqlite/0003_build_history.sql"),
+    ),
 ];
 const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
     (
@@ -62,6 +67,11 @@ const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
         include_str!("../migrations/postgres/0001_init.sql"),
     ),
     (2, "cluster identity", CLUSTER_IDENTITY),
+    (
+        3,
+        "build history",
+        include_str!("../migrations/postgres/0003_build_history.sql"),
+    ),
 ];
 
 impl Db {

@@ -112,3 +112,83 @@ async fn cancelled_inserts_leave_no_one_waiting() {
     }
     assert_eq!(builds.count().await.expect("count"), 200);
 }
+
+/// Every change of state, cluster or reason is a step of the build's history (written by the
+/// database's triggers, migration 3); a write that changes nothing is not; the steps read back
+/// oldest first, the latest `limit` of them.
+async fn each_change_is_a_step_of_the_history(backend: Backend) {
+    let (builds, _db) = builds(backend).await;
+    assert!(builds.insert(&row(5)).await.unwrap());
+    assert!(builds.insert(&row(6)).await.unwrap());
+    builds
+        .set_reason(5, "blocked by a running build of job 9")
+        .await
+        .unwrap();
+    builds
+        .set_reason(5, "blocked by a running build of job 9")
+        .await
+        .unwrap();
+    builds
+        .reassign(5, "east", "west", "moved off a silent cluster")
+        .await
+        .unwrap();
+    builds.mark_dispatched("west", &[5]).await.unwrap();
+    assert!(
+        builds
+            .transition(
+                5,
+                BuildState::Dispatched,
+                BuildState::Running,
+                Some("west"),
+                None
+            )
+            .await
+            .unwrap()
+    );
+    let steps = builds.history(5, 100).await.unwrap();
+    let seen: Vec<(BuildState, Option<&str>, Option<&str>)> = steps
+        .iter()
+        .map(|s| (s.state, s.cluster.as_deref(), s.reason.as_deref()))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            (BuildState::Queued, Some("east"), None),
+            (
+                BuildState::Queued,
+                Some("east"),
+                Some("blocked by a running build of job 9")
+            ),
+            (
+                BuildState::Queued,
+                Some("west"),
+                Some("moved off a silent cluster")
+            ),
+            (
+                BuildState::Dispatched,
+                Some("west"),
+                Some("transferred to its cluster")
+            ),
+            (BuildState::Running, Some("west"), None),
+        ],
+        "{backend:?}"
+    );
+    assert!(steps.windows(2).all(|w| w[0].at <= w[1].at));
+    let latest = builds.history(5, 2).await.unwrap();
+    assert_eq!(latest, steps[3..], "the latest two, oldest first");
+    assert_eq!(
+        builds.history(6, 100).await.unwrap().len(),
+        1,
+        "build 6 has its own"
+    );
+}
+
+#[tokio::test]
+async fn each_change_is_a_step_of_the_history_sqlite() {
+    each_change_is_a_step_of_the_history(Backend::Sqlite).await;
+}
+
+#[tokio::test]
+async fn each_change_is_a_step_of_the_history_postgres() {
+    each_change_is_a_step_of_the_history(Backend::Postgres).await;
+}

@@ -608,6 +608,53 @@ async fn blocked_by_is_released_by_the_finish_event_and_older_waits_collapse() {
         .call(Method::GET, "/v1/builds/2", Some(&h.sdapi()), None)
         .await;
     assert_eq!(view["state"], "collapsed");
+    // Its steps, as the operator's view shows them, and those of the build that held it.
+    let steps = |view: &Value| -> Vec<(String, String)> {
+        view["history"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| {
+                let text = |v: &Value| v.as_str().unwrap_or("").to_owned();
+                (text(&s["state"]), text(&s["reason"]))
+            })
+            .collect()
+    };
+    let states =
+        |view: &Value| -> Vec<String> { steps(view).into_iter().map(|(s, _)| s).collect() };
+    let two = steps(&view);
+    assert_eq!(two.first().map(|s| s.0.as_str()), Some("queued"), "{view}");
+    assert!(
+        two.contains(&(
+            "queued".into(),
+            "blocked by a running build of job 500".into()
+        )),
+        "{view}"
+    );
+    assert_eq!(
+        two.last().map(|s| s.0.as_str()),
+        Some("collapsed"),
+        "{view}"
+    );
+    let (_, one) = h
+        .call(Method::GET, "/v1/builds/1", Some(&h.sdapi()), None)
+        .await;
+    assert_eq!(
+        states(&one),
+        ["queued", "dispatched", "running", "finished"],
+        "{one}"
+    );
+    let times: Vec<i64> = one["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["at"].as_i64().unwrap())
+        .collect();
+    assert!(
+        times.windows(2).all(|w| w[0] <= w[1]),
+        "oldest first: {one}"
+    );
+    assert_eq!(one["history"][1]["cluster"], "sd1");
     eprintln!("blockedBy release → delivery: {latency:?}");
 }
 

@@ -689,6 +689,10 @@ pub struct BuildView {
     /// Epoch milliseconds.
     created_at: i64,
     updated_at: i64,
+    /// Its steps, oldest first (the latest 100): each state, cluster or reason it had, from
+    /// when. A build waiting behind a running one shows as `queued` with the reason
+    /// `blocked by a running build of job …`.
+    history: Vec<crate::builds::Step>,
 }
 
 /// Where a build is, as the scheduler knows it.
@@ -731,6 +735,12 @@ async fn get_build(
                 format!("no build {build_id} is known to the scheduler"),
             )
         })?;
+    let history = state
+        .intake
+        .builds()
+        .history(build_id, 100)
+        .await
+        .map_err(|e| unavailable("database", &e))?;
     Ok(Json(BuildView {
         build_id: row.build_id,
         job_id: row.job_id,
@@ -740,6 +750,7 @@ async fn get_build(
         reason: row.reason,
         created_at: row.created_at,
         updated_at: row.updated_at,
+        history,
     }))
 }
 
@@ -870,6 +881,7 @@ async fn metrics_text(State(state): State<Arc<AppState>>) -> impl IntoResponse {
         Stopped,
         BuildView,
         BuildState,
+        crate::builds::Step,
         sd_protocol::Delivery,
         sd_protocol::QueueMessage,
         workers::Jobs,
