@@ -24,6 +24,7 @@ const SECTIONS: &[&str] = &[
     "screwdriver",
     "http",
     "log",
+    "ui",
 ];
 
 #[derive(Debug, Clone, Deserialize)]
@@ -43,6 +44,16 @@ pub struct Config {
     pub screwdriver: ScrewdriverConfig,
     pub http: HttpConfig,
     pub log: LogConfig,
+    pub ui: UiConfig,
+}
+
+/// The status pages under `/ui/`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UiConfig {
+    /// Anyone who reaches the scheduler may see them, without a token: only on a private
+    /// network. Off: the first visit asks for a Screwdriver token with scope user or admin.
+    pub open: bool,
 }
 
 /// HTTPS served by the scheduler itself (rustls). Unset: plain HTTP, for a terminating proxy
@@ -261,6 +272,7 @@ impl Default for Config {
             screwdriver: ScrewdriverConfig::default(),
             http: HttpConfig::default(),
             log: LogConfig::default(),
+            ui: UiConfig::default(),
         }
     }
 }

@@ -33,6 +33,7 @@ pub mod routing;
 pub mod state;
 pub mod status;
 pub mod systemd;
+pub mod ui;
 pub mod workers;
 
 pub use state::AppState;
@@ -207,6 +208,8 @@ impl Scheduler {
             http: config.http.clone(),
             registry_sync,
             dead_after: config.ha.cluster_dead_after,
+            ui_open: config.ui.open,
+            tls_listening: config.listen_tls.files().is_some(),
         });
         let (listener, addr) = bind(config.listen).await?;
         let mut tasks = spawn_tasks(&state, listener, tls.clone(), &config, reroute, &shutdown);

@@ -44,6 +44,10 @@ pub struct AppState {
     pub registry_sync: Arc<RegistrySync>,
     /// A cluster silent for longer is unhealthy (`ha.cluster_dead_after`).
     pub dead_after: Duration,
+    /// The status pages need no token (`ui.open`).
+    pub ui_open: bool,
+    /// The scheduler serves HTTPS itself (`listen_tls`): the pages' cookie is `Secure`.
+    pub tls_listening: bool,
 }
 
 impl AppState {

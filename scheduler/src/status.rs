@@ -145,6 +145,17 @@ pub struct AllStatus {
 }
 
 impl ClusterStatus {
+    /// Reads `name`'s status from Redis (one script) and assembles it.
+    pub async fn read(
+        queues: &sd_queue::Queues,
+        name: &str,
+        is_active: bool,
+        dead_after: Duration,
+    ) -> Result<Self, sd_queue::QueueError> {
+        let read = queues.status(name).await?;
+        Ok(Self::new(name, is_active, read, dead_after))
+    }
+
     pub fn new(name: &str, is_active: bool, read: QueueStatus, dead_after: Duration) -> Self {
         let now = read.now_ms;
         let (health, reason) = assess(is_active, read.last_poll_ms, now, dead_after);

@@ -76,6 +76,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_text))
         .route("/openapi.json", get(openapi))
+        .merge(crate::ui::router())
         // Every route above: a bounded number at once, each for a bounded time. The long-poll
         // (added below) waits by design; its own bounds are the worker protocol's.
         .route_layer(middleware::from_fn_with_state(slots, bounded))
@@ -509,12 +510,9 @@ async fn read_status(
     state: &AppState,
     (name, is_active): (String, bool),
 ) -> Result<ClusterStatus, ApiError> {
-    let read = state
-        .queues
-        .status(&name)
+    ClusterStatus::read(&state.queues, &name, is_active, state.dead_after)
         .await
-        .map_err(|e| unavailable("Redis", &e))?;
-    Ok(ClusterStatus::new(&name, is_active, read, state.dead_after))
+        .map_err(|e| unavailable("Redis", &e))
 }
 
 /// Changes some fields of a cluster, e.g. `{"isActive":false}` pauses routing to it.
