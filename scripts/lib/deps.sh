@@ -25,6 +25,15 @@ ensure_redis_server() {
     command -v redis-server >/dev/null 2>&1 || die "redis-server still not found after install"
 }
 
+# Chromium and its WebDriver (Debian's chromium and chromium-driver), for the status pages'
+# browser test (scheduler/tests/browser.rs).
+ensure_chromium() {
+    if ! command -v chromedriver >/dev/null 2>&1 || ! [ -x /usr/bin/chromium ]; then
+        apt_install chromium chromium-driver
+    fi
+    command -v chromedriver >/dev/null 2>&1 || die "chromedriver still not found after installing chromium-driver"
+}
+
 # promtool (Debian's prometheus package ships it), for the alert rules' unit tests.
 ensure_promtool() {
     command -v promtool >/dev/null 2>&1 || apt_install prometheus

@@ -11,6 +11,7 @@ use anyhow::{Context, Result, bail};
 use serde_json::Value;
 
 pub mod agent_config;
+pub mod browser;
 pub mod chaos;
 pub mod kube_api;
 pub mod launcher;
@@ -19,6 +20,7 @@ pub mod redis_cluster;
 pub mod tls;
 
 pub use agent_config::AgentConfig;
+pub use browser::Browser;
 pub use chaos::ChaosProxy;
 pub use postgres_tls::PgTls;
 pub use redis_cluster::RedisCluster;

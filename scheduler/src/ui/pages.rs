@@ -175,7 +175,7 @@ fn chart(status: &ClusterStatus) -> Markup {
     let top = bars.iter().map(|(_, n)| *n).max().unwrap_or(0).max(1);
     let width = 360u64;
     html! {
-        svg.chart role="img" aria-label="queue now and dispatches in the last hour" width=(width + 160) height=(bars.len() * 24) {
+        svg.chart role="img" aria-label="queue now and dispatches in the last hour" width=(width + 220) height=(bars.len() * 24) {
             @for (i, (label, n)) in bars.iter().enumerate() {
                 @let y = i * 24;
                 text x="0" y=(y + 16) { (label) }
