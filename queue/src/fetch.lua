@@ -8,8 +8,9 @@
 --   deliveries: flat {id, token, attempt, message, ...}
 --   dead / collapsed: flat {id, message, ...}     blocked: flat {id, message, blocking job, ...}
 --   next_due_in_ms: time until the earliest delayed due time or lease deadline, -1 when none
--- Deliveries are counted per minute in a ring of 60 fields (minute % 60 -> 'minute:count') for
--- the operator's view of the last hour.
+-- Each minute's deliveries and the builds left waiting (ready or deferred) after the minute's
+-- last fetch are kept in a ring of 60 fields (minute % 60 -> 'minute:count:waiting') for the
+-- operator's view of the last hour; written only when the figures change.
 -- KEYS: ready, leased, delayed, jobs, meta, dead, running, where, newest, lease-seq, blocked, acked,
 --       dispatched
 -- ARGV: max, visibility ms, max attempts, blocked re-check ms, cluster
@@ -122,13 +123,18 @@ while #deliveries < max * 4 and budget > 0 do
   end
 end
 
-if #deliveries > 0 then
+do
   local minute = math.floor(now / 60000)
   local field = tostring(minute % 60)
-  local at, count = string.match(redis.call('HGET', KEYS[13], field) or '', '^(%d+):(%d+)$')
+  local stored = redis.call('HGET', KEYS[13], field) or ''
+  local at, count = string.match(stored, '^(%d+):(%d+)')
   if tonumber(at) ~= minute then count = 0 end
-  redis.call('HSET', KEYS[13], field, minute .. ':' .. (tonumber(count) + #deliveries / 4))
-  redis.call('PEXPIRE', KEYS[13], 7200000)
+  local waiting = redis.call('ZCARD', KEYS[1]) + redis.call('ZCARD', KEYS[3])
+  local figures = minute .. ':' .. (tonumber(count) + #deliveries / 4) .. ':' .. waiting
+  if figures ~= stored then
+    redis.call('HSET', KEYS[13], field, figures)
+    redis.call('PEXPIRE', KEYS[13], 7200000)
+  end
 end
 
 local next_due = -1

@@ -2,7 +2,8 @@
 --   {ready, leased, deferred, blocked, dead, oldest id, oldest enqueued at (ms, -1 for none),
 --    scanned every waiting message (1/0), dispatched in the last 60 minutes, now (ms),
 --    agents: flat {instance, last seen ms, report JSON, ...} newest first,
---    the cluster's last poll (ms, -1 for never)}
+--    the cluster's last poll (ms, -1 for never),
+--    the last 60 minutes oldest first: flat {dispatched, waiting (-1 when no fetch ran), ...}}
 -- Blocked messages are the deferred ones held back by a running build of a job they are
 -- blocked by (their own job's included); the rest of the deferred set backs off after a nack. The oldest waiting
 -- message is looked for among the first ARGV[1] ready and deferred ones (enqueue order is not
@@ -38,9 +39,20 @@ for _, set in ipairs({KEYS[1], KEYS[3]}) do
 end
 local minute = math.floor(now / 60000)
 local dispatched = 0
+local per_minute = {}
 for _, entry in ipairs(redis.call('HVALS', KEYS[8])) do
-  local at, count = string.match(entry, '^(%d+):(%d+)$')
-  if at and tonumber(at) > minute - 60 then dispatched = dispatched + tonumber(count) end
+  local at, count, waiting = string.match(entry, '^(%d+):(%d+):?(%d*)$')
+  at = tonumber(at)
+  if at and at > minute - 60 and at <= minute then
+    dispatched = dispatched + tonumber(count)
+    per_minute[at] = {tonumber(count), tonumber(waiting) or -1}
+  end
+end
+local last_hour = {}
+for m = minute - 59, minute do
+  local figures = per_minute[m] or {0, -1}
+  table.insert(last_hour, figures[1])
+  table.insert(last_hour, figures[2])
 end
 local agents = {}
 local seen = redis.call('ZREVRANGEBYSCORE', KEYS[6], '+inf', now - tonumber(ARGV[2]), 'WITHSCORES')
@@ -50,4 +62,4 @@ for i = 1, #seen, 2 do
   table.insert(agents, redis.call('HGET', KEYS[7], seen[i]) or '')
 end
 return {ready, leased, delayed - blocked, blocked, dead, oldest_id, oldest_at, complete,
-  dispatched, now, agents, tonumber(redis.call('HGET', KEYS[10], ARGV[3]) or '-1')}
+  dispatched, now, agents, tonumber(redis.call('HGET', KEYS[10], ARGV[3]) or '-1'), last_hour}

@@ -39,6 +39,9 @@ pub struct QueueStatus {
     pub agents: Vec<AgentSeen>,
     /// The cluster's last authenticated poll (Redis ms), by any agent.
     pub last_poll_ms: Option<i64>,
+    /// The last 60 minutes, oldest first: builds dispatched in each, and builds waiting (ready
+    /// or deferred) after its last fetch (`None`: no agent polled that minute).
+    pub last_hour: Vec<(u64, Option<u64>)>,
 }
 
 /// An agent instance's last poll and what it said of itself.
@@ -92,6 +95,15 @@ impl QueueStatus {
             now_ms: read(9)?,
             agents,
             last_poll_ms: Some(read(11)?).filter(|ms| *ms >= 0),
+            last_hour: Vec::<i64>::from_redis_value_ref(item(12))
+                .map_err(|e| QueueError::Reply(format!("status last hour: {e}")))?
+                .chunks(2)
+                .map(|pair| {
+                    let dispatched = u64::try_from(pair[0]).unwrap_or(0);
+                    let waiting = pair.get(1).and_then(|w| u64::try_from(*w).ok());
+                    (dispatched, waiting)
+                })
+                .collect(),
         })
     }
 }

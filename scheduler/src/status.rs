@@ -94,6 +94,22 @@ pub struct ClusterStatus {
     pub dispatched_last_hour: u64,
     /// When this was read (RFC 3339, Redis's clock).
     pub at: String,
+    /// Minute by minute over the last hour, oldest first (one cluster's status only; not in
+    /// the answer for every cluster).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_hour: Option<Vec<Minute>>,
+}
+
+/// One minute of a cluster's last hour.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Minute {
+    /// Its start (RFC 3339).
+    pub minute: String,
+    /// Builds handed to the cluster's agents in it.
+    pub dispatched: u64,
+    /// Builds waiting (ready or deferred) after its last poll; `null` when no agent polled.
+    pub waiting: Option<u64>,
 }
 
 /// One agent instance as it last reported itself. An agent too old to report is one entry with
@@ -159,6 +175,17 @@ impl ClusterStatus {
     pub fn new(name: &str, is_active: bool, read: QueueStatus, dead_after: Duration) -> Self {
         let now = read.now_ms;
         let (health, reason) = assess(is_active, read.last_poll_ms, now, dead_after);
+        let this_minute = now.div_euclid(60_000);
+        let last_hour = read
+            .last_hour
+            .iter()
+            .zip((this_minute - 59)..=this_minute)
+            .map(|((dispatched, waiting), minute)| Minute {
+                minute: timestamp(minute * 60_000),
+                dispatched: *dispatched,
+                waiting: *waiting,
+            })
+            .collect();
         let agents = read
             .agents
             .into_iter()
@@ -199,6 +226,7 @@ impl ClusterStatus {
             }),
             dispatched_last_hour: read.dispatched_last_hour,
             at: timestamp(now),
+            last_hour: Some(last_hour),
         }
     }
 }

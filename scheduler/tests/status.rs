@@ -180,6 +180,21 @@ async fn the_queue_is_shown_by_kind_with_its_oldest_build_and_the_last_hours_dis
     assert_eq!(seen["oldestWaiting"]["buildId"], "2", "{seen}");
     assert!(seen["oldestWaiting"]["ageSeconds"].as_u64().unwrap() < 60);
     assert_eq!(seen["dispatchedLastHour"], 2, "{seen}");
+    // Minute by minute: the same dispatches, and what waited after the last poll.
+    let minutes = seen["lastHour"].as_array().unwrap();
+    assert_eq!(minutes.len(), 60);
+    let dispatched: u64 = minutes
+        .iter()
+        .map(|m| m["dispatched"].as_u64().unwrap())
+        .sum();
+    assert_eq!(dispatched, 2, "{seen}");
+    let waiting = minutes.iter().rev().find_map(|m| m["waiting"].as_u64());
+    assert_eq!(
+        waiting,
+        Some(2),
+        "4 ready and 2 blocked after the last poll: {seen}"
+    );
+    assert!(minutes[59]["minute"].as_str().unwrap().ends_with(":00Z"));
     assert_eq!(seen["health"], "healthy");
     assert!(seen["reason"].as_str().unwrap().starts_with("last poll "));
     assert!(seen["silentForSeconds"].as_u64().unwrap() < 60);
@@ -229,6 +244,10 @@ async fn health_says_silent_never_polled_or_paused_and_why() {
     };
     let east = by_name("east");
     assert_eq!(east["health"], "silent", "{east}");
+    assert!(
+        east.get("lastHour").is_none(),
+        "only one cluster's status has its minutes"
+    );
     let reason = east["reason"].as_str().unwrap();
     assert!(
         reason.starts_with("silent for 2s, longer than ha.cluster_dead_after (1s)"),

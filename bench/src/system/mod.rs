@@ -70,7 +70,7 @@ impl Sizes {
                 blocked_samples: 5,
                 window: Duration::from_secs(1),
                 work_builds: 200,
-                backlog: 10_000,
+                backlog: 2_000,
                 polls: 100,
                 takeover_builds: 50,
             }

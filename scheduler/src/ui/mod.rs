@@ -108,7 +108,10 @@ async fn clusters(State(state): State<Arc<AppState>>, _: Viewer) -> Response {
     let mut all = Vec::with_capacity(names.len());
     for (name, active) in names {
         match ClusterStatus::read(&state.queues, &name, active, state.dead_after).await {
-            Ok(status) => all.push(status),
+            Ok(status) => all.push(ClusterStatus {
+                last_hour: None,
+                ..status
+            }),
             Err(e) => {
                 tracing::warn!(error = %e, "status page: Redis unavailable");
                 return failed(

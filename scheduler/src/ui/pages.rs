@@ -4,7 +4,7 @@
 use maud::{DOCTYPE, Markup, html};
 
 use crate::builds::{BuildRow, Step};
-use crate::status::{AllStatus, ClusterStatus, DeadLetters, Health, human};
+use crate::status::{AllStatus, ClusterStatus, DeadLetters, Health, Minute, human};
 
 /// The page frame: title, the stylesheet, a header linking home.
 fn frame(title: &str, body: Markup) -> Markup {
@@ -111,6 +111,7 @@ pub fn cluster(status: &ClusterStatus, waiting: &[BuildRow], dead: &DeadLetters)
         html! {
             p { span class={ "health " (health_class(status.health)) } { (health_label(status.health)) } " — " (status.reason) }
             (chart(status))
+            @if let Some(minutes) = &status.last_hour { (hour_chart(minutes)) }
             h2 { "Agents" }
             @if status.agents.is_empty() {
                 p.empty { "No agent polled in the last hour." }
@@ -181,6 +182,61 @@ fn chart(status: &ClusterStatus) -> Markup {
                 text x="0" y=(y + 16) { (label) }
                 rect class={ "bar " (label.split(',').next().unwrap_or("")) } x="150" y=(y + 4) height="16" width=(1 + n * width / top) {}
                 text x=(156 + n * width / top) y=(y + 16) { (n) }
+            }
+        }
+    }
+}
+
+/// The last hour minute by minute: a bar per minute for the builds dispatched, a line for the
+/// builds waiting (broken where no agent polled). Each on its own scale, both labelled with
+/// their highest value.
+fn hour_chart(minutes: &[Minute]) -> Markup {
+    const W: u64 = 6;
+    const H: u64 = 80;
+    let top_dispatched = minutes
+        .iter()
+        .map(|m| m.dispatched)
+        .max()
+        .unwrap_or(0)
+        .max(1);
+    let top_waiting = minutes
+        .iter()
+        .filter_map(|m| m.waiting)
+        .max()
+        .unwrap_or(0)
+        .max(1);
+    let mut lines: Vec<String> = Vec::new();
+    let mut current = String::new();
+    for (i, m) in minutes.iter().enumerate() {
+        match m.waiting {
+            Some(n) => {
+                let x = i as u64 * W + W / 2;
+                let y = H - n * H / top_waiting;
+                current.push_str(&format!("{x},{y} "));
+            }
+            None if !current.is_empty() => lines.push(std::mem::take(&mut current)),
+            None => {}
+        }
+    }
+    if !current.is_empty() {
+        lines.push(current);
+    }
+    html! {
+        figure.hour {
+            svg.chart role="img" aria-label="the last hour: builds dispatched and waiting per minute" width=(minutes.len() as u64 * W) height=(H) {
+                @for (i, m) in minutes.iter().enumerate() {
+                    @if m.dispatched > 0 {
+                        rect.bar.dispatched x=(i as u64 * W) y=(H - m.dispatched * H / top_dispatched) width=(W - 1) height=(m.dispatched * H / top_dispatched) {}
+                    }
+                }
+                @for points in &lines {
+                    polyline.waiting points=(points.trim_end()) {}
+                }
+            }
+            figcaption {
+                "The last hour, a minute a step: "
+                span.dispatched { "dispatched" } " (bars, up to " (top_dispatched) "), "
+                span.waiting { "waiting" } " (line, up to " (top_waiting) "; broken where no agent polled)."
             }
         }
     }
@@ -286,6 +342,15 @@ mod tests {
             }),
             dispatched_last_hour: 9,
             at: "2026-12-03T10:03:00Z".into(),
+            last_hour: Some(
+                (0..60)
+                    .map(|i| Minute {
+                        minute: format!("2026-12-03T09:{i:02}:00Z"),
+                        dispatched: i % 3,
+                        waiting: (i % 10 != 0).then_some(i),
+                    })
+                    .collect(),
+            ),
         }
     }
 
@@ -324,5 +389,12 @@ mod tests {
         let page = cluster(&status("east"), &[], &dead).into_string();
         assert!(page.contains("<td>unknown</td>"), "{page}");
         assert!(page.contains("No build waits."), "{page}");
+        // Six waiting lines: minutes 0, 10, 20… have no poll, so each break starts a new one.
+        assert_eq!(
+            page.matches(r#"<polyline class="waiting""#).count(),
+            6,
+            "{page}"
+        );
+        assert!(page.contains("dispatched</span> (bars, up to 2)"), "{page}");
     }
 }
