@@ -561,6 +561,9 @@ mod tests {
         let cases = [
             (json!({"name": "bad name"}), "name"),
             (json!({"name": "x".repeat(101)}), "name"),
+            (json!({"name": "."}), "name"),
+            (json!({"name": ".."}), "name"),
+            (json!({"name": "status"}), "name"),
             (json!({"name": ""}), "name"),
             (json!({"managedByEmail": "nope"}), "managedByEmail"),
             (json!({"managedByEmail": "a@b"}), "managedByEmail"),

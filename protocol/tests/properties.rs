@@ -144,7 +144,9 @@ fn valid_start() -> impl Strategy<Value = Map<String, Value>> {
 /// A registry create body every rule admits.
 fn valid_cluster() -> impl Strategy<Value = Map<String, Value>> {
     (
-        "[A-Za-z0-9_.-]{1,30}",
+        "[A-Za-z0-9_.-]{1,30}".prop_filter("a name no cluster may take", |name: &String| {
+            sd_protocol::check_cluster_name(name).is_ok()
+        }),
         "[a-z]{2,8}:[a-z.]{3,20}",
         prop::collection::vec("[a-z0-9-]{1,12}", 1..5),
         "[A-Z_][A-Z0-9_]{0,30}",
