@@ -51,6 +51,27 @@ pub struct AppState {
 }
 
 impl AppState {
+    /// A registered cluster's name and whether it is active, from this replica's cache.
+    pub(crate) fn cluster(&self, name: &str) -> Option<(String, bool)> {
+        self.cache
+            .snapshot()
+            .iter()
+            .find(|c| c.fields.name == name)
+            .map(|c| (c.fields.name.clone(), c.fields.is_active))
+    }
+
+    /// Every registered cluster (name, active), by name.
+    pub(crate) fn clusters(&self) -> Vec<(String, bool)> {
+        let mut all: Vec<(String, bool)> = self
+            .cache
+            .snapshot()
+            .iter()
+            .map(|c| (c.fields.name.clone(), c.fields.is_active))
+            .collect();
+        all.sort();
+        all
+    }
+
     /// After a registry write: reload this replica's cache now, tell the other replicas, and
     /// give held builds a chance to route.
     pub(crate) async fn registry_changed(&self) {

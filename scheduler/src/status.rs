@@ -161,31 +161,39 @@ pub struct AllStatus {
 }
 
 impl ClusterStatus {
-    /// Reads `name`'s status from Redis (one script) and assembles it.
+    /// Reads one cluster's status from Redis (one script), with its last hour minute by minute.
     pub async fn read(
         queues: &sd_queue::Queues,
-        name: &str,
-        is_active: bool,
+        (name, is_active): (&str, bool),
         dead_after: Duration,
     ) -> Result<Self, sd_queue::QueueError> {
         let read = queues.status(name).await?;
-        Ok(Self::new(name, is_active, read, dead_after))
+        let last_hour = minutes(&read.last_hour, read.now_ms);
+        Ok(Self {
+            last_hour: Some(last_hour),
+            ..Self::new(name, is_active, read, dead_after)
+        })
     }
 
+    /// Every cluster of `clusters` (name, active), in their order, without the minutes: sixty
+    /// per cluster would swell the answer.
+    pub async fn read_all(
+        queues: &sd_queue::Queues,
+        clusters: &[(String, bool)],
+        dead_after: Duration,
+    ) -> Result<AllStatus, sd_queue::QueueError> {
+        let mut all = Vec::with_capacity(clusters.len());
+        for (name, is_active) in clusters {
+            let read = queues.status(name).await?;
+            all.push(Self::new(name, *is_active, read, dead_after));
+        }
+        Ok(AllStatus { clusters: all })
+    }
+
+    /// The answer from one read, `last_hour` left out.
     pub fn new(name: &str, is_active: bool, read: QueueStatus, dead_after: Duration) -> Self {
         let now = read.now_ms;
         let (health, reason) = assess(is_active, read.last_poll_ms, now, dead_after);
-        let this_minute = now.div_euclid(60_000);
-        let last_hour = read
-            .last_hour
-            .iter()
-            .zip((this_minute - 59)..=this_minute)
-            .map(|((dispatched, waiting), minute)| Minute {
-                minute: timestamp(minute * 60_000),
-                dispatched: *dispatched,
-                waiting: *waiting,
-            })
-            .collect();
         let agents = read
             .agents
             .into_iter()
@@ -226,9 +234,23 @@ impl ClusterStatus {
             }),
             dispatched_last_hour: read.dispatched_last_hour,
             at: timestamp(now),
-            last_hour: Some(last_hour),
+            last_hour: None,
         }
     }
+}
+
+/// The last 60 minutes (oldest first) of `now_ms`'s hour, each with its start.
+fn minutes(figures: &[(u64, Option<u64>)], now_ms: i64) -> Vec<Minute> {
+    let this_minute = now_ms.div_euclid(60_000);
+    figures
+        .iter()
+        .zip((this_minute - 59)..=this_minute)
+        .map(|((dispatched, waiting), minute)| Minute {
+            minute: timestamp(minute * 60_000),
+            dispatched: *dispatched,
+            waiting: *waiting,
+        })
+        .collect()
 }
 
 /// `GET /v4/buildclusters/{name}/deadletters`: the latest dead letters, what each was.
@@ -252,6 +274,24 @@ pub struct DeadLetter {
     pub job_id: Option<u64>,
     /// The pipeline's name (`owner/repo`), when the message names one.
     pub pipeline: Option<String>,
+}
+
+impl DeadLetters {
+    /// A cluster's latest `max` dead letters and their count.
+    pub async fn read(
+        queues: &sd_queue::Queues,
+        cluster: &str,
+        max: usize,
+    ) -> Result<Self, sd_queue::QueueError> {
+        let (letters, total) = queues.dead_letters(cluster, max).await?;
+        Ok(Self {
+            total,
+            dead_letters: letters
+                .into_iter()
+                .map(|(id, at, message)| DeadLetter::new(id, at, message.as_deref()))
+                .collect(),
+        })
+    }
 }
 
 impl DeadLetter {

@@ -29,7 +29,7 @@ use crate::builds::BuildState;
 use crate::intake::{Accepted, IntakeError, Stopped};
 use crate::registry::RegistryError;
 use crate::routing::RouteError;
-use crate::status::{AllStatus, ClusterStatus, DeadLetter, DeadLetters};
+use crate::status::{AllStatus, ClusterStatus, DeadLetters};
 
 pub mod workers;
 
@@ -426,8 +426,11 @@ async fn cluster_status(
     ApiPath(name): ApiPath<String>,
 ) -> Result<Json<ClusterStatus>, ApiError> {
     require(&caller, &[Scope::User, Scope::Admin])?;
-    let cluster = registered(&state, &name)?;
-    Ok(Json(read_status(&state, cluster).await?))
+    let (name, is_active) = registered(&state, &name)?;
+    let status = ClusterStatus::read(&state.queues, (&name, is_active), state.dead_after)
+        .await
+        .map_err(|e| unavailable("Redis", &e))?;
+    Ok(Json(status))
 }
 
 /// A cluster's dead letters: builds given up after `queue.max_attempts` deliveries without an
@@ -451,28 +454,15 @@ async fn dead_letters(
 ) -> Result<Json<DeadLetters>, ApiError> {
     require(&caller, &[Scope::User, Scope::Admin])?;
     let (name, _) = registered(&state, &name)?;
-    let (letters, total) = state
-        .queues
-        .dead_letters(&name, 100)
+    let dead = DeadLetters::read(&state.queues, &name, 100)
         .await
         .map_err(|e| unavailable("Redis", &e))?;
-    Ok(Json(DeadLetters {
-        total,
-        dead_letters: letters
-            .into_iter()
-            .map(|(id, at, message)| DeadLetter::new(id, at, message.as_deref()))
-            .collect(),
-    }))
+    Ok(Json(dead))
 }
 
-/// A registered cluster's name and whether it is active, from this replica's cache.
 fn registered(state: &AppState, name: &str) -> Result<(String, bool), ApiError> {
     state
-        .cache
-        .snapshot()
-        .iter()
-        .find(|c| c.fields.name == name)
-        .map(|c| (c.fields.name.clone(), c.fields.is_active))
+        .cluster(name)
         .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "no cluster of this name"))
 }
 
@@ -492,30 +482,10 @@ async fn all_status(
     caller: Caller,
 ) -> Result<Json<AllStatus>, ApiError> {
     require(&caller, &[Scope::User, Scope::Admin])?;
-    let mut clusters: Vec<(String, bool)> = state
-        .cache
-        .snapshot()
-        .iter()
-        .map(|c| (c.fields.name.clone(), c.fields.is_active))
-        .collect();
-    clusters.sort();
-    let mut all = Vec::with_capacity(clusters.len());
-    for cluster in clusters {
-        let mut status = read_status(&state, cluster).await?;
-        // Sixty minutes per cluster would swell the answer; one cluster's status has them.
-        status.last_hour = None;
-        all.push(status);
-    }
-    Ok(Json(AllStatus { clusters: all }))
-}
-
-async fn read_status(
-    state: &AppState,
-    (name, is_active): (String, bool),
-) -> Result<ClusterStatus, ApiError> {
-    ClusterStatus::read(&state.queues, &name, is_active, state.dead_after)
+    let all = ClusterStatus::read_all(&state.queues, &state.clusters(), state.dead_after)
         .await
-        .map_err(|e| unavailable("Redis", &e))
+        .map_err(|e| unavailable("Redis", &e))?;
+    Ok(Json(all))
 }
 
 /// Changes some fields of a cluster, e.g. `{"isActive":false}` pauses routing to it.
@@ -897,7 +867,7 @@ async fn metrics_text(State(state): State<Arc<AppState>>) -> impl IntoResponse {
         crate::status::Health,
         crate::status::Minute,
         DeadLetters,
-        DeadLetter
+        crate::status::DeadLetter
     ))
 )]
 pub struct ApiDoc;

@@ -18,7 +18,7 @@ use serde::Deserialize;
 
 use crate::AppState;
 use crate::auth::Scope;
-use crate::status::{AllStatus, ClusterStatus, DeadLetter, DeadLetters};
+use crate::status::{ClusterStatus, DeadLetters};
 
 pub mod pages;
 
@@ -98,30 +98,16 @@ fn failed(status: StatusCode, what: &str) -> Response {
 }
 
 async fn clusters(State(state): State<Arc<AppState>>, _: Viewer) -> Response {
-    let mut names: Vec<(String, bool)> = state
-        .cache
-        .snapshot()
-        .iter()
-        .map(|c| (c.fields.name.clone(), c.fields.is_active))
-        .collect();
-    names.sort();
-    let mut all = Vec::with_capacity(names.len());
-    for (name, active) in names {
-        match ClusterStatus::read(&state.queues, &name, active, state.dead_after).await {
-            Ok(status) => all.push(ClusterStatus {
-                last_hour: None,
-                ..status
-            }),
-            Err(e) => {
-                tracing::warn!(error = %e, "status page: Redis unavailable");
-                return failed(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "Redis is unavailable; try again shortly.",
-                );
-            }
+    match ClusterStatus::read_all(&state.queues, &state.clusters(), state.dead_after).await {
+        Ok(all) => page(pages::clusters(&all)),
+        Err(e) => {
+            tracing::warn!(error = %e, "status page: Redis unavailable");
+            failed(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "Redis is unavailable; try again shortly.",
+            )
         }
     }
-    page(pages::clusters(&AllStatus { clusters: all }))
 }
 
 async fn cluster(
@@ -129,29 +115,14 @@ async fn cluster(
     _: Viewer,
     Path(name): Path<String>,
 ) -> Response {
-    let Some(active) = state
-        .cache
-        .snapshot()
-        .iter()
-        .find(|c| c.fields.name == name)
-        .map(|c| c.fields.is_active)
-    else {
+    let Some((name, active)) = state.cluster(&name) else {
         return failed(StatusCode::NOT_FOUND, "No cluster of this name.");
     };
-    let status = ClusterStatus::read(&state.queues, &name, active, state.dead_after).await;
-    let dead = state.queues.dead_letters(&name, 100).await;
+    let status = ClusterStatus::read(&state.queues, (&name, active), state.dead_after).await;
+    let dead = DeadLetters::read(&state.queues, &name, 100).await;
     let waiting = state.intake.builds().queued_on(&name, 100).await;
     match (status, dead, waiting) {
-        (Ok(status), Ok((letters, total)), Ok(waiting)) => {
-            let dead = DeadLetters {
-                total,
-                dead_letters: letters
-                    .into_iter()
-                    .map(|(id, at, message)| DeadLetter::new(id, at, message.as_deref()))
-                    .collect(),
-            };
-            page(pages::cluster(&status, &waiting, &dead))
-        }
+        (Ok(status), Ok(dead), Ok(waiting)) => page(pages::cluster(&status, &waiting, &dead)),
         _ => failed(
             StatusCode::SERVICE_UNAVAILABLE,
             "Redis or the database is unavailable; try again shortly.",
