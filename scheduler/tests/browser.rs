@@ -30,23 +30,16 @@ async fn the_pages_render_in_chromium_with_the_apis_numbers() {
         .await;
     // east: build 1 runs, 2 waits behind it, 3 is handed to the agent; west polled once and
     // was paused; ios-farm never polled.
-    let poll_east = || async {
-        h.http
-            .get(format!("{}/v1/jobs/east?wait=0&max=1", h.base))
-            .bearer_auth(east.token("east", 60))
-            .header(header::INSTANCE, "agent-7-3f9c")
-            .header(header::HOST, "build-node-1")
-            .header(header::VERSION, env!("CARGO_PKG_VERSION"))
-            .header(header::EXECUTOR, "kubernetes")
-            .header(header::IN_FLIGHT, "1")
-            .header(header::CAPACITY, "8")
-            .send()
-            .await
-            .unwrap()
-            .json::<serde_json::Value>()
-            .await
-            .unwrap()
-    };
+    let version = env!("CARGO_PKG_VERSION");
+    let report = [
+        (header::INSTANCE, "agent-7-3f9c"),
+        (header::HOST, "build-node-1"),
+        (header::VERSION, version),
+        (header::EXECUTOR, "kubernetes"),
+        (header::IN_FLIGHT, "1"),
+        (header::CAPACITY, "8"),
+    ];
+    let poll_east = || async { h.poll_as("east", &east, 1, &report).await.1 };
     for (id, blocked_by) in [(1, json!([])), (2, json!([100])), (3, json!([]))] {
         let mut body = build_for("east", id);
         body["jobId"] = json!(if id == 3 { 300 } else { 100 });

@@ -9,27 +9,8 @@ use std::time::Duration;
 use common::{Harness, build_for, cluster, delivered_build};
 use reqwest::{Method, StatusCode};
 use sd_protocol::agent_report::header;
-use sd_testkit::{Backend, ClusterKeys};
+use sd_testkit::Backend;
 use serde_json::{Value, json};
-
-/// A poll as an agent that reports itself with `headers` (none: an agent older than reports).
-async fn poll_as(
-    h: &Harness,
-    name: &str,
-    keys: &ClusterKeys,
-    headers: &[(&str, &str)],
-) -> (StatusCode, Value) {
-    let mut request = h
-        .http
-        .get(format!("{}/v1/jobs/{name}?wait=0&max=10", h.base))
-        .bearer_auth(keys.token(name, 60));
-    for (header, value) in headers {
-        request = request.header(*header, *value);
-    }
-    let response = request.send().await.unwrap();
-    let status = response.status();
-    (status, response.json().await.unwrap_or(Value::Null))
-}
 
 fn report(instance: &str, in_flight: &str) -> Vec<(&'static str, String)> {
     vec![
@@ -64,7 +45,7 @@ async fn an_agent_too_old_to_report_still_gets_builds_and_shows_as_unknown() {
     h.submit_until_accepted(build_for("east", 1), Duration::from_secs(5))
         .await;
 
-    let (code, body) = poll_as(&h, "east", &keys, &[]).await;
+    let (code, body) = h.poll_as("east", &keys, 10, &[]).await;
     assert_eq!(code, StatusCode::OK, "{body}");
     assert_eq!(
         delivered_build(&body["jobs"][0]),
@@ -82,7 +63,7 @@ async fn an_agent_too_old_to_report_still_gets_builds_and_shows_as_unknown() {
     // A newer agent beside it reports itself; both are listed, the latest first.
     let headers = report("agent-42-beef", "3");
     let pairs: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let (code, body) = poll_as(&h, "east", &keys, &pairs).await;
+    let (code, body) = h.poll_as("east", &keys, 10, &pairs).await;
     assert_eq!(code, StatusCode::OK, "{body}");
     let seen = status(&h, "east").await;
     let agents = seen["agents"].as_array().unwrap();
@@ -120,7 +101,7 @@ async fn a_bad_report_is_refused_naming_the_header_and_changes_nothing() {
             }
         }
         let pairs: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
-        let (code, body) = poll_as(&h, "east", &keys, &pairs).await;
+        let (code, body) = h.poll_as("east", &keys, 10, &pairs).await;
         assert_eq!(code, StatusCode::UNPROCESSABLE_ENTITY, "{name}: {body}");
         let message = body["message"].as_str().unwrap();
         assert!(message.starts_with(&format!("{name}: ")), "{message}");
@@ -129,7 +110,9 @@ async fn a_bad_report_is_refused_naming_the_header_and_changes_nothing() {
             "the value is not echoed: {message}"
         );
     }
-    let (code, _) = poll_as(&h, "east", &keys, &[(header::INSTANCE, "agent-1")]).await;
+    let (code, _) = h
+        .poll_as("east", &keys, 10, &[(header::INSTANCE, "agent-1")])
+        .await;
     assert_eq!(
         code,
         StatusCode::UNPROCESSABLE_ENTITY,

@@ -122,6 +122,27 @@ impl Harness {
         body["jobs"].as_array().unwrap().clone()
     }
 
+    /// A poll (`wait=0`) for up to `max` jobs as an agent that reports itself with `headers`
+    /// (none: an agent older than reports).
+    pub async fn poll_as(
+        &self,
+        cluster: &str,
+        keys: &ClusterKeys,
+        max: u64,
+        headers: &[(&str, &str)],
+    ) -> (StatusCode, Value) {
+        let mut request = self
+            .http
+            .get(format!("{}/v1/jobs/{cluster}?wait=0&max={max}", self.base))
+            .bearer_auth(keys.token(cluster, 60));
+        for (header, value) in headers {
+            request = request.header(*header, *value);
+        }
+        let response = request.send().await.expect("poll");
+        let status = response.status();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
     pub async fn worker_poll(
         &self,
         base: &str,
