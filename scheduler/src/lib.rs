@@ -211,9 +211,18 @@ impl Scheduler {
             ui_open: config.ui.open,
             tls_listening: config.listen_tls.files().is_some(),
         });
+        // Taken before the port opens: a SIGHUP from the moment the API answers is a reload,
+        // never the signal's default action (exit).
+        let hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGHUP; listen_tls files are still re-read when they change");
+                None
+            }
+        };
         let (listener, addr) = bind(config.listen).await?;
         let mut tasks = spawn_tasks(&state, listener, tls.clone(), &config, reroute, &shutdown);
-        tasks.spawn(reload_tls(tls, shutdown.clone()));
+        tasks.spawn(reload_tls(tls, hangup, shutdown.clone()));
         if let Some(keys) = key_dir {
             tasks.spawn(keys.run(config.registry.reload_interval, shutdown.clone()));
         }
@@ -322,15 +331,11 @@ async fn serve(
 /// that does not load leaves the certificate in use, with a warning naming it. Without
 /// `listen_tls`, SIGHUP is still taken (and logged): an operator's habitual reload must not
 /// kill the process, as the signal's default action would.
-async fn reload_tls(tls: Option<Arc<sd_http::ServerTls>>, shutdown: CancellationToken) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut hangup = match signal(SignalKind::hangup()) {
-        Ok(s) => Some(s),
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot listen for SIGHUP; listen_tls files are still re-read when they change");
-            None
-        }
-    };
+async fn reload_tls(
+    tls: Option<Arc<sd_http::ServerTls>>,
+    mut hangup: Option<tokio::signal::unix::Signal>,
+    shutdown: CancellationToken,
+) {
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(10));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {

@@ -23,7 +23,7 @@ use common::{CTX, Harness, build, cluster};
 use reqwest::{Method, StatusCode};
 use sd_testkit::{Backend, ClusterKeys, eventually};
 use serde_json::{Value, json};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// What `api::router` serves, written out: a route added there (or removed) must be documented
 /// (or no longer be), and this list follows it.
@@ -683,11 +683,24 @@ async fn every_status_answered_is_documented(backend: Backend) {
     }
 
     // --- a busy scheduler: one request stalls (its body never comes) and holds the only slot
-    let mut stalled = tokio::net::TcpStream::connect(h.scheduler.addr()).await.expect("connect");
     let head = format!(
         "POST /v4/buildclusters HTTP/1.1\r\nhost: scheduler\r\nauthorization: Bearer {admin}\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{{"
     );
-    stalled.write_all(head.as_bytes()).await.expect("write");
+    // The stalled request must be the one holding the slot: were any other request in flight
+    // as it arrives (on a busy test machine, a stray client on a reused port), it is answered
+    // 503 at once, and the stall is tried again.
+    let mut stalled = None;
+    for _ in 0..10 {
+        let mut stream = tokio::net::TcpStream::connect(h.scheduler.addr()).await.expect("connect");
+        stream.write_all(head.as_bytes()).await.expect("write");
+        let mut answer = [0u8; 64];
+        let early = tokio::time::timeout(Duration::from_millis(200), stream.read(&mut answer)).await;
+        if early.is_err() {
+            stalled = Some(stream);
+            break;
+        }
+    }
+    let stalled = stalled.expect("a stalled request that holds the only slot");
     let busy = eventually(Duration::from_secs(5), || async {
         let (status, _) = h.call(Method::GET, "/healthz", None, None).await;
         (status == 503).then_some(())
