@@ -607,16 +607,46 @@ pub struct BuildUpdate {
     pub build_id: u64,
     pub authorization: String,
     pub body: Value,
+    /// What the server answered: 200, or the refusal Screwdriver would send.
+    pub answered: u16,
 }
 
 #[derive(Default)]
 struct FakeState {
     updates: std::sync::Mutex<Vec<BuildUpdate>>,
+    /// Each build's status as Screwdriver holds it (QUEUED until an update changes it).
+    statuses: std::sync::Mutex<std::collections::HashMap<u64, String>>,
     fail_next: std::sync::atomic::AtomicU32,
 }
 
+/// Screwdriver's answer to a build-token update of a build in `current` (`plugins/builds/
+/// update.js`): `Err((code, message))` for what it refuses, else the status it then holds.
+fn screwdriver_update(current: &str, body: &Value) -> Result<String, (u16, String)> {
+    if !["RUNNING", "QUEUED", "BLOCKED", "UNSTABLE", "FROZEN"].contains(&current) {
+        return Err((
+            403,
+            "Can only update RUNNING, QUEUED, BLOCKED, FROZEN, or UNSTABLE builds".into(),
+        ));
+    }
+    let Some(desired) = body.get("status").and_then(Value::as_str) else {
+        return Ok(current.to_owned());
+    };
+    if (desired == "QUEUED" && current != "QUEUED")
+        || (desired == "BLOCKED" && current == "BLOCKED")
+    {
+        return Err((400, format!("Cannot update builds to {desired}")));
+    }
+    Ok(if current == "UNSTABLE" {
+        current.to_owned()
+    } else {
+        desired.to_owned()
+    })
+}
+
 /// An HTTP server speaking the Screwdriver API's build update call
-/// (`PUT /v4/builds/{id}` with a bearer token) that records what it receives.
+/// (`PUT /v4/builds/{id}` with a bearer token) that records what it receives, and refuses
+/// what Screwdriver refuses: any update of a finished build, QUEUED after QUEUED was left,
+/// BLOCKED twice.
 pub struct FakeScrewdriver {
     pub url: String,
     state: std::sync::Arc<FakeState>,
@@ -649,12 +679,32 @@ impl FakeScrewdriver {
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or_default()
                 .to_owned();
+            let answer = {
+                let mut statuses = state.statuses.lock().expect("lock");
+                let current = statuses
+                    .get(&id)
+                    .cloned()
+                    .unwrap_or_else(|| "QUEUED".into());
+                let answer = screwdriver_update(&current, &body);
+                if let Ok(now) = &answer {
+                    statuses.insert(id, now.clone());
+                }
+                answer
+            };
+            let answered = answer.as_ref().map_or_else(|(code, _)| *code, |_| 200);
             state.updates.lock().expect("lock").push(BuildUpdate {
                 build_id: id,
                 authorization,
                 body: body.clone(),
+                answered,
             });
-            (StatusCode::OK, axum::Json(body))
+            match answer {
+                Ok(_) => (StatusCode::OK, axum::Json(body)),
+                Err((code, message)) => (
+                    StatusCode::from_u16(code).unwrap_or(StatusCode::BAD_REQUEST),
+                    axum::Json(serde_json::json!({"statusCode": code, "message": message})),
+                ),
+            }
         }
         let state = std::sync::Arc::new(FakeState::default());
         let app = axum::Router::new()
@@ -673,6 +723,26 @@ impl FakeScrewdriver {
 
     pub fn updates(&self) -> Vec<BuildUpdate> {
         self.state.updates.lock().expect("lock").clone()
+    }
+
+    /// The build's status as Screwdriver now holds it (QUEUED before any update).
+    pub fn status(&self, build_id: u64) -> String {
+        self.state
+            .statuses
+            .lock()
+            .expect("lock")
+            .get(&build_id)
+            .cloned()
+            .unwrap_or_else(|| "QUEUED".into())
+    }
+
+    /// Sets a build's status as if something else had updated it (its launcher, a user).
+    pub fn set_status(&self, build_id: u64, status: &str) {
+        self.state
+            .statuses
+            .lock()
+            .expect("lock")
+            .insert(build_id, status.to_owned());
     }
 
     /// Waits until an update for `build_id` arrived.
