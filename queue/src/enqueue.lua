@@ -3,7 +3,9 @@
 --   {0, cluster}  already queued on this cluster (no-op)
 --   {-1, other}   queued on another cluster: refused, a message is never in two queues
 --   {-2, ''}      already delivered and acknowledged: refused (tombstone), unless forced
--- KEYS: ready, jobs, meta, acked, where, newest
+-- A dead letter of this cluster queued again (an operator's requeue, or the reconciler after a
+-- crash between dead-lettering and recording it) leaves the dead set: it waits again.
+-- KEYS: ready, jobs, meta, acked, where, newest, dead
 -- ARGV: id, message JSON, priority, jobId ('' for stops), cluster, blockers JSON array,
 --       collapse ('1'/'0'), same-job wait ms, force ('1' clears the tombstone first),
 --       doorbell channel
@@ -28,6 +30,7 @@ redis.call('HSET', KEYS[3], id, cjson.encode({
   blockedReported = false, pinned = ARGV[9] == '1',
 }))
 redis.call('ZADD', KEYS[1], score, id)
+redis.call('ZREM', KEYS[7], id)
 redis.call('HSET', KEYS[5], id, ARGV[5])
 if ARGV[4] ~= '' then
   local newest = tonumber(redis.call('HGET', KEYS[6], ARGV[4]) or '0')

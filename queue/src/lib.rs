@@ -255,6 +255,7 @@ struct Scripts {
     moves: Script,
     heartbeat: Script,
     status: Script,
+    dead_forget: Script,
 }
 
 impl Queues {
@@ -284,6 +285,7 @@ impl Queues {
                 moves: Script::new(include_str!("move.lua")),
                 heartbeat: timed_script(include_str!("heartbeat.lua")),
                 status: timed_script(include_str!("status.lua")),
+                dead_forget: Script::new(include_str!("dead_forget.lua")),
             }),
             holders: Arc::default(),
         })
@@ -364,6 +366,7 @@ impl Queues {
             .key(&self.keys.acked)
             .key(&self.keys.where_)
             .key(&self.keys.newest)
+            .key(&keys.dead)
             .arg(id)
             .arg(body)
             .arg(0)
@@ -821,6 +824,64 @@ impl Queues {
             .map(|((id, at), message)| (id, at, message))
             .collect();
         Ok((letters, total))
+    }
+
+    /// One dead letter of a cluster: when it died (Redis ms) and its message (`None` when it
+    /// was dropped meanwhile); `None` when `id` is not a dead letter there.
+    pub async fn dead_letter(
+        &self,
+        cluster: &str,
+        id: &str,
+    ) -> Result<Option<(i64, Option<String>)>, QueueError> {
+        let keys = self.keys.cluster(cluster);
+        let mut conn = self.conn.clone();
+        let (at, message): (Option<i64>, Option<String>) = redis::pipe()
+            .zscore(&keys.dead, id)
+            .hget(&keys.jobs, id)
+            .query_async(&mut conn)
+            .await?;
+        Ok(at.map(|at| (at, message)))
+    }
+
+    /// Dead letters of a cluster that died more than `age` ago on Redis's clock, the oldest
+    /// first, at most `max`.
+    pub async fn dead_before(
+        &self,
+        cluster: &str,
+        age: Duration,
+        max: usize,
+    ) -> Result<Vec<String>, QueueError> {
+        let cutoff = self
+            .now_ms()
+            .await?
+            .saturating_sub(i64::try_from(age.as_millis()).unwrap_or(i64::MAX));
+        let mut conn = self.conn.clone();
+        Ok(redis::cmd("ZRANGEBYSCORE")
+            .arg(&self.keys.cluster(cluster).dead)
+            .arg("-inf")
+            .arg(cutoff)
+            .arg("LIMIT")
+            .arg(0)
+            .arg(max)
+            .query_async(&mut conn)
+            .await?)
+    }
+
+    /// Drops a dead letter and its message (see `dead_forget.lua`); `false` when `id` was not
+    /// a dead letter of `cluster`.
+    pub async fn forget_dead(&self, cluster: &str, id: &str) -> Result<bool, QueueError> {
+        let keys = self.keys.cluster(cluster);
+        let mut conn = self.conn.clone();
+        let forgotten: i64 = self
+            .scripts
+            .dead_forget
+            .key(&keys.dead)
+            .key(&keys.jobs)
+            .key(&keys.meta)
+            .arg(id)
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(forgotten == 1)
     }
 
     /// The message stored for `id` on a cluster's queue.

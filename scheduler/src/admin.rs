@@ -1,4 +1,4 @@
-//! `sd-scheduler clusters|pause|resume|drain|dead-letters`: what operators did by hand with
+//! `sd-scheduler clusters|pause|resume|drain|dead-letters [requeue|fail]`: what operators did by hand with
 //! curl, through the same API, with an admin (or, to read, user) Screwdriver token. The calls
 //! are here; what to print is decided by the pure `*_table` functions.
 
@@ -46,6 +46,33 @@ pub enum AdminError {
     Timeout(String),
     #[error("not a cluster name: {0}")]
     BadName(sd_protocol::FieldError),
+    #[error("not a dead letter's id: {0:?} (a build id, or stop:<buildId>)")]
+    BadLetter(String),
+    #[error("{refused} of {of} refused (see above)")]
+    Partly { refused: usize, of: usize },
+}
+
+/// What to do with a dead letter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LetterVerb {
+    Requeue,
+    Fail,
+}
+
+impl LetterVerb {
+    fn segment(self) -> &'static str {
+        match self {
+            Self::Requeue => "requeue",
+            Self::Fail => "fail",
+        }
+    }
+
+    pub fn past(self) -> &'static str {
+        match self {
+            Self::Requeue => "requeued",
+            Self::Fail => "failed",
+        }
+    }
 }
 
 impl AdminClient {
@@ -156,6 +183,26 @@ impl AdminClient {
         .await
     }
 
+    /// Requeues or fails one dead letter of `cluster`; `id` was checked ([`check_letter_ids`]).
+    pub async fn resolve_dead_letter(
+        &self,
+        cluster: &str,
+        id: &str,
+        verb: LetterVerb,
+    ) -> Result<Value, AdminError> {
+        self.call(
+            Method::POST,
+            &format!(
+                "/v4/buildclusters/{}/deadletters/{}/{}",
+                path(cluster),
+                path(id),
+                verb.segment()
+            ),
+            None,
+        )
+        .await
+    }
+
     /// Pauses `cluster` and waits until nothing of it waits or is being handed over: its
     /// waiting builds move to other clusters that may take them, its agents finish what they
     /// hold. Calls `progress` with each reading; gives up after `timeout`.
@@ -203,6 +250,31 @@ fn path(name: &str) -> String {
 /// Refuses what cannot be a cluster's name (as the registry would), before any call.
 pub fn check_name(name: &str) -> Result<(), AdminError> {
     sd_protocol::check_cluster_name(name).map_err(AdminError::BadName)
+}
+
+/// Refuses what cannot be a dead letter's id, before any call.
+pub fn check_letter_ids(ids: &[String]) -> Result<Vec<String>, AdminError> {
+    ids.iter()
+        .map(|id| match crate::dead_letters::LetterId::parse(id) {
+            Some(_) => Ok(id.clone()),
+            None => Err(AdminError::BadLetter(id.chars().take(40).collect())),
+        })
+        .collect()
+}
+
+/// The ids of the dead letters a `deadletters` answer lists.
+pub fn letter_ids(dead: &Value) -> Vec<String> {
+    dead["deadLetters"]
+        .as_array()
+        .map(|letters| {
+            letters
+                .iter()
+                .filter_map(|l| l["id"].as_str())
+                .filter(|id| crate::dead_letters::LetterId::parse(id).is_some())
+                .map(str::to_owned)
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// Builds a draining cluster still has on its queue (dead letters aside: they stay).
@@ -297,7 +369,8 @@ pub fn dead_letters_table(cluster: &str, dead: &Value) -> String {
     if letters.is_empty() {
         return format!("{cluster} has no dead letters\n");
     }
-    let mut rows = vec![["ID", "DEAD SINCE", "BUILD", "JOB", "PIPELINE"].map(str::to_owned)];
+    let mut rows =
+        vec![["ID", "DEAD SINCE", "HELD UNTIL", "BUILD", "JOB", "PIPELINE"].map(str::to_owned)];
     for l in &letters {
         let text = |v: &Value| match v {
             Value::Null => "-".to_owned(),
@@ -307,6 +380,7 @@ pub fn dead_letters_table(cluster: &str, dead: &Value) -> String {
         rows.push([
             text(&l["id"]),
             text(&l["deadSince"]),
+            text(&l["heldUntil"]),
             text(&l["buildId"]),
             text(&l["jobId"]),
             text(&l["pipeline"]),
@@ -317,8 +391,9 @@ pub fn dead_letters_table(cluster: &str, dead: &Value) -> String {
     if total > letters.len() as u64 {
         let _ = writeln!(out, "(the latest {} of {total})", letters.len());
     }
-    out.push_str(
-        "Each was failed and reported FAILURE: fix the cause, then restart the job in Screwdriver (docs/operations.md#dead-letters).\n",
+    let _ = writeln!(
+        out,
+        "Each is held, still QUEUED in Screwdriver, until its time; then a build is failed and a stop dropped.\nFix the cause, then: sd-scheduler dead-letters {cluster} requeue ID... (or --all), or fail ID... (docs/operations.md#dead-letters)."
     );
     out
 }

@@ -20,6 +20,10 @@ pub enum BuildState {
     Failed,
     Stopped,
     Collapsed,
+    /// Dead-lettered: delivered `queue.max_attempts` times and never acknowledged. Still
+    /// QUEUED in Screwdriver, held for an operator to requeue or fail until
+    /// `queue.dead_letter_hold` passes, then failed.
+    Dead,
 }
 
 impl BuildState {
@@ -33,6 +37,7 @@ impl BuildState {
             BuildState::Failed => "failed",
             BuildState::Stopped => "stopped",
             BuildState::Collapsed => "collapsed",
+            BuildState::Dead => "dead",
         }
     }
 
@@ -46,6 +51,7 @@ impl BuildState {
             BuildState::Failed,
             BuildState::Stopped,
             BuildState::Collapsed,
+            BuildState::Dead,
         ]
         .into_iter()
         .find(|s| s.as_str() == text)

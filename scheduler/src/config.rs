@@ -112,8 +112,12 @@ pub struct QueueConfig {
     /// A delivery not acknowledged within this time is delivered again.
     #[serde(with = "humantime_serde")]
     pub visibility_timeout: Duration,
-    /// Deliveries before a build is dead-lettered and reported FAILURE.
+    /// Deliveries before a build is dead-lettered.
     pub max_attempts: u32,
+    /// How long a dead-lettered build is held, still QUEUED in Screwdriver, for an operator to
+    /// requeue or fail; then it is failed. Zero fails it at once (nothing left to requeue).
+    #[serde(with = "humantime_serde")]
+    pub dead_letter_hold: Duration,
     /// Safety-net re-check of blocked builds (they are released at once on the blocker's event).
     #[serde(with = "humantime_serde")]
     pub blocked_recheck: Duration,
@@ -229,6 +233,11 @@ pub struct AuthConfig {
     pub launcher_token_ttl: Duration,
 }
 
+/// The longest `queue.dead_letter_hold`: a held build shows as QUEUED in Screwdriver all that
+/// time, and the build's token (Screwdriver's, at most 12 h) must still be good to report it
+/// failed or to run it when requeued.
+pub const MAX_DEAD_LETTER_HOLD: Duration = Duration::from_secs(12 * 3600);
+
 /// The longest `auth.max_token_lifetime`: twice the longest token Screwdriver sends (12 h).
 pub const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 
@@ -282,6 +291,7 @@ impl Default for QueueConfig {
         Self {
             visibility_timeout: Duration::from_secs(60),
             max_attempts: 5,
+            dead_letter_hold: Duration::from_secs(15 * 60),
             blocked_recheck: Duration::from_secs(60),
             nack_backoff: Duration::from_secs(1),
             nack_backoff_max: Duration::from_secs(60),
@@ -503,6 +513,12 @@ impl Config {
         }
         if q.max_attempts == 0 {
             return Err(invalid("queue.max_attempts", "must be at least 1"));
+        }
+        if q.dead_letter_hold > MAX_DEAD_LETTER_HOLD {
+            return Err(invalid(
+                "queue.dead_letter_hold",
+                "must be at most 12h: the build's token must outlive the hold",
+            ));
         }
         if q.blocked_recheck < Duration::from_millis(100) {
             return Err(invalid("queue.blocked_recheck", "must be at least 100ms"));
@@ -745,6 +761,14 @@ mod tests {
             ),
             ("[log]\nformat = \"xml\"\n", "log.format"),
             ("[queue]\nmax_attempts = 0\n", "queue.max_attempts"),
+            (
+                "[queue]\ndead_letter_hold = \"13h\"\n",
+                "queue.dead_letter_hold",
+            ),
+            (
+                "[queue]\ndead_letter_hold = \"a while\"\n",
+                "queue.dead_letter_hold",
+            ),
             (
                 "[ha]\ncluster_dead_after = \"2 fortnights\"\n",
                 "ha.cluster_dead_after",

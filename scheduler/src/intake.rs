@@ -227,11 +227,7 @@ impl Intake {
         msg: &StartMessage,
         force: bool,
     ) -> Result<Enqueued, IntakeError> {
-        let mut with_token = msg.clone();
-        if with_token.token.is_none() {
-            let tokens = self.tokens.as_ref().ok_or(IntakeError::NoTokenKey)?;
-            with_token.token = Some(tokens.mint(msg)?);
-        }
+        let with_token = self.with_token(msg.clone())?;
         let message = QueueMessage {
             job: JobKind::Start,
             build_config: serde_json::to_value(&with_token)
@@ -257,9 +253,29 @@ impl Intake {
         Ok(outcome)
     }
 
-    /// Queues a stored build again on its cluster (reconciler). `force` re-queues one that was
-    /// delivered before; the agent's own de-duplication by buildId keeps it from running twice.
-    async fn requeue(&self, row: &BuildRow, force: bool) -> Result<Option<Enqueued>, IntakeError> {
+    /// `msg` with a token: its own, else a launcher token minted now.
+    fn with_token(&self, mut msg: StartMessage) -> Result<StartMessage, IntakeError> {
+        if msg.token.is_none() {
+            let tokens = self.tokens.as_ref().ok_or(IntakeError::NoTokenKey)?;
+            msg.token = Some(tokens.mint(&msg)?);
+        }
+        Ok(msg)
+    }
+
+    /// A stored build's start message as an agent would get it, token included: what a status
+    /// report about it is sent with.
+    pub(crate) fn launch_message(&self, row: &BuildRow) -> Result<StartMessage, IntakeError> {
+        self.with_token(stored_message(row)?)
+    }
+
+    /// Queues a stored build again on its cluster (reconciler, dead-letter requeue). `force`
+    /// re-queues one that was delivered before; the agent's own de-duplication by buildId
+    /// keeps it from running twice.
+    pub(crate) async fn requeue(
+        &self,
+        row: &BuildRow,
+        force: bool,
+    ) -> Result<Option<Enqueued>, IntakeError> {
         let Some(cluster) = row.cluster.as_deref() else {
             return Ok(None);
         };
@@ -369,6 +385,26 @@ impl Intake {
             (BuildState::Dispatched | BuildState::Running, Some(cluster)) => {
                 self.queue_stop(cluster, &req).await?;
                 Ok(stopped(row.state, "stop queued"))
+            }
+            // Held as a dead letter: it must never be requeued now.
+            (BuildState::Dead, Some(cluster)) => {
+                if self
+                    .builds
+                    .transition_keep_cluster(
+                        row.build_id,
+                        BuildState::Dead,
+                        BuildState::Stopped,
+                        "stopped on request while held as a dead letter",
+                    )
+                    .await?
+                {
+                    self.queues
+                        .forget_dead(cluster, &row.build_id.to_string())
+                        .await?;
+                    return Ok(stopped(BuildState::Stopped, "removed"));
+                }
+                // Requeued or failed meanwhile: stop it as what it is now.
+                Box::pin(self.stop(req)).await
             }
             (state, _) => Ok(stopped(state, "none")),
         }

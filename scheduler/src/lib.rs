@@ -13,6 +13,7 @@ pub mod builds;
 pub mod cluster_auth;
 pub mod config;
 pub mod db;
+pub mod dead_letters;
 pub mod group_commit;
 pub mod ha;
 pub mod intake;
@@ -51,6 +52,7 @@ use crate::builds::Builds;
 use crate::cluster_auth::{ClusterVerifier, EnvLookup};
 use crate::config::{AuthConfig, Config, QueueConfig};
 use crate::db::{Db, DbError};
+use crate::dead_letters::DeadLetterOffice;
 use crate::ha::Health;
 use crate::intake::Intake;
 use crate::poll_limits::{PollCaps, PollLimits};
@@ -164,18 +166,26 @@ impl Scheduler {
             tokens,
             apis,
         );
+        let reporter = Reporter::new(
+            updates,
+            config.screwdriver.report_timeout,
+            config.screwdriver.report_attempts,
+            queues.connection(),
+        );
         let workers = Workers {
             queues: queues.clone(),
             doorbell: Doorbell::default(),
             builds,
             cache: cache.clone(),
             health: Arc::clone(&health),
-            reporter: Reporter::new(
-                updates,
-                config.screwdriver.report_timeout,
-                config.screwdriver.report_attempts,
-                queues.connection(),
+            dead_letters: DeadLetterOffice::new(
+                Arc::clone(&intake),
+                queues.clone(),
+                reporter.clone(),
+                config.queue.dead_letter_hold,
+                config.queue.max_attempts,
             ),
+            reporter,
             settings: queue_settings(&config.queue),
         };
         let registry_sync = Arc::new(RegistrySync::new(
@@ -294,6 +304,7 @@ fn spawn_tasks(
         shutdown.clone(),
     ));
     tasks.spawn(state.workers.reporter.clone().run(shutdown.clone()));
+    tasks.spawn(Arc::clone(&state.workers.dead_letters).run(shutdown.clone()));
     tasks.spawn(Arc::clone(&state.health).run(
         state.queues.clone(),
         state.cache.clone(),

@@ -16,7 +16,8 @@ use sd_scheduler::{Scheduler, systemd};
 /// environment variable SD_SCHEDULER_<SECTION>_<KEY>, e.g. SD_SCHEDULER_REDIS_URL.
 ///
 /// With a command, it is instead a client of a running scheduler for its operators: list the
-/// clusters and their health, pause, resume or drain one, list its dead letters.
+/// clusters and their health, pause, resume or drain one, list, requeue or fail its dead
+/// letters.
 #[derive(Parser)]
 #[command(version, about, long_about)]
 struct Cli {
@@ -87,7 +88,9 @@ enum Command {
         #[arg(long, default_value = "30m", value_parser = humantime::parse_duration)]
         timeout: std::time::Duration,
     },
-    /// A cluster's latest dead letters: builds given up after queue.max_attempts deliveries.
+    /// A cluster's dead letters: messages given up after queue.max_attempts deliveries
+    /// without an acknowledgement, held (still QUEUED in Screwdriver) until
+    /// queue.dead_letter_hold passes. Lists them; `requeue` or `fail` acts on some or all.
     DeadLetters {
         /// The cluster's name (as registered).
         name: String,
@@ -96,7 +99,28 @@ enum Command {
         /// Print the API's JSON instead of a table.
         #[arg(long)]
         json: bool,
+        #[command(subcommand)]
+        action: Option<LetterAction>,
     },
+}
+
+#[derive(clap::Subcommand)]
+enum LetterAction {
+    /// Put dead letters back on the cluster's queue, their deliveries counted from 1 (fix
+    /// what made them fail first: they go to the same cluster).
+    Requeue(Letters),
+    /// Fail held builds now (reported FAILURE to Screwdriver); drop stop messages.
+    Fail(Letters),
+}
+
+#[derive(clap::Args)]
+#[group(required = true, multiple = false)]
+struct Letters {
+    /// Build ids, or stop:<buildId> for a stop message.
+    ids: Vec<String>,
+    /// Every dead letter listed now (the latest 100).
+    #[arg(long)]
+    all: bool,
 }
 
 /// Exit code for an unusable configuration (EX_CONFIG-style, as sysexits' EX_USAGE).
@@ -249,13 +273,56 @@ async fn run_admin(command: Command) -> Result<(), AdminError> {
                 .await?;
             println!("{name} is drained and stays paused (sd-scheduler resume {name} to undo)");
         }
-        Command::DeadLetters { name, remote, json } => {
+        Command::DeadLetters {
+            name,
+            remote,
+            json,
+            action: None,
+        } => {
             admin::check_name(&name)?;
             let dead = client(remote)?.dead_letters(&name).await?;
             if json {
                 println!("{dead:#}");
             } else {
                 print!("{}", admin::dead_letters_table(&name, &dead));
+            }
+        }
+        Command::DeadLetters {
+            name,
+            remote,
+            action: Some(action),
+            ..
+        } => {
+            admin::check_name(&name)?;
+            let (verb, letters) = match action {
+                LetterAction::Requeue(letters) => (admin::LetterVerb::Requeue, letters),
+                LetterAction::Fail(letters) => (admin::LetterVerb::Fail, letters),
+            };
+            let ids = admin::check_letter_ids(&letters.ids)?;
+            let client = client(remote)?;
+            let ids = if letters.all {
+                admin::letter_ids(&client.dead_letters(&name).await?)
+            } else {
+                ids
+            };
+            if ids.is_empty() {
+                println!("{name} has no dead letters");
+            }
+            let mut refused = 0;
+            for id in &ids {
+                match client.resolve_dead_letter(&name, id, verb).await {
+                    Ok(done) => println!("{id}: {}", done["action"].as_str().unwrap_or("done")),
+                    Err(e) => {
+                        refused += 1;
+                        println!("{id}: not {}: {e}", verb.past());
+                    }
+                }
+            }
+            if refused > 0 {
+                return Err(admin::AdminError::Partly {
+                    refused,
+                    of: ids.len(),
+                });
             }
         }
     }

@@ -1,5 +1,6 @@
 //! Status reports to the Screwdriver API: `PUT {apiUri}/v4/builds/{id}` with the build's own
-//! token, for builds the scheduler ends or holds itself (dead-lettered, collapsed, blocked).
+//! token, for builds the scheduler ends or holds itself (dead-lettered, collapsed, blocked),
+//! and notes that change only the `statusMessage` of a build Screwdriver still shows QUEUED.
 //!
 //! A report is kept in Redis before it is sent (`{sd}:reports`, HASH `<buildId>:<STATUS>` →
 //! [`Pending`]; `{sd}:reports:due`, ZSET → when it may be sent), so a replica that dies with
@@ -44,6 +45,17 @@ impl ReportTarget {
     }
 }
 
+impl ReportTarget {
+    /// Taken from a start message as intake stores it; `None` without a token.
+    pub fn from_start(msg: &sd_protocol::StartMessage) -> Option<Self> {
+        Some(Self {
+            build_id: msg.build_id,
+            api_uri: msg.api_uri.trim_end_matches('/').to_owned(),
+            token: msg.token.clone()?,
+        })
+    }
+}
+
 const REPORTS_KEY: &str = "{sd}:reports";
 const DUE_KEY: &str = "{sd}:reports:due";
 const CLAIM_BATCH: usize = 50;
@@ -55,6 +67,7 @@ struct Pending {
     build_id: u64,
     api_uri: String,
     token: String,
+    /// Empty for a note: the message alone, the status left as it is.
     status: String,
     message: String,
     #[serde(default)]
@@ -63,7 +76,26 @@ struct Pending {
 
 impl Pending {
     fn field(&self) -> String {
-        format!("{}:{}", self.build_id, self.status)
+        format!("{}:{}", self.build_id, self.label())
+    }
+
+    /// The status sent, or `NOTE` for a note (in logs, metrics and the Redis field).
+    fn label(&self) -> &str {
+        if self.status.is_empty() {
+            "NOTE"
+        } else {
+            &self.status
+        }
+    }
+
+    /// A note leaves `status` out: Screwdriver then changes the message alone, whatever the
+    /// build's status (a QUEUED → QUEUED update is refused once the build was BLOCKED).
+    fn body(&self) -> Value {
+        if self.status.is_empty() {
+            json!({"statusMessage": self.message})
+        } else {
+            json!({"status": self.status, "statusMessage": self.message})
+        }
     }
 
     fn target(&self) -> ReportTarget {
@@ -103,14 +135,33 @@ impl Reporter {
     /// Keeps `{status, statusMessage}` for the build in Redis; the sender delivers it. When
     /// Redis cannot take it, it is sent from here, once, rather than not at all.
     pub async fn report(&self, target: ReportTarget, status: &'static str, message: String) {
-        let pending = Pending {
+        self.keep(Pending {
             build_id: target.build_id,
             api_uri: target.api_uri,
             token: target.token,
             status: status.to_owned(),
             message,
             attempts: 0,
-        };
+        })
+        .await;
+    }
+
+    /// Changes only the build's `statusMessage` (see [`Pending::body`]), kept and sent like a
+    /// report.
+    pub async fn note(&self, target: ReportTarget, message: String) {
+        self.keep(Pending {
+            build_id: target.build_id,
+            api_uri: target.api_uri,
+            token: target.token,
+            status: String::new(),
+            message,
+            attempts: 0,
+        })
+        .await;
+    }
+
+    async fn keep(&self, pending: Pending) {
+        let status = pending.label().to_owned();
         match self.store(&pending, Duration::ZERO).await {
             Ok(()) => self.kick.notify_one(),
             Err(e) => {
@@ -148,8 +199,8 @@ impl Reporter {
 
     /// One round for one report: sent (dropped from Redis), rescheduled, or given up.
     async fn deliver(&self, mut pending: Pending) {
-        let body = json!({"status": pending.status, "statusMessage": pending.message});
-        let status = pending.status.clone();
+        let body = pending.body();
+        let status = pending.label().to_owned();
         let result = self.send(&pending.target(), &body).await;
         pending.attempts += 1;
         let outcome = match &result {

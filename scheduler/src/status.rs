@@ -68,7 +68,7 @@ pub fn human(d: Duration) -> String {
 }
 
 /// A Redis time (ms since the epoch) as RFC 3339.
-fn timestamp(ms: i64) -> String {
+pub(crate) fn timestamp(ms: i64) -> String {
     let since = Duration::from_millis(u64::try_from(ms).unwrap_or(0));
     humantime::format_rfc3339_seconds(UNIX_EPOCH + since).to_string()
 }
@@ -140,7 +140,7 @@ pub struct QueueDepths {
     pub deferred: u64,
     /// Waiting for a running build of a job they are blocked by.
     pub blocked: u64,
-    /// Given up after too many deliveries (dead letters).
+    /// Given up after too many deliveries and held for an operator (dead letters).
     pub dead: u64,
     /// `false` when the queue was too long to look at every waiting build: `blocked` and
     /// `oldestWaiting` then cover the first 10,000 of each kind.
@@ -253,7 +253,8 @@ fn minutes(figures: &[(u64, Option<u64>)], now_ms: i64) -> Vec<Minute> {
         .collect()
 }
 
-/// `GET /v4/buildclusters/{name}/deadletters`: the latest dead letters, what each was.
+/// `GET /v4/buildclusters/{name}/deadletters`: the latest dead letters, what each was. Each is
+/// held for an operator to requeue or fail (see `dead_letters`).
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct DeadLetters {
@@ -270,6 +271,8 @@ pub struct DeadLetter {
     pub id: String,
     /// When it was given up (RFC 3339).
     pub dead_since: String,
+    /// When the hold ends (RFC 3339): a build still held then is failed, a stop dropped.
+    pub held_until: String,
     pub build_id: Option<u64>,
     pub job_id: Option<u64>,
     /// The pipeline's name (`owner/repo`), when the message names one.
@@ -277,18 +280,19 @@ pub struct DeadLetter {
 }
 
 impl DeadLetters {
-    /// A cluster's latest `max` dead letters and their count.
+    /// A cluster's latest `max` dead letters and their count; each is held for `hold`.
     pub async fn read(
         queues: &sd_queue::Queues,
         cluster: &str,
         max: usize,
+        hold: Duration,
     ) -> Result<Self, sd_queue::QueueError> {
         let (letters, total) = queues.dead_letters(cluster, max).await?;
         Ok(Self {
             total,
             dead_letters: letters
                 .into_iter()
-                .map(|(id, at, message)| DeadLetter::new(id, at, message.as_deref()))
+                .map(|(id, at, message)| DeadLetter::new(id, at, hold, message.as_deref()))
                 .collect(),
         })
     }
@@ -296,7 +300,7 @@ impl DeadLetters {
 
 impl DeadLetter {
     /// From what the queue keeps; the message's token and configuration are not repeated.
-    pub fn new(id: String, at_ms: i64, message: Option<&str>) -> Self {
+    pub fn new(id: String, at_ms: i64, hold: Duration, message: Option<&str>) -> Self {
         let config = message
             .and_then(|m| serde_json::from_str::<sd_protocol::QueueMessage>(m).ok())
             .map(|m| m.build_config)
@@ -308,6 +312,9 @@ impl DeadLetter {
         Self {
             id,
             dead_since: timestamp(at_ms),
+            held_until: timestamp(
+                at_ms.saturating_add(i64::try_from(hold.as_millis()).unwrap_or(i64::MAX)),
+            ),
             build_id: number("buildId"),
             job_id: number("jobId"),
             pipeline: config["pipeline"]["name"].as_str().map(str::to_owned),

@@ -9,6 +9,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::builds::{BuildState, Builds};
 use crate::db::DbError;
+use crate::dead_letters::{DeadLetterError, DeadLetterOffice};
 use crate::ha::Health;
 use crate::queue::{
     Doorbell, Fetched, LeaseOp, LeaseOutcome, QueueError, QueueSettings, Queues, parse_delivery_id,
@@ -27,6 +28,8 @@ pub enum WorkerError {
     Queue(#[from] QueueError),
     #[error(transparent)]
     Db(#[from] DbError),
+    #[error(transparent)]
+    DeadLetter(#[from] DeadLetterError),
     #[error("no build {0} is known to the scheduler")]
     UnknownBuild(u64),
     #[error("build {build_id} is not assigned to cluster {cluster}")]
@@ -45,6 +48,8 @@ pub struct Workers {
     pub health: Arc<Health>,
     pub reporter: Reporter,
     pub settings: QueueSettings,
+    /// Where dead letters go, and what operators requeue or fail.
+    pub dead_letters: Arc<DeadLetterOffice>,
 }
 
 impl Workers {
@@ -99,23 +104,15 @@ impl Workers {
             .any(|c| c.fields.name == cluster && c.fields.is_active)
     }
 
-    /// Applies what a fetch decided besides leases: dead letters and collapses end builds and
-    /// are reported; first-time blocks are reported as BLOCKED.
+    /// Applies what a fetch decided besides leases: dead letters go to the dead-letter office;
+    /// collapses end builds and are reported; first-time blocks are reported as BLOCKED.
     async fn apply_fetch(
         &self,
         cluster: &str,
         fetched: Fetched,
     ) -> Result<Vec<Delivery>, WorkerError> {
         for (id, raw) in fetched.dead {
-            let reason = format!(
-                "build was delivered {} times to cluster {cluster} without being acknowledged; giving up",
-                self.settings.max_attempts
-            );
-            tracing::error!(id = %id, cluster, "dead-lettered");
-            metrics::counter!("sd_scheduler_dead_letters_total", "cluster" => cluster.to_owned())
-                .increment(1);
-            self.end(&id, &raw, BuildState::Failed, "FAILURE", reason)
-                .await?;
+            self.dead_letters.take(cluster, &id, &raw).await?;
         }
         for (id, raw) in fetched.collapsed {
             tracing::info!(id = %id, cluster, "collapsed into a newer build of its job");

@@ -1,6 +1,7 @@
-//! `sd-scheduler clusters|pause|resume|drain|dead-letters`, the binary, against a running
-//! scheduler: what each prints, that it needs a token (and the right scope to change things),
-//! and that a drain ends once the cluster's waiting builds went to a peer.
+//! `sd-scheduler clusters|pause|resume|drain|dead-letters [requeue|fail]`, the binary, against a
+//! running scheduler: what each prints, that it needs a token (and the right scope to change
+//! things), that a drain ends once the cluster's waiting builds went to a peer, and that dead
+//! letters are requeued and run again.
 
 mod common;
 
@@ -104,4 +105,74 @@ async fn an_operator_lists_pauses_drains_and_resumes_a_cluster() {
     let (code, out, err) = run(&h, Some(&admin), &["resume", "east"]).await;
     assert_eq!(code, 0, "{err}");
     assert!(out.starts_with("east resumed"), "{out}");
+}
+
+/// `dead-letters NAME` lists what is held; `requeue` and `fail` act on ids or on all of them,
+/// with an admin token only; a bad id is refused before any call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_requeues_and_fails_dead_letters() {
+    let h = Harness::start_with(Backend::Sqlite, |c| {
+        c.queue.visibility_timeout = Duration::from_millis(300);
+        c.queue.max_attempts = 1;
+    })
+    .await;
+    let east = h
+        .cluster_with_key(&cluster("east", "screwdriver", &[]))
+        .await;
+    for id in 1..=3 {
+        h.submit(&build(id, "org/repo", json!({}))).await;
+    }
+    assert_eq!(h.poll("east", &east, 0, 10).await.len(), 3);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(h.poll("east", &east, 0, 10).await.is_empty(), "all dead");
+
+    let (user, admin) = (h.user(), h.admin());
+    let (code, out, err) = run(&h, Some(&user), &["dead-letters", "east"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.starts_with("ID "), "{out}");
+    assert!(out.lines().next().unwrap().contains("HELD UNTIL"), "{out}");
+    assert_eq!(
+        out.lines()
+            .filter(|l| l.starts_with(char::is_numeric))
+            .count(),
+        3,
+        "{out}"
+    );
+    assert!(
+        out.contains("sd-scheduler dead-letters east requeue"),
+        "{out}"
+    );
+
+    let (code, _, err) = run(&h, Some(&admin), &["dead-letters", "east", "fail", "1x"]).await;
+    assert_eq!(code, 1);
+    assert!(err.contains("not a dead letter's id"), "{err}");
+    let (code, out, err) = run(&h, Some(&user), &["dead-letters", "east", "fail", "1"]).await;
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("1: not failed: the scheduler answered 403"),
+        "{out}"
+    );
+    assert!(err.contains("1 of 1 refused"), "{err}");
+
+    let (code, out, err) = run(&h, Some(&admin), &["dead-letters", "east", "fail", "1"]).await;
+    assert_eq!((code, out.as_str()), (0, "1: failed\n"), "{err}");
+    let (code, out, err) = run(
+        &h,
+        Some(&admin),
+        &["dead-letters", "east", "requeue", "--all"],
+    )
+    .await;
+    assert_eq!(code, 0, "{err}");
+    let mut lines: Vec<&str> = out.lines().collect();
+    lines.sort_unstable();
+    assert_eq!(lines, ["2: requeued", "3: requeued"]);
+    let again = h.poll("east", &east, 5, 10).await;
+    assert_eq!(again.len(), 2);
+    assert!(again.iter().all(|j| j["attempt"] == 1));
+    let (code, out, _) = run(&h, Some(&admin), &["dead-letters", "east", "requeue", "1"]).await;
+    assert_eq!(code, 1);
+    assert!(
+        out.contains("1: not requeued: the scheduler answered 409"),
+        "{out}"
+    );
 }

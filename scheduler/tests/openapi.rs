@@ -44,6 +44,10 @@ const ROUTES: &[(&str, &str)] = &[
     ("GET", "/buildClusters/{name}/status"),
     ("GET", "/v4/buildclusters/{name}/deadletters"),
     ("GET", "/buildClusters/{name}/deadletters"),
+    ("POST", "/v4/buildclusters/{name}/deadletters/{id}/requeue"),
+    ("POST", "/buildClusters/{name}/deadletters/{id}/requeue"),
+    ("POST", "/v4/buildclusters/{name}/deadletters/{id}/fail"),
+    ("POST", "/buildClusters/{name}/deadletters/{id}/fail"),
     ("POST", "/v1/queue/message"),
     ("DELETE", "/v1/queue/message"),
     ("GET", "/v1/builds/{build_id}"),
@@ -372,6 +376,39 @@ fn start(build_id: u64, cluster: &str) -> Value {
     body
 }
 
+/// Queues `ids` on alpha and lets each die: one delivery (the walk's `queue.max_attempts`), its
+/// lease left to lapse, then the poll that finds it lapsed. Each is then held.
+async fn let_die(h: &Harness, token: &str, ids: &[u64]) {
+    for &id in ids {
+        let (status, body) = h.submit(&start(id, "alpha")).await;
+        assert_eq!(status, 201, "{body}");
+    }
+    for _ in 0..2 {
+        let (status, body) = common::call_at(
+            &h.http,
+            &h.base,
+            Method::GET,
+            "/v1/jobs/alpha?wait=0&max=10",
+            Some(token),
+            None,
+        )
+        .await;
+        assert_eq!(status, 200, "{body}");
+        tokio::time::sleep(Duration::from_millis(400)).await;
+    }
+    for &id in ids {
+        let (_, view) = h
+            .call(
+                Method::GET,
+                &format!("/v1/builds/{id}"),
+                Some(&h.sdapi()),
+                None,
+            )
+            .await;
+        assert_eq!(view["state"], "dead", "build {id}: {view}");
+    }
+}
+
 #[rustfmt::skip]
 async fn every_status_answered_is_documented(backend: Backend) {
     let mut h = Harness::start_with(backend, |c| {
@@ -380,6 +417,9 @@ async fn every_status_answered_is_documented(backend: Backend) {
         c.queue.max_polls_per_token = 1;
         // No launcher key: a start without a token cannot be served (500).
         c.auth.private_key_file = None;
+        // A lease lapses fast and one delivery is all: dead letters are quick to make.
+        c.queue.visibility_timeout = Duration::from_millis(300);
+        c.queue.max_attempts = 1;
     }).await;
     let alpha = h.cluster_with_key(&cluster("alpha", "screwdriver", &[])).await;
     let beta = h.cluster_with_key(&cluster("beta", "screwdriver", &[])).await;
@@ -678,6 +718,40 @@ async fn every_status_answered_is_documented(backend: Backend) {
     w.expect(m, t, "key variable gone", misconfigured_path, Some(&misconfigured), running(2), 500).await;
     w.expect(m, t, "running", p, Some(&a), running(2), 200).await;
 
+    // --- dead letters: held, then requeued or failed by an admin
+    for (n, prefix) in ["/v4/buildclusters", "/buildClusters"].into_iter().enumerate() {
+        let (first, second) = (20 + 2 * n as u64, 21 + 2 * n as u64);
+        let_die(&h, &a, &[first, second]).await;
+        for verb in ["requeue", "fail"] {
+            let t = format!("{prefix}/{{name}}/deadletters/{{id}}/{verb}");
+            let (m, t) = ("POST", t.as_str());
+            let id = if verb == "requeue" { first } else { second };
+            let p = format!("{prefix}/alpha/deadletters/{id}/{verb}");
+            let p = p.as_str();
+            w.expect(m, t, "no token", p, None, Body::Empty, 401).await;
+            w.expect(m, t, "not a JWT", p, Some(&bad), Body::Empty, 401).await;
+            w.expect(m, t, "guest", p, Some(&guest), Body::Empty, 403).await;
+            w.expect(m, t, "user scope", p, Some(&user), Body::Empty, 403).await;
+            let unknown = format!("{prefix}/ghost/deadletters/{id}/{verb}");
+            w.expect(m, t, "unknown cluster", &unknown, Some(&admin), Body::Empty, 404).await;
+            let theirs = format!("{prefix}/beta/deadletters/{id}/{verb}");
+            w.expect(m, t, "another cluster's", &theirs, Some(&admin), Body::Empty, 404).await;
+            let undecodable = format!("{prefix}/%FF/deadletters/{id}/{verb}");
+            w.expect(m, t, "invalid UTF-8", &undecodable, Some(&admin), Body::Empty, 400).await;
+            let not_an_id = format!("{prefix}/alpha/deadletters/stop:x/{verb}");
+            w.expect(m, t, "not an id", &not_an_id, Some(&admin), Body::Empty, 400).await;
+            let none = format!("{prefix}/alpha/deadletters/999999/{verb}");
+            w.expect(m, t, "no such letter", &none, Some(&admin), Body::Empty, 404).await;
+            w.expect(m, t, "held", p, Some(&admin), Body::Empty, 200).await;
+        }
+        let t = format!("{prefix}/{{name}}/deadletters/{{id}}/requeue");
+        let failed = format!("{prefix}/alpha/deadletters/{second}/requeue");
+        w.expect("POST", &t, "failed already", &failed, Some(&admin), Body::Empty, 409).await;
+        let t = format!("{prefix}/{{name}}/deadletters/{{id}}/fail");
+        let failed = format!("{prefix}/alpha/deadletters/{second}/fail");
+        w.expect("POST", &t, "failed already", &failed, Some(&admin), Body::Empty, 409).await;
+    }
+
     for path in ["/healthz", "/readyz", "/metrics", "/openapi.json"] {
         w.expect("GET", path, "up", path, None, Body::Empty, 200).await;
     }
@@ -707,7 +781,7 @@ async fn every_status_answered_is_documented(backend: Backend) {
     }).await;
     assert!(busy.is_some(), "the stalled request did not make the scheduler busy");
     for (method, template) in operations(&w.doc.clone()) {
-        let path = template.replace("{name}", "alpha").replace("{cluster}", "alpha").replace("{build_id}", "1");
+        let path = template.replace("{name}", "alpha").replace("{cluster}", "alpha").replace("{build_id}", "1").replace("{id}", "1");
         if (method.as_str(), template.as_str()) == POLL {
             // The long-poll is outside the cap: it is served all the same.
             let path = format!("{path}?wait=0");
@@ -725,6 +799,8 @@ async fn every_status_answered_is_documented(backend: Backend) {
     assert!(idle.is_some(), "the scheduler stayed busy");
 
     // --- Redis down ---
+    let held = [30, 31, 32, 33];
+    let_die(&h, &a, &held).await;
     let t = "/v1/queue/message";
     w.expect("POST", t, "accepted", t, Some(&sdapi), Body::Json(start(4, "alpha")), 201).await;
     h.redis.kill();
@@ -747,6 +823,13 @@ async fn every_status_answered_is_documented(backend: Backend) {
         let (one, alpha) = (format!("{prefix}/{{name}}/deadletters"), format!("{prefix}/alpha/deadletters"));
         w.expect("GET", &one, "Redis down", &alpha, Some(&user), Body::Empty, 503).await;
     }
+    for (prefix, ids) in [("/v4/buildclusters", [30, 31]), ("/buildClusters", [32, 33])] {
+        for (verb, id) in ["requeue", "fail"].into_iter().zip(ids) {
+            let t = format!("{prefix}/{{name}}/deadletters/{{id}}/{verb}");
+            let p = format!("{prefix}/alpha/deadletters/{id}/{verb}");
+            w.expect("POST", &t, "Redis down", &p, Some(&admin), Body::Empty, 503).await;
+        }
+    }
     let answer = w.expect("GET", "/readyz", "Redis down", "/readyz", None, Body::Empty, 503).await;
     assert_eq!(answer.body["ready"], false, "{}", answer.body);
     assert_ne!(answer.body["redis"], "ok", "{}", answer.body);
@@ -764,6 +847,11 @@ async fn every_status_answered_is_documented(backend: Backend) {
         let pause = Body::Json(json!({"isActive": false}));
         w.expect("PUT", &one, "database down", &a_path, Some(&admin), pause, 503).await;
         w.expect("DELETE", &one, "database down", &a_path, Some(&admin), Body::Empty, 503).await;
+        for verb in ["requeue", "fail"] {
+            let t = format!("{prefix}/{{name}}/deadletters/{{id}}/{verb}");
+            let p = format!("{prefix}/alpha/deadletters/31/{verb}");
+            w.expect("POST", &t, "database down", &p, Some(&admin), Body::Empty, 503).await;
+        }
     }
     w.expect("GET", "/v1/builds/{build_id}", "database down", "/v1/builds/1", Some(&user), Body::Empty, 503).await;
     w.expect("POST", "/v1/jobs/{cluster}/events", "database down", "/v1/jobs/alpha/events", Some(&a), running(2), 503).await;

@@ -26,6 +26,7 @@ use utoipa::OpenApi;
 use crate::AppState;
 use crate::auth::{Caller, Scope, TokenError};
 use crate::builds::BuildState;
+use crate::dead_letters::{DeadLetterError, LetterId, Resolution};
 use crate::intake::{Accepted, IntakeError, Stopped};
 use crate::registry::RegistryError;
 use crate::routing::RouteError;
@@ -42,6 +43,14 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/status", get(all_status))
         .route("/{name}/status", get(cluster_status))
         .route("/{name}/deadletters", get(dead_letters))
+        .route(
+            "/{name}/deadletters/{id}/requeue",
+            axum::routing::post(requeue_dead_letter),
+        )
+        .route(
+            "/{name}/deadletters/{id}/fail",
+            axum::routing::post(fail_dead_letter),
+        )
         .route(
             "/{name}",
             get(get_cluster).put(update_cluster).delete(delete_cluster),
@@ -192,6 +201,20 @@ impl From<IntakeError> for ApiError {
             }
             IntakeError::Db(ref inner) => unavailable("database", inner),
             IntakeError::Queue(ref inner) => unavailable("queue (Redis)", inner),
+        }
+    }
+}
+
+impl From<DeadLetterError> for ApiError {
+    fn from(e: DeadLetterError) -> Self {
+        match e {
+            DeadLetterError::NotFound { .. } => ApiError::new(StatusCode::NOT_FOUND, e.to_string()),
+            DeadLetterError::NotHeld(_) | DeadLetterError::TokenExpiring { .. } => {
+                ApiError::new(StatusCode::CONFLICT, e.to_string())
+            }
+            DeadLetterError::Intake(inner) => inner.into(),
+            DeadLetterError::Db(ref inner) => unavailable("database", inner),
+            DeadLetterError::Queue(ref inner) => unavailable("queue (Redis)", inner),
         }
     }
 }
@@ -454,10 +477,99 @@ async fn dead_letters(
 ) -> Result<Json<DeadLetters>, ApiError> {
     require(&caller, &[Scope::User, Scope::Admin])?;
     let (name, _) = registered(&state, &name)?;
-    let dead = DeadLetters::read(&state.queues, &name, 100)
+    let dead = DeadLetters::read(&state.queues, &name, 100, state.workers.dead_letters.hold())
         .await
         .map_err(|e| unavailable("Redis", &e))?;
     Ok(Json(dead))
+}
+
+/// What an operator's requeue or fail of a dead letter did.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DeadLetterAction {
+    pub cluster: String,
+    /// The queue id: a build id, or `stop:<buildId>`.
+    pub id: String,
+    pub action: Resolution,
+}
+
+/// Puts a held dead letter back on its cluster's queue, its deliveries counted from 1. A start
+/// can be requeued while it is held (`queue.dead_letter_hold`); a stop, until it is dropped.
+///
+/// Also served at `/buildClusters/{name}/deadletters/{id}/requeue`.
+#[utoipa::path(post, path = "/v4/buildclusters/{name}/deadletters/{id}/requeue", tag = "status",
+    params(("name" = String, Path), ("id" = String, Path, description = "A build id, or `stop:<buildId>`.")),
+    responses(
+        (status = 200, body = DeadLetterAction, description = "Requeued."),
+        (status = 400, body = ErrorBody, description = "The id is neither a build id nor `stop:<buildId>`, or the path cannot be read."),
+        (status = 401, body = ErrorBody, description = doc::UNAUTHORIZED),
+        (status = 403, body = ErrorBody, description = "The token lacks scope `admin`."),
+        (status = 404, body = ErrorBody, description = "No cluster of this name, or no such dead letter on it."),
+        (status = 409, body = ErrorBody, description = "The build is no longer held (it was failed and reported FAILURE), or its Screwdriver token expires too soon to run."),
+        (status = 503, body = ErrorBody, description = doc::BUSY_OR_DOWN,
+            headers(("Retry-After" = u32, description = "Seconds to wait before retrying; sent when the scheduler is busy, not when a dependency is down."))),
+    ))]
+async fn requeue_dead_letter(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    ApiPath((name, id)): ApiPath<(String, String)>,
+) -> Result<Json<DeadLetterAction>, ApiError> {
+    require(&caller, &[Scope::Admin])?;
+    let (cluster, letter) = dead_letter_path(&state, &name, &id)?;
+    let action = state.workers.dead_letters.requeue(&cluster, letter).await?;
+    tracing::info!(cluster, id = %id, by = caller.username.as_deref().unwrap_or("?"), "dead letter requeued");
+    Ok(Json(DeadLetterAction {
+        cluster,
+        id,
+        action,
+    }))
+}
+
+/// Fails a held dead letter now and reports FAILURE to Screwdriver; a stop is dropped.
+///
+/// Also served at `/buildClusters/{name}/deadletters/{id}/fail`.
+#[utoipa::path(post, path = "/v4/buildclusters/{name}/deadletters/{id}/fail", tag = "status",
+    params(("name" = String, Path), ("id" = String, Path, description = "A build id, or `stop:<buildId>`.")),
+    responses(
+        (status = 200, body = DeadLetterAction, description = "Failed (a build) or dropped (a stop)."),
+        (status = 400, body = ErrorBody, description = "The id is neither a build id nor `stop:<buildId>`, or the path cannot be read."),
+        (status = 401, body = ErrorBody, description = doc::UNAUTHORIZED),
+        (status = 403, body = ErrorBody, description = "The token lacks scope `admin`."),
+        (status = 404, body = ErrorBody, description = "No cluster of this name, or no such dead letter on it."),
+        (status = 409, body = ErrorBody, description = "The build is no longer held: it was failed already."),
+        (status = 503, body = ErrorBody, description = doc::BUSY_OR_DOWN,
+            headers(("Retry-After" = u32, description = "Seconds to wait before retrying; sent when the scheduler is busy, not when a dependency is down."))),
+    ))]
+async fn fail_dead_letter(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    ApiPath((name, id)): ApiPath<(String, String)>,
+) -> Result<Json<DeadLetterAction>, ApiError> {
+    require(&caller, &[Scope::Admin])?;
+    let (cluster, letter) = dead_letter_path(&state, &name, &id)?;
+    let action = state.workers.dead_letters.fail(&cluster, letter).await?;
+    tracing::info!(cluster, id = %id, by = caller.username.as_deref().unwrap_or("?"), "dead letter failed");
+    Ok(Json(DeadLetterAction {
+        cluster,
+        id,
+        action,
+    }))
+}
+
+/// A registered cluster and a well-formed dead-letter id, from the path.
+fn dead_letter_path(
+    state: &AppState,
+    name: &str,
+    id: &str,
+) -> Result<(String, LetterId), ApiError> {
+    let (cluster, _) = registered(state, name)?;
+    let letter = LetterId::parse(id).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "id: must be a build id or stop:<buildId>",
+        )
+    })?;
+    Ok((cluster, letter))
 }
 
 fn registered(state: &AppState, name: &str) -> Result<(String, bool), ApiError> {
@@ -823,6 +935,8 @@ async fn metrics_text(State(state): State<Arc<AppState>>) -> impl IntoResponse {
         cluster_status,
         all_status,
         dead_letters,
+        requeue_dead_letter,
+        fail_dead_letter,
         start_build,
         stop_build,
         get_build,
@@ -853,6 +967,8 @@ async fn metrics_text(State(state): State<Arc<AppState>>) -> impl IntoResponse {
         BuildView,
         BuildState,
         crate::builds::Step,
+        DeadLetterAction,
+        Resolution,
         sd_protocol::Delivery,
         sd_protocol::QueueMessage,
         workers::Jobs,

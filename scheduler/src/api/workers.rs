@@ -94,6 +94,7 @@ impl From<WorkerError> for ApiError {
             WorkerError::NotYours { .. } => ApiError::new(StatusCode::FORBIDDEN, e.to_string()),
             WorkerError::Db(ref inner) => unavailable("database", inner),
             WorkerError::Queue(ref inner) => unavailable("queue (Redis)", inner),
+            WorkerError::DeadLetter(inner) => inner.into(),
         }
     }
 }

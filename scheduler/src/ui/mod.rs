@@ -119,7 +119,8 @@ async fn cluster(
         return failed(StatusCode::NOT_FOUND, "No cluster of this name.");
     };
     let status = ClusterStatus::read(&state.queues, (&name, active), state.dead_after).await;
-    let dead = DeadLetters::read(&state.queues, &name, 100).await;
+    let dead =
+        DeadLetters::read(&state.queues, &name, 100, state.workers.dead_letters.hold()).await;
     let waiting = state.intake.builds().queued_on(&name, 100).await;
     match (status, dead, waiting) {
         (Ok(status), Ok(dead), Ok(waiting)) => page(pages::cluster(&status, &waiting, &dead)),

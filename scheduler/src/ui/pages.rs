@@ -147,15 +147,17 @@ pub fn cluster(status: &ClusterStatus, waiting: &[BuildRow], dead: &DeadLetters)
                 p.empty { "None." }
             } @else {
                 table id="dead" {
-                    thead { tr { th { "Id" } th { "Given up" } th { "Pipeline" } th { "Why" } } }
+                    thead { tr { th { "Id" } th { "Given up" } th { "Held until" } th { "Pipeline" } th { "Why" } } }
                     tbody { @for d in &dead.dead_letters { tr {
                         td { @match d.build_id { Some(id) => { a href={ "/ui/builds/" (id) } { (d.id) } }, None => (d.id) } }
                         td { (d.dead_since) }
+                        td { (d.held_until) }
                         td { (d.pipeline.as_deref().unwrap_or("–")) }
                         td { "delivered too many times without an acknowledgement" }
                     } } }
                 }
                 @if dead.total > dead.dead_letters.len() as u64 { p { "The latest " (dead.dead_letters.len()) " of " (dead.total) "." } }
+                p { "Requeue or fail them with " code { "sd-scheduler dead-letters " (status.name) " requeue|fail ID" } "; one still held at its time is failed (a build) or dropped (a stop)." }
             }
         },
     )
