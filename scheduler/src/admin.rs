@@ -52,28 +52,7 @@ pub enum AdminError {
     Partly { refused: usize, of: usize },
 }
 
-/// What to do with a dead letter.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LetterVerb {
-    Requeue,
-    Fail,
-}
-
-impl LetterVerb {
-    fn segment(self) -> &'static str {
-        match self {
-            Self::Requeue => "requeue",
-            Self::Fail => "fail",
-        }
-    }
-
-    pub fn past(self) -> &'static str {
-        match self {
-            Self::Requeue => "requeued",
-            Self::Fail => "failed",
-        }
-    }
-}
+pub use crate::dead_letters::Verb as LetterVerb;
 
 impl AdminClient {
     /// `url` is the scheduler's base URL; the token comes from `token` (the environment) or

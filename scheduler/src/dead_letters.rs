@@ -62,6 +62,31 @@ impl LetterId {
     }
 }
 
+/// What an operator asks for a dead letter (the last segment of its API path).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verb {
+    Requeue,
+    Fail,
+}
+
+impl Verb {
+    /// The API path's last segment.
+    pub fn segment(self) -> &'static str {
+        match self {
+            Self::Requeue => "requeue",
+            Self::Fail => "fail",
+        }
+    }
+
+    /// "requeued", "failed": for logs and messages.
+    pub fn past(self) -> &'static str {
+        match self {
+            Self::Requeue => "requeued",
+            Self::Fail => "failed",
+        }
+    }
+}
+
 /// What an operator's call did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
@@ -188,6 +213,19 @@ impl DeadLetterOffice {
             self.queues.forget_dead(cluster, id).await?;
         }
         Ok(())
+    }
+
+    /// An operator's requeue or fail.
+    pub async fn resolve(
+        &self,
+        cluster: &str,
+        id: LetterId,
+        verb: Verb,
+    ) -> Result<Resolution, DeadLetterError> {
+        match verb {
+            Verb::Requeue => self.requeue(cluster, id).await,
+            Verb::Fail => self.fail(cluster, id).await,
+        }
     }
 
     /// An operator's requeue: the letter goes back on its cluster's queue.

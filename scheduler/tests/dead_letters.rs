@@ -32,6 +32,20 @@ fn with_api(mut body: Value, api: &FakeScrewdriver) -> Value {
     body
 }
 
+/// A harness whose cluster sd1 holds build 9 as a dead letter for `hold`, and the Screwdriver
+/// API it reports to.
+async fn held_build_9(backend: Backend, hold: Duration) -> (FakeScrewdriver, Harness, ClusterKeys) {
+    let api = FakeScrewdriver::start().await;
+    let h = start(backend, &api, hold).await;
+    let keys = h
+        .cluster_with_key(&cluster("sd1", "screwdriver", &[]))
+        .await;
+    h.submit(&with_api(build(9, "org/repo", json!({})), &api))
+        .await;
+    let_die(&h, "sd1", &keys).await;
+    (api, h, keys)
+}
+
 /// Takes the cluster's next delivery twice without acknowledging it, so the next poll
 /// dead-letters it.
 async fn let_die(h: &Harness, name: &str, keys: &ClusterKeys) {
@@ -123,14 +137,7 @@ async fn told_of(api: &FakeScrewdriver, build_id: u64, status: &str, text: &str)
 /// Held, then requeued by an admin: delivered again from attempt 1, run once, and Screwdriver,
 /// which never saw it finish, was told each time in the message alone.
 async fn a_held_dead_letter_is_requeued_and_runs_once(backend: Backend) {
-    let api = FakeScrewdriver::start().await;
-    let h = start(backend, &api, Duration::from_secs(600)).await;
-    let keys = h
-        .cluster_with_key(&cluster("sd1", "screwdriver", &[]))
-        .await;
-    h.submit(&with_api(build(9, "org/repo", json!({})), &api))
-        .await;
-    let_die(&h, "sd1", &keys).await;
+    let (api, h, keys) = held_build_9(backend, Duration::from_secs(600)).await;
 
     assert_eq!(state_of(&h, 9).await, "dead");
     let notes = told_eventually(&api, 9, 1).await;
@@ -203,14 +210,7 @@ async fn a_held_dead_letter_is_requeued_and_runs_once(backend: Backend) {
 
 /// Not requeued within the hold: failed, reported FAILURE, and no longer requeueable.
 async fn a_dead_letter_still_held_when_its_hold_ends_is_failed(backend: Backend) {
-    let api = FakeScrewdriver::start().await;
-    let h = start(backend, &api, Duration::from_secs(2)).await;
-    let keys = h
-        .cluster_with_key(&cluster("sd1", "screwdriver", &[]))
-        .await;
-    h.submit(&with_api(build(9, "org/repo", json!({})), &api))
-        .await;
-    let_die(&h, "sd1", &keys).await;
+    let (api, h, keys) = held_build_9(backend, Duration::from_secs(2)).await;
     assert_eq!(state_of(&h, 9).await, "dead");
     told_of(&api, 9, "FAILURE", "queue.dead_letter_hold (2s)").await;
     assert_eq!(api.status(9), "FAILURE");
@@ -235,14 +235,7 @@ both_backends!(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_operator_fails_a_held_dead_letter() {
-    let api = FakeScrewdriver::start().await;
-    let h = start(Backend::Sqlite, &api, Duration::from_secs(600)).await;
-    let keys = h
-        .cluster_with_key(&cluster("sd1", "screwdriver", &[]))
-        .await;
-    h.submit(&with_api(build(9, "org/repo", json!({})), &api))
-        .await;
-    let_die(&h, "sd1", &keys).await;
+    let (api, h, _keys) = held_build_9(Backend::Sqlite, Duration::from_secs(600)).await;
     let (code, body) = act(&h, &h.admin(), "sd1", "9", "fail").await;
     assert_eq!(code, StatusCode::OK, "{body}");
     assert_eq!(body["action"], "failed");
@@ -316,14 +309,7 @@ async fn a_dead_stop_is_requeued_or_dropped() {
 /// Screwdriver aborts a held build: it is stopped, and can never be requeued after.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_held_build_that_is_stopped_is_gone_for_good() {
-    let api = FakeScrewdriver::start().await;
-    let h = start(Backend::Sqlite, &api, Duration::from_secs(600)).await;
-    let keys = h
-        .cluster_with_key(&cluster("sd1", "screwdriver", &[]))
-        .await;
-    h.submit(&with_api(build(9, "org/repo", json!({})), &api))
-        .await;
-    let_die(&h, "sd1", &keys).await;
+    let (_api, h, keys) = held_build_9(Backend::Sqlite, Duration::from_secs(600)).await;
     let (code, body) = h
         .call(
             Method::DELETE,

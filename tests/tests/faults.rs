@@ -420,6 +420,8 @@ impl World {
                     config_duration(VISIBILITY_TIMEOUT),
                 ),
                 ("SD_SCHEDULER_QUEUE_MAX_ATTEMPTS".into(), "10".into()),
+                // A dead letter is held, then failed: within the suite's settle time.
+                ("SD_SCHEDULER_QUEUE_DEAD_LETTER_HOLD".into(), "5s".into()),
                 ("SD_SCHEDULER_QUEUE_NACK_BACKOFF".into(), "500ms".into()),
                 (
                     "SD_SCHEDULER_QUEUE_NACK_BACKOFF_MAX".into(),

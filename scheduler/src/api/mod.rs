@@ -26,7 +26,7 @@ use utoipa::OpenApi;
 use crate::AppState;
 use crate::auth::{Caller, Scope, TokenError};
 use crate::builds::BuildState;
-use crate::dead_letters::{DeadLetterError, LetterId, Resolution};
+use crate::dead_letters::{DeadLetterError, LetterId, Resolution, Verb};
 use crate::intake::{Accepted, IntakeError, Stopped};
 use crate::registry::RegistryError;
 use crate::routing::RouteError;
@@ -514,15 +514,7 @@ async fn requeue_dead_letter(
     caller: Caller,
     ApiPath((name, id)): ApiPath<(String, String)>,
 ) -> Result<Json<DeadLetterAction>, ApiError> {
-    require(&caller, &[Scope::Admin])?;
-    let (cluster, letter) = dead_letter_path(&state, &name, &id)?;
-    let action = state.workers.dead_letters.requeue(&cluster, letter).await?;
-    tracing::info!(cluster, id = %id, by = caller.username.as_deref().unwrap_or("?"), "dead letter requeued");
-    Ok(Json(DeadLetterAction {
-        cluster,
-        id,
-        action,
-    }))
+    resolve_dead_letter(&state, &caller, &name, id, Verb::Requeue).await
 }
 
 /// Fails a held dead letter now and reports FAILURE to Screwdriver; a stop is dropped.
@@ -545,10 +537,25 @@ async fn fail_dead_letter(
     caller: Caller,
     ApiPath((name, id)): ApiPath<(String, String)>,
 ) -> Result<Json<DeadLetterAction>, ApiError> {
-    require(&caller, &[Scope::Admin])?;
-    let (cluster, letter) = dead_letter_path(&state, &name, &id)?;
-    let action = state.workers.dead_letters.fail(&cluster, letter).await?;
-    tracing::info!(cluster, id = %id, by = caller.username.as_deref().unwrap_or("?"), "dead letter failed");
+    resolve_dead_letter(&state, &caller, &name, id, Verb::Fail).await
+}
+
+/// An admin's requeue or fail of a registered cluster's dead letter, its id checked first.
+async fn resolve_dead_letter(
+    state: &AppState,
+    caller: &Caller,
+    name: &str,
+    id: String,
+    verb: Verb,
+) -> Result<Json<DeadLetterAction>, ApiError> {
+    require(caller, &[Scope::Admin])?;
+    let (cluster, letter) = dead_letter_path(state, name, &id)?;
+    let action = state
+        .workers
+        .dead_letters
+        .resolve(&cluster, letter, verb)
+        .await?;
+    tracing::info!(cluster, id = %id, by = caller.username.as_deref().unwrap_or("?"), verb = verb.past(), "dead letter resolved by an operator");
     Ok(Json(DeadLetterAction {
         cluster,
         id,
