@@ -428,13 +428,7 @@ impl DeadLetterOffice {
         let id = build_id.to_string();
         let target = match target {
             Some(target) => Some(target),
-            None => match self.queues.dead_letter(cluster, &id).await? {
-                Some((_, Some(raw))) => ReportTarget::from_message(&raw),
-                _ => match self.builds.get(build_id).await? {
-                    Some(row) => ReportTarget::from_start(&self.intake.launch_message(&row)?),
-                    None => None,
-                },
-            },
+            None => self.report_target(cluster, build_id).await?,
         };
         if !self
             .builds
@@ -457,6 +451,26 @@ impl DeadLetterOffice {
         // Were this to fail, the sweep drops the leftover later.
         self.queues.forget_dead(cluster, &id).await?;
         Ok(true)
+    }
+
+    /// Whom to report a build's end as: the token of the message its dead letter holds, else
+    /// the build's own (or a new launcher token) from its row.
+    async fn report_target(
+        &self,
+        cluster: &str,
+        build_id: u64,
+    ) -> Result<Option<ReportTarget>, DeadLetterError> {
+        if let Some((_, Some(raw))) = self
+            .queues
+            .dead_letter(cluster, &build_id.to_string())
+            .await?
+        {
+            return Ok(ReportTarget::from_message(&raw));
+        }
+        Ok(match self.builds.get(build_id).await? {
+            Some(row) => ReportTarget::from_start(&self.intake.launch_message(&row)?),
+            None => None,
+        })
     }
 }
 
